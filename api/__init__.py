@@ -1,0 +1,1 @@
+"""The sandstream HTTP API (Litestar): validates, stores, enqueues, relays."""

@@ -1,0 +1,43 @@
+"""The Litestar application: routes, error handling and the per-process services."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+
+from api.hub import EventHub
+from api.ops import OpsController
+from api.problems import EXCEPTION_HANDLERS
+from api.sandboxes import SandboxController
+from api.services import Services
+from api.sessions import SessionController
+from api.stream import StreamController
+from shared.queue import connect
+from shared.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        redis = await connect(settings.redis_url)
+        hub = EventHub(redis)
+        await hub.start()
+        app.state.services = Services(settings, redis, hub)
+        try:
+            yield
+        finally:
+            await hub.stop()
+            await redis.aclose()
+
+    return Litestar(
+        route_handlers=[SandboxController, SessionController, StreamController, OpsController],
+        lifespan=[lifespan],
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="sandstream", version="0.1.0"),
+    )

@@ -1,0 +1,77 @@
+"""follow(): a session's events after a seq, from the log and then live, exactly once.
+
+Subscribing before reading the log closes the window in which an event could be
+published between the two. Each live event is checked against the last seq
+delivered: older ones are dropped (already replayed), and a jump ahead is
+filled from the log before the event itself goes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import msgspec
+from redis.asyncio import Redis
+
+from api.hub import RESYNC, EventHub
+from shared import eventlog
+from shared.eventlog import LoggedEvent
+from shared.events import decode_head
+
+
+class Truncated(msgspec.Struct, frozen=True):
+    """The client asked for events older than the retained log."""
+
+    after: int
+    first_seq: int
+
+
+class Tick(msgspec.Struct, frozen=True):
+    """Nothing happened for a tick interval."""
+
+
+FeedItem = LoggedEvent | Truncated | Tick
+
+
+async def follow(
+    redis: Redis, hub: EventHub, sid: str, after: int, *, tick: float | None = None
+) -> AsyncIterator[FeedItem]:
+    async with hub.subscribe(sid) as queue:
+        first = await eventlog.first_seq(redis, sid)
+        if first is not None and first > after + 1:
+            yield Truncated(after=after, first_seq=first)
+            after = first - 1
+        last = after
+
+        async def backfill() -> AsyncIterator[LoggedEvent]:
+            nonlocal last
+            while True:
+                batch = await eventlog.read_after(redis, sid, last)
+                for event in batch:
+                    last = event.seq
+                    yield event
+                if len(batch) < 1000:
+                    return
+
+        async for event in backfill():
+            yield event
+        while True:
+            try:
+                data = await asyncio.wait_for(queue.get(), tick)
+            except TimeoutError:
+                yield Tick()
+                continue
+            if data == RESYNC:
+                async for event in backfill():
+                    yield event
+                continue
+            head = decode_head(data)
+            if head.seq <= last:
+                continue
+            if head.seq > last + 1:
+                async for event in backfill():
+                    yield event
+                continue
+            last = head.seq
+            yield LoggedEvent(head.seq, head.type, data)

@@ -1,0 +1,141 @@
+"""EventHub: one pub/sub connection per API process, fanned out to its clients.
+
+A connection per SSE client would tie Redis's connection count to the number of
+open browsers. Instead each process subscribes to a session's channel when its
+first local client arrives and unsubscribes when the last one leaves; messages
+are copied into each client's bounded queue. A client too slow to keep up, or a
+lost connection, gets a RESYNC marker and refills from the session log, so live
+delivery may be lossy but what a client sees never is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Final
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from shared import keys
+
+logger = logging.getLogger("sandstream.hub")
+
+RESYNC: Final = b""
+_QUEUE_SIZE = 1024
+_ANCHOR_CHANNEL = f"{keys.PREFIX}:api:anchor"
+
+
+class EventHub:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._queues: dict[bytes, set[asyncio.Queue[bytes]]] = {}
+        self._pending: dict[bytes, deque[asyncio.Future[None]]] = {}
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    @property
+    def client_count(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    async def start(self) -> None:
+        self._reader = asyncio.create_task(self._run())
+        await asyncio.wait_for(self._ready.wait(), 10)
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, sid: str) -> AsyncIterator[asyncio.Queue[bytes]]:
+        """A queue of the session's live events; subscribed before this returns."""
+        channel = keys.events_channel(sid).encode()
+        queue: asyncio.Queue[bytes] = asyncio.Queue(_QUEUE_SIZE)
+        queues = self._queues.setdefault(channel, set())
+        first = not queues
+        queues.add(queue)
+        try:
+            if first:
+                confirmed = asyncio.get_running_loop().create_future()
+                self._pending.setdefault(channel, deque()).append(confirmed)
+                await self._send("SUBSCRIBE", channel)
+                await asyncio.wait_for(confirmed, 10)
+            else:
+                await self._wait_confirmed(channel)
+            yield queue
+        finally:
+            queues.discard(queue)
+            if not queues and self._queues.get(channel) is queues:
+                del self._queues[channel]
+                with contextlib.suppress(RedisConnectionError, OSError):
+                    await self._send("UNSUBSCRIBE", channel)
+
+    async def _wait_confirmed(self, channel: bytes) -> None:
+        pending = self._pending.get(channel)
+        if pending:
+            await asyncio.wait_for(asyncio.shield(pending[-1]), 10)
+
+    async def _send(self, *args: str | bytes) -> None:
+        await self._ready.wait()
+        assert self._pubsub is not None
+        await self._pubsub.execute_command(*args)
+
+    async def _run(self) -> None:
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(_ANCHOR_CHANNEL)
+                channels = list(self._queues)
+                if channels:
+                    await pubsub.subscribe(*channels)
+                self._pubsub = pubsub
+                self._ready.set()
+                async for message in pubsub.listen():
+                    self._dispatch(message)
+            except (RedisConnectionError, OSError) as exc:
+                logger.warning("event hub lost its Redis connection (%s); reconnecting", exc)
+                self._ready.clear()
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def _dispatch(self, message: dict[str, object]) -> None:
+        channel = message["channel"]
+        assert isinstance(channel, bytes)
+        kind = message["type"]
+        if kind == "message":
+            data = message["data"]
+            assert isinstance(data, bytes)
+            for queue in self._queues.get(channel, ()):
+                self._offer(queue, data)
+        elif kind == "subscribe":
+            pending = self._pending.get(channel)
+            if pending:
+                future = pending.popleft()
+                if not pending:
+                    del self._pending[channel]
+                if not future.done():
+                    future.set_result(None)
+            else:
+                # Re-subscribed after a reconnect: anything published in between
+                # was missed, so every client refills from the log.
+                for queue in self._queues.get(channel, ()):
+                    self._offer(queue, RESYNC)
+
+    @staticmethod
+    def _offer(queue: asyncio.Queue[bytes], data: bytes) -> None:
+        try:
+            queue.put_nowait(data)
+        except asyncio.QueueFull:
+            # Too slow to keep up: drop what is queued and let it read the log.
+            while not queue.empty():
+                queue.get_nowait()
+            queue.put_nowait(RESYNC)

@@ -1,0 +1,60 @@
+"""Health, readiness, metrics and queue inspection for operators."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, Response, get
+
+from api.problems import problem_response
+from api.services import services_of
+from shared.queue import queue_depth
+
+
+class OpsController(Controller):
+    path = "/"
+
+    @get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @get("/readyz")
+    async def readyz(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        """Readiness: Redis answers."""
+        svc = services_of(request)
+        try:
+            await svc.redis.ping()
+        except Exception:
+            return problem_response(503, "store_unavailable", "Redis does not answer")
+        return Response({"status": "ready"})
+
+    @get("/api/v1/ops/queue")
+    async def queue(self, request: Request[Any, Any, Any]) -> dict[str, int]:
+        svc = services_of(request)
+        return {
+            "queued_turns": await queue_depth(svc.redis),
+            "running_turns": len(await svc.store.running_sessions()),
+            "stream_clients": svc.hub.client_count,
+        }
+
+    @get("/metrics", media_type="text/plain; version=0.0.4")
+    async def metrics(self, request: Request[Any, Any, Any]) -> str:
+        svc = services_of(request)
+        rows = [
+            (
+                "sandstream_queued_turns",
+                "Turns waiting for a worker.",
+                await queue_depth(svc.redis),
+            ),
+            (
+                "sandstream_running_turns",
+                "Turns in progress.",
+                len(await svc.store.running_sessions()),
+            ),
+            ("sandstream_stream_clients", "SSE clients of this process.", svc.hub.client_count),
+        ]
+        return "".join(
+            f"# HELP {name} {text}\n# TYPE {name} gauge\n{name} {value}\n"
+            for name, text, value in rows
+        )

@@ -1,0 +1,57 @@
+"""Sandboxes: the workspaces sessions run in."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from litestar import Controller, Request, Response, delete, get, post
+
+from api.pagination import paged_response
+from api.problems import Problem, not_found
+from api.services import check_id, decode_body, page_limit, services_of, stop_turns
+from shared.models import CreateSandbox, Sandbox, check_metadata
+from shared.workspace import create_workspace, delete_workspace
+
+
+class SandboxController(Controller):
+    path = "/api/v1/sandboxes"
+
+    @post("/", status_code=201)
+    async def create_sandbox(self, request: Request[Any, Any, Any]) -> Sandbox:
+        svc = services_of(request)
+        body = await decode_body(request, CreateSandbox, empty_ok=True)
+        if reason := check_metadata(body.metadata):
+            raise Problem(422, "invalid_body", reason, field="$.metadata")
+        sandbox = await svc.store.create_sandbox(body.metadata)
+        await asyncio.to_thread(create_workspace, svc.settings.sandbox_root, sandbox.id)
+        return sandbox
+
+    @get("/")
+    async def list_sandboxes(
+        self, request: Request[Any, Any, Any], limit: int | None = None, cursor: str | None = None
+    ) -> Response[bytes]:
+        svc = services_of(request)
+        try:
+            page = await svc.store.list_sandboxes(page_limit(limit, svc.settings), cursor)
+        except LookupError:
+            raise Problem(400, "invalid_cursor", "unknown cursor", field="cursor") from None
+        sandboxes = await svc.store.get_sandboxes(page.ids)
+        return paged_response(request, sandboxes, page.next_cursor)
+
+    @get("/{sandbox_id:str}")
+    async def get_sandbox(self, request: Request[Any, Any, Any], sandbox_id: str) -> Sandbox:
+        svc = services_of(request)
+        sandbox = await svc.store.get_sandbox(check_id("sandbox", sandbox_id))
+        if sandbox is None:
+            raise not_found("sandbox", sandbox_id)
+        return sandbox
+
+    @delete("/{sandbox_id:str}", status_code=204)
+    async def delete_sandbox(self, request: Request[Any, Any, Any], sandbox_id: str) -> None:
+        svc = services_of(request)
+        if await svc.store.get_sandbox(check_id("sandbox", sandbox_id)) is None:
+            raise not_found("sandbox", sandbox_id)
+        deleted = await svc.store.delete_sandbox(sandbox_id)
+        await stop_turns(svc, deleted)
+        await asyncio.to_thread(delete_workspace, svc.settings.sandbox_root, sandbox_id)

@@ -1,0 +1,75 @@
+"""What the route handlers share in one API process: settings, Redis, store, hub."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+from arq.connections import ArqRedis
+from litestar import Request
+
+from api.hub import EventHub
+from api.problems import Problem, invalid_body, not_found
+from shared import keys
+from shared.models import Session, is_uuid
+from shared.settings import Settings
+from shared.store import SessionStore
+
+T = TypeVar("T")
+
+
+class Services:
+    def __init__(self, settings: Settings, redis: ArqRedis, hub: EventHub) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.hub = hub
+        self.store = SessionStore(redis, log_max_events=settings.log_max_events)
+
+
+def services_of(request: Request[Any, Any, Any]) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def check_id(what: str, ident: str) -> str:
+    """Ids are UUIDs; anything else cannot exist, so it is a 404 like any unknown id."""
+    if not is_uuid(ident):
+        raise not_found(what, ident)
+    return ident
+
+
+async def decode_body(request: Request[Any, Any, Any], kind: type[T], *, empty_ok: bool) -> T:
+    raw = await request.body()
+    if not raw.strip():
+        if not empty_ok:
+            raise Problem(400, "empty_body", "the request needs a JSON body")
+        raw = b"{}"
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise invalid_body(exc) from None
+
+
+def page_limit(limit: int | None, settings: Settings) -> int:
+    if limit is None:
+        return 50
+    if not 1 <= limit <= settings.page_limit_max:
+        raise Problem(
+            400,
+            "invalid_parameter",
+            f"limit must be between 1 and {settings.page_limit_max}",
+            field="limit",
+        )
+    return limit
+
+
+async def stop_turns(svc: Services, sessions: list[Session]) -> None:
+    """Ask the workers to stop the turns of deleted sessions."""
+    for session in sessions:
+        if session.turn_id:
+            await publish_interrupt(svc, session.id, session.turn_id)
+
+
+async def publish_interrupt(svc: Services, sid: str, turn_id: str) -> None:
+    control = msgspec.json.encode({"session_id": sid, "turn_id": turn_id})
+    await svc.redis.publish(keys.CONTROL_CHANNEL, control)

@@ -1,0 +1,251 @@
+"""Sessions: create, list, read, delete, send a message, interrupt (DESIGN §2, §4)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, post
+
+from api.feed import follow
+from api.pagination import paged_response
+from api.problems import Problem, not_found
+from api.services import (
+    Services,
+    check_id,
+    decode_body,
+    page_limit,
+    publish_interrupt,
+    services_of,
+    stop_turns,
+)
+from shared import eventlog
+from shared import events as ev
+from shared.events import TERMINAL_TYPES, TerminalView, decode_terminal
+from shared.models import (
+    CreateSession,
+    Message,
+    SendMessage,
+    Session,
+    SessionWithMessages,
+    check_metadata,
+    new_id,
+    now_rfc3339,
+)
+from shared.queue import TurnJob, enqueue_turn
+
+logger = logging.getLogger("sandstream.api")
+
+
+class SessionController(Controller):
+    path = "/api/v1"
+
+    @post("/sandboxes/{sandbox_id:str}/sessions", status_code=201)
+    async def create_session(self, request: Request[Any, Any, Any], sandbox_id: str) -> Session:
+        svc = services_of(request)
+        check_id("sandbox", sandbox_id)
+        body = await decode_body(request, CreateSession, empty_ok=True)
+        if reason := check_metadata(body.metadata):
+            raise Problem(422, "invalid_body", reason, field="$.metadata")
+        if await svc.store.get_sandbox(sandbox_id) is None:
+            raise not_found("sandbox", sandbox_id)
+        return await svc.store.create_session(sandbox_id, body.metadata)
+
+    @get("/sandboxes/{sandbox_id:str}/sessions")
+    async def list_sessions(
+        self,
+        request: Request[Any, Any, Any],
+        sandbox_id: str,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Response[bytes]:
+        svc = services_of(request)
+        if await svc.store.get_sandbox(check_id("sandbox", sandbox_id)) is None:
+            raise not_found("sandbox", sandbox_id)
+        try:
+            page = await svc.store.list_sessions(
+                sandbox_id, page_limit(limit, svc.settings), cursor
+            )
+        except LookupError:
+            raise Problem(400, "invalid_cursor", "unknown cursor", field="cursor") from None
+        return paged_response(request, await svc.store.get_sessions(page.ids), page.next_cursor)
+
+    @get("/sessions/{sid:str}")
+    async def get_session(self, request: Request[Any, Any, Any], sid: str) -> SessionWithMessages:
+        svc = services_of(request)
+        session = await svc.store.get_session(check_id("session", sid))
+        if session is None:
+            raise not_found("session", sid)
+        messages = await svc.store.get_messages(sid)
+        return SessionWithMessages(**msgspec.structs.asdict(session), messages=messages)
+
+    @delete("/sessions/{sid:str}", status_code=204)
+    async def delete_session(self, request: Request[Any, Any, Any], sid: str) -> None:
+        svc = services_of(request)
+        session = await svc.store.delete_session(check_id("session", sid))
+        if session is None:
+            raise not_found("session", sid)
+        await stop_turns(svc, [session])
+
+    @post("/sessions/{sid:str}/messages", status_code=200)
+    async def send_message(
+        self, request: Request[Any, Any, Any], sid: str, wait: float | None = None
+    ) -> Response[bytes]:
+        svc = services_of(request)
+        check_id("session", sid)
+        body = await decode_body(request, SendMessage, empty_ok=False)
+        wait_limit = svc.settings.send_wait_seconds if wait is None else wait
+        if not 0 <= wait_limit <= svc.settings.send_wait_seconds:
+            raise Problem(
+                400,
+                "invalid_parameter",
+                f"wait must be between 0 and {svc.settings.send_wait_seconds:g} seconds",
+                field="wait",
+            )
+        turn_id = new_id()
+        user_message = Message(
+            id=new_id(),
+            session_id=sid,
+            role="user",
+            content=list(body.content),
+            timestamp=now_rfc3339(),
+            turn_id=turn_id,
+        )
+        claim = await svc.store.claim_turn(sid, turn_id, user_message)
+        if claim.status == "missing":
+            raise not_found("session", sid)
+        if claim.status == "running":
+            raise Problem(
+                409,
+                "turn_in_progress",
+                f"session {sid} is running turn {claim.turn_id}; wait for it or interrupt it",
+                turn_id=claim.turn_id,
+            )
+        await _enqueue(svc, sid, turn_id)
+        terminal = await _wait_for_terminal(svc, sid, turn_id, claim.latest_seq, wait_limit)
+        if terminal is None:
+            return _accepted(sid, turn_id, claim.latest_seq)
+        return _turn_outcome(terminal)
+
+    @post("/sessions/{sid:str}/interrupt", status_code=200)
+    async def interrupt(self, request: Request[Any, Any, Any], sid: str) -> dict[str, Any]:
+        svc = services_of(request)
+        check_id("session", sid)
+        seq = await eventlog.latest_seq(svc.redis, sid)
+        state = await svc.store.turn_state(sid)
+        if state is None:
+            raise not_found("session", sid)
+        if state.state != "running" or state.turn_id is None:
+            return {"session_id": sid, "interrupted": False, "state": "active"}
+        turn_id = state.turn_id
+        if not state.started and await _end_unstarted(svc, sid, state.sandbox_id, turn_id):
+            return {"session_id": sid, "interrupted": True, "turn_id": turn_id, "state": "active"}
+        await svc.store.flag_interrupt(sid, turn_id)
+        await publish_interrupt(svc, sid, turn_id)
+        terminal = await _wait_for_terminal(
+            svc, sid, turn_id, seq, svc.settings.interrupt_wait_seconds
+        )
+        return {
+            "session_id": sid,
+            "interrupted": True,
+            "turn_id": turn_id,
+            "state": "running" if terminal is None else "active",
+        }
+
+
+async def _enqueue(svc: Services, sid: str, turn_id: str) -> None:
+    try:
+        await enqueue_turn(svc.redis, TurnJob(session_id=sid, turn_id=turn_id))
+    except Exception:
+        # Never leave a session claimed by a turn that no worker will see.
+        logger.exception("enqueue of turn %s for session %s failed", turn_id, sid)
+        session = await svc.store.turn_state(sid)
+        if session is not None:
+            failed = ev.SessionFailed(
+                session_id=sid,
+                sandbox_id=session.sandbox_id,
+                turn_id=turn_id,
+                message_id=new_id(),
+                created_at=now_rfc3339(),
+                error=ev.ErrorInfo(code="enqueue_failed", message="the turn could not be queued"),
+                stop_reason="error",
+            )
+            await svc.store.finish_turn(sid, turn_id, "unstarted", None, failed)
+        raise Problem(503, "queue_unavailable", "the turn could not be queued; retry") from None
+
+
+async def _end_unstarted(svc: Services, sid: str, sandbox_id: str, turn_id: str) -> bool:
+    """Interrupt a turn no worker has started yet, right here."""
+    message_id = new_id()
+    message = Message(
+        id=message_id,
+        session_id=sid,
+        role="assistant",
+        content=[],
+        timestamp=now_rfc3339(),
+        turn_id=turn_id,
+        stop_reason="interrupted",
+    )
+    terminal = ev.SessionCompleted(
+        session_id=sid,
+        sandbox_id=sandbox_id,
+        turn_id=turn_id,
+        message_id=message_id,
+        created_at=now_rfc3339(),
+        message=message,
+        stop_reason="interrupted",
+        usage=ev.Usage(),
+    )
+    return bool(await svc.store.finish_turn(sid, turn_id, "unstarted", message, terminal))
+
+
+async def _wait_for_terminal(
+    svc: Services, sid: str, turn_id: str, after: int, limit: float
+) -> TerminalView | None:
+    """The turn's terminal event, as it arrives on the live feed; None past the limit."""
+    try:
+        async with asyncio.timeout(limit):
+            async for item in follow(svc.redis, svc.hub, sid, after):
+                if isinstance(item, eventlog.LoggedEvent) and item.type in TERMINAL_TYPES:
+                    terminal = decode_terminal(item.data)
+                    if terminal.turn_id == turn_id:
+                        return terminal
+    except TimeoutError:
+        return None
+    return None
+
+
+def _accepted(sid: str, turn_id: str, after: int) -> Response[bytes]:
+    body = {
+        "session_id": sid,
+        "turn_id": turn_id,
+        "state": "running",
+        "detail": "the turn is still running; follow it on the stream or read the session",
+        "stream_url": f"/api/v1/sessions/{sid}/stream?after={after}",
+        "session_url": f"/api/v1/sessions/{sid}",
+    }
+    return Response(
+        content=msgspec.json.encode(body),
+        status_code=202,
+        media_type="application/json",
+        headers={"Location": f"/api/v1/sessions/{sid}"},
+    )
+
+
+def _turn_outcome(terminal: TerminalView) -> Response[bytes]:
+    if terminal.type == "session_completed" and terminal.message is not None:
+        return Response(
+            content=msgspec.json.encode(terminal.message), media_type="application/json"
+        )
+    error = terminal.error or ev.ErrorInfo(code="turn_failed", message="the turn failed")
+    raise Problem(
+        502,
+        "turn_failed",
+        f"the turn failed: {error.message}",
+        turn_id=terminal.turn_id,
+        stop_reason=terminal.stop_reason,
+        error=msgspec.to_builtins(error),
+        message=msgspec.to_builtins(terminal.message),
+    )

@@ -1,0 +1,78 @@
+"""GET /sessions/{sid}/stream: the session's events as Server-Sent Events (DESIGN §3)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, get
+from litestar.response import Stream
+
+from api.feed import Tick, Truncated, follow
+from api.problems import Problem, not_found
+from api.services import Services, check_id, services_of
+from shared import eventlog
+from shared.events import sse_frame
+from shared.models import now_rfc3339
+
+
+def _cursor(request: Request[Any, Any, Any], after: str | None) -> str | None:
+    return request.headers.get("last-event-id") or after
+
+
+class StreamController(Controller):
+    path = "/api/v1/sessions"
+
+    @get("/{sid:str}/stream")
+    async def stream(
+        self, request: Request[Any, Any, Any], sid: str, after: str | None = None
+    ) -> Stream:
+        svc = services_of(request)
+        check_id("session", sid)
+        session = await svc.store.get_session(sid)
+        if session is None:
+            raise not_found("session", sid)
+        raw = _cursor(request, after)
+        if raw is None:
+            start = await eventlog.latest_seq(svc.redis, sid)
+        elif raw.isdigit():
+            start = int(raw)
+        else:
+            raise Problem(
+                400,
+                "invalid_parameter",
+                "Last-Event-ID and `after` must be a non-negative integer seq",
+                field="after",
+            )
+        return Stream(
+            _events(svc, sid, session.sandbox_id, start),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+
+async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> AsyncIterator[bytes]:
+    # The response starts at once, so proxies and clients see the stream is open.
+    yield b": stream open\n\n"
+    async for item in follow(svc.redis, svc.hub, sid, after, tick=svc.settings.keepalive_seconds):
+        if isinstance(item, Tick):
+            payload = {
+                "type": "keepalive",
+                "session_id": sid,
+                "sandbox_id": sandbox_id,
+                "latest_seq": await eventlog.latest_seq(svc.redis, sid),
+                "created_at": now_rfc3339(),
+            }
+            yield sse_frame("keepalive", msgspec.json.encode(payload), None)
+        elif isinstance(item, Truncated):
+            payload = {
+                "type": "log_truncated",
+                "session_id": sid,
+                "after": item.after,
+                "first_seq": item.first_seq,
+                "detail": "events before first_seq are no longer retained; refetch the session",
+            }
+            yield sse_frame("log_truncated", msgspec.json.encode(payload), None)
+        else:
+            yield sse_frame(item.type, item.data, item.seq)

@@ -1,0 +1,122 @@
+"""The session events and their SSE wire format (DESIGN §3).
+
+Workers encode an event without its `seq`; the append script assigns the seq
+and splices it in as the first JSON member, so the seq and the log position can
+never disagree. The API relays the stored JSON verbatim.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from shared.models import Message, StopReason
+
+TERMINAL_TYPES = frozenset({"session_completed", "session_failed"})
+
+
+class _Event(msgspec.Struct, kw_only=True, tag_field="type"):
+    session_id: str
+    sandbox_id: str
+    turn_id: str
+    message_id: str
+    created_at: str
+
+
+class TextDelta(_Event, tag="text_delta"):
+    index: int
+    text: str
+
+
+class TextComplete(_Event, tag="text_complete"):
+    index: int
+    text: str
+
+
+class ToolUseStart(_Event, tag="tool_use_start"):
+    index: int
+    id: str
+    name: str
+
+
+class ToolUseComplete(_Event, tag="tool_use_complete"):
+    index: int
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class ToolResult(_Event, tag="tool_result"):
+    index: int
+    tool_use_id: str
+    content: str
+    is_error: bool
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class SessionCompleted(_Event, tag="session_completed"):
+    message: Message
+    stop_reason: Literal["end_turn", "interrupted", "max_iterations"]
+    usage: Usage
+
+
+class ErrorInfo(msgspec.Struct, kw_only=True):
+    code: str
+    message: str
+
+
+class SessionFailed(_Event, tag="session_failed"):
+    error: ErrorInfo
+    stop_reason: Literal["error", "timeout", "worker_lost"]
+    message: Message | None = None
+
+
+Event = TextDelta | TextComplete | ToolUseStart | ToolUseComplete | ToolResult
+TerminalEvent = SessionCompleted | SessionFailed
+
+
+class EventHead(msgspec.Struct):
+    """The few members the API needs to route a stored event without decoding it all."""
+
+    seq: int
+    type: str
+    turn_id: str | None = None
+
+
+class TerminalView(msgspec.Struct):
+    """A terminal event as the blocking send reads it."""
+
+    seq: int
+    type: str
+    turn_id: str
+    stop_reason: StopReason
+    message: Message | None = None
+    error: ErrorInfo | None = None
+
+
+_encoder = msgspec.json.Encoder()
+_head_decoder = msgspec.json.Decoder(EventHead)
+_terminal_decoder = msgspec.json.Decoder(TerminalView)
+
+
+def encode_event(event: Event | TerminalEvent) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_head(data: bytes) -> EventHead:
+    return _head_decoder.decode(data)
+
+
+def decode_terminal(data: bytes) -> TerminalView:
+    return _terminal_decoder.decode(data)
+
+
+def sse_frame(event_type: str, data: bytes, seq: int | None) -> bytes:
+    """One SSE frame; `data` is single-line JSON. Events without a seq carry no `id:`."""
+    head = b"" if seq is None else b"id: %d\n" % seq
+    return head + b"event: " + event_type.encode() + b"\ndata: " + data + b"\n\n"

@@ -1,0 +1,63 @@
+"""Every Redis key and channel sandstream uses, in one place.
+
+Keys of one session share the hash tag `{<sid>}` and keys of one sandbox the tag
+`{<sandbox id>}`, so the multi-key Lua scripts of a session stay on one slot.
+"""
+
+from __future__ import annotations
+
+PREFIX = "ss"
+
+# arq queue name; jobs and results live under arq's own prefixes.
+QUEUE = f"{PREFIX}:queue"
+# Published after every enqueue: idle workers wake at once instead of polling.
+WAKE_CHANNEL = f"{PREFIX}:wake"
+# Interrupt requests, read by every worker; the one running the turn acts.
+CONTROL_CHANNEL = f"{PREFIX}:control"
+# Session ids with a turn in progress, scanned by the workers' reaper.
+RUNNING = f"{PREFIX}:running"
+# All sandboxes, scored by creation time.
+SANDBOXES = f"{PREFIX}:sandboxes"
+
+
+def sandbox(sandbox_id: str) -> str:
+    return f"{PREFIX}:{{{sandbox_id}}}:sandbox"
+
+
+def sandbox_sessions(sandbox_id: str) -> str:
+    """Sorted set of the sandbox's session ids, scored by creation time."""
+    return f"{PREFIX}:{{{sandbox_id}}}:sessions"
+
+
+def session(sid: str) -> str:
+    """Hash: the session record and its turn state."""
+    return f"{PREFIX}:{{{sid}}}:session"
+
+
+def messages(sid: str) -> str:
+    """List of the session's messages, one JSON document each."""
+    return f"{PREFIX}:{{{sid}}}:messages"
+
+
+def seq(sid: str) -> str:
+    """Counter: the seq of the session's latest event."""
+    return f"{PREFIX}:{{{sid}}}:seq"
+
+
+def log(sid: str) -> str:
+    """Stream: the session's event log, entry id `<seq>-0`."""
+    return f"{PREFIX}:{{{sid}}}:log"
+
+
+def lease(sid: str) -> str:
+    """Set by the worker running the session's turn, with a TTL it keeps renewing."""
+    return f"{PREFIX}:{{{sid}}}:lease"
+
+
+def events_channel(sid: str) -> str:
+    """Pub/sub channel on which the session's events go out live."""
+    return f"{PREFIX}:{{{sid}}}:events"
+
+
+def session_keys(sid: str) -> list[str]:
+    return [session(sid), messages(sid), seq(sid), log(sid), lease(sid)]

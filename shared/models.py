@@ -1,0 +1,129 @@
+"""The resources of the HTTP API and the store: sandboxes, sessions, messages.
+
+Input types forbid unknown fields; the content block union is tagged on `type`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+ImageMediaType = Literal["image/png", "image/jpeg", "image/gif", "image/webp"]
+Role = Literal["user", "assistant"]
+SessionState = Literal["active", "running"]
+StopReason = Literal["end_turn", "interrupted", "max_iterations", "error", "timeout", "worker_lost"]
+
+NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
+MAX_METADATA_BYTES = 16 * 1024
+
+
+def now_rfc3339() -> str:
+    """UTC timestamp, RFC 3339 with millisecond precision and a `Z` suffix."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def is_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+class TextBlock(msgspec.Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
+    text: NonEmptyStr
+
+
+class ToolUseBlock(msgspec.Struct, tag="tool_use", tag_field="type", forbid_unknown_fields=True):
+    id: NonEmptyStr
+    name: NonEmptyStr
+    input: dict[str, Any]
+
+
+class ToolResultBlock(
+    msgspec.Struct, tag="tool_result", tag_field="type", forbid_unknown_fields=True
+):
+    tool_use_id: NonEmptyStr
+    content: str
+    is_error: bool = False
+
+
+class ImageBlock(msgspec.Struct, tag="image", tag_field="type", forbid_unknown_fields=True):
+    media_type: ImageMediaType
+    data: NonEmptyStr
+
+    def __post_init__(self) -> None:
+        try:
+            base64.b64decode(self.data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("`data` must be valid base64") from None
+
+
+ContentBlock = TextBlock | ToolUseBlock | ToolResultBlock | ImageBlock
+UserBlock = TextBlock | ImageBlock
+
+
+class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    session_id: str
+    role: Role
+    content: list[ContentBlock]
+    timestamp: str
+    turn_id: str | None = None
+    stop_reason: StopReason | None = None
+
+
+class Session(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    sandbox_id: str
+    state: SessionState
+    metadata: dict[str, Any]
+    created_at: str
+    updated_at: str
+    turn_id: str | None = None
+
+
+class SessionWithMessages(Session, kw_only=True):
+    messages: list[Message]
+
+
+class Sandbox(msgspec.Struct, kw_only=True):
+    id: str
+    metadata: dict[str, Any]
+    created_at: str
+    updated_at: str
+
+
+# ---- request bodies -------------------------------------------------------
+
+
+class CreateSandbox(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class CreateSession(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class SendMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    role: Literal["user"]
+    content: Annotated[list[UserBlock], msgspec.Meta(min_length=1, max_length=100)]
+
+
+def text_of(blocks: list[ContentBlock]) -> str:
+    return "".join(b.text for b in blocks if isinstance(b, TextBlock))
+
+
+def check_metadata(metadata: dict[str, Any]) -> str | None:
+    """Return a reason when metadata is too large to store, else None."""
+    if len(msgspec.json.encode(metadata)) > MAX_METADATA_BYTES:
+        return f"metadata must encode to at most {MAX_METADATA_BYTES} bytes of JSON"
+    return None

@@ -1,0 +1,96 @@
+"""Lua scripts for the writes that must not half-happen.
+
+Each one touches the keys of a single session (one hash tag), checks the turn it
+acts for is still the session's current turn, and does the whole write at once:
+a stale worker, a reaper and an interrupt can race without corrupting a session.
+"""
+
+from __future__ import annotations
+
+# KEYS: session, messages, seq. ARGV: turn_id, user message JSON, now, now_ms.
+# -> {"ok", latest_seq} | {"running", running_turn_id} | {"missing"}
+CLAIM_TURN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'running' then
+  return {'running', redis.call('HGET', KEYS[1], 'turn_id')}
+end
+redis.call('HSET', KEYS[1], 'state', 'running', 'turn_id', ARGV[1], 'updated_at', ARGV[3],
+           'claimed_ms', ARGV[4])
+redis.call('HDEL', KEYS[1], 'started', 'interrupt')
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return {'ok', tostring(tonumber(redis.call('GET', KEYS[3]) or '0'))}
+"""
+
+# KEYS: session, lease. ARGV: turn_id, worker_id, ttl_ms. -> 1 started | 0 not current
+START_TURN = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running'
+   or redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1]
+   or redis.call('HGET', KEYS[1], 'started') then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'started', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+# KEYS: session, lease. ARGV: turn_id, worker_id, ttl_ms.
+# -> 1 renewed | 2 renewed, interrupt requested | 0 lease lost or turn over
+RENEW_LEASE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[2]
+   or redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1] then
+  return 0
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+if redis.call('HGET', KEYS[1], 'interrupt') == ARGV[1] then return 2 end
+return 1
+"""
+
+# KEYS: session, seq, log. ARGV: turn_id, event JSON without seq, type, maxlen, channel.
+# -> seq | 0 when the turn is no longer current (the event is dropped)
+APPEND_EVENT = """
+if redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1] then return 0 end
+local seq = redis.call('INCR', KEYS[2])
+local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[2], 2)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], seq .. '-0', 't', ARGV[3], 'd', data)
+redis.call('PUBLISH', ARGV[5], data)
+return seq
+"""
+
+# KEYS: session, messages, seq, log, lease.
+# ARGV: turn_id, mode, assistant message JSON or '', terminal event JSON without seq,
+#       terminal type, maxlen, channel, now.
+# mode "worker": the running worker ends its turn.
+# mode "unstarted": end a turn no worker has picked up (interrupt, queue timeout).
+# mode "orphaned": end a started turn whose worker's lease has lapsed.
+# -> seq of the terminal event | 0 when the condition does not hold
+FINISH_TURN = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running'
+   or redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1] then
+  return 0
+end
+local started = redis.call('HGET', KEYS[1], 'started')
+if ARGV[2] == 'unstarted' and started then return 0 end
+if ARGV[2] == 'orphaned' and ((not started) or redis.call('EXISTS', KEYS[5]) == 1) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', 'active', 'updated_at', ARGV[8])
+redis.call('HDEL', KEYS[1], 'turn_id', 'started', 'interrupt', 'claimed_ms')
+if ARGV[3] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[3]) end
+redis.call('DEL', KEYS[5])
+local seq = redis.call('INCR', KEYS[3])
+local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[4], 2)
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], seq .. '-0', 't', ARGV[5], 'd', data)
+redis.call('PUBLISH', ARGV[7], data)
+return seq
+"""
+
+# KEYS: session. ARGV: turn_id. -> 1 flagged | 0 not the running turn
+FLAG_INTERRUPT = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running'
+   or redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'interrupt', ARGV[1])
+return 1
+"""

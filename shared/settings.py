@@ -1,0 +1,61 @@
+"""All configuration, read once from `SANDSTREAM_*` environment variables.
+
+Every field has a default that is safe on a single machine; README documents each
+one. Nothing else in the code base reads `os.environ` for service settings.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import msgspec
+
+PREFIX = "SANDSTREAM_"
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    sandbox_root: str = ".sandstream/sandboxes"
+    provider: str = "demo"
+    model: str = ""
+    # HTTP limits
+    max_body_bytes: int = 10 * 1024 * 1024
+    send_wait_seconds: float = 300.0
+    interrupt_wait_seconds: float = 5.0
+    keepalive_seconds: float = 15.0
+    page_limit_max: int = 200
+    # session log
+    log_max_events: int = 10_000
+    # turns
+    max_iterations: int = 20
+    turn_timeout_seconds: float = 3600.0
+    system_prompt: str = (
+        "You are an agent working in a sandbox. Use the tools to inspect and change "
+        "files in the workspace and to run commands, then answer concisely."
+    )
+    tool_timeout_seconds: float = 120.0
+    tool_output_bytes: int = 64 * 1024
+    lease_seconds: float = 15.0
+    queued_turn_timeout_seconds: float = 3600.0
+    # worker
+    worker_max_jobs: int = 20
+    worker_fallback_poll_seconds: float = 5.0
+    worker_fast_pickup: bool = True
+    reaper_interval_seconds: float = 5.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        raw: dict[str, Any] = {}
+        for field in msgspec.structs.fields(cls):
+            value = env.get(PREFIX + field.name.upper())
+            if value is not None and value != "":
+                raw[field.name] = value
+        try:
+            return msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise SystemExit(f"invalid setting: {exc} (environment variables {PREFIX}*)") from exc

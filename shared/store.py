@@ -1,0 +1,279 @@
+"""SessionStore: sandboxes, sessions, messages and the turn lifecycle in Redis.
+
+The API and the workers share it; all multi-step writes go through the Lua
+scripts of `shared.scripts`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import msgspec
+from redis.asyncio import Redis
+
+from shared import keys, scripts
+from shared.events import Event, TerminalEvent, encode_event
+from shared.models import Message, Sandbox, Session, new_id, now_rfc3339
+
+FinishMode = Literal["worker", "unstarted", "orphaned"]
+
+_message_decoder = msgspec.json.Decoder(Message)
+_metadata_decoder = msgspec.json.Decoder(dict[str, Any])
+_sandbox_decoder = msgspec.json.Decoder(Sandbox)
+
+
+class ClaimResult(msgspec.Struct):
+    status: Literal["ok", "running", "missing"]
+    turn_id: str | None = None
+    latest_seq: int = 0
+
+
+class TurnState(msgspec.Struct, kw_only=True):
+    sandbox_id: str
+    state: str
+    turn_id: str | None
+    started: bool
+    claimed_ms: int
+
+
+class Page(msgspec.Struct):
+    ids: list[str]
+    next_cursor: str | None
+
+
+class SessionStore:
+    def __init__(self, redis: Redis, *, log_max_events: int = 10_000) -> None:
+        self.redis = redis
+        self.log_max_events = log_max_events
+        self._claim = redis.register_script(scripts.CLAIM_TURN)
+        self._start = redis.register_script(scripts.START_TURN)
+        self._renew = redis.register_script(scripts.RENEW_LEASE)
+        self._append = redis.register_script(scripts.APPEND_EVENT)
+        self._finish = redis.register_script(scripts.FINISH_TURN)
+        self._flag_interrupt = redis.register_script(scripts.FLAG_INTERRUPT)
+
+    # ---- sandboxes ---------------------------------------------------------
+
+    async def create_sandbox(self, metadata: dict[str, Any]) -> Sandbox:
+        now = now_rfc3339()
+        sandbox = Sandbox(id=new_id(), metadata=metadata, created_at=now, updated_at=now)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.sandbox(sandbox.id), msgspec.json.encode(sandbox))
+            pipe.zadd(keys.SANDBOXES, {sandbox.id: time.time()})
+            await pipe.execute()
+        return sandbox
+
+    async def get_sandbox(self, sandbox_id: str) -> Sandbox | None:
+        raw = await self.redis.get(keys.sandbox(sandbox_id))
+        return None if raw is None else _sandbox_decoder.decode(raw)
+
+    async def get_sandboxes(self, ids: list[str]) -> list[Sandbox]:
+        if not ids:
+            return []
+        raws = await self.redis.mget([keys.sandbox(i) for i in ids])
+        return [_sandbox_decoder.decode(r) for r in raws if r is not None]
+
+    async def list_sandboxes(self, limit: int, cursor: str | None) -> Page:
+        return await self._page(keys.SANDBOXES, limit, cursor)
+
+    async def delete_sandbox(self, sandbox_id: str) -> list[Session]:
+        """Delete the sandbox and its sessions; returns the sessions deleted."""
+        index = keys.sandbox_sessions(sandbox_id)
+        deleted = []
+        for sid in [s.decode() for s in await self.redis.zrange(index, 0, -1)]:
+            session = await self.delete_session(sid)
+            if session is not None:
+                deleted.append(session)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(keys.sandbox(sandbox_id), index)
+            pipe.zrem(keys.SANDBOXES, sandbox_id)
+            await pipe.execute()
+        return deleted
+
+    # ---- sessions ----------------------------------------------------------
+
+    async def create_session(self, sandbox_id: str, metadata: dict[str, Any]) -> Session:
+        now = now_rfc3339()
+        sid = new_id()
+        record = {
+            "id": sid,
+            "sandbox_id": sandbox_id,
+            "state": "active",
+            "metadata": msgspec.json.encode(metadata),
+            "created_at": now,
+            "updated_at": now,
+        }
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(keys.session(sid), mapping=record)
+            pipe.zadd(keys.sandbox_sessions(sandbox_id), {sid: time.time()})
+            await pipe.execute()
+        return Session(
+            id=sid,
+            sandbox_id=sandbox_id,
+            state="active",
+            metadata=metadata,
+            created_at=now,
+            updated_at=now,
+        )
+
+    async def get_session(self, sid: str) -> Session | None:
+        found = await self.get_sessions([sid])
+        return found[0] if found else None
+
+    async def get_sessions(self, sids: list[str]) -> list[Session]:
+        fields = ("id", "sandbox_id", "state", "metadata", "created_at", "updated_at", "turn_id")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hmget(keys.session(sid), fields)
+            rows = await pipe.execute()
+        sessions = []
+        for row in rows:
+            if row[0] is None:
+                continue
+            turn_id = row[6].decode() if row[6] else None
+            sessions.append(
+                Session(
+                    id=row[0].decode(),
+                    sandbox_id=row[1].decode(),
+                    state="running" if row[2] == b"running" else "active",
+                    metadata=_metadata_decoder.decode(row[3]),
+                    created_at=row[4].decode(),
+                    updated_at=row[5].decode(),
+                    turn_id=turn_id,
+                )
+            )
+        return sessions
+
+    async def list_sessions(self, sandbox_id: str, limit: int, cursor: str | None) -> Page:
+        return await self._page(keys.sandbox_sessions(sandbox_id), limit, cursor)
+
+    async def get_messages(self, sid: str) -> list[Message]:
+        raws = await self.redis.lrange(keys.messages(sid), 0, -1)
+        return [_message_decoder.decode(r) for r in raws]
+
+    async def delete_session(self, sid: str) -> Session | None:
+        """Delete the session and everything in it; returns it as it was."""
+        session = await self.get_session(sid)
+        if session is None:
+            return None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(*keys.session_keys(sid))
+            pipe.zrem(keys.sandbox_sessions(session.sandbox_id), sid)
+            pipe.srem(keys.RUNNING, sid)
+            await pipe.execute()
+        return session
+
+    async def _page(self, index_key: str, limit: int, cursor: str | None) -> Page:
+        """Page through a creation-ordered index; the cursor is the last id seen."""
+        start = 0
+        if cursor is not None:
+            rank = await self.redis.zrank(index_key, cursor)
+            if rank is None:
+                raise LookupError("cursor")
+            start = rank + 1
+        ids = [i.decode() for i in await self.redis.zrange(index_key, start, start + limit)]
+        more = len(ids) > limit
+        ids = ids[:limit]
+        return Page(ids=ids, next_cursor=ids[-1] if more and ids else None)
+
+    # ---- the turn ----------------------------------------------------------
+
+    async def claim_turn(self, sid: str, turn_id: str, user_message: Message) -> ClaimResult:
+        now = now_rfc3339()
+        res = await self._claim(
+            keys=[keys.session(sid), keys.messages(sid), keys.seq(sid)],
+            args=[turn_id, msgspec.json.encode(user_message), now, int(time.time() * 1000)],
+        )
+        status = res[0].decode()
+        if status == "ok":
+            await self.redis.sadd(keys.RUNNING, sid)
+            return ClaimResult("ok", turn_id, int(res[1]))
+        if status == "running":
+            return ClaimResult("running", res[1].decode())
+        return ClaimResult("missing")
+
+    async def turn_state(self, sid: str) -> TurnState | None:
+        row = await self.redis.hmget(
+            keys.session(sid), ("sandbox_id", "state", "turn_id", "started", "claimed_ms")
+        )
+        if row[0] is None:
+            return None
+        return TurnState(
+            sandbox_id=row[0].decode(),
+            state=row[1].decode(),
+            turn_id=row[2].decode() if row[2] else None,
+            started=row[3] is not None,
+            claimed_ms=int(row[4] or 0),
+        )
+
+    async def start_turn(self, sid: str, turn_id: str, worker_id: str, lease_ms: int) -> bool:
+        res = await self._start(
+            keys=[keys.session(sid), keys.lease(sid)], args=[turn_id, worker_id, lease_ms]
+        )
+        return bool(res)
+
+    async def renew_lease(self, sid: str, turn_id: str, worker_id: str, lease_ms: int) -> int:
+        return int(
+            await self._renew(
+                keys=[keys.session(sid), keys.lease(sid)], args=[turn_id, worker_id, lease_ms]
+            )
+        )
+
+    async def flag_interrupt(self, sid: str, turn_id: str) -> bool:
+        return bool(await self._flag_interrupt(keys=[keys.session(sid)], args=[turn_id]))
+
+    async def append_event(self, sid: str, turn_id: str, event: Event) -> int:
+        """Append to the session's log and publish; 0 when the turn is no longer current."""
+        return int(
+            await self._append(
+                keys=[keys.session(sid), keys.seq(sid), keys.log(sid)],
+                args=[
+                    turn_id,
+                    encode_event(event),
+                    event.__struct_config__.tag,
+                    self.log_max_events,
+                    keys.events_channel(sid),
+                ],
+            )
+        )
+
+    async def finish_turn(
+        self,
+        sid: str,
+        turn_id: str,
+        mode: FinishMode,
+        message: Message | None,
+        terminal: TerminalEvent,
+    ) -> int:
+        """Store the message, free the session and append the terminal event, atomically."""
+        seq = int(
+            await self._finish(
+                keys=[
+                    keys.session(sid),
+                    keys.messages(sid),
+                    keys.seq(sid),
+                    keys.log(sid),
+                    keys.lease(sid),
+                ],
+                args=[
+                    turn_id,
+                    mode,
+                    b"" if message is None else msgspec.json.encode(message),
+                    encode_event(terminal),
+                    terminal.__struct_config__.tag,
+                    self.log_max_events,
+                    keys.events_channel(sid),
+                    now_rfc3339(),
+                ],
+            )
+        )
+        if seq:
+            await self.redis.srem(keys.RUNNING, sid)
+        return seq
+
+    async def running_sessions(self) -> list[str]:
+        return [s.decode() for s in await self.redis.smembers(keys.RUNNING)]
+
+    async def forget_running(self, sid: str) -> None:
+        await self.redis.srem(keys.RUNNING, sid)

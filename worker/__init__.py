@@ -1,0 +1,1 @@
+"""The sandstream worker (arq): runs agent turns, their providers and their tools."""

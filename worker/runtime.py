@@ -1,0 +1,190 @@
+"""The worker process: the arq job that runs turns, interrupts, and the reaper.
+
+The reaper is what keeps a session from staying `running` forever: a turn whose
+worker died stops renewing its lease, and any worker's reaper then ends it with
+`session_failed{stop_reason: worker_lost}`. Turns are never retried, since their
+tools may already have had side effects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Any, Literal
+
+import msgspec
+from arq.connections import ArqRedis
+from arq.worker import func
+
+from shared import events as ev
+from shared import keys
+from shared.models import is_uuid, new_id, now_rfc3339
+from shared.queue import TURN_FUNCTION, TurnJob, connect, deserialize_job, serialize_job
+from shared.settings import Settings
+from shared.store import FinishMode, SessionStore
+from worker.pickup import FastPickupWorker
+from worker.providers import make_provider
+from worker.turn import TurnRunner
+
+logger = logging.getLogger("sandstream.worker")
+
+
+class ControlMessage(msgspec.Struct, frozen=True):
+    session_id: str
+    turn_id: str
+
+
+class WorkerRuntime:
+    def __init__(self, redis: ArqRedis, settings: Settings) -> None:
+        self.settings = settings
+        self.store = SessionStore(redis, log_max_events=settings.log_max_events)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.running: dict[str, TurnRunner] = {}
+        self._control_decoder = msgspec.json.Decoder(ControlMessage)
+
+    async def run_turn(self, job: TurnJob) -> None:
+        state = await self.store.turn_state(job.session_id)
+        if state is None or state.turn_id != job.turn_id:
+            logger.info("job for turn %s: turn not current; skipped", job.turn_id)
+            return
+        runner = TurnRunner(
+            store=self.store,
+            settings=self.settings,
+            provider=make_provider(self.settings.provider, self.settings),
+            worker_id=self.worker_id,
+            session_id=job.session_id,
+            sandbox_id=state.sandbox_id,
+            turn_id=job.turn_id,
+        )
+        self.running[job.session_id] = runner
+        try:
+            await runner.run()
+        finally:
+            if self.running.get(job.session_id) is runner:
+                del self.running[job.session_id]
+
+    def on_control(self, data: bytes) -> None:
+        try:
+            msg = self._control_decoder.decode(data)
+        except msgspec.DecodeError:
+            logger.warning("ignored a malformed control message")
+            return
+        runner = self.running.get(msg.session_id)
+        if runner is not None and runner.turn_id == msg.turn_id:
+            runner.interrupt()
+
+    # ---- reaper -------------------------------------------------------------
+
+    async def reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reaper_interval_seconds)
+            try:
+                await self.reap_once()
+            except Exception:
+                logger.exception("reaper pass failed")
+
+    async def reap_once(self) -> int:
+        """End turns whose worker is gone or that no worker picked up in time."""
+        reaped = 0
+        now_ms = time.time() * 1000
+        for sid in await self.store.running_sessions():
+            state = await self.store.turn_state(sid)
+            if state is None or state.state != "running" or state.turn_id is None:
+                await self.store.forget_running(sid)
+                continue
+            if state.started:
+                if await self.store.redis.exists(keys.lease(sid)):
+                    continue
+                done = await self._end(sid, state.sandbox_id, state.turn_id, "orphaned")
+            elif now_ms - state.claimed_ms > self.settings.queued_turn_timeout_seconds * 1000:
+                done = await self._end(sid, state.sandbox_id, state.turn_id, "unstarted")
+            else:
+                continue
+            reaped += int(done)
+        return reaped
+
+    async def _end(
+        self, sid: str, sandbox_id: str, turn_id: str, mode: Literal["orphaned", "unstarted"]
+    ) -> bool:
+        reason: FinishMode = mode
+        stop: Literal["worker_lost", "timeout"] = "worker_lost" if mode == "orphaned" else "timeout"
+        text = (
+            "the worker running this turn stopped responding"
+            if mode == "orphaned"
+            else "no worker picked this turn up in time"
+        )
+        terminal = ev.SessionFailed(
+            session_id=sid,
+            sandbox_id=sandbox_id,
+            turn_id=turn_id,
+            message_id=new_id(),
+            created_at=now_rfc3339(),
+            error=ev.ErrorInfo(code=stop, message=text),
+            stop_reason=stop,
+        )
+        seq = await self.store.finish_turn(sid, turn_id, reason, None, terminal)
+        if seq:
+            logger.warning("turn %s of session %s ended: %s", turn_id, sid, text)
+        return bool(seq)
+
+
+async def run_turn(ctx: dict[str, Any], payload: Any) -> None:
+    """The arq job. Its argument is validated before anything acts on it."""
+    try:
+        job = msgspec.convert(payload, TurnJob)
+    except msgspec.ValidationError as exc:
+        logger.error("rejected turn job %s: %s", ctx.get("job_id"), exc)
+        return
+    if not (is_uuid(job.session_id) and is_uuid(job.turn_id)):
+        logger.error("rejected turn job %s: ids are not UUIDs", ctx.get("job_id"))
+        return
+    runtime: WorkerRuntime = ctx["runtime"]
+    await runtime.run_turn(job)
+
+
+async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRuntime]:
+    redis = await connect(settings.redis_url)
+    runtime = WorkerRuntime(redis, settings)
+    reaper: list[asyncio.Task[None]] = []
+
+    async def on_startup(ctx: dict[str, Any]) -> None:
+        ctx["runtime"] = runtime
+        reaper.append(asyncio.create_task(runtime.reap_forever()))
+        logger.info(
+            "worker %s ready (provider %s, fast pickup %s)",
+            runtime.worker_id,
+            settings.provider,
+            "on" if settings.worker_fast_pickup else "off",
+        )
+
+    async def on_shutdown(ctx: dict[str, Any]) -> None:
+        for task in reaper:
+            task.cancel()
+
+    worker = FastPickupWorker(
+        functions=[
+            func(  # type: ignore[list-item]
+                run_turn,
+                name=TURN_FUNCTION,
+                max_tries=1,
+                timeout=settings.turn_timeout_seconds + 60,
+            )
+        ],
+        redis_pool=redis,
+        queue_name=keys.QUEUE,
+        job_serializer=serialize_job,
+        job_deserializer=deserialize_job,
+        max_jobs=settings.worker_max_jobs,
+        keep_result=60,
+        poll_delay=settings.worker_fallback_poll_seconds if settings.worker_fast_pickup else 0.5,
+        on_startup=on_startup,
+        on_shutdown=on_shutdown,
+        handle_signals=True,
+        on_control=runtime.on_control,
+        fast_pickup=settings.worker_fast_pickup,
+    )
+    return worker, runtime

@@ -1,0 +1,125 @@
+"""Running a command in a sandbox workspace.
+
+The command gets its own session and process group, so a timeout or an
+interrupt can kill it together with everything it started. Output is read
+while it runs and capped; what is past the cap is drained and counted, never
+kept, so a command that prints gigabytes cannot fill the worker's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+import msgspec
+
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+_READ_CHUNK = 64 * 1024
+_DRAIN_GRACE = 0.5
+
+
+class CommandResult(msgspec.Struct, kw_only=True):
+    exit_code: int | None
+    output: str
+    omitted_bytes: int
+    timed_out: bool
+
+
+def scrubbed_env(workspace: Path) -> dict[str, str]:
+    """The whole environment a command sees: none of the service's variables."""
+    return {
+        "PATH": SAFE_PATH,
+        "HOME": str(workspace),
+        "PWD": str(workspace),
+        "LANG": "C.UTF-8",
+        "TERM": "dumb",
+    }
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> int:
+    """The exit status, as soon as the process itself exits.
+
+    `Process.wait()` also waits for every pipe to close, which a child left in
+    the background can hold off forever; a pidfd says when the process is gone.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        return await proc.wait()
+    gone = loop.create_future()
+    loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+    try:
+        await gone
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    # The event loop's child watcher reaps the process; its status follows shortly.
+    while proc.returncode is None:
+        await asyncio.sleep(0.002)
+    return proc.returncode
+
+
+async def run_command(
+    command: str, workspace: Path, *, timeout: float, output_cap: int
+) -> CommandResult:
+    proc = await asyncio.create_subprocess_exec(
+        "/bin/bash",
+        "-c",
+        command,
+        cwd=workspace,
+        env=scrubbed_env(workspace),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    kept = bytearray()
+    omitted = 0
+
+    async def collect() -> None:
+        nonlocal omitted
+        assert proc.stdout is not None
+        while chunk := await proc.stdout.read(_READ_CHUNK):
+            room = output_cap - len(kept)
+            kept.extend(chunk[:room])
+            omitted += max(0, len(chunk) - room)
+
+    reader = asyncio.create_task(collect())
+    timed_out = False
+    exit_code: int | None = None
+    try:
+        try:
+            exit_code = await asyncio.wait_for(_exited(proc), timeout)
+        except TimeoutError:
+            timed_out = True
+        else:
+            # Children left in the background may hold the pipe open: take what
+            # is already written, then stop reading.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reader), _DRAIN_GRACE)
+    finally:
+        # Runs on timeout, on interrupt (cancellation) and on normal exit alike:
+        # whatever the command started dies with its process group.
+        _kill_group(proc)
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(proc.wait())
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+    return CommandResult(
+        exit_code=exit_code,
+        output=kept.decode("utf-8", errors="replace"),
+        omitted_bytes=omitted,
+        timed_out=timed_out,
+    )

@@ -1,0 +1,299 @@
+"""TurnRunner: one agent turn, from the claimed user message to the terminal event.
+
+The loop asks the provider for a response, streams it out as events, runs the
+tool calls in the sandbox, feeds the results back and goes on until the model
+ends its turn or the iteration bound is reached. Every event is appended to the
+session log as it happens; the assistant message, the session's return to
+`active` and the terminal event are written in one atomic step at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Literal
+
+from shared import events as ev
+from shared.models import (
+    ContentBlock,
+    Message,
+    TextBlock,
+    ToolResultBlock,
+    ToolUseBlock,
+    new_id,
+    now_rfc3339,
+)
+from shared.settings import Settings
+from shared.store import SessionStore
+from shared.workspace import create_workspace
+from worker.providers.base import (
+    MessageEnd,
+    Provider,
+    ProviderError,
+    ProviderRequest,
+    TextChunk,
+    ToolCallReady,
+    ToolCallStart,
+)
+from worker.tools import TOOLS, ToolContext, execute_tool
+
+logger = logging.getLogger("sandstream.turn")
+
+CompletedReason = Literal["end_turn", "interrupted", "max_iterations"]
+
+
+class TurnSuperseded(Exception):
+    """The turn is no longer the session's current one (deleted, reaped)."""
+
+
+class TurnRunner:
+    def __init__(
+        self,
+        *,
+        store: SessionStore,
+        settings: Settings,
+        provider: Provider,
+        worker_id: str,
+        session_id: str,
+        sandbox_id: str,
+        turn_id: str,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.provider = provider
+        self.worker_id = worker_id
+        self.session_id = session_id
+        self.sandbox_id = sandbox_id
+        self.turn_id = turn_id
+        self.message_id = new_id()
+        self.blocks: list[ContentBlock] = []
+        self.usage = ev.Usage()
+        self._text_index: int | None = None
+        self._text_parts: list[str] = []
+        self._interrupted = False
+        self._lease_lost = False
+        self._loop_task: asyncio.Task[CompletedReason] | None = None
+
+    # ---- control -----------------------------------------------------------
+
+    def interrupt(self) -> None:
+        self._interrupted = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+
+    def _lose_lease(self) -> None:
+        self._lease_lost = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+
+    # ---- the turn ----------------------------------------------------------
+
+    async def run(self) -> None:
+        lease_ms = int(self.settings.lease_seconds * 1000)
+        if not await self.store.start_turn(self.session_id, self.turn_id, self.worker_id, lease_ms):
+            logger.info(
+                "turn %s of session %s is not current; skipped", self.turn_id, self.session_id
+            )
+            return
+        heartbeat = asyncio.create_task(self._heartbeat(lease_ms))
+        self._loop_task = asyncio.create_task(self._loop())
+        try:
+            reason: CompletedReason = await asyncio.shield(self._loop_task)
+        except asyncio.CancelledError:
+            if self._loop_task.done() and self._interrupted:
+                reason = "interrupted"
+            elif self._loop_task.done() and self._lease_lost:
+                logger.warning("turn %s lost its lease; stopped", self.turn_id)
+                return
+            else:  # the worker itself is shutting down
+                self._loop_task.cancel()
+                await asyncio.shield(self._fail("worker_lost", "worker_shutdown", "worker stopped"))
+                raise
+        except TimeoutError:
+            await self._fail("timeout", "turn_timeout", "the turn ran past its time limit")
+            return
+        except TurnSuperseded:
+            logger.info("turn %s of session %s superseded", self.turn_id, self.session_id)
+            return
+        except ProviderError as exc:
+            await self._fail("error", exc.code, exc.message)
+            return
+        except Exception:
+            logger.exception("turn %s of session %s crashed", self.turn_id, self.session_id)
+            await self._fail("error", "internal_error", "the turn failed unexpectedly")
+            return
+        finally:
+            heartbeat.cancel()
+        await self._complete(reason)
+
+    async def _loop(self) -> CompletedReason:
+        async with asyncio.timeout(self.settings.turn_timeout_seconds):
+            return await self._iterate()
+
+    async def _iterate(self) -> CompletedReason:
+        history = await self.store.get_messages(self.session_id)
+        tools = [TOOLS[name].spec for name in TOOLS]
+        workspace = await asyncio.to_thread(
+            create_workspace, self.settings.sandbox_root, self.sandbox_id
+        )
+        tool_ctx = ToolContext(
+            workspace=workspace,
+            timeout=self.settings.tool_timeout_seconds,
+            output_cap=self.settings.tool_output_bytes,
+        )
+        for _ in range(self.settings.max_iterations):
+            current = [self._message()] if self.blocks else []
+            request = ProviderRequest(
+                system=self.settings.system_prompt, messages=history + current, tools=tools
+            )
+            calls: list[int] = []
+            end: MessageEnd | None = None
+            async for item in self.provider.stream(request):
+                if isinstance(item, TextChunk):
+                    await self._text(item.text)
+                elif isinstance(item, ToolCallStart):
+                    await self._close_text()
+                    calls.append(len(self.blocks))
+                    self.blocks.append(ToolUseBlock(id=item.id, name=item.name, input={}))
+                    await self._emit(
+                        ev.ToolUseStart(**self._ids(), index=calls[-1], id=item.id, name=item.name)
+                    )
+                elif isinstance(item, ToolCallReady):
+                    index = self._call_index(calls, item.id)
+                    self.blocks[index] = ToolUseBlock(id=item.id, name=item.name, input=item.input)
+                    await self._emit(
+                        ev.ToolUseComplete(
+                            **self._ids(), index=index, id=item.id, name=item.name, input=item.input
+                        )
+                    )
+                else:
+                    end = item
+            await self._close_text()
+            if end is not None:
+                self.usage.input_tokens += end.usage.input_tokens
+                self.usage.output_tokens += end.usage.output_tokens
+            if not calls:
+                return "end_turn"
+            for index in calls:
+                call = self.blocks[index]
+                assert isinstance(call, ToolUseBlock)
+                outcome = await execute_tool(tool_ctx, call.name, call.input)
+                await self._tool_result(call.id, outcome.content, outcome.is_error)
+        return "max_iterations"
+
+    # ---- blocks and events ------------------------------------------------
+
+    def _ids(self) -> dict[str, str]:
+        return {
+            "session_id": self.session_id,
+            "sandbox_id": self.sandbox_id,
+            "turn_id": self.turn_id,
+            "message_id": self.message_id,
+            "created_at": now_rfc3339(),
+        }
+
+    def _call_index(self, calls: list[int], call_id: str) -> int:
+        for index in calls:
+            block = self.blocks[index]
+            if isinstance(block, ToolUseBlock) and block.id == call_id:
+                return index
+        raise ProviderError("provider_protocol", f"tool call {call_id} completed before it started")
+
+    def _message(self) -> Message:
+        return Message(
+            id=self.message_id,
+            session_id=self.session_id,
+            role="assistant",
+            content=list(self.blocks),
+            timestamp=now_rfc3339(),
+            turn_id=self.turn_id,
+        )
+
+    async def _emit(self, event: ev.Event) -> None:
+        if not await self.store.append_event(self.session_id, self.turn_id, event):
+            raise TurnSuperseded
+
+    async def _text(self, text: str) -> None:
+        if not text:
+            return
+        if self._text_index is None:
+            self._text_index = len(self.blocks)
+            self._text_parts = []
+        self._text_parts.append(text)
+        await self._emit(ev.TextDelta(**self._ids(), index=self._text_index, text=text))
+
+    async def _close_text(self) -> None:
+        if self._text_index is None:
+            return
+        text = "".join(self._text_parts)
+        self.blocks.append(TextBlock(text=text))
+        index, self._text_index = self._text_index, None
+        await self._emit(ev.TextComplete(**self._ids(), index=index, text=text))
+
+    async def _tool_result(self, tool_use_id: str, content: str, is_error: bool) -> None:
+        index = len(self.blocks)
+        self.blocks.append(
+            ToolResultBlock(tool_use_id=tool_use_id, content=content, is_error=is_error)
+        )
+        await self._emit(
+            ev.ToolResult(
+                **self._ids(),
+                index=index,
+                tool_use_id=tool_use_id,
+                content=content,
+                is_error=is_error,
+            )
+        )
+
+    async def _settle_blocks(self) -> None:
+        """After a stop: keep partial text, and answer every tool call left unanswered."""
+        if self._text_index is not None:
+            self.blocks.append(TextBlock(text="".join(self._text_parts)))
+            self._text_index = None
+        answered = {b.tool_use_id for b in self.blocks if isinstance(b, ToolResultBlock)}
+        for block in list(self.blocks):
+            if isinstance(block, ToolUseBlock) and block.id not in answered:
+                await self._tool_result(block.id, "[interrupted before the tool finished]", True)
+
+    # ---- the end of the turn -----------------------------------------------
+
+    async def _complete(self, reason: CompletedReason) -> None:
+        with contextlib.suppress(TurnSuperseded):
+            await self._settle_blocks()
+        message = self._message()
+        message.stop_reason = reason
+        terminal = ev.SessionCompleted(
+            **self._ids(), message=message, stop_reason=reason, usage=self.usage
+        )
+        await self.store.finish_turn(self.session_id, self.turn_id, "worker", message, terminal)
+
+    async def _fail(
+        self, stop_reason: Literal["error", "timeout", "worker_lost"], code: str, text: str
+    ) -> None:
+        with contextlib.suppress(TurnSuperseded):
+            await self._settle_blocks()
+        message = None
+        if self.blocks:
+            message = self._message()
+            message.stop_reason = stop_reason
+        terminal = ev.SessionFailed(
+            **self._ids(),
+            error=ev.ErrorInfo(code=code, message=text),
+            stop_reason=stop_reason,
+            message=message,
+        )
+        await self.store.finish_turn(self.session_id, self.turn_id, "worker", message, terminal)
+
+    async def _heartbeat(self, lease_ms: int) -> None:
+        period = self.settings.lease_seconds / 3
+        while True:
+            await asyncio.sleep(period)
+            status = await self.store.renew_lease(
+                self.session_id, self.turn_id, self.worker_id, lease_ms
+            )
+            if status == 0:
+                self._lose_lease()
+                return
+            if status == 2:
+                self.interrupt()
