@@ -31,13 +31,18 @@ class Tick(msgspec.Struct, frozen=True):
     """Nothing happened for a tick interval."""
 
 
-FeedItem = LoggedEvent | Truncated | Tick
+class Subscribed(msgspec.Struct, frozen=True):
+    """Live delivery is in place; everything from here on will be seen."""
+
+
+FeedItem = LoggedEvent | Truncated | Tick | Subscribed
 
 
 async def follow(
     redis: Redis, hub: EventHub, sid: str, after: int, *, tick: float | None = None
 ) -> AsyncIterator[FeedItem]:
     async with hub.subscribe(sid) as queue:
+        yield Subscribed()
         first = await eventlog.first_seq(redis, sid)
         if first is not None and first > after + 1:
             yield Truncated(after=after, first_seq=first)

@@ -45,12 +45,11 @@ class SessionController(Controller):
     @post("/sandboxes/{sandbox_id:str}/sessions", status_code=201)
     async def create_session(self, request: Request[Any, Any, Any], sandbox_id: str) -> Session:
         svc = services_of(request)
-        check_id("sandbox", sandbox_id)
+        if await svc.store.get_sandbox(check_id("sandbox", sandbox_id)) is None:
+            raise not_found("sandbox", sandbox_id)
         body = await decode_body(request, CreateSession, empty_ok=True)
         if reason := check_metadata(body.metadata):
             raise Problem(422, "invalid_body", reason, field="$.metadata")
-        if await svc.store.get_sandbox(sandbox_id) is None:
-            raise not_found("sandbox", sandbox_id)
         return await svc.store.create_session(sandbox_id, body.metadata)
 
     @get("/sandboxes/{sandbox_id:str}/sessions")

@@ -9,7 +9,7 @@ import msgspec
 from litestar import Controller, Request, get
 from litestar.response import Stream
 
-from api.feed import Tick, Truncated, follow
+from api.feed import Subscribed, Tick, Truncated, follow
 from api.problems import Problem, not_found
 from api.services import Services, check_id, services_of
 from shared import eventlog
@@ -53,10 +53,11 @@ class StreamController(Controller):
 
 
 async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> AsyncIterator[bytes]:
-    # The response starts at once, so proxies and clients see the stream is open.
-    yield b": stream open\n\n"
     async for item in follow(svc.redis, svc.hub, sid, after, tick=svc.settings.keepalive_seconds):
-        if isinstance(item, Tick):
+        if isinstance(item, Subscribed):
+            # The body starts at once, so proxies and clients see the stream is open.
+            yield b": stream open\n\n"
+        elif isinstance(item, Tick):
             payload = {
                 "type": "keepalive",
                 "session_id": sid,

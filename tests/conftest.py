@@ -1,0 +1,186 @@
+"""Fixtures: a private Redis, and real API and worker processes.
+
+Redis comes from `REDIS_URL` when set, else a testcontainers container when a
+Docker engine answers, else a `redis-server` started here on a free port. The
+machine's own Redis on 6379 is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if url := os.environ.get("REDIS_URL"):
+        yield url
+        return
+    if _docker_answers():
+        from testcontainers.core.container import DockerContainer
+        from testcontainers.core.waiting_utils import wait_for_logs
+
+        with DockerContainer("redis:7-alpine").with_exposed_ports(6379) as container:
+            wait_for_logs(container, "Ready to accept connections")
+            host = container.get_container_host_ip()
+            yield f"redis://{host}:{container.get_exposed_port(6379)}/0"
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.exit("tests need Redis: set REDIS_URL, run Docker, or install redis-server", 2)
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    _wait_for(lambda: bool(redis.Redis.from_url(url).ping()), 10, "redis-server")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+class Proc:
+    """A service process started by the tests, with its log kept for failures."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._log_file = log.open("wb")
+        self.popen = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log_file.close()
+
+
+class Stack:
+    """A running API and its workers, sharing one Redis and one sandbox root."""
+
+    def __init__(self, redis_url: str, workdir: Path, extra_env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("SANDSTREAM_")},
+            "SANDSTREAM_REDIS_URL": redis_url,
+            "SANDSTREAM_PORT": str(self.port),
+            "SANDSTREAM_SANDBOX_ROOT": str(workdir / "sandboxes"),
+            "SANDSTREAM_LOG_LEVEL": "WARNING",
+            **extra_env,
+        }
+        self.procs: list[Proc] = []
+        self.api = self._start("api")
+        _wait_for(self._ready, 30, "the API")
+        self.workers = [self.start_worker()]
+
+    def _start(self, module: str) -> Proc:
+        proc = Proc(
+            [sys.executable, "-m", module],
+            self.env,
+            self.workdir / f"{module}-{len(self.procs)}.log",
+        )
+        self.procs.append(proc)
+        return proc
+
+    def start_worker(self) -> Proc:
+        worker = self._start("worker")
+        time.sleep(0.3)
+        return worker
+
+    def _ready(self) -> bool:
+        return httpx.get(self.base_url + "/readyz", timeout=1).status_code == 200
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(redis_url: str) -> Iterator[Stack]:
+    """One API and one worker for the whole run; each test makes its own sandbox."""
+    workdir = Path(tempfile.mkdtemp(prefix="sandstream-test-"))
+    env = {"SANDSTREAM_KEEPALIVE_SECONDS": "1", "SANDSTREAM_MAX_BODY_BYTES": str(256 * 1024)}
+    running = Stack(redis_url, workdir, env)
+    yield running
+    running.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.base_url + "/api/v1", timeout=30) as http:
+        yield http
+
+
+@pytest.fixture
+def sandbox_id(client: httpx.Client) -> str:
+    response = client.post("/sandboxes", json={})
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+@pytest.fixture
+def session_id(client: httpx.Client, sandbox_id: str) -> str:
+    response = client.post(f"/sandboxes/{sandbox_id}/sessions", json={"metadata": {}})
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+

@@ -1,0 +1,72 @@
+"""Small helpers the end-to-end tests share."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import httpx
+from httpx_sse import connect_sse
+
+TERMINAL = {"session_completed", "session_failed"}
+
+
+def text_message(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": [{"type": "text", "text": text}]}
+
+
+class StreamReader:
+    """Reads a session's SSE stream in a thread until `until` terminal events arrived."""
+
+    def __init__(
+        self,
+        client: httpx.Client,
+        sid: str,
+        *,
+        until: int = 1,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        keep_keepalives: bool = False,
+    ) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.ids: list[str] = []
+        self.keepalives: list[tuple[str, dict[str, Any]]] = []
+        self.opened = threading.Event()
+        self.error: BaseException | None = None
+        self._args = (client, sid, until, headers or {}, params or {}, keep_keepalives)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self.opened.wait(10), "stream did not open"
+
+    def _run(self) -> None:
+        client, sid, until, headers, params, keep_keepalives = self._args
+        terminals = 0
+        try:
+            with connect_sse(
+                client, "GET", f"/sessions/{sid}/stream", headers=headers, params=params
+            ) as source:
+                self.status = source.response.status_code
+                self.opened.set()
+                for sse in source.iter_sse():
+                    if sse.event == "keepalive":
+                        self.keepalives.append((sse.id, json.loads(sse.data)))
+                        if keep_keepalives and len(self.keepalives) >= 2:
+                            return
+                        continue
+                    self.events.append(json.loads(sse.data) | {"_event": sse.event})
+                    self.ids.append(sse.id)
+                    if sse.event in TERMINAL:
+                        terminals += 1
+                        if terminals >= until:
+                            return
+        except BaseException as exc:  # reported by join()
+            self.error = exc
+            self.opened.set()
+
+    def join(self, timeout: float = 30) -> list[dict[str, Any]]:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"stream still open; got {self.events}"
+        if self.error is not None:
+            raise self.error
+        return self.events
