@@ -105,7 +105,7 @@ class EventHub:
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _dispatch(self, message: dict[str, object]) -> None:
         channel = message["channel"]

@@ -122,7 +122,7 @@ class SessionStore:
         return found[0] if found else None
 
     async def get_sessions(self, sids: list[str]) -> list[Session]:
-        fields = ("id", "sandbox_id", "state", "metadata", "created_at", "updated_at", "turn_id")
+        fields = ["id", "sandbox_id", "state", "metadata", "created_at", "updated_at", "turn_id"]
         async with self.redis.pipeline(transaction=False) as pipe:
             for sid in sids:
                 pipe.hmget(keys.session(sid), fields)
@@ -149,7 +149,7 @@ class SessionStore:
         return await self._page(keys.sandbox_sessions(sandbox_id), limit, cursor)
 
     async def get_messages(self, sid: str) -> list[Message]:
-        raws = await self.redis.lrange(keys.messages(sid), 0, -1)
+        raws = await self.redis.lrange(keys.messages(sid), 0, -1)  # type: ignore[misc]
         return [_message_decoder.decode(r) for r in raws]
 
     async def delete_session(self, sid: str) -> Session | None:
@@ -187,15 +187,15 @@ class SessionStore:
         )
         status = res[0].decode()
         if status == "ok":
-            await self.redis.sadd(keys.RUNNING, sid)
+            await self.redis.sadd(keys.RUNNING, sid)  # type: ignore[misc]
             return ClaimResult("ok", turn_id, int(res[1]))
         if status == "running":
             return ClaimResult("running", res[1].decode())
         return ClaimResult("missing")
 
     async def turn_state(self, sid: str) -> TurnState | None:
-        row = await self.redis.hmget(
-            keys.session(sid), ("sandbox_id", "state", "turn_id", "started", "claimed_ms")
+        row = await self.redis.hmget(  # type: ignore[misc]
+            keys.session(sid), ["sandbox_id", "state", "turn_id", "started", "claimed_ms"]
         )
         if row[0] is None:
             return None
@@ -231,7 +231,7 @@ class SessionStore:
                 args=[
                     turn_id,
                     encode_event(event),
-                    event.__struct_config__.tag,
+                    str(event.__struct_config__.tag),
                     self.log_max_events,
                     keys.events_channel(sid),
                 ],
@@ -261,7 +261,7 @@ class SessionStore:
                     mode,
                     b"" if message is None else msgspec.json.encode(message),
                     encode_event(terminal),
-                    terminal.__struct_config__.tag,
+                    str(terminal.__struct_config__.tag),
                     self.log_max_events,
                     keys.events_channel(sid),
                     now_rfc3339(),
@@ -269,11 +269,11 @@ class SessionStore:
             )
         )
         if seq:
-            await self.redis.srem(keys.RUNNING, sid)
+            await self.redis.srem(keys.RUNNING, sid)  # type: ignore[misc]
         return seq
 
     async def running_sessions(self) -> list[str]:
-        return [s.decode() for s in await self.redis.smembers(keys.RUNNING)]
+        return [s.decode() for s in await self.redis.smembers(keys.RUNNING)]  # type: ignore[misc]
 
     async def forget_running(self, sid: str) -> None:
-        await self.redis.srem(keys.RUNNING, sid)
+        await self.redis.srem(keys.RUNNING, sid)  # type: ignore[misc]

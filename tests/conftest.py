@@ -115,8 +115,11 @@ class Proc:
 class Stack:
     """A running API and its workers, sharing one Redis and one sandbox root."""
 
-    def __init__(self, redis_url: str, workdir: Path, extra_env: dict[str, str]) -> None:
+    def __init__(
+        self, redis_url: str, workdir: Path, extra_env: dict[str, str], workers: int = 1
+    ) -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -130,7 +133,7 @@ class Stack:
         self.procs: list[Proc] = []
         self.api = self._start("api")
         _wait_for(self._ready, 30, "the API")
-        self.workers = [self.start_worker()]
+        self.workers = [self.start_worker() for _ in range(workers)]
 
     def _start(self, module: str) -> Proc:
         proc = Proc(
@@ -184,3 +187,20 @@ def session_id(client: httpx.Client, sandbox_id: str) -> str:
     assert response.status_code == 201, response.text
     return str(response.json()["id"])
 
+
+@pytest.fixture
+def make_stack(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+    """Start a stack of its own, for tests that kill processes or change settings."""
+    started: list[Stack] = []
+
+    def make(workers: int = 1, **settings: str) -> Stack:
+        # A database of its own keeps its queue away from the shared stack's worker.
+        url = redis_url.rsplit("/", 1)[0] + f"/{1 + len(started)}"
+        redis.Redis.from_url(url).flushdb()
+        env = {"SANDSTREAM_" + k.upper(): v for k, v in settings.items()}
+        started.append(Stack(url, tmp_path / f"stack{len(started)}", env, workers))
+        return started[-1]
+
+    yield make
+    for running in started:
+        running.stop()

@@ -28,7 +28,11 @@ BAD_MESSAGES: dict[str, tuple[bytes | dict[str, Any], int, str]] = {
         "invalid_body",
     ),
     "missing_role": ({"content": [{"type": "text", "text": "hi"}]}, 422, "invalid_body"),
-    "text_not_a_string": ({"role": "user", "content": [{"type": "text", "text": 5}]}, 422, "invalid_body"),
+    "text_not_a_string": (
+        {"role": "user", "content": [{"type": "text", "text": 5}]},
+        422,
+        "invalid_body",
+    ),
     "content_not_a_list": ({"role": "user", "content": "hello"}, 422, "invalid_body"),
     "unknown_field": (
         {"role": "user", "content": [{"type": "text", "text": "hi"}], "extra": 1},
@@ -40,7 +44,11 @@ BAD_MESSAGES: dict[str, tuple[bytes | dict[str, Any], int, str]] = {
         422,
         "invalid_body",
     ),
-    "empty_text": ({"role": "user", "content": [{"type": "text", "text": ""}]}, 422, "invalid_body"),
+    "empty_text": (
+        {"role": "user", "content": [{"type": "text", "text": ""}]},
+        422,
+        "invalid_body",
+    ),
     "bad_base64": (
         {"role": "user", "content": [{"type": "image", "media_type": "image/png", "data": "@@@"}]},
         422,
@@ -113,9 +121,7 @@ def test_valid_image_is_accepted(client: httpx.Client, session_id: str) -> None:
     assert stored == message["content"]
 
 
-def test_oversized_body_is_413_and_history_unchanged(
-    client: httpx.Client, session_id: str
-) -> None:
+def test_oversized_body_is_413_and_history_unchanged(client: httpx.Client, session_id: str) -> None:
     before = client.get(f"/sessions/{session_id}").json()
     huge = text_message("x" * (300 * 1024))  # the test stack's limit is 256 KiB
     response = client.post(f"/sessions/{session_id}/messages", json=huge)

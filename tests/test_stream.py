@@ -30,6 +30,7 @@ def test_last_event_id_yields_exactly_the_events_after_it(
         ).join()
         assert resumed == expected
 
+
 def test_resume_then_live_tail_has_no_gap_or_duplicate(
     client: httpx.Client, session_id: str
 ) -> None:
@@ -54,9 +55,7 @@ def test_stream_survives_across_turns(client: httpx.Client, session_id: str) -> 
     assert len({e["turn_id"] for e in events}) == 3
 
 
-def test_keepalive_has_no_id_and_reports_latest_seq(
-    client: httpx.Client, session_id: str
-) -> None:
+def test_keepalive_has_no_id_and_reports_latest_seq(client: httpx.Client, session_id: str) -> None:
     _run_turns(client, session_id, ["hi"])
     latest = StreamReader(client, session_id, params={"after": "0"}).join()[-1]["seq"]
     reader = StreamReader(client, session_id, keep_keepalives=True)

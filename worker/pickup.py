@@ -16,7 +16,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from arq.worker import Worker, log_redis_info
+from arq.connections import log_redis_info
+from arq.worker import Worker
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared import keys
@@ -83,4 +84,4 @@ class FastPickupWorker(Worker):
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]

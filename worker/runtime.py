@@ -167,7 +167,7 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
 
     worker = FastPickupWorker(
         functions=[
-            func(  # type: ignore[list-item]
+            func(
                 run_turn,
                 name=TURN_FUNCTION,
                 max_tries=1,

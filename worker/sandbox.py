@@ -55,8 +55,13 @@ async def _exited(proc: asyncio.subprocess.Process) -> int:
         pidfd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):
         return await proc.wait()
-    gone = loop.create_future()
-    loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+    gone: asyncio.Future[None] = loop.create_future()
+
+    def on_exit() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(pidfd, on_exit)
     try:
         await gone
     finally:
@@ -110,10 +115,10 @@ async def run_command(
         # Runs on timeout, on interrupt (cancellation) and on normal exit alike:
         # whatever the command started dies with its process group.
         _kill_group(proc)
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await asyncio.shield(proc.wait())
+        # With the group dead the pipe closes; a process that left the group
+        # could hold it open, so the wait is bounded.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(proc.wait()), _DRAIN_GRACE)
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader

@@ -1,0 +1,134 @@
+"""The turn scripts against a real Redis: atomic claims, gap-free seqs, stale writers refused."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from redis.asyncio import Redis
+
+from shared import eventlog
+from shared import events as ev
+from shared.models import Message, TextBlock, new_id, now_rfc3339
+from shared.store import SessionStore
+
+T = TypeVar("T")
+
+
+def run(redis_url: str, scenario: Callable[[SessionStore], Awaitable[T]]) -> T:
+    async def main() -> T:
+        redis = Redis.from_url(redis_url)
+        try:
+            return await scenario(SessionStore(redis))
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(main())
+
+
+def _user(sid: str, turn_id: str) -> Message:
+    return Message(
+        id=new_id(),
+        session_id=sid,
+        role="user",
+        content=[TextBlock(text="hi")],
+        timestamp=now_rfc3339(),
+        turn_id=turn_id,
+    )
+
+
+def _delta(sid: str, sandbox_id: str, turn_id: str, text: str) -> ev.TextDelta:
+    return ev.TextDelta(
+        session_id=sid,
+        sandbox_id=sandbox_id,
+        turn_id=turn_id,
+        message_id="m",
+        created_at=now_rfc3339(),
+        index=0,
+        text=text,
+    )
+
+
+def _done(sid: str, sandbox_id: str, turn_id: str) -> ev.SessionFailed:
+    return ev.SessionFailed(
+        session_id=sid,
+        sandbox_id=sandbox_id,
+        turn_id=turn_id,
+        message_id="m",
+        created_at=now_rfc3339(),
+        error=ev.ErrorInfo(code="x", message="y"),
+        stop_reason="error",
+    )
+
+
+def test_only_one_of_many_concurrent_claims_wins(redis_url: str) -> None:
+    async def scenario(store: SessionStore) -> list[str]:
+        sandbox = await store.create_sandbox({})
+        session = await store.create_session(sandbox.id, {})
+        turns = [new_id() for _ in range(20)]
+        results = await asyncio.gather(
+            *(store.claim_turn(session.id, t, _user(session.id, t)) for t in turns)
+        )
+        winners = [r for r in results if r.status == "ok"]
+        assert len(winners) == 1
+        assert {r.turn_id for r in results if r.status == "running"} == {winners[0].turn_id}
+        return [m.turn_id or "" for m in await store.get_messages(session.id)]
+
+    assert len(run(redis_url, scenario)) == 1
+
+
+def test_concurrent_appends_get_consecutive_seqs(redis_url: str) -> None:
+    async def scenario(store: SessionStore) -> list[int]:
+        sandbox = await store.create_sandbox({})
+        session = await store.create_session(sandbox.id, {})
+        turn = new_id()
+        await store.claim_turn(session.id, turn, _user(session.id, turn))
+        seqs = await asyncio.gather(
+            *(
+                store.append_event(session.id, turn, _delta(session.id, sandbox.id, turn, str(i)))
+                for i in range(200)
+            )
+        )
+        logged = await eventlog.read_after(store.redis, session.id, 0)
+        assert [e.seq for e in logged] == sorted(seqs)
+        assert all(ev.decode_head(e.data).seq == e.seq for e in logged)
+        return sorted(seqs)
+
+    assert run(redis_url, scenario) == list(range(1, 201))
+
+
+def test_a_stale_turn_can_neither_append_nor_finish(redis_url: str) -> None:
+    async def scenario(store: SessionStore) -> None:
+        sandbox = await store.create_sandbox({})
+        sid = (await store.create_session(sandbox.id, {})).id
+        old, new = new_id(), new_id()
+        await store.claim_turn(sid, old, _user(sid, old))
+        assert await store.finish_turn(sid, old, "unstarted", None, _done(sid, sandbox.id, old))
+        await store.claim_turn(sid, new, _user(sid, new))
+        assert await store.append_event(sid, old, _delta(sid, sandbox.id, old, "x")) == 0
+        assert await store.finish_turn(sid, old, "worker", None, _done(sid, sandbox.id, old)) == 0
+        state = await store.turn_state(sid)
+        assert state is not None and state.turn_id == new and state.state == "running"
+
+    run(redis_url, scenario)
+
+
+def test_started_turn_is_orphaned_only_once_its_lease_lapses(redis_url: str) -> None:
+    async def scenario(store: SessionStore) -> None:
+        sandbox = await store.create_sandbox({})
+        sid = (await store.create_session(sandbox.id, {})).id
+        turn = new_id()
+        await store.claim_turn(sid, turn, _user(sid, turn))
+        assert await store.start_turn(sid, turn, "w1", 200)
+        assert not await store.start_turn(sid, turn, "w2", 200)  # no second worker
+        done = _done(sid, sandbox.id, turn)
+        assert await store.finish_turn(sid, turn, "unstarted", None, done) == 0
+        assert await store.finish_turn(sid, turn, "orphaned", None, done) == 0
+        await asyncio.sleep(0.3)
+        assert await store.renew_lease(sid, turn, "w1", 200) == 0
+        assert await store.finish_turn(sid, turn, "orphaned", None, done) > 0
+        state = await store.turn_state(sid)
+        assert state is not None and state.state == "active"
+
+    run(redis_url, scenario)

@@ -1,0 +1,107 @@
+"""Turns that end abnormally: lost workers, turns interrupted in the queue, a capped log."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from conftest import Stack
+from helpers import StreamReader, text_message
+
+
+def _api(stack: Stack) -> httpx.Client:
+    return httpx.Client(base_url=stack.base_url + "/api/v1", timeout=30)
+
+
+def _new_session(client: httpx.Client) -> str:
+    sandbox = client.post("/sandboxes", json={}).json()["id"]
+    return str(client.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"])
+
+
+def _wait_state(client: httpx.Client, sid: str, state: str, timeout: float = 10) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        session: dict[str, Any] = client.get(f"/sessions/{sid}").json()
+        if session["state"] == state:
+            return session
+        assert time.monotonic() < deadline, f"session stayed {session['state']}"
+        time.sleep(0.05)
+
+
+def test_killed_worker_ends_the_turn_with_worker_lost(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(lease_seconds="1.5", reaper_interval_seconds="0.5")
+    with _api(stack) as client:
+        sid = _new_session(client)
+        reader = StreamReader(client, sid)
+        accepted = client.post(
+            f"/sessions/{sid}/messages", params={"wait": "0"}, json=text_message("run: sleep 3")
+        )
+        assert accepted.status_code == 202
+        time.sleep(0.5)  # the worker has started the turn
+        stack.workers[0].stop(signal.SIGKILL)
+        stack.start_worker()  # any live worker's reaper notices the lapsed lease
+
+        events = reader.join(20)
+        assert events[-1]["_event"] == "session_failed"
+        assert events[-1]["stop_reason"] == "worker_lost"
+        assert events[-1]["turn_id"] == accepted.json()["turn_id"]
+        assert _wait_state(client, sid, "active")["state"] == "active"
+        after = client.post(f"/sessions/{sid}/messages", json=text_message("hello again"))
+        assert after.status_code == 200
+
+
+def test_interrupting_a_queued_turn_ends_it_at_once(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(workers=0)
+    with _api(stack) as client:
+        sid = _new_session(client)
+        accepted = client.post(
+            f"/sessions/{sid}/messages", params={"wait": "0.1"}, json=text_message("hi")
+        )
+        assert accepted.status_code == 202
+        interrupted = client.post(f"/sessions/{sid}/interrupt")
+        assert interrupted.status_code == 200 and interrupted.json()["interrupted"] is True
+        session = client.get(f"/sessions/{sid}").json()
+        assert session["state"] == "active"
+        assert [m["role"] for m in session["messages"]] == ["user", "assistant"]
+        assert session["messages"][1]["stop_reason"] == "interrupted"
+
+        # A worker that arrives later skips the stale job and serves the next turn.
+        stack.start_worker()
+        reply = client.post(f"/sessions/{sid}/messages", json=text_message("run: echo ok"))
+        assert reply.status_code == 200
+        assert reply.json()["content"][1]["content"] == "ok\n"
+        assert len(client.get(f"/sessions/{sid}").json()["messages"]) == 4
+
+
+def test_queued_turn_starts_when_a_worker_arrives(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(workers=0)
+    with _api(stack) as client:
+        sid = _new_session(client)
+        accepted = client.post(
+            f"/sessions/{sid}/messages", params={"wait": "0"}, json=text_message("run: echo late")
+        )
+        assert accepted.status_code == 202
+        stack.start_worker()
+        session = _wait_state(client, sid, "active")
+        assert session["messages"][-1]["content"][1]["content"] == "late\n"
+
+
+def test_resume_from_before_the_retained_log_says_so(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(log_max_events="10")
+    with _api(stack) as client:
+        sid = _new_session(client)
+        for i in range(25):
+            client.post(f"/sessions/{sid}/messages", json=text_message(f"message {i}"))
+        with client.stream("GET", f"/sessions/{sid}/stream", params={"after": "0"}) as response:
+            lines = response.iter_lines()
+            frames: list[str] = []
+            for line in lines:
+                frames.append(line)
+                if line.startswith("data:") and '"type":"log_truncated"' in line:
+                    break
+        event_line = frames[-2]
+        assert event_line == "event: log_truncated"
+        assert not any(f.startswith("id:") for f in frames)
