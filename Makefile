@@ -1,0 +1,25 @@
+.PHONY: run test lint bench clean
+
+# Install and run the service locally: Redis, API and one worker.
+run:
+	scripts/run-local.sh
+
+# The whole test suite, from a clean clone.
+test:
+	scripts/bootstrap.sh
+	scripts/ensure-redis.sh
+	.venv/bin/python -m pytest -q
+
+lint:
+	scripts/bootstrap.sh
+	.venv/bin/ruff check api worker shared tests bench
+	.venv/bin/ruff format --check api worker shared tests bench
+	.venv/bin/mypy
+
+bench:
+	scripts/bootstrap.sh
+	.venv/bin/python -m bench.send_latency
+	.venv/bin/python -m bench.idle_worker
+
+clean:
+	rm -rf .venv .sandstream .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Benchmarks: each reports ours against a baseline measured in the same run."""

@@ -1,0 +1,88 @@
+"""Start a private Redis, an API and workers for a benchmark, and stop them after."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(check: object, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start")
+
+
+@contextmanager
+def private_redis() -> Iterator[str]:
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="sandstream-bench-redis-")
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    _wait(lambda: redis.Redis.from_url(url).ping(), "redis-server")
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def service(
+    redis_url: str, *, api: bool = True, workers: int = 1, **settings: str
+) -> Iterator[str]:
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="sandstream-bench-")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SANDSTREAM_")},
+        "SANDSTREAM_REDIS_URL": redis_url,
+        "SANDSTREAM_PORT": str(port),
+        "SANDSTREAM_SANDBOX_ROOT": workdir,
+        "SANDSTREAM_LOG_LEVEL": "WARNING",
+        **{"SANDSTREAM_" + k.upper(): v for k, v in settings.items()},
+    }
+    procs = []
+    base = f"http://127.0.0.1:{port}"
+    if api:
+        procs.append(subprocess.Popen([sys.executable, "-m", "api"], cwd=ROOT, env=env))
+        _wait(lambda: httpx.get(base + "/readyz").status_code == 200, "the API")
+    for _ in range(workers):
+        procs.append(subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env))
+    time.sleep(1.0)
+    try:
+        yield base
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)

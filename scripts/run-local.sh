@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install sandstream and run it locally: Redis (unless SANDSTREAM_REDIS_URL is set),
+# the API and one worker, under honcho. Ctrl-C stops everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+
+export SANDSTREAM_HOST=${SANDSTREAM_HOST:-127.0.0.1}
+export SANDSTREAM_PORT=${SANDSTREAM_PORT:-8000}
+procfile=Procfile
+if [ -z "${SANDSTREAM_REDIS_URL:-}" ]; then
+  if ! command -v redis-server >/dev/null 2>&1; then
+    echo "sandstream needs Redis: install redis-server (Debian/Ubuntu: apt-get install redis-server," >&2
+    echo "macOS: brew install redis) or point SANDSTREAM_REDIS_URL at a running Redis." >&2
+    exit 1
+  fi
+  port=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  export SANDSTREAM_LOCAL_REDIS_PORT=$port
+  export SANDSTREAM_LOCAL_REDIS_DIR=$PWD/.sandstream
+  mkdir -p "$SANDSTREAM_LOCAL_REDIS_DIR"
+  export SANDSTREAM_REDIS_URL=redis://127.0.0.1:$port/0
+  procfile=Procfile.redis
+fi
+
+base=http://$SANDSTREAM_HOST:$SANDSTREAM_PORT
+cat <<MSG
+sandstream: API on $base (Redis $SANDSTREAM_REDIS_URL, provider ${SANDSTREAM_PROVIDER:-demo})
+Try it in another terminal:
+
+  SB=\$(curl -s -X POST $base/api/v1/sandboxes | python3 -c 'import sys,json; print(json.load(sys.stdin)["id"])')
+  S=\$(curl -s -X POST $base/api/v1/sandboxes/\$SB/sessions -d '{"metadata":{}}' | python3 -c 'import sys,json; print(json.load(sys.stdin)["id"])')
+  curl -N $base/api/v1/sessions/\$S/stream &
+  curl -s -X POST $base/api/v1/sessions/\$S/messages -d '{"role":"user","content":[{"type":"text","text":"run: uname -a"}]}'
+
+MSG
+exec .venv/bin/honcho -f "$procfile" start
