@@ -1,0 +1,93 @@
+"""Redis going away: 503 problem details while it is down, and recovery after."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from conftest import Stack, free_port
+from helpers import StreamReader, text_message
+
+
+class RedisServer:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server") or "redis-server"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--save", "", "--appendonly", "no"],
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    if not shutil.which("redis-server"):
+        pytest.skip("needs a redis-server binary to stop and restart")
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+def test_requests_get_503_while_redis_is_down(own_redis: RedisServer, tmp_path: Path) -> None:
+    stack = Stack(own_redis.url, tmp_path / "stack", {})
+    try:
+        with httpx.Client(base_url=stack.base_url, timeout=30) as client:
+            sandbox = client.post("/api/v1/sandboxes", json={}).json()["id"]
+            own_redis.stop()
+            for method, path in [
+                ("GET", f"/api/v1/sandboxes/{sandbox}"),
+                ("POST", f"/api/v1/sandboxes/{sandbox}/sessions"),
+                ("GET", "/readyz"),
+            ]:
+                response = client.request(method, path, json={} if method == "POST" else None)
+                assert response.status_code == 503, response.text
+                assert response.headers["content-type"].startswith("application/problem+json")
+                assert response.json()["code"] == "store_unavailable"
+    finally:
+        stack.stop()
+
+
+def test_hub_and_worker_reconnect_after_a_redis_restart(own_redis: RedisServer, tmp_path: Path) -> None:
+    stack = Stack(own_redis.url, tmp_path / "stack", {})
+    try:
+        with httpx.Client(base_url=stack.base_url + "/api/v1", timeout=30) as client:
+            client.post("/sandboxes", json={})
+            own_redis.stop()
+            time.sleep(0.5)
+            own_redis.start()  # an empty Redis; the API and the worker must find it again
+            sandbox = client.post("/sandboxes", json={}).json()["id"]
+            sid2 = client.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"]
+            late = StreamReader(client, sid2)
+            time.sleep(1.5)  # the worker reconnects too
+            reply = client.post(f"/sessions/{sid2}/messages", json=text_message("back"))
+            assert reply.status_code == 200
+            assert late.join()[-1]["_event"] == "session_completed"
+    finally:
+        stack.stop()
