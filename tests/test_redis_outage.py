@@ -74,7 +74,9 @@ def test_requests_get_503_while_redis_is_down(own_redis: RedisServer, tmp_path: 
         stack.stop()
 
 
-def test_hub_and_worker_reconnect_after_a_redis_restart(own_redis: RedisServer, tmp_path: Path) -> None:
+def test_hub_and_worker_reconnect_after_a_redis_restart(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
     stack = Stack(own_redis.url, tmp_path / "stack", {})
     try:
         with httpx.Client(base_url=stack.base_url + "/api/v1", timeout=30) as client:
