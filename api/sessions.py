@@ -50,7 +50,17 @@ class SessionController(Controller):
         body = await decode_body(request, CreateSession, empty_ok=True)
         if reason := check_metadata(body.metadata):
             raise Problem(422, "invalid_body", reason, field="$.metadata")
-        return await svc.store.create_session(sandbox_id, body.metadata)
+        agent = svc.settings.default_agent()
+        if body.agent is not None:
+            agent = body.agent.apply(agent)
+        if agent.provider != "demo" and not agent.model:
+            raise Problem(
+                422,
+                "invalid_body",
+                f"provider {agent.provider!r} needs a model: set agent.model",
+                field="$.agent.model",
+            )
+        return await svc.store.create_session(sandbox_id, body.metadata, agent)
 
     @get("/sandboxes/{sandbox_id:str}/sessions")
     async def list_sessions(

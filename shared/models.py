@@ -81,6 +81,40 @@ class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
     stop_reason: StopReason | None = None
 
 
+ProviderName = Literal["demo", "anthropic", "openai"]
+ToolName = Literal["bash", "read_file", "write_file", "edit_file", "list_files"]
+TOOL_NAMES: tuple[ToolName, ...] = ("bash", "read_file", "write_file", "edit_file", "list_files")
+MAX_ITERATIONS_LIMIT = 100
+
+
+class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The agent a session runs: fixed when the session is created, shown on it."""
+
+    provider: ProviderName
+    model: Annotated[str, msgspec.Meta(max_length=200)]
+    system_prompt: Annotated[str, msgspec.Meta(max_length=100_000)]
+    allowed_tools: list[ToolName]
+    max_iterations: Annotated[int, msgspec.Meta(ge=1, le=MAX_ITERATIONS_LIMIT)]
+
+
+class AgentOverride(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a client may set at session creation; omitted fields take the defaults."""
+
+    provider: ProviderName | None = None
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    system_prompt: Annotated[str, msgspec.Meta(max_length=100_000)] | None = None
+    allowed_tools: Annotated[list[ToolName], msgspec.Meta(max_length=len(TOOL_NAMES))] | None = None
+    max_iterations: Annotated[int, msgspec.Meta(ge=1, le=MAX_ITERATIONS_LIMIT)] | None = None
+
+    def apply(self, default: AgentConfig) -> AgentConfig:
+        """The effective config: this override over the service's defaults."""
+        changes = {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not None}
+        effective = msgspec.structs.replace(default, **changes)
+        if "provider" in changes and "model" not in changes and self.provider != default.provider:
+            effective.model = ""  # the default model belongs to the default provider
+        return effective
+
+
 class Session(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str
     sandbox_id: str
@@ -88,6 +122,7 @@ class Session(msgspec.Struct, kw_only=True, omit_defaults=True):
     metadata: dict[str, Any]
     created_at: str
     updated_at: str
+    agent: AgentConfig | None = None
     turn_id: str | None = None
 
 
@@ -111,6 +146,7 @@ class CreateSandbox(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class CreateSession(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    agent: AgentOverride | None = None
 
 
 class SendMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -11,6 +11,8 @@ from typing import Any
 
 import msgspec
 
+from shared.models import TOOL_NAMES, AgentConfig
+
 PREFIX = "SANDSTREAM_"
 
 
@@ -31,6 +33,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     log_max_events: int = 10_000
     # turns
     max_iterations: int = 20
+    max_output_tokens: int = 4096
+    provider_max_retries: int = 2
+    provider_timeout_seconds: float = 600.0
     turn_timeout_seconds: float = 3600.0
     system_prompt: str = (
         "You are an agent working in a sandbox. Use the tools to inspect and change "
@@ -46,6 +51,19 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     worker_fast_pickup: bool = True
     reaper_interval_seconds: float = 5.0
     log_level: str = "INFO"
+
+    def default_agent(self) -> AgentConfig:
+        return AgentConfig(
+            provider=self.provider,  # type: ignore[arg-type]  # checked in __post_init__
+            model=self.model,
+            system_prompt=self.system_prompt,
+            allowed_tools=list(TOOL_NAMES),
+            max_iterations=self.max_iterations,
+        )
+
+    def __post_init__(self) -> None:
+        if self.provider not in ("demo", "anthropic", "openai"):
+            raise ValueError(f"provider must be demo, anthropic or openai, not {self.provider!r}")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -14,13 +14,14 @@ from redis.asyncio import Redis
 
 from shared import keys, scripts
 from shared.events import Event, TerminalEvent, encode_event
-from shared.models import Message, Sandbox, Session, new_id, now_rfc3339
+from shared.models import AgentConfig, Message, Sandbox, Session, new_id, now_rfc3339
 
 FinishMode = Literal["worker", "unstarted", "orphaned"]
 
 _message_decoder = msgspec.json.Decoder(Message)
 _metadata_decoder = msgspec.json.Decoder(dict[str, Any])
 _sandbox_decoder = msgspec.json.Decoder(Sandbox)
+_agent_decoder = msgspec.json.Decoder(AgentConfig)
 
 
 class ClaimResult(msgspec.Struct):
@@ -31,6 +32,7 @@ class ClaimResult(msgspec.Struct):
 
 class TurnState(msgspec.Struct, kw_only=True):
     sandbox_id: str
+    agent: AgentConfig | None
     state: str
     turn_id: str | None
     started: bool
@@ -93,7 +95,9 @@ class SessionStore:
 
     # ---- sessions ----------------------------------------------------------
 
-    async def create_session(self, sandbox_id: str, metadata: dict[str, Any]) -> Session:
+    async def create_session(
+        self, sandbox_id: str, metadata: dict[str, Any], agent: AgentConfig
+    ) -> Session:
         now = now_rfc3339()
         sid = new_id()
         record = {
@@ -101,6 +105,7 @@ class SessionStore:
             "sandbox_id": sandbox_id,
             "state": "active",
             "metadata": msgspec.json.encode(metadata),
+            "agent": msgspec.json.encode(agent),
             "created_at": now,
             "updated_at": now,
         }
@@ -115,6 +120,7 @@ class SessionStore:
             metadata=metadata,
             created_at=now,
             updated_at=now,
+            agent=agent,
         )
 
     async def get_session(self, sid: str) -> Session | None:
@@ -122,7 +128,16 @@ class SessionStore:
         return found[0] if found else None
 
     async def get_sessions(self, sids: list[str]) -> list[Session]:
-        fields = ["id", "sandbox_id", "state", "metadata", "created_at", "updated_at", "turn_id"]
+        fields = [
+            "id",
+            "sandbox_id",
+            "state",
+            "metadata",
+            "created_at",
+            "updated_at",
+            "turn_id",
+            "agent",
+        ]
         async with self.redis.pipeline(transaction=False) as pipe:
             for sid in sids:
                 pipe.hmget(keys.session(sid), fields)
@@ -141,6 +156,7 @@ class SessionStore:
                     created_at=row[4].decode(),
                     updated_at=row[5].decode(),
                     turn_id=turn_id,
+                    agent=_agent_decoder.decode(row[7]) if row[7] else None,
                 )
             )
         return sessions
@@ -195,7 +211,7 @@ class SessionStore:
 
     async def turn_state(self, sid: str) -> TurnState | None:
         row = await self.redis.hmget(  # type: ignore[misc]
-            keys.session(sid), ["sandbox_id", "state", "turn_id", "started", "claimed_ms"]
+            keys.session(sid), ["sandbox_id", "state", "turn_id", "started", "claimed_ms", "agent"]
         )
         if row[0] is None:
             return None
@@ -205,6 +221,7 @@ class SessionStore:
             turn_id=row[2].decode() if row[2] else None,
             started=row[3] is not None,
             claimed_ms=int(row[4] or 0),
+            agent=_agent_decoder.decode(row[5]) if row[5] else None,
         )
 
     async def start_turn(self, sid: str, turn_id: str, worker_id: str, lease_ms: int) -> bool:

@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 from worker.sandbox import run_command
-from worker.tools import ToolContext, execute_tool
+from worker.tools import TOOLS, ToolContext, execute_tool
 
 
 def _run(command: str, workspace: Path, timeout: float = 10, cap: int = 1000):  # type: ignore[no-untyped-def]
@@ -86,7 +86,7 @@ def test_bash_tool_reports_failures_as_errors(tmp_path: Path) -> None:
     ctx = ToolContext(workspace=tmp_path, timeout=0.5, output_cap=20)
 
     def call(name: str, args: dict[str, object]):  # type: ignore[no-untyped-def]
-        return asyncio.run(execute_tool(ctx, name, args))
+        return asyncio.run(execute_tool(ctx, name, args, list(TOOLS)))
 
     failed = call("bash", {"command": "echo nope; exit 3"})
     assert failed.is_error and "[exit code 3]" in failed.content

@@ -24,12 +24,21 @@ def test_create_session_matches_seed_shape(client: httpx.Client, sandbox_id: str
     )
     assert response.status_code == 201
     body = response.json()
-    assert set(body) == {"id", "sandbox_id", "state", "metadata", "created_at", "updated_at"}
+    assert set(body) == {
+        "id",
+        "sandbox_id",
+        "state",
+        "metadata",
+        "created_at",
+        "updated_at",
+        "agent",
+    }
     assert is_uuid(body["id"])
     assert body["sandbox_id"] == sandbox_id
     assert body["state"] == "active"
     assert body["metadata"] == {"purpose": "code-review"}
     assert RFC3339_Z.match(body["created_at"]) and RFC3339_Z.match(body["updated_at"])
+    assert body["agent"]["provider"] == "demo"  # the effective agent, beside the seed's fields
 
 
 def test_list_sessions_is_an_array_with_cursor_paging(

@@ -11,9 +11,11 @@ from redis.asyncio import Redis
 from shared import eventlog
 from shared import events as ev
 from shared.models import Message, TextBlock, new_id, now_rfc3339
+from shared.settings import Settings
 from shared.store import SessionStore
 
 T = TypeVar("T")
+DEFAULT_AGENT = Settings().default_agent()
 
 
 def run(redis_url: str, scenario: Callable[[SessionStore], Awaitable[T]]) -> T:
@@ -65,7 +67,7 @@ def _done(sid: str, sandbox_id: str, turn_id: str) -> ev.SessionFailed:
 def test_only_one_of_many_concurrent_claims_wins(redis_url: str) -> None:
     async def scenario(store: SessionStore) -> list[str]:
         sandbox = await store.create_sandbox({})
-        session = await store.create_session(sandbox.id, {})
+        session = await store.create_session(sandbox.id, {}, DEFAULT_AGENT)
         turns = [new_id() for _ in range(20)]
         results = await asyncio.gather(
             *(store.claim_turn(session.id, t, _user(session.id, t)) for t in turns)
@@ -81,7 +83,7 @@ def test_only_one_of_many_concurrent_claims_wins(redis_url: str) -> None:
 def test_concurrent_appends_get_consecutive_seqs(redis_url: str) -> None:
     async def scenario(store: SessionStore) -> list[int]:
         sandbox = await store.create_sandbox({})
-        session = await store.create_session(sandbox.id, {})
+        session = await store.create_session(sandbox.id, {}, DEFAULT_AGENT)
         turn = new_id()
         await store.claim_turn(session.id, turn, _user(session.id, turn))
         seqs = await asyncio.gather(
@@ -101,7 +103,7 @@ def test_concurrent_appends_get_consecutive_seqs(redis_url: str) -> None:
 def test_a_stale_turn_can_neither_append_nor_finish(redis_url: str) -> None:
     async def scenario(store: SessionStore) -> None:
         sandbox = await store.create_sandbox({})
-        sid = (await store.create_session(sandbox.id, {})).id
+        sid = (await store.create_session(sandbox.id, {}, DEFAULT_AGENT)).id
         old, new = new_id(), new_id()
         await store.claim_turn(sid, old, _user(sid, old))
         assert await store.finish_turn(sid, old, "unstarted", None, _done(sid, sandbox.id, old))
@@ -117,7 +119,7 @@ def test_a_stale_turn_can_neither_append_nor_finish(redis_url: str) -> None:
 def test_started_turn_is_orphaned_only_once_its_lease_lapses(redis_url: str) -> None:
     async def scenario(store: SessionStore) -> None:
         sandbox = await store.create_sandbox({})
-        sid = (await store.create_session(sandbox.id, {})).id
+        sid = (await store.create_session(sandbox.id, {}, DEFAULT_AGENT)).id
         turn = new_id()
         await store.claim_turn(sid, turn, _user(sid, turn))
         assert await store.start_turn(sid, turn, "w1", 200)

@@ -27,7 +27,8 @@ from shared.queue import TURN_FUNCTION, TurnJob, connect, deserialize_job, seria
 from shared.settings import Settings
 from shared.store import FinishMode, SessionStore
 from worker.pickup import FastPickupWorker
-from worker.providers import make_provider
+from worker.providers import ProviderFactory
+from worker.providers.base import ProviderError
 from worker.turn import TurnRunner
 
 logger = logging.getLogger("sandstream.worker")
@@ -44,6 +45,7 @@ class WorkerRuntime:
         self.store = SessionStore(redis, log_max_events=settings.log_max_events)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.running: dict[str, TurnRunner] = {}
+        self.providers = ProviderFactory(settings)
         self._control_decoder = msgspec.json.Decoder(ControlMessage)
 
     async def run_turn(self, job: TurnJob) -> None:
@@ -51,10 +53,20 @@ class WorkerRuntime:
         if state is None or state.turn_id != job.turn_id:
             logger.info("job for turn %s: turn not current; skipped", job.turn_id)
             return
+        agent = state.agent or self.settings.default_agent()
+        try:
+            provider = self.providers.get(agent)
+        except ProviderError as exc:
+            error = ev.ErrorInfo(code=exc.code, message=exc.message)
+            await self._end(
+                job.session_id, state.sandbox_id, job.turn_id, "unstarted", "error", error
+            )
+            return
         runner = TurnRunner(
             store=self.store,
             settings=self.settings,
-            provider=make_provider(self.settings.provider, self.settings),
+            provider=provider,
+            agent=agent,
             worker_id=self.worker_id,
             session_id=job.session_id,
             sandbox_id=state.sandbox_id,
@@ -99,36 +111,45 @@ class WorkerRuntime:
             if state.started:
                 if await self.store.redis.exists(keys.lease(sid)):
                     continue
-                done = await self._end(sid, state.sandbox_id, state.turn_id, "orphaned")
+                lost = ev.ErrorInfo(
+                    code="worker_lost", message="the worker running this turn stopped responding"
+                )
+                done = await self._end(
+                    sid, state.sandbox_id, state.turn_id, "orphaned", "worker_lost", lost
+                )
             elif now_ms - state.claimed_ms > self.settings.queued_turn_timeout_seconds * 1000:
-                done = await self._end(sid, state.sandbox_id, state.turn_id, "unstarted")
+                late = ev.ErrorInfo(
+                    code="queue_timeout", message="no worker picked this turn up in time"
+                )
+                done = await self._end(
+                    sid, state.sandbox_id, state.turn_id, "unstarted", "timeout", late
+                )
             else:
                 continue
             reaped += int(done)
         return reaped
 
     async def _end(
-        self, sid: str, sandbox_id: str, turn_id: str, mode: Literal["orphaned", "unstarted"]
+        self,
+        sid: str,
+        sandbox_id: str,
+        turn_id: str,
+        mode: FinishMode,
+        stop: Literal["error", "timeout", "worker_lost"],
+        error: ev.ErrorInfo,
     ) -> bool:
-        reason: FinishMode = mode
-        stop: Literal["worker_lost", "timeout"] = "worker_lost" if mode == "orphaned" else "timeout"
-        text = (
-            "the worker running this turn stopped responding"
-            if mode == "orphaned"
-            else "no worker picked this turn up in time"
-        )
         terminal = ev.SessionFailed(
             session_id=sid,
             sandbox_id=sandbox_id,
             turn_id=turn_id,
             message_id=new_id(),
             created_at=now_rfc3339(),
-            error=ev.ErrorInfo(code=stop, message=text),
+            error=error,
             stop_reason=stop,
         )
-        seq = await self.store.finish_turn(sid, turn_id, reason, None, terminal)
+        seq = await self.store.finish_turn(sid, turn_id, mode, None, terminal)
         if seq:
-            logger.warning("turn %s of session %s ended: %s", turn_id, sid, text)
+            logger.warning("turn %s of session %s ended: %s", turn_id, sid, error.message)
         return bool(seq)
 
 

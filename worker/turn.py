@@ -16,6 +16,7 @@ from typing import Literal
 
 from shared import events as ev
 from shared.models import (
+    AgentConfig,
     ContentBlock,
     Message,
     TextBlock,
@@ -36,7 +37,7 @@ from worker.providers.base import (
     ToolCallReady,
     ToolCallStart,
 )
-from worker.tools import TOOLS, ToolContext, execute_tool
+from worker.tools import ToolContext, execute_tool, tool_specs
 
 logger = logging.getLogger("sandstream.turn")
 
@@ -54,6 +55,7 @@ class TurnRunner:
         store: SessionStore,
         settings: Settings,
         provider: Provider,
+        agent: AgentConfig,
         worker_id: str,
         session_id: str,
         sandbox_id: str,
@@ -62,6 +64,7 @@ class TurnRunner:
         self.store = store
         self.settings = settings
         self.provider = provider
+        self.agent = agent
         self.worker_id = worker_id
         self.session_id = session_id
         self.sandbox_id = sandbox_id
@@ -133,7 +136,8 @@ class TurnRunner:
 
     async def _iterate(self) -> CompletedReason:
         history = await self.store.get_messages(self.session_id)
-        tools = [TOOLS[name].spec for name in TOOLS]
+        allowed: list[str] = list(self.agent.allowed_tools)
+        tools = tool_specs(allowed)
         workspace = await asyncio.to_thread(
             create_workspace, self.settings.sandbox_root, self.sandbox_id
         )
@@ -142,10 +146,10 @@ class TurnRunner:
             timeout=self.settings.tool_timeout_seconds,
             output_cap=self.settings.tool_output_bytes,
         )
-        for _ in range(self.settings.max_iterations):
+        for _ in range(self.agent.max_iterations):
             current = [self._message()] if self.blocks else []
             request = ProviderRequest(
-                system=self.settings.system_prompt, messages=history + current, tools=tools
+                system=self.agent.system_prompt, messages=history + current, tools=tools
             )
             calls: list[int] = []
             end: MessageEnd | None = None
@@ -178,7 +182,7 @@ class TurnRunner:
             for index in calls:
                 call = self.blocks[index]
                 assert isinstance(call, ToolUseBlock)
-                outcome = await execute_tool(tool_ctx, call.name, call.input)
+                outcome = await execute_tool(tool_ctx, call.name, call.input, allowed)
                 await self._tool_result(call.id, outcome.content, outcome.is_error)
         return "max_iterations"
 

@@ -31,8 +31,11 @@ class ToolCallReady(msgspec.Struct, frozen=True):
     input: dict[str, Any]
 
 
+ModelStop = Literal["end_turn", "tool_use", "max_tokens"]
+
+
 class MessageEnd(msgspec.Struct, frozen=True):
-    stop_reason: Literal["end_turn", "tool_use", "max_tokens"]
+    stop_reason: ModelStop
     usage: Usage
 
 
@@ -54,6 +57,17 @@ class ProviderError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def parse_arguments(raw: str) -> dict[str, Any]:
+    """A tool call's JSON arguments; anything but an object reaches the tool as invalid."""
+    if not raw.strip():
+        return {}
+    try:
+        value = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return {"invalid_arguments": raw}
+    return value if isinstance(value, dict) else {"invalid_arguments": raw}
 
 
 class Provider(Protocol):

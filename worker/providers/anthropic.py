@@ -1,0 +1,169 @@
+"""Anthropic Messages API, streaming, through the official `anthropic` SDK.
+
+The SDK reads `ANTHROPIC_API_KEY` and `ANTHROPIC_BASE_URL`, and retries rate
+limits and server errors with backoff before we see an exception.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anthropic
+
+from shared.events import Usage
+from shared.models import ImageBlock, Message, TextBlock, ToolResultBlock, ToolUseBlock
+from shared.settings import Settings
+from worker.providers.base import (
+    MessageEnd,
+    ModelStop,
+    ProviderRequest,
+    StreamItem,
+    TextChunk,
+    ToolCallReady,
+    ToolCallStart,
+    parse_arguments,
+)
+from worker.providers.errors import classify, stream_cut
+from worker.tools import ToolSpec
+
+_STOP_REASONS: dict[str, ModelStop] = {"tool_use": "tool_use", "max_tokens": "max_tokens"}
+
+
+def _merge_roles(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The API wants user and assistant to alternate: join neighbours of one role."""
+    merged: list[dict[str, Any]] = []
+    for message in messages:
+        if not message["content"]:
+            continue
+        if merged and merged[-1]["role"] == message["role"]:
+            merged[-1]["content"].extend(message["content"])
+        else:
+            merged.append({"role": message["role"], "content": list(message["content"])})
+    return merged
+
+
+def to_anthropic_messages(history: list[Message]) -> list[dict[str, Any]]:
+    """Our messages as Messages API turns.
+
+    An assistant message of ours holds a whole turn: text and tool calls, then
+    their results, then more text... The API wants the calls in an assistant
+    turn and their results in the following user turn, so the message is split
+    wherever results follow calls.
+    """
+    out: list[dict[str, Any]] = []
+    for message in history:
+        if message.role == "user":
+            out.append({"role": "user", "content": [_user_part(b) for b in message.content]})
+            continue
+        for block in message.content:
+            if isinstance(block, ToolResultBlock):
+                part: dict[str, Any] = {
+                    "type": "tool_result",
+                    "tool_use_id": block.tool_use_id,
+                    "content": block.content,
+                }
+                if block.is_error:
+                    part["is_error"] = True
+                out.append({"role": "user", "content": [part]})
+            elif isinstance(block, ToolUseBlock):
+                call = {
+                    "type": "tool_use",
+                    "id": block.id,
+                    "name": block.name,
+                    "input": block.input,
+                }
+                out.append({"role": "assistant", "content": [call]})
+            elif isinstance(block, TextBlock) and block.text:
+                out.append({"role": "assistant", "content": [{"type": "text", "text": block.text}]})
+    return _merge_roles(out)
+
+
+def _user_part(block: object) -> dict[str, Any]:
+    if isinstance(block, ImageBlock):
+        return {
+            "type": "image",
+            "source": {"type": "base64", "media_type": block.media_type, "data": block.data},
+        }
+    assert isinstance(block, TextBlock)
+    return {"type": "text", "text": block.text}
+
+
+def to_anthropic_tools(tools: list[ToolSpec]) -> list[dict[str, Any]]:
+    return [
+        {"name": t.name, "description": t.description, "input_schema": t.input_schema}
+        for t in tools
+    ]
+
+
+class AnthropicProvider:
+    name = "anthropic"
+
+    def __init__(self, model: str, settings: Settings) -> None:
+        self.model = model
+        self.max_tokens = settings.max_output_tokens
+        self.client = anthropic.AsyncAnthropic(
+            max_retries=settings.provider_max_retries, timeout=settings.provider_timeout_seconds
+        )
+        self._secrets = [os.environ.get("ANTHROPIC_API_KEY", "")]
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
+        params: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "messages": to_anthropic_messages(request.messages),
+            "stream": True,
+        }
+        if request.system:
+            params["system"] = request.system
+        if request.tools:
+            params["tools"] = to_anthropic_tools(request.tools)
+        try:
+            stream = await self.client.messages.create(**params)
+        except anthropic.APIError as exc:
+            raise classify(anthropic, "Anthropic", exc, self._secrets) from None
+        try:
+            async for item in self._read(stream):
+                yield item
+        except anthropic.APIError as exc:
+            raise classify(anthropic, "Anthropic", exc, self._secrets) from None
+        finally:
+            # On interrupt this closes the HTTP response at once.
+            await stream.close()
+
+    async def _read(self, stream: Any) -> AsyncIterator[StreamItem]:
+        usage = Usage()
+        stop_reason: ModelStop = "end_turn"
+        calls: dict[int, tuple[str, str, list[str]]] = {}
+        finished = False
+        async for event in stream:
+            kind = event.type
+            if kind == "message_start":
+                usage.input_tokens = event.message.usage.input_tokens or 0
+                usage.output_tokens = event.message.usage.output_tokens or 0
+            elif kind == "content_block_start":
+                block = event.content_block
+                if block.type == "tool_use":
+                    calls[event.index] = (block.id, block.name, [])
+                    yield ToolCallStart(block.id, block.name)
+                elif block.type == "text" and block.text:
+                    yield TextChunk(block.text)
+            elif kind == "content_block_delta":
+                delta = event.delta
+                if delta.type == "text_delta":
+                    yield TextChunk(delta.text)
+                elif delta.type == "input_json_delta" and event.index in calls:
+                    calls[event.index][2].append(delta.partial_json)
+            elif kind == "content_block_stop" and event.index in calls:
+                call_id, name, parts = calls.pop(event.index)
+                yield ToolCallReady(call_id, name, parse_arguments("".join(parts)))
+            elif kind == "message_delta":
+                stop_reason = _STOP_REASONS.get(event.delta.stop_reason or "", "end_turn")
+                if event.usage.output_tokens is not None:
+                    usage.output_tokens = event.usage.output_tokens
+            elif kind == "message_stop":
+                finished = True
+        if not finished:
+            raise stream_cut("Anthropic")
+        yield MessageEnd(stop_reason, usage)

@@ -1,0 +1,186 @@
+"""OpenAI-compatible chat completions, streaming, through the official `openai` SDK.
+
+The same code serves OpenAI and servers that speak its API (vLLM, Ollama,
+llama.cpp server, LM Studio) through `OPENAI_BASE_URL`; the SDK also reads
+`OPENAI_API_KEY` and retries rate limits and server errors with backoff.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import openai
+
+from shared.events import Usage
+from shared.models import ImageBlock, Message, TextBlock, ToolResultBlock, ToolUseBlock
+from shared.settings import Settings
+from worker.providers.base import (
+    MessageEnd,
+    ModelStop,
+    ProviderRequest,
+    StreamItem,
+    TextChunk,
+    ToolCallReady,
+    ToolCallStart,
+    parse_arguments,
+)
+from worker.providers.errors import classify, stream_cut
+from worker.tools import ToolSpec
+
+_STOP_REASONS: dict[str, ModelStop] = {"tool_calls": "tool_use", "length": "max_tokens"}
+
+
+def to_openai_messages(system: str, history: list[Message]) -> list[dict[str, Any]]:
+    """Our messages as chat completion messages.
+
+    One assistant message of ours becomes, per model response, an assistant
+    message (its text and `tool_calls`) followed by one `tool` message per result.
+    """
+    out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for message in history:
+        if message.role == "user":
+            out.append({"role": "user", "content": _user_content(message)})
+            continue
+        text: list[str] = []
+        calls: list[dict[str, Any]] = []
+        for block in message.content:
+            if isinstance(block, ToolResultBlock):
+                if text or calls:
+                    out.append(_assistant(text, calls))
+                    text, calls = [], []
+                out.append(
+                    {"role": "tool", "tool_call_id": block.tool_use_id, "content": block.content}
+                )
+            elif isinstance(block, ToolUseBlock):
+                calls.append(
+                    {
+                        "id": block.id,
+                        "type": "function",
+                        "function": {
+                            "name": block.name,
+                            "arguments": openai_arguments(block.input),
+                        },
+                    }
+                )
+            elif isinstance(block, TextBlock):
+                if calls:  # text after calls belongs to the next response
+                    out.append(_assistant(text, calls))
+                    text, calls = [], []
+                text.append(block.text)
+        if text or calls:
+            out.append(_assistant(text, calls))
+    return out
+
+
+def openai_arguments(arguments: dict[str, Any]) -> str:
+    return msgspec.json.encode(arguments).decode()
+
+
+def _assistant(text: list[str], calls: list[dict[str, Any]]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _user_content(message: Message) -> str | list[dict[str, Any]]:
+    if all(isinstance(b, TextBlock) for b in message.content):
+        return "\n\n".join(b.text for b in message.content if isinstance(b, TextBlock))
+    parts: list[dict[str, Any]] = []
+    for block in message.content:
+        if isinstance(block, ImageBlock):
+            url = f"data:{block.media_type};base64,{block.data}"
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        elif isinstance(block, TextBlock):
+            parts.append({"type": "text", "text": block.text})
+    return parts
+
+
+def to_openai_tools(tools: list[ToolSpec]) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": t.name,
+                "description": t.description,
+                "parameters": t.input_schema,
+            },
+        }
+        for t in tools
+    ]
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def __init__(self, model: str, settings: Settings) -> None:
+        self.model = model
+        self.max_tokens = settings.max_output_tokens
+        self.client = openai.AsyncOpenAI(
+            max_retries=settings.provider_max_retries, timeout=settings.provider_timeout_seconds
+        )
+        self._secrets = [os.environ.get("OPENAI_API_KEY", "")]
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
+        params: dict[str, Any] = {
+            "model": self.model,
+            "messages": to_openai_messages(request.system, request.messages),
+            "max_tokens": self.max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.tools:
+            params["tools"] = to_openai_tools(request.tools)
+        try:
+            stream = await self.client.chat.completions.create(**params)
+        except openai.APIError as exc:
+            raise classify(openai, "OpenAI", exc, self._secrets) from None
+        try:
+            async for item in self._read(stream):
+                yield item
+        except openai.APIError as exc:
+            raise classify(openai, "OpenAI", exc, self._secrets) from None
+        finally:
+            # On interrupt this closes the HTTP response at once.
+            await stream.close()
+
+    async def _read(self, stream: Any) -> AsyncIterator[StreamItem]:
+        usage = Usage()
+        stop: ModelStop | None = None
+        # index -> [id, name, argument pieces]; a call is complete when the next
+        # one starts or the response finishes.
+        calls: dict[int, tuple[str, str, list[str]]] = {}
+        ready: set[int] = set()
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage.input_tokens = chunk.usage.prompt_tokens or 0
+                usage.output_tokens = chunk.usage.completion_tokens or 0
+            for choice in chunk.choices:
+                delta = choice.delta
+                if delta is not None and delta.content:
+                    yield TextChunk(delta.content)
+                for call in (delta.tool_calls if delta is not None else None) or []:
+                    if call.index not in calls:
+                        for earlier in sorted(set(calls) - ready):
+                            ready.add(earlier)
+                            yield _ready(calls[earlier])
+                        name = call.function.name if call.function else ""
+                        calls[call.index] = (call.id or f"call_{call.index}", name or "", [])
+                        yield ToolCallStart(calls[call.index][0], calls[call.index][1])
+                    if call.function and call.function.arguments:
+                        calls[call.index][2].append(call.function.arguments)
+                if choice.finish_reason:
+                    stop = _STOP_REASONS.get(choice.finish_reason, "end_turn")
+        if stop is None:
+            raise stream_cut("OpenAI")
+        for index in sorted(set(calls) - ready):
+            yield _ready(calls[index])
+        yield MessageEnd("tool_use" if calls else stop, usage)
+
+
+def _ready(call: tuple[str, str, list[str]]) -> ToolCallReady:
+    call_id, name, parts = call
+    return ToolCallReady(call_id, name, parse_arguments("".join(parts)))
