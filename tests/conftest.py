@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,14 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from fake_llm import FakeLLM
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -157,11 +152,30 @@ class Stack:
             proc.stop()
 
 
+ANTHROPIC_TEST_KEY = "sk-ant-test-SECRET-key-0123456789"
+OPENAI_TEST_KEY = "sk-test-SECRET-key-0123456789"
+
+
 @pytest.fixture(scope="session")
-def stack(redis_url: str) -> Iterator[Stack]:
+def fake_llm() -> Iterator[FakeLLM]:
+    server = FakeLLM()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(redis_url: str, fake_llm: FakeLLM) -> Iterator[Stack]:
     """One API and one worker for the whole run; each test makes its own sandbox."""
     workdir = Path(tempfile.mkdtemp(prefix="sandstream-test-"))
-    env = {"SANDSTREAM_KEEPALIVE_SECONDS": "1", "SANDSTREAM_MAX_BODY_BYTES": str(256 * 1024)}
+    env = {
+        "SANDSTREAM_KEEPALIVE_SECONDS": "1",
+        "SANDSTREAM_MAX_BODY_BYTES": str(256 * 1024),
+        "ANTHROPIC_BASE_URL": fake_llm.base_url,
+        "ANTHROPIC_API_KEY": ANTHROPIC_TEST_KEY,
+        "OPENAI_BASE_URL": fake_llm.base_url + "/v1",
+        "OPENAI_API_KEY": OPENAI_TEST_KEY,
+    }
     running = Stack(redis_url, workdir, env)
     yield running
     running.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from typing import Any
 
@@ -10,6 +11,12 @@ import httpx
 from httpx_sse import connect_sse
 
 TERMINAL = {"session_completed", "session_failed"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def text_message(text: str) -> dict[str, Any]:

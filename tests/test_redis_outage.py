@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from conftest import Stack, free_port
-from helpers import StreamReader, text_message
+from conftest import Stack
+from helpers import StreamReader, free_port, text_message
 
 
 class RedisServer:

@@ -25,7 +25,7 @@ from worker.providers.base import (
     ToolCallStart,
     parse_arguments,
 )
-from worker.providers.errors import classify, stream_cut
+from worker.providers.errors import TRANSPORT_ERRORS, classify, stream_cut
 from worker.tools import ToolSpec
 
 _STOP_REASONS: dict[str, ModelStop] = {"tool_use": "tool_use", "max_tokens": "max_tokens"}
@@ -128,6 +128,8 @@ class AnthropicProvider:
                 yield item
         except anthropic.APIError as exc:
             raise classify(anthropic, "Anthropic", exc, self._secrets) from None
+        except TRANSPORT_ERRORS:
+            raise stream_cut("Anthropic") from None
         finally:
             # On interrupt this closes the HTTP response at once.
             await stream.close()

@@ -6,6 +6,7 @@ the same toolkit), so one mapping serves both; each provider passes its module.
 
 from __future__ import annotations
 
+import importlib
 import re
 from types import ModuleType
 
@@ -51,6 +52,23 @@ def classify(sdk: ModuleType, provider: str, exc: Exception, secrets: list[str])
     if isinstance(exc, sdk.APIConnectionError):
         return ProviderError("provider_unavailable", f"could not reach {provider}: {detail}")
     return ProviderError("provider_error", f"{where}: {detail}")
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """Connection failures mid-stream, which the SDKs let through unwrapped.
+
+    Older SDK releases sit on httpx, newer ones on its fork httpx2.
+    """
+    found: list[type[Exception]] = []
+    for name in ("httpx", "httpx2"):
+        try:
+            found.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+TRANSPORT_ERRORS = _transport_errors()
 
 
 def stream_cut(provider: str) -> ProviderError:

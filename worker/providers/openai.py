@@ -27,7 +27,7 @@ from worker.providers.base import (
     ToolCallStart,
     parse_arguments,
 )
-from worker.providers.errors import classify, stream_cut
+from worker.providers.errors import TRANSPORT_ERRORS, classify, stream_cut
 from worker.tools import ToolSpec
 
 _STOP_REASONS: dict[str, ModelStop] = {"tool_calls": "tool_use", "length": "max_tokens"}
@@ -51,9 +51,9 @@ def to_openai_messages(system: str, history: list[Message]) -> list[dict[str, An
                 if text or calls:
                     out.append(_assistant(text, calls))
                     text, calls = [], []
-                out.append(
-                    {"role": "tool", "tool_call_id": block.tool_use_id, "content": block.content}
-                )
+                # Tool messages have no error flag: the model reads it in the content.
+                content = f"[tool error] {block.content}" if block.is_error else block.content
+                out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": content})
             elif isinstance(block, ToolUseBlock):
                 calls.append(
                     {
@@ -143,6 +143,8 @@ class OpenAIProvider:
                 yield item
         except openai.APIError as exc:
             raise classify(openai, "OpenAI", exc, self._secrets) from None
+        except TRANSPORT_ERRORS:
+            raise stream_cut("OpenAI") from None
         finally:
             # On interrupt this closes the HTTP response at once.
             await stream.close()
