@@ -23,7 +23,7 @@ class SandboxController(Controller):
         body = await decode_body(request, CreateSandbox, empty_ok=True)
         if reason := check_metadata(body.metadata):
             raise Problem(422, "invalid_body", reason, field="$.metadata")
-        sandbox = await svc.store.create_sandbox(body.metadata)
+        sandbox = await svc.store.create_sandbox(body.metadata, body.network)
         await asyncio.to_thread(create_workspace, svc.settings.sandbox_root, sandbox.id)
         return sandbox
 

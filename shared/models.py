@@ -133,6 +133,7 @@ class SessionWithMessages(Session, kw_only=True):
 class Sandbox(msgspec.Struct, kw_only=True):
     id: str
     metadata: dict[str, Any]
+    network: bool = False
     created_at: str
     updated_at: str
 
@@ -142,6 +143,8 @@ class Sandbox(msgspec.Struct, kw_only=True):
 
 class CreateSandbox(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Commands in the sandbox may reach the network only when this is set.
+    network: bool = False
 
 
 class CreateSession(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -45,6 +45,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     tool_output_bytes: int = 64 * 1024
     lease_seconds: float = 15.0
     queued_turn_timeout_seconds: float = 3600.0
+    # sandbox isolation
+    allow_unisolated: bool = False
+    sandbox_uid_base: int = 200_000
+    sandbox_memory_bytes: int = 1 << 30
+    sandbox_max_processes: int = 256
+    sandbox_file_bytes: int = 256 << 20
     # worker
     worker_max_jobs: int = 20
     worker_fallback_poll_seconds: float = 5.0

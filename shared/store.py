@@ -57,9 +57,11 @@ class SessionStore:
 
     # ---- sandboxes ---------------------------------------------------------
 
-    async def create_sandbox(self, metadata: dict[str, Any]) -> Sandbox:
+    async def create_sandbox(self, metadata: dict[str, Any], network: bool = False) -> Sandbox:
         now = now_rfc3339()
-        sandbox = Sandbox(id=new_id(), metadata=metadata, created_at=now, updated_at=now)
+        sandbox = Sandbox(
+            id=new_id(), metadata=metadata, network=network, created_at=now, updated_at=now
+        )
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.sandbox(sandbox.id), msgspec.json.encode(sandbox))
             pipe.zadd(keys.SANDBOXES, {sandbox.id: time.time()})

@@ -124,10 +124,12 @@ def test_bash_runs_in_the_sandbox_workspace(client: httpx.Client, sandbox_id: st
     first = client.post(f"/sandboxes/{sandbox_id}/sessions", json={}).json()["id"]
     second = client.post(f"/sandboxes/{sandbox_id}/sessions", json={}).json()["id"]
     client.post(f"/sessions/{first}/messages", json=text_message("run: echo shared > note.txt"))
-    reply = client.post(f"/sessions/{second}/messages", json=text_message("run: cat note.txt; pwd"))
-    result = reply.json()["content"][1]
-    assert result["content"].startswith("shared\n")
-    assert result["content"].rstrip().endswith(sandbox_id)
+    reply = client.post(f"/sessions/{second}/messages", json=text_message("run: cat note.txt"))
+    assert reply.json()["content"][1]["content"] == "shared\n"
+    elsewhere = client.post("/sandboxes", json={}).json()["id"]
+    third = client.post(f"/sandboxes/{elsewhere}/sessions", json={}).json()["id"]
+    reply = client.post(f"/sessions/{third}/messages", json=text_message("run: cat note.txt"))
+    assert reply.json()["content"][1]["is_error"] is True
 
 
 def test_send_while_running_returns_409_naming_the_turn(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from worker.isolation import Isolation
 from worker.tools import TOOLS, ToolContext, ToolOutcome, execute_tool
 
 
@@ -20,7 +22,13 @@ def workspace(tmp_path: Path) -> Path:
 
 
 def call(workspace: Path, name: str, **args: Any) -> ToolOutcome:
-    ctx = ToolContext(workspace=workspace, timeout=5, output_cap=200)
+    ctx = ToolContext(
+        workspace=workspace,
+        timeout=5,
+        output_cap=200,
+        isolation=Isolation(kind="none"),
+        sandbox_id=str(uuid.uuid4()),
+    )
     return asyncio.run(execute_tool(ctx, name, args, list(TOOLS)))
 
 

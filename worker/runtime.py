@@ -26,6 +26,7 @@ from shared.models import is_uuid, new_id, now_rfc3339
 from shared.queue import TURN_FUNCTION, TurnJob, connect, deserialize_job, serialize_job
 from shared.settings import Settings
 from shared.store import FinishMode, SessionStore
+from worker.isolation import choose_isolation, describe
 from worker.pickup import FastPickupWorker
 from worker.providers import ProviderFactory
 from worker.providers.base import ProviderError
@@ -46,6 +47,7 @@ class WorkerRuntime:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.running: dict[str, TurnRunner] = {}
         self.providers = ProviderFactory(settings)
+        self.isolation = choose_isolation(settings)
         self._control_decoder = msgspec.json.Decoder(ControlMessage)
 
     async def run_turn(self, job: TurnJob) -> None:
@@ -54,6 +56,7 @@ class WorkerRuntime:
             logger.info("job for turn %s: turn not current; skipped", job.turn_id)
             return
         agent = state.agent or self.settings.default_agent()
+        sandbox = await self.store.get_sandbox(state.sandbox_id)
         try:
             provider = self.providers.get(agent)
         except ProviderError as exc:
@@ -67,6 +70,8 @@ class WorkerRuntime:
             settings=self.settings,
             provider=provider,
             agent=agent,
+            isolation=self.isolation,
+            network=sandbox.network if sandbox else False,
             worker_id=self.worker_id,
             session_id=job.session_id,
             sandbox_id=state.sandbox_id,
@@ -181,6 +186,8 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
             settings.provider,
             "on" if settings.worker_fast_pickup else "off",
         )
+        level = logging.INFO if runtime.isolation.kind == "bubblewrap" else logging.WARNING
+        logger.log(level, "sandbox isolation: %s", describe(runtime.isolation))
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         for task in reaper:

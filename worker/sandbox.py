@@ -1,4 +1,4 @@
-"""Running a command in a sandbox workspace.
+"""Running a command in a sandbox workspace, confined as `worker.isolation` decides.
 
 The command gets its own session and process group, so a timeout or an
 interrupt can kill it together with everything it started. Output is read
@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import signal
 from pathlib import Path
 
 import msgspec
 
-SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+from worker.isolation import Isolation, command_argv
+
 _READ_CHUNK = 64 * 1024
 _DRAIN_GRACE = 0.5
 
@@ -26,17 +28,6 @@ class CommandResult(msgspec.Struct, kw_only=True):
     output: str
     omitted_bytes: int
     timed_out: bool
-
-
-def scrubbed_env(workspace: Path) -> dict[str, str]:
-    """The whole environment a command sees: none of the service's variables."""
-    return {
-        "PATH": SAFE_PATH,
-        "HOME": str(workspace),
-        "PWD": str(workspace),
-        "LANG": "C.UTF-8",
-        "TERM": "dumb",
-    }
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
@@ -74,14 +65,27 @@ async def _exited(proc: asyncio.subprocess.Process) -> int:
 
 
 async def run_command(
-    command: str, workspace: Path, *, timeout: float, output_cap: int
+    command: str,
+    workspace: Path,
+    *,
+    timeout: float,
+    output_cap: int,
+    isolation: Isolation,
+    sandbox_id: str,
+    network: bool = False,
 ) -> CommandResult:
-    proc = await asyncio.create_subprocess_exec(
-        "/bin/bash",
-        "-c",
+    argv, env, cwd = command_argv(
+        isolation,
         command,
-        cwd=workspace,
-        env=scrubbed_env(workspace),
+        workspace,
+        sandbox_id=sandbox_id,
+        network=network,
+        cpu_seconds=max(1, math.ceil(timeout)),
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=cwd,
+        env=env,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

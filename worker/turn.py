@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 from typing import Literal
 
 from shared import events as ev
@@ -28,6 +29,7 @@ from shared.models import (
 from shared.settings import Settings
 from shared.store import SessionStore
 from shared.workspace import create_workspace
+from worker.isolation import Isolation, own_workspace
 from worker.providers.base import (
     MessageEnd,
     Provider,
@@ -56,6 +58,8 @@ class TurnRunner:
         settings: Settings,
         provider: Provider,
         agent: AgentConfig,
+        isolation: Isolation,
+        network: bool,
         worker_id: str,
         session_id: str,
         sandbox_id: str,
@@ -65,6 +69,8 @@ class TurnRunner:
         self.settings = settings
         self.provider = provider
         self.agent = agent
+        self.isolation = isolation
+        self.network = network
         self.worker_id = worker_id
         self.session_id = session_id
         self.sandbox_id = sandbox_id
@@ -138,13 +144,14 @@ class TurnRunner:
         history = await self.store.get_messages(self.session_id)
         allowed: list[str] = list(self.agent.allowed_tools)
         tools = tool_specs(allowed)
-        workspace = await asyncio.to_thread(
-            create_workspace, self.settings.sandbox_root, self.sandbox_id
-        )
+        workspace = await asyncio.to_thread(self._prepare_workspace)
         tool_ctx = ToolContext(
             workspace=workspace,
             timeout=self.settings.tool_timeout_seconds,
             output_cap=self.settings.tool_output_bytes,
+            isolation=self.isolation,
+            sandbox_id=self.sandbox_id,
+            network=self.network,
         )
         for _ in range(self.agent.max_iterations):
             current = [self._message()] if self.blocks else []
@@ -185,6 +192,11 @@ class TurnRunner:
                 outcome = await execute_tool(tool_ctx, call.name, call.input, allowed)
                 await self._tool_result(call.id, outcome.content, outcome.is_error)
         return "max_iterations"
+
+    def _prepare_workspace(self) -> Path:
+        workspace = create_workspace(self.settings.sandbox_root, self.sandbox_id)
+        own_workspace(self.isolation, workspace, self.sandbox_id)
+        return workspace
 
     # ---- blocks and events ------------------------------------------------
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import msgspec
 
+from worker.isolation import Isolation
+
 
 class ToolOutcome(msgspec.Struct, frozen=True):
     content: str
@@ -26,6 +28,9 @@ class ToolContext(msgspec.Struct, frozen=True, kw_only=True):
     workspace: Path
     timeout: float
     output_cap: int
+    isolation: Isolation
+    sandbox_id: str
+    network: bool = False
 
 
 class Tool(msgspec.Struct, frozen=True, kw_only=True):

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from worker.isolation import own_path
 from worker.tools.base import ToolContext, ToolOutcome, make_tool, truncate
 
 _MAX_READ_BYTES = 10 * 1024 * 1024
@@ -36,6 +37,12 @@ def resolve_in_workspace(workspace: Path, path: str) -> Path:
     if resolved != root and not resolved.is_relative_to(root):
         raise PathError(f"{path!r} is outside the sandbox workspace")
     return resolved
+
+
+def _refuse_hard_links(target: Path) -> None:
+    """A second name for a file may be a file outside the workspace: never write through it."""
+    if target.exists() and target.stat().st_nlink > 1:
+        raise PathError(f"{target.name!r} has other hard links; refusing to write through it")
 
 
 def _relative(workspace: Path, path: Path) -> str:
@@ -88,12 +95,14 @@ def _write(ctx: ToolContext, args: WriteFileInput) -> ToolOutcome:
     target = resolve_in_workspace(ctx.workspace, args.path)
     if target.is_dir():
         return ToolOutcome(f"{args.path!r} is a directory", True)
+    _refuse_hard_links(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     data = args.content.encode()
     # O_NOFOLLOW: a link put in place after the check above is not followed out.
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
+    own_path(ctx.isolation, target, ctx.sandbox_id, ctx.workspace)
     return ToolOutcome(f"wrote {len(data)} bytes to {_relative(ctx.workspace, target)}", False)
 
 
@@ -101,6 +110,7 @@ def _edit(ctx: ToolContext, args: EditFileInput) -> ToolOutcome:
     target = resolve_in_workspace(ctx.workspace, args.path)
     if not target.is_file():
         return ToolOutcome(f"no file at {args.path!r}", True)
+    _refuse_hard_links(target)
     text = target.read_text()
     count = text.count(args.old)
     if count == 0:
@@ -111,6 +121,7 @@ def _edit(ctx: ToolContext, args: EditFileInput) -> ToolOutcome:
             True,
         )
     target.write_text(text.replace(args.old, args.new, 1))
+    own_path(ctx.isolation, target, ctx.sandbox_id, ctx.workspace)
     return ToolOutcome(f"edited {_relative(ctx.workspace, target)}", False)
 
 

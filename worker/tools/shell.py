@@ -6,6 +6,7 @@ from typing import Annotated
 
 import msgspec
 
+from worker.isolation import describe
 from worker.sandbox import run_command
 from worker.tools.base import ToolContext, ToolOutcome, make_tool, truncation_marker
 
@@ -19,8 +20,16 @@ class BashInput(msgspec.Struct, forbid_unknown_fields=True):
 
 async def run_bash(ctx: ToolContext, args: BashInput) -> ToolOutcome:
     timeout = min(args.timeout or ctx.timeout, ctx.timeout)
+    if ctx.isolation.kind == "refused":
+        return ToolOutcome(describe(ctx.isolation), True)
     result = await run_command(
-        args.command, ctx.workspace, timeout=timeout, output_cap=ctx.output_cap
+        args.command,
+        ctx.workspace,
+        timeout=timeout,
+        output_cap=ctx.output_cap,
+        isolation=ctx.isolation,
+        sandbox_id=ctx.sandbox_id,
+        network=ctx.network,
     )
     text = result.output
     if result.omitted_bytes:
