@@ -171,6 +171,7 @@ def stack(redis_url: str, fake_llm: FakeLLM) -> Iterator[Stack]:
     env = {
         "SANDSTREAM_KEEPALIVE_SECONDS": "1",
         "SANDSTREAM_MAX_BODY_BYTES": str(256 * 1024),
+        "SANDSTREAM_TOOL_TIMEOUT_SECONDS": "5",
         "ANTHROPIC_BASE_URL": fake_llm.base_url,
         "ANTHROPIC_API_KEY": ANTHROPIC_TEST_KEY,
         "OPENAI_BASE_URL": fake_llm.base_url + "/v1",
