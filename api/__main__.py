@@ -21,6 +21,8 @@ def main() -> None:
         port=settings.port,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=5,
+        # Off by default: stream URLs may carry a token in their query string.
+        access_log=settings.access_log,
     )
 
 

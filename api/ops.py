@@ -14,12 +14,12 @@ from shared.queue import queue_depth
 class OpsController(Controller):
     path = "/"
 
-    @get("/healthz")
+    @get("/healthz", opt={"public": True})
     async def healthz(self) -> dict[str, str]:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @get("/readyz")
+    @get("/readyz", opt={"public": True})
     async def readyz(self, request: Request[Any, Any, Any]) -> Response[Any]:
         """Readiness: Redis answers."""
         svc = services_of(request)
@@ -29,7 +29,7 @@ class OpsController(Controller):
             return problem_response(503, "store_unavailable", "Redis does not answer")
         return Response({"status": "ready"})
 
-    @get("/api/v1/ops/queue")
+    @get("/api/v1/ops/queue", opt={"admin": True})
     async def queue(self, request: Request[Any, Any, Any]) -> dict[str, int]:
         svc = services_of(request)
         return {
@@ -38,7 +38,7 @@ class OpsController(Controller):
             "stream_clients": svc.hub.client_count,
         }
 
-    @get("/metrics", media_type="text/plain; version=0.0.4")
+    @get("/api/v1/ops/metrics", media_type="text/plain; version=0.0.4", opt={"admin": True})
     async def metrics(self, request: Request[Any, Any, Any]) -> str:
         svc = services_of(request)
         rows = [

@@ -35,11 +35,20 @@ _STATUS_CODES = {
 class Problem(Exception):
     """Raise to answer with problem details."""
 
-    def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
+        self.headers = headers or {}
         self.extra = extra
 
 
@@ -75,7 +84,9 @@ def invalid_body(exc: msgspec.ValidationError | msgspec.DecodeError) -> Problem:
 
 
 def handle_problem(request: Request[Any, Any, Any], exc: Problem) -> Response[bytes]:
-    return problem_response(exc.status, exc.code, exc.detail, request.url.path, **exc.extra)
+    response = problem_response(exc.status, exc.code, exc.detail, request.url.path, **exc.extra)
+    response.headers.update(exc.headers)
+    return response
 
 
 def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:

@@ -7,9 +7,10 @@ from typing import Any
 
 from litestar import Controller, Request, Response, delete, get, post
 
+from api.guard import tenant_of
 from api.pagination import paged_response
-from api.problems import Problem, not_found
-from api.services import check_id, decode_body, page_limit, services_of, stop_turns
+from api.problems import Problem
+from api.services import decode_body, owned_sandbox, page_limit, services_of, stop_turns
 from shared.models import CreateSandbox, Sandbox, check_metadata
 from shared.workspace import create_workspace, delete_workspace
 
@@ -23,7 +24,7 @@ class SandboxController(Controller):
         body = await decode_body(request, CreateSandbox, empty_ok=True)
         if reason := check_metadata(body.metadata):
             raise Problem(422, "invalid_body", reason, field="$.metadata")
-        sandbox = await svc.store.create_sandbox(body.metadata, body.network)
+        sandbox = await svc.store.create_sandbox(tenant_of(request), body.metadata, body.network)
         await asyncio.to_thread(create_workspace, svc.settings.sandbox_root, sandbox.id)
         return sandbox
 
@@ -32,26 +33,23 @@ class SandboxController(Controller):
         self, request: Request[Any, Any, Any], limit: int | None = None, cursor: str | None = None
     ) -> Response[bytes]:
         svc = services_of(request)
+        tenant = tenant_of(request)
         try:
-            page = await svc.store.list_sandboxes(page_limit(limit, svc.settings), cursor)
+            page = await svc.store.list_sandboxes(tenant, page_limit(limit, svc.settings), cursor)
         except LookupError:
             raise Problem(400, "invalid_cursor", "unknown cursor", field="cursor") from None
-        sandboxes = await svc.store.get_sandboxes(page.ids)
+        sandboxes = await svc.store.get_sandboxes(page.ids, tenant)
         return paged_response(request, sandboxes, page.next_cursor)
 
     @get("/{sandbox_id:str}")
     async def get_sandbox(self, request: Request[Any, Any, Any], sandbox_id: str) -> Sandbox:
-        svc = services_of(request)
-        sandbox = await svc.store.get_sandbox(check_id("sandbox", sandbox_id))
-        if sandbox is None:
-            raise not_found("sandbox", sandbox_id)
-        return sandbox
+        return await owned_sandbox(services_of(request), sandbox_id, tenant_of(request))
 
     @delete("/{sandbox_id:str}", status_code=204)
     async def delete_sandbox(self, request: Request[Any, Any, Any], sandbox_id: str) -> None:
         svc = services_of(request)
-        if await svc.store.get_sandbox(check_id("sandbox", sandbox_id)) is None:
-            raise not_found("sandbox", sandbox_id)
-        deleted = await svc.store.delete_sandbox(sandbox_id)
+        tenant = tenant_of(request)
+        await owned_sandbox(svc, sandbox_id, tenant)
+        deleted = await svc.store.delete_sandbox(sandbox_id, tenant)
         await stop_turns(svc, deleted)
         await asyncio.to_thread(delete_workspace, svc.settings.sandbox_root, sandbox_id)

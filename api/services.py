@@ -7,11 +7,13 @@ from typing import Any, TypeVar
 import msgspec
 from arq.connections import ArqRedis
 from litestar import Request
+from litestar.connection import ASGIConnection
 
+from api.auth import KeyRing
 from api.hub import EventHub
 from api.problems import Problem, invalid_body, not_found
 from shared import keys
-from shared.models import Session, is_uuid
+from shared.models import Sandbox, Session, is_uuid
 from shared.settings import Settings
 from shared.store import SessionStore
 
@@ -19,15 +21,18 @@ T = TypeVar("T")
 
 
 class Services:
-    def __init__(self, settings: Settings, redis: ArqRedis, hub: EventHub) -> None:
+    def __init__(
+        self, settings: Settings, redis: ArqRedis, hub: EventHub, keyring: KeyRing | None
+    ) -> None:
         self.settings = settings
         self.redis = redis
         self.hub = hub
+        self.keyring = keyring  # None when authentication is turned off
         self.store = SessionStore(redis, log_max_events=settings.log_max_events)
 
 
-def services_of(request: Request[Any, Any, Any]) -> Services:
-    services: Services = request.app.state.services
+def services_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Services:
+    services: Services = connection.app.state.services
     return services
 
 
@@ -36,6 +41,21 @@ def check_id(what: str, ident: str) -> str:
     if not is_uuid(ident):
         raise not_found(what, ident)
     return ident
+
+
+async def owned_sandbox(svc: Services, sandbox_id: str, tenant: str) -> Sandbox:
+    """The tenant's sandbox; another tenant's is as absent as one that never existed."""
+    sandbox = await svc.store.get_sandbox(check_id("sandbox", sandbox_id), tenant)
+    if sandbox is None:
+        raise not_found("sandbox", sandbox_id)
+    return sandbox
+
+
+async def owned_session(svc: Services, sid: str, tenant: str) -> Session:
+    session = await svc.store.get_session(check_id("session", sid), tenant)
+    if session is None:
+        raise not_found("session", sid)
+    return session
 
 
 async def decode_body(request: Request[Any, Any, Any], kind: type[T], *, empty_ok: bool) -> T:

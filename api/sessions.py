@@ -10,12 +10,15 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 
 from api.feed import follow
+from api.guard import tenant_of
 from api.pagination import paged_response
 from api.problems import Problem, not_found
 from api.services import (
     Services,
     check_id,
     decode_body,
+    owned_sandbox,
+    owned_session,
     page_limit,
     publish_interrupt,
     services_of,
@@ -45,8 +48,8 @@ class SessionController(Controller):
     @post("/sandboxes/{sandbox_id:str}/sessions", status_code=201)
     async def create_session(self, request: Request[Any, Any, Any], sandbox_id: str) -> Session:
         svc = services_of(request)
-        if await svc.store.get_sandbox(check_id("sandbox", sandbox_id)) is None:
-            raise not_found("sandbox", sandbox_id)
+        tenant = tenant_of(request)
+        await owned_sandbox(svc, sandbox_id, tenant)
         body = await decode_body(request, CreateSession, empty_ok=True)
         if reason := check_metadata(body.metadata):
             raise Problem(422, "invalid_body", reason, field="$.metadata")
@@ -60,7 +63,7 @@ class SessionController(Controller):
                 f"provider {agent.provider!r} needs a model: set agent.model",
                 field="$.agent.model",
             )
-        return await svc.store.create_session(sandbox_id, body.metadata, agent)
+        return await svc.store.create_session(tenant, sandbox_id, body.metadata, agent)
 
     @get("/sandboxes/{sandbox_id:str}/sessions")
     async def list_sessions(
@@ -71,29 +74,28 @@ class SessionController(Controller):
         cursor: str | None = None,
     ) -> Response[bytes]:
         svc = services_of(request)
-        if await svc.store.get_sandbox(check_id("sandbox", sandbox_id)) is None:
-            raise not_found("sandbox", sandbox_id)
+        tenant = tenant_of(request)
+        await owned_sandbox(svc, sandbox_id, tenant)
         try:
             page = await svc.store.list_sessions(
                 sandbox_id, page_limit(limit, svc.settings), cursor
             )
         except LookupError:
             raise Problem(400, "invalid_cursor", "unknown cursor", field="cursor") from None
-        return paged_response(request, await svc.store.get_sessions(page.ids), page.next_cursor)
+        sessions = await svc.store.get_sessions(page.ids, tenant)
+        return paged_response(request, sessions, page.next_cursor)
 
     @get("/sessions/{sid:str}")
     async def get_session(self, request: Request[Any, Any, Any], sid: str) -> SessionWithMessages:
         svc = services_of(request)
-        session = await svc.store.get_session(check_id("session", sid))
-        if session is None:
-            raise not_found("session", sid)
+        session = await owned_session(svc, sid, tenant_of(request))
         messages = await svc.store.get_messages(sid)
         return SessionWithMessages(**msgspec.structs.asdict(session), messages=messages)
 
     @delete("/sessions/{sid:str}", status_code=204)
     async def delete_session(self, request: Request[Any, Any, Any], sid: str) -> None:
         svc = services_of(request)
-        session = await svc.store.delete_session(check_id("session", sid))
+        session = await svc.store.delete_session(check_id("session", sid), tenant_of(request))
         if session is None:
             raise not_found("session", sid)
         await stop_turns(svc, [session])
@@ -103,7 +105,7 @@ class SessionController(Controller):
         self, request: Request[Any, Any, Any], sid: str, wait: float | None = None
     ) -> Response[bytes]:
         svc = services_of(request)
-        check_id("session", sid)
+        await owned_session(svc, sid, tenant_of(request))
         body = await decode_body(request, SendMessage, empty_ok=False)
         wait_limit = svc.settings.send_wait_seconds if wait is None else wait
         if not 0 <= wait_limit <= svc.settings.send_wait_seconds:
@@ -144,7 +146,7 @@ class SessionController(Controller):
         check_id("session", sid)
         seq = await eventlog.latest_seq(svc.redis, sid)
         state = await svc.store.turn_state(sid)
-        if state is None:
+        if state is None or state.tenant != tenant_of(request):
             raise not_found("session", sid)
         if state.state != "running" or state.turn_id is None:
             return {"session_id": sid, "interrupted": False, "state": "active"}

@@ -6,12 +6,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from litestar import Controller, Request, get
+from litestar import Controller, Request, get, post
 from litestar.response import Stream
 
+from api.auth import mint_stream_token
 from api.feed import Subscribed, Tick, Truncated, follow
-from api.problems import Problem, not_found
-from api.services import Services, check_id, services_of
+from api.guard import principal_of, tenant_of
+from api.problems import Problem
+from api.services import Services, owned_session, services_of
 from shared import eventlog
 from shared.events import sse_frame
 from shared.models import now_rfc3339
@@ -24,15 +26,17 @@ def _cursor(request: Request[Any, Any, Any], after: str | None) -> str | None:
 class StreamController(Controller):
     path = "/api/v1/sessions"
 
-    @get("/{sid:str}/stream")
+    @get("/{sid:str}/stream", opt={"stream_token": True})
     async def stream(
-        self, request: Request[Any, Any, Any], sid: str, after: str | None = None
+        self,
+        request: Request[Any, Any, Any],
+        sid: str,
+        after: str | None = None,
+        token: str | None = None,
     ) -> Stream:
+        """SSE. Browsers, which cannot send headers, pass a stream token as `?token=`."""
         svc = services_of(request)
-        check_id("session", sid)
-        session = await svc.store.get_session(sid)
-        if session is None:
-            raise not_found("session", sid)
+        session = await owned_session(svc, sid, tenant_of(request))
         raw = _cursor(request, after)
         if raw is None:
             start = await eventlog.latest_seq(svc.redis, sid)
@@ -50,6 +54,19 @@ class StreamController(Controller):
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+    @post("/{sid:str}/stream-token", status_code=201)
+    async def stream_token(self, request: Request[Any, Any, Any], sid: str) -> dict[str, Any]:
+        """A short-lived token that opens this session's stream and nothing else."""
+        svc = services_of(request)
+        await owned_session(svc, sid, tenant_of(request))
+        ttl = svc.settings.stream_token_seconds
+        token = await mint_stream_token(svc.redis, principal_of(request), sid, ttl)
+        return {
+            "token": token,
+            "expires_in": ttl,
+            "stream_url": f"/api/v1/sessions/{sid}/stream?token={token}",
+        }
 
 
 async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> AsyncIterator[bytes]:

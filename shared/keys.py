@@ -16,8 +16,21 @@ WAKE_CHANNEL = f"{PREFIX}:wake"
 CONTROL_CHANNEL = f"{PREFIX}:control"
 # Session ids with a turn in progress, scanned by the workers' reaper.
 RUNNING = f"{PREFIX}:running"
-# All sandboxes, scored by creation time.
-SANDBOXES = f"{PREFIX}:sandboxes"
+
+
+def tenant_sandboxes(tenant: str) -> str:
+    """Sorted set of a tenant's sandbox ids, scored by creation time."""
+    return f"{PREFIX}:tenant:{{{tenant}}}:sandboxes"
+
+
+def rate(key_id: str, minute: int) -> str:
+    """Requests of one API key in one minute (fixed window), shared by all API replicas."""
+    return f"{PREFIX}:rate:{key_id}:{minute}"
+
+
+def stream_token(digest: str) -> str:
+    """A stream token's grant, kept under the token's SHA-256 for its lifetime."""
+    return f"{PREFIX}:stream-token:{digest}"
 
 
 def sandbox(sandbox_id: str) -> str:

@@ -23,6 +23,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     sandbox_root: str = ".sandstream/sandboxes"
     provider: str = "demo"
     model: str = ""
+    # authentication and abuse limits
+    auth: bool = True
+    api_keys: str = ""
+    api_keys_file: str = ""
+    admin_keys: str = ""
+    stream_token_seconds: int = 300
+    rate_limit_per_minute: int = 600
+    access_log: bool = False
     # HTTP limits
     max_body_bytes: int = 10 * 1024 * 1024
     send_wait_seconds: float = 300.0

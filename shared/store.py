@@ -20,7 +20,18 @@ FinishMode = Literal["worker", "unstarted", "orphaned"]
 
 _message_decoder = msgspec.json.Decoder(Message)
 _metadata_decoder = msgspec.json.Decoder(dict[str, Any])
-_sandbox_decoder = msgspec.json.Decoder(Sandbox)
+
+
+class SandboxRecord(Sandbox, kw_only=True):
+    """A sandbox as stored: with the tenant that owns it, which clients never see."""
+
+    tenant: str
+
+    def public(self) -> Sandbox:
+        return Sandbox(**{f: getattr(self, f) for f in Sandbox.__struct_fields__})
+
+
+_sandbox_decoder = msgspec.json.Decoder(SandboxRecord)
 _agent_decoder = msgspec.json.Decoder(AgentConfig)
 
 
@@ -32,6 +43,7 @@ class ClaimResult(msgspec.Struct):
 
 class TurnState(msgspec.Struct, kw_only=True):
     sandbox_id: str
+    tenant: str
     agent: AgentConfig | None
     state: str
     turn_id: str | None
@@ -57,31 +69,40 @@ class SessionStore:
 
     # ---- sandboxes ---------------------------------------------------------
 
-    async def create_sandbox(self, metadata: dict[str, Any], network: bool = False) -> Sandbox:
+    async def create_sandbox(
+        self, tenant: str, metadata: dict[str, Any], network: bool = False
+    ) -> Sandbox:
         now = now_rfc3339()
-        sandbox = Sandbox(
-            id=new_id(), metadata=metadata, network=network, created_at=now, updated_at=now
+        record = SandboxRecord(
+            id=new_id(),
+            metadata=metadata,
+            network=network,
+            created_at=now,
+            updated_at=now,
+            tenant=tenant,
         )
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(keys.sandbox(sandbox.id), msgspec.json.encode(sandbox))
-            pipe.zadd(keys.SANDBOXES, {sandbox.id: time.time()})
+            pipe.set(keys.sandbox(record.id), msgspec.json.encode(record))
+            pipe.zadd(keys.tenant_sandboxes(tenant), {record.id: time.time()})
             await pipe.execute()
-        return sandbox
+        return record.public()
 
-    async def get_sandbox(self, sandbox_id: str) -> Sandbox | None:
-        raw = await self.redis.get(keys.sandbox(sandbox_id))
-        return None if raw is None else _sandbox_decoder.decode(raw)
+    async def get_sandbox(self, sandbox_id: str, tenant: str | None = None) -> Sandbox | None:
+        """The sandbox, if it exists and (when a tenant is given) belongs to that tenant."""
+        found = await self.get_sandboxes([sandbox_id], tenant)
+        return found[0] if found else None
 
-    async def get_sandboxes(self, ids: list[str]) -> list[Sandbox]:
+    async def get_sandboxes(self, ids: list[str], tenant: str | None = None) -> list[Sandbox]:
         if not ids:
             return []
         raws = await self.redis.mget([keys.sandbox(i) for i in ids])
-        return [_sandbox_decoder.decode(r) for r in raws if r is not None]
+        records = [_sandbox_decoder.decode(r) for r in raws if r is not None]
+        return [r.public() for r in records if tenant is None or r.tenant == tenant]
 
-    async def list_sandboxes(self, limit: int, cursor: str | None) -> Page:
-        return await self._page(keys.SANDBOXES, limit, cursor)
+    async def list_sandboxes(self, tenant: str, limit: int, cursor: str | None) -> Page:
+        return await self._page(keys.tenant_sandboxes(tenant), limit, cursor)
 
-    async def delete_sandbox(self, sandbox_id: str) -> list[Session]:
+    async def delete_sandbox(self, sandbox_id: str, tenant: str) -> list[Session]:
         """Delete the sandbox and its sessions; returns the sessions deleted."""
         index = keys.sandbox_sessions(sandbox_id)
         deleted = []
@@ -91,19 +112,20 @@ class SessionStore:
                 deleted.append(session)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.delete(keys.sandbox(sandbox_id), index)
-            pipe.zrem(keys.SANDBOXES, sandbox_id)
+            pipe.zrem(keys.tenant_sandboxes(tenant), sandbox_id)
             await pipe.execute()
         return deleted
 
     # ---- sessions ----------------------------------------------------------
 
     async def create_session(
-        self, sandbox_id: str, metadata: dict[str, Any], agent: AgentConfig
+        self, tenant: str, sandbox_id: str, metadata: dict[str, Any], agent: AgentConfig
     ) -> Session:
         now = now_rfc3339()
         sid = new_id()
         record = {
             "id": sid,
+            "tenant": tenant,
             "sandbox_id": sandbox_id,
             "state": "active",
             "metadata": msgspec.json.encode(metadata),
@@ -125,11 +147,12 @@ class SessionStore:
             agent=agent,
         )
 
-    async def get_session(self, sid: str) -> Session | None:
-        found = await self.get_sessions([sid])
+    async def get_session(self, sid: str, tenant: str | None = None) -> Session | None:
+        """The session, if it exists and (when a tenant is given) belongs to that tenant."""
+        found = await self.get_sessions([sid], tenant)
         return found[0] if found else None
 
-    async def get_sessions(self, sids: list[str]) -> list[Session]:
+    async def get_sessions(self, sids: list[str], tenant: str | None = None) -> list[Session]:
         fields = [
             "id",
             "sandbox_id",
@@ -139,6 +162,7 @@ class SessionStore:
             "updated_at",
             "turn_id",
             "agent",
+            "tenant",
         ]
         async with self.redis.pipeline(transaction=False) as pipe:
             for sid in sids:
@@ -146,7 +170,7 @@ class SessionStore:
             rows = await pipe.execute()
         sessions = []
         for row in rows:
-            if row[0] is None:
+            if row[0] is None or (tenant is not None and row[8] != tenant.encode()):
                 continue
             turn_id = row[6].decode() if row[6] else None
             sessions.append(
@@ -170,9 +194,9 @@ class SessionStore:
         raws = await self.redis.lrange(keys.messages(sid), 0, -1)  # type: ignore[misc]
         return [_message_decoder.decode(r) for r in raws]
 
-    async def delete_session(self, sid: str) -> Session | None:
+    async def delete_session(self, sid: str, tenant: str | None = None) -> Session | None:
         """Delete the session and everything in it; returns it as it was."""
-        session = await self.get_session(sid)
+        session = await self.get_session(sid, tenant)
         if session is None:
             return None
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -213,7 +237,8 @@ class SessionStore:
 
     async def turn_state(self, sid: str) -> TurnState | None:
         row = await self.redis.hmget(  # type: ignore[misc]
-            keys.session(sid), ["sandbox_id", "state", "turn_id", "started", "claimed_ms", "agent"]
+            keys.session(sid),
+            ["sandbox_id", "state", "turn_id", "started", "claimed_ms", "agent", "tenant"],
         )
         if row[0] is None:
             return None
@@ -224,6 +249,7 @@ class SessionStore:
             started=row[3] is not None,
             claimed_ms=int(row[4] or 0),
             agent=_agent_decoder.decode(row[5]) if row[5] else None,
+            tenant=(row[6] or b"").decode(),
         )
 
     async def start_turn(self, sid: str, turn_id: str, worker_id: str, lease_ms: int) -> bool:

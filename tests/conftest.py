@@ -24,6 +24,11 @@ from fake_llm import FakeLLM
 from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+ALPHA_KEY = "alpha-key-0123456789abcdef"
+BETA_KEY = "beta-key-0123456789abcdef"
+ADMIN_KEY = "admin-key-0123456789abcdef"
+ANTHROPIC_TEST_KEY = "sk-ant-test-SECRET-key-0123456789"
+OPENAI_TEST_KEY = "sk-test-SECRET-key-0123456789"
 
 
 def _wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -123,6 +128,9 @@ class Stack:
             "SANDSTREAM_PORT": str(self.port),
             "SANDSTREAM_SANDBOX_ROOT": str(workdir / "sandboxes"),
             "SANDSTREAM_LOG_LEVEL": "WARNING",
+            "SANDSTREAM_API_KEYS": f"alpha={ALPHA_KEY},beta={BETA_KEY}",
+            "SANDSTREAM_ADMIN_KEYS": f"ops={ADMIN_KEY}",
+            "SANDSTREAM_RATE_LIMIT_PER_MINUTE": "0",
             **extra_env,
         }
         self.procs: list[Proc] = []
@@ -139,6 +147,26 @@ class Stack:
         self.procs.append(proc)
         return proc
 
+    def client(self, key: str = ALPHA_KEY) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.base_url + "/api/v1",
+            timeout=30,
+            headers={"Authorization": f"Bearer {key}"},
+        )
+
+    def start_api(self) -> str:
+        """Another API process on its own port; returns its base URL."""
+        port = free_port()
+        proc = Proc(
+            [sys.executable, "-m", "api"],
+            {**self.env, "SANDSTREAM_PORT": str(port)},
+            self.workdir / f"api-{len(self.procs)}.log",
+        )
+        self.procs.append(proc)
+        base = f"http://127.0.0.1:{port}"
+        _wait_for(lambda: httpx.get(base + "/readyz", timeout=1).status_code == 200, 30, "API")
+        return base
+
     def start_worker(self) -> Proc:
         worker = self._start("worker")
         time.sleep(0.3)
@@ -150,10 +178,6 @@ class Stack:
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
-
-
-ANTHROPIC_TEST_KEY = "sk-ant-test-SECRET-key-0123456789"
-OPENAI_TEST_KEY = "sk-test-SECRET-key-0123456789"
 
 
 @pytest.fixture(scope="session")
@@ -185,7 +209,8 @@ def stack(redis_url: str, fake_llm: FakeLLM) -> Iterator[Stack]:
 
 @pytest.fixture
 def client(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.base_url + "/api/v1", timeout=30) as http:
+    """A client of tenant `alpha`."""
+    with stack.client() as http:
         yield http
 
 

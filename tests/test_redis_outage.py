@@ -8,7 +8,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 from conftest import Stack
@@ -58,15 +57,15 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 def test_requests_get_503_while_redis_is_down(own_redis: RedisServer, tmp_path: Path) -> None:
     stack = Stack(own_redis.url, tmp_path / "stack", {})
     try:
-        with httpx.Client(base_url=stack.base_url, timeout=30) as client:
-            sandbox = client.post("/api/v1/sandboxes", json={}).json()["id"]
+        with stack.client() as client:
+            sandbox = client.post("/sandboxes", json={}).json()["id"]
             own_redis.stop()
-            for method, path in [
-                ("GET", f"/api/v1/sandboxes/{sandbox}"),
-                ("POST", f"/api/v1/sandboxes/{sandbox}/sessions"),
-                ("GET", "/readyz"),
+            for method, url in [
+                ("GET", f"/sandboxes/{sandbox}"),
+                ("POST", f"/sandboxes/{sandbox}/sessions"),
+                ("GET", stack.base_url + "/readyz"),
             ]:
-                response = client.request(method, path, json={} if method == "POST" else None)
+                response = client.request(method, url, json={} if method == "POST" else None)
                 assert response.status_code == 503, response.text
                 assert response.headers["content-type"].startswith("application/problem+json")
                 assert response.json()["code"] == "store_unavailable"
@@ -79,7 +78,7 @@ def test_hub_and_worker_reconnect_after_a_redis_restart(
 ) -> None:
     stack = Stack(own_redis.url, tmp_path / "stack", {})
     try:
-        with httpx.Client(base_url=stack.base_url + "/api/v1", timeout=30) as client:
+        with stack.client() as client:
             client.post("/sandboxes", json={})
             own_redis.stop()
             time.sleep(0.5)

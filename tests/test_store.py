@@ -66,8 +66,8 @@ def _done(sid: str, sandbox_id: str, turn_id: str) -> ev.SessionFailed:
 
 def test_only_one_of_many_concurrent_claims_wins(redis_url: str) -> None:
     async def scenario(store: SessionStore) -> list[str]:
-        sandbox = await store.create_sandbox({})
-        session = await store.create_session(sandbox.id, {}, DEFAULT_AGENT)
+        sandbox = await store.create_sandbox("t", {})
+        session = await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)
         turns = [new_id() for _ in range(20)]
         results = await asyncio.gather(
             *(store.claim_turn(session.id, t, _user(session.id, t)) for t in turns)
@@ -82,8 +82,8 @@ def test_only_one_of_many_concurrent_claims_wins(redis_url: str) -> None:
 
 def test_concurrent_appends_get_consecutive_seqs(redis_url: str) -> None:
     async def scenario(store: SessionStore) -> list[int]:
-        sandbox = await store.create_sandbox({})
-        session = await store.create_session(sandbox.id, {}, DEFAULT_AGENT)
+        sandbox = await store.create_sandbox("t", {})
+        session = await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)
         turn = new_id()
         await store.claim_turn(session.id, turn, _user(session.id, turn))
         seqs = await asyncio.gather(
@@ -102,8 +102,8 @@ def test_concurrent_appends_get_consecutive_seqs(redis_url: str) -> None:
 
 def test_a_stale_turn_can_neither_append_nor_finish(redis_url: str) -> None:
     async def scenario(store: SessionStore) -> None:
-        sandbox = await store.create_sandbox({})
-        sid = (await store.create_session(sandbox.id, {}, DEFAULT_AGENT)).id
+        sandbox = await store.create_sandbox("t", {})
+        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
         old, new = new_id(), new_id()
         await store.claim_turn(sid, old, _user(sid, old))
         assert await store.finish_turn(sid, old, "unstarted", None, _done(sid, sandbox.id, old))
@@ -118,8 +118,8 @@ def test_a_stale_turn_can_neither_append_nor_finish(redis_url: str) -> None:
 
 def test_started_turn_is_orphaned_only_once_its_lease_lapses(redis_url: str) -> None:
     async def scenario(store: SessionStore) -> None:
-        sandbox = await store.create_sandbox({})
-        sid = (await store.create_session(sandbox.id, {}, DEFAULT_AGENT)).id
+        sandbox = await store.create_sandbox("t", {})
+        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
         turn = new_id()
         await store.claim_turn(sid, turn, _user(sid, turn))
         assert await store.start_turn(sid, turn, "w1", 200)

@@ -13,7 +13,7 @@ from helpers import StreamReader, text_message
 
 
 def _api(stack: Stack) -> httpx.Client:
-    return httpx.Client(base_url=stack.base_url + "/api/v1", timeout=30)
+    return stack.client()
 
 
 def _new_session(client: httpx.Client) -> str:

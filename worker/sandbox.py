@@ -44,20 +44,23 @@ async def _exited(proc: asyncio.subprocess.Process) -> int:
     loop = asyncio.get_running_loop()
     try:
         pidfd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        pidfd = -1  # exited and reaped already
     except (AttributeError, OSError):
         return await proc.wait()
-    gone: asyncio.Future[None] = loop.create_future()
+    if pidfd >= 0:
+        gone: asyncio.Future[None] = loop.create_future()
 
-    def on_exit() -> None:
-        if not gone.done():
-            gone.set_result(None)
+        def on_exit() -> None:
+            if not gone.done():
+                gone.set_result(None)
 
-    loop.add_reader(pidfd, on_exit)
-    try:
-        await gone
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
+        loop.add_reader(pidfd, on_exit)
+        try:
+            await gone
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
     # The event loop's child watcher reaps the process; its status follows shortly.
     while proc.returncode is None:
         await asyncio.sleep(0.002)

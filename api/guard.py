@@ -1,0 +1,92 @@
+"""The guard every route runs: who is asking, may they, and are they within their rate."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from api.auth import AUTH_OFF_TENANT, Principal, redeem_stream_token
+from api.problems import Problem
+from api.services import Services, services_of
+from shared import keys
+
+
+async def authenticate(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
+    """Routes mark themselves with `opt`: `public`, `admin`, or `stream_token`."""
+    opt = handler.opt
+    if opt.get("public") or not connection.url.path.startswith("/api/"):
+        return
+    svc = services_of(connection)
+    principal = await _principal(connection, opt, svc)
+    if opt.get("admin") and not principal.admin:
+        raise Problem(403, "forbidden", "this endpoint needs an admin key")
+    await _rate_limit(svc, principal)
+    connection.state.principal = principal
+
+
+def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    principal: Principal = connection.state.principal
+    return principal
+
+
+def tenant_of(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    return principal_of(connection).tenant
+
+
+def _bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    header = connection.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def _unauthorized(detail: str) -> Problem:
+    return Problem(401, "unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _principal(
+    connection: ASGIConnection[Any, Any, Any, Any],
+    opt: dict[str, Any],
+    svc: Services,
+) -> Principal:
+    keyring = svc.keyring
+    if keyring is None:  # auth turned off
+        return Principal(AUTH_OFF_TENANT, True, "auth-off")
+    presented = _bearer(connection)
+    if presented is not None:
+        principal = keyring.find(presented)
+        if principal is None:
+            raise _unauthorized("unknown API key")
+        return principal
+    token = connection.query_params.get("token")
+    if token and opt.get("stream_token"):
+        grant = await redeem_stream_token(svc.redis, token)
+        if grant is None or grant.session_id != connection.path_params.get("sid"):
+            raise _unauthorized("unknown or expired stream token")
+        return Principal(grant.tenant, False, grant.key_id)
+    raise _unauthorized("send `Authorization: Bearer <API key>`")
+
+
+async def _rate_limit(svc: Services, principal: Principal) -> None:
+    limit = svc.settings.rate_limit_per_minute
+    if limit <= 0:
+        return
+    now = time.time()
+    window = int(now // 60)
+    key = keys.rate(principal.key_id, window)
+    async with svc.redis.pipeline(transaction=True) as pipe:
+        pipe.incr(key)
+        pipe.expire(key, 120)
+        count, _ = await pipe.execute()
+    if count > limit:
+        retry_after = max(1, int(60 - now % 60) + 1)
+        raise Problem(
+            429,
+            "rate_limited",
+            f"more than {limit} requests a minute with this key; retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+        )
