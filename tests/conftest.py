@@ -31,9 +31,13 @@ ANTHROPIC_TEST_KEY = "sk-ant-test-SECRET-key-0123456789"
 OPENAI_TEST_KEY = "sk-test-SECRET-key-0123456789"
 
 
-def _wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+def _wait_for(
+    check: Callable[[], bool], timeout: float, what: str, proc: Proc | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.popen.poll() is not None:
+            raise RuntimeError(f"{what} exited: {proc.log.read_text()[-2000:]}")
         try:
             if check():
                 return
@@ -135,7 +139,7 @@ class Stack:
         }
         self.procs: list[Proc] = []
         self.api = self._start("api")
-        _wait_for(self._ready, 30, "the API")
+        _wait_for(self._ready, 30, "the API", self.api)
         self.workers = [self.start_worker() for _ in range(workers)]
 
     def _start(self, module: str) -> Proc:
@@ -164,7 +168,9 @@ class Stack:
         )
         self.procs.append(proc)
         base = f"http://127.0.0.1:{port}"
-        _wait_for(lambda: httpx.get(base + "/readyz", timeout=1).status_code == 200, 30, "API")
+        _wait_for(
+            lambda: httpx.get(base + "/readyz", timeout=1).status_code == 200, 30, "API", proc
+        )
         return base
 
     def start_worker(self) -> Proc:
