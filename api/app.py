@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from litestar import Litestar
-from litestar.openapi import OpenAPIConfig
 
 from api.auth import KeyRing
 from api.guard import authenticate
@@ -46,7 +45,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         guards=[authenticate],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="sandstream", version="0.1.0"),
+        # The OpenAPI document is ours (GET /openapi.json, api/openapi.py).
+        openapi_config=None,
     )
 
 

@@ -6,18 +6,27 @@ from typing import Any
 
 from litestar import Controller, Request, Response, get
 
+from api.openapi import build_openapi
 from api.problems import problem_response
+from api.schemas import Health, QueueStats
 from api.services import services_of
 from shared.queue import queue_depth
+
+OPENAPI = build_openapi("0.1.0")
 
 
 class OpsController(Controller):
     path = "/"
 
     @get("/healthz", opt={"public": True})
-    async def healthz(self) -> dict[str, str]:
+    async def healthz(self) -> Health:
         """Liveness: the process answers."""
-        return {"status": "ok"}
+        return Health(status="ok")
+
+    @get("/openapi.json", opt={"public": True})
+    async def openapi(self) -> dict[str, Any]:
+        """The OpenAPI document of this API."""
+        return OPENAPI
 
     @get("/readyz", opt={"public": True})
     async def readyz(self, request: Request[Any, Any, Any]) -> Response[Any]:
@@ -27,16 +36,16 @@ class OpsController(Controller):
             await svc.redis.ping()
         except Exception:
             return problem_response(503, "store_unavailable", "Redis does not answer")
-        return Response({"status": "ready"})
+        return Response(Health(status="ready"))
 
     @get("/api/v1/ops/queue", opt={"admin": True})
-    async def queue(self, request: Request[Any, Any, Any]) -> dict[str, int]:
+    async def queue(self, request: Request[Any, Any, Any]) -> QueueStats:
         svc = services_of(request)
-        return {
-            "queued_turns": await queue_depth(svc.redis),
-            "running_turns": len(await svc.store.running_sessions()),
-            "stream_clients": svc.hub.client_count,
-        }
+        return QueueStats(
+            queued_turns=await queue_depth(svc.redis),
+            running_turns=len(await svc.store.running_sessions()),
+            stream_clients=svc.hub.client_count,
+        )
 
     @get("/api/v1/ops/metrics", media_type="text/plain; version=0.0.4", opt={"admin": True})
     async def metrics(self, request: Request[Any, Any, Any]) -> str:

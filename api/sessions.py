@@ -13,6 +13,7 @@ from api.feed import follow
 from api.guard import tenant_of
 from api.pagination import paged_response
 from api.problems import Problem, not_found
+from api.schemas import InterruptResult, TurnAccepted
 from api.services import (
     Services,
     check_id,
@@ -141,7 +142,7 @@ class SessionController(Controller):
         return _turn_outcome(terminal)
 
     @post("/sessions/{sid:str}/interrupt", status_code=200)
-    async def interrupt(self, request: Request[Any, Any, Any], sid: str) -> dict[str, Any]:
+    async def interrupt(self, request: Request[Any, Any, Any], sid: str) -> InterruptResult:
         svc = services_of(request)
         check_id("session", sid)
         seq = await eventlog.latest_seq(svc.redis, sid)
@@ -149,21 +150,23 @@ class SessionController(Controller):
         if state is None or state.tenant != tenant_of(request):
             raise not_found("session", sid)
         if state.state != "running" or state.turn_id is None:
-            return {"session_id": sid, "interrupted": False, "state": "active"}
+            return InterruptResult(session_id=sid, interrupted=False, state="active")
         turn_id = state.turn_id
         if not state.started and await _end_unstarted(svc, sid, state.sandbox_id, turn_id):
-            return {"session_id": sid, "interrupted": True, "turn_id": turn_id, "state": "active"}
+            return InterruptResult(
+                session_id=sid, interrupted=True, turn_id=turn_id, state="active"
+            )
         await svc.store.flag_interrupt(sid, turn_id)
         await publish_interrupt(svc, sid, turn_id)
         terminal = await _wait_for_terminal(
             svc, sid, turn_id, seq, svc.settings.interrupt_wait_seconds
         )
-        return {
-            "session_id": sid,
-            "interrupted": True,
-            "turn_id": turn_id,
-            "state": "running" if terminal is None else "active",
-        }
+        return InterruptResult(
+            session_id=sid,
+            interrupted=True,
+            turn_id=turn_id,
+            state="running" if terminal is None else "active",
+        )
 
 
 async def _enqueue(svc: Services, sid: str, turn_id: str) -> None:
@@ -229,14 +232,14 @@ async def _wait_for_terminal(
 
 
 def _accepted(sid: str, turn_id: str, after: int) -> Response[bytes]:
-    body = {
-        "session_id": sid,
-        "turn_id": turn_id,
-        "state": "running",
-        "detail": "the turn is still running; follow it on the stream or read the session",
-        "stream_url": f"/api/v1/sessions/{sid}/stream?after={after}",
-        "session_url": f"/api/v1/sessions/{sid}",
-    }
+    body = TurnAccepted(
+        session_id=sid,
+        turn_id=turn_id,
+        state="running",
+        detail="the turn is still running; follow it on the stream or read the session",
+        stream_url=f"/api/v1/sessions/{sid}/stream?after={after}",
+        session_url=f"/api/v1/sessions/{sid}",
+    )
     return Response(
         content=msgspec.json.encode(body),
         status_code=202,

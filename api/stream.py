@@ -13,6 +13,7 @@ from api.auth import mint_stream_token
 from api.feed import Subscribed, Tick, Truncated, follow
 from api.guard import principal_of, tenant_of
 from api.problems import Problem
+from api.schemas import StreamToken
 from api.services import Services, owned_session, services_of
 from shared import eventlog
 from shared.events import sse_frame
@@ -56,17 +57,15 @@ class StreamController(Controller):
         )
 
     @post("/{sid:str}/stream-token", status_code=201)
-    async def stream_token(self, request: Request[Any, Any, Any], sid: str) -> dict[str, Any]:
+    async def stream_token(self, request: Request[Any, Any, Any], sid: str) -> StreamToken:
         """A short-lived token that opens this session's stream and nothing else."""
         svc = services_of(request)
         await owned_session(svc, sid, tenant_of(request))
         ttl = svc.settings.stream_token_seconds
         token = await mint_stream_token(svc.redis, principal_of(request), sid, ttl)
-        return {
-            "token": token,
-            "expires_in": ttl,
-            "stream_url": f"/api/v1/sessions/{sid}/stream?token={token}",
-        }
+        return StreamToken(
+            token=token, expires_in=ttl, stream_url=f"/api/v1/sessions/{sid}/stream?token={token}"
+        )
 
 
 async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> AsyncIterator[bytes]:

@@ -20,6 +20,7 @@ StopReason = Literal["end_turn", "interrupted", "max_iterations", "error", "time
 
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 MAX_METADATA_BYTES = 16 * 1024
+MAX_METADATA_DEPTH = 5
 
 
 def now_rfc3339() -> str:
@@ -56,9 +57,13 @@ class ToolResultBlock(
     is_error: bool = False
 
 
+# 5 MiB of image, base64-encoded: the most the model APIs accept per image.
+MAX_IMAGE_BASE64 = 4 * ((5 * 1024 * 1024 + 2) // 3)
+
+
 class ImageBlock(msgspec.Struct, tag="image", tag_field="type", forbid_unknown_fields=True):
     media_type: ImageMediaType
-    data: NonEmptyStr
+    data: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_IMAGE_BASE64)]
 
     def __post_init__(self) -> None:
         try:
@@ -162,7 +167,17 @@ def text_of(blocks: list[ContentBlock]) -> str:
 
 
 def check_metadata(metadata: dict[str, Any]) -> str | None:
-    """Return a reason when metadata is too large to store, else None."""
+    """Return a reason when metadata is too large or too deep to store, else None."""
     if len(msgspec.json.encode(metadata)) > MAX_METADATA_BYTES:
         return f"metadata must encode to at most {MAX_METADATA_BYTES} bytes of JSON"
+    if _depth(metadata) > MAX_METADATA_DEPTH:
+        return f"metadata may nest at most {MAX_METADATA_DEPTH} levels deep"
     return None
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0

@@ -187,7 +187,15 @@ def test_bad_stream_cursor_is_400(client: httpx.Client, session_id: str, after: 
 
 
 def test_bad_session_metadata_is_rejected(client: httpx.Client, sandbox_id: str) -> None:
-    for body in ({"metadata": "x"}, {"metadata": {}, "other": 1}, {"metadata": {"k": "v" * 20000}}):
+    deep: dict[str, object] = {"leaf": 1}
+    for _ in range(6):
+        deep = {"d": deep}
+    for body in (
+        {"metadata": "x"},
+        {"metadata": {}, "other": 1},
+        {"metadata": {"k": "v" * 20000}},
+        {"metadata": deep},
+    ):
         response = client.post(f"/sandboxes/{sandbox_id}/sessions", json=body)
         _assert_problem(response, 422, "invalid_body")
     assert client.get(f"/sandboxes/{sandbox_id}/sessions").json() == []
@@ -196,3 +204,20 @@ def test_bad_session_metadata_is_rejected(client: httpx.Client, sandbox_id: str)
 def test_unknown_route_and_method_are_problems(client: httpx.Client, session_id: str) -> None:
     _assert_problem(client.get("/nothing-here"), 404, "not_found")
     _assert_problem(client.put(f"/sessions/{session_id}"), 405, "method_not_allowed")
+
+
+def test_too_many_blocks_and_oversized_images_are_refused() -> None:
+    import msgspec
+
+    from shared.models import MAX_IMAGE_BASE64, SendMessage
+
+    many = {"role": "user", "content": [{"type": "text", "text": "x"}] * 101}
+    with pytest.raises(msgspec.ValidationError, match="length <= 100"):
+        msgspec.json.decode(msgspec.json.encode(many), type=SendMessage)
+    huge = "A" * (MAX_IMAGE_BASE64 + 4)
+    image = {
+        "role": "user",
+        "content": [{"type": "image", "media_type": "image/png", "data": huge}],
+    }
+    with pytest.raises(msgspec.ValidationError, match="length <="):
+        msgspec.json.decode(msgspec.json.encode(image), type=SendMessage)

@@ -1,0 +1,322 @@
+"""The OpenAPI document, written from the same msgspec types the API decodes and encodes.
+
+The handlers decode bodies themselves (to give precise problem details), so a
+framework-generated document would miss the request bodies and describe lists
+and errors wrongly. This one is the contract: schemathesis checks the running
+API against it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from api.schemas import (
+    Health,
+    InterruptResult,
+    ProblemDetails,
+    QueueStats,
+    StreamToken,
+    TurnAccepted,
+)
+from shared.models import (
+    CreateSandbox,
+    CreateSession,
+    Message,
+    Sandbox,
+    SendMessage,
+    Session,
+    SessionWithMessages,
+)
+
+_REF = "#/components/schemas/{name}"
+_TYPES: list[Any] = [
+    CreateSandbox,
+    CreateSession,
+    SendMessage,
+    Sandbox,
+    Session,
+    SessionWithMessages,
+    Message,
+    ProblemDetails,
+    TurnAccepted,
+    InterruptResult,
+    StreamToken,
+    QueueStats,
+    Health,
+]
+
+_UUID = {"type": "string", "format": "uuid"}
+_ERRORS = {
+    400: "invalid parameter or malformed body",
+    401: "missing or unknown API key",
+    404: "no such resource (or another tenant's)",
+    413: "body over the size limit",
+    422: "body does not match the schema; `field` names where",
+    429: "rate limited; see Retry-After",
+    503: "Redis unreachable",
+}
+
+
+def _ref(kind: Any) -> dict[str, str]:
+    return {"$ref": _REF.format(name=kind.__name__)}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": _UUID}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+_PAGING = [
+    _query("limit", {"type": "integer", "minimum": 1, "maximum": 200}, "page size (50)"),
+    _query("cursor", {"type": "string"}, "from the X-Next-Cursor header of the last page"),
+]
+
+
+def _operation(
+    op_id: str,
+    summary: str,
+    responses: dict[int, dict[str, Any]],
+    *,
+    params: list[dict[str, Any]] | None = None,
+    body: Any = None,
+    body_required: bool = True,
+    errors: tuple[int, ...] = (),
+    public: bool = False,
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "operationId": op_id,
+        "summary": summary,
+        "parameters": params or [],
+    }
+    if body is not None:
+        operation["requestBody"] = {
+            "required": body_required,
+            "content": {"application/json": {"schema": _ref(body)}},
+        }
+    all_responses = {str(status): spec for status, spec in responses.items()}
+    codes = set(errors) if public else {401, 429, 503, *errors}
+    for status in sorted(codes):
+        all_responses[str(status)] = {
+            "description": _ERRORS.get(status, "problem"),
+            "content": {"application/problem+json": {"schema": _ref(ProblemDetails)}},
+        }
+    operation["responses"] = all_responses
+    if public:
+        operation["security"] = []
+    return operation
+
+
+# Where a created resource's id leads (the stream is left out: it never ends).
+_SANDBOX_OPS = ("getSandbox", "listSessions", "createSession", "deleteSandbox")
+_SESSION_OPS = (
+    "getSession",
+    "sendMessage",
+    "interruptSession",
+    "createStreamToken",
+    "deleteSession",
+)
+
+
+def _linked(response: dict[str, Any], param: str, operations: tuple[str, ...]) -> dict[str, Any]:
+    response["links"] = {
+        op: {"operationId": op, "parameters": {param: "$response.body#/id"}} for op in operations
+    }
+    return response
+
+
+def build_openapi(version: str) -> dict[str, Any]:
+    _, components = msgspec.json.schema_components(_TYPES, ref_template=_REF)
+    sid, sandbox = [_path("sid")], [_path("sandbox_id")]
+    body_errors = (400, 413, 422)
+    paths: dict[str, dict[str, Any]] = {
+        "/api/v1/sandboxes": {
+            "post": _operation(
+                "createSandbox",
+                "Create a sandbox",
+                {201: _linked(_json(_ref(Sandbox), "the sandbox"), "sandbox_id", _SANDBOX_OPS)},
+                body=CreateSandbox,
+                body_required=False,
+                errors=body_errors,
+            ),
+            "get": _operation(
+                "listSandboxes",
+                "List your sandboxes",
+                {200: _json({"type": "array", "items": _ref(Sandbox)}, "one page")},
+                params=_PAGING,
+                errors=(400,),
+            ),
+        },
+        "/api/v1/sandboxes/{sandbox_id}": {
+            "get": _operation(
+                "getSandbox",
+                "Get a sandbox",
+                {200: _json(_ref(Sandbox), "the sandbox")},
+                params=sandbox,
+                errors=(404,),
+            ),
+            "delete": _operation(
+                "deleteSandbox",
+                "Delete a sandbox, its sessions and its workspace",
+                {204: {"description": "deleted"}},
+                params=sandbox,
+                errors=(404,),
+            ),
+        },
+        "/api/v1/sandboxes/{sandbox_id}/sessions": {
+            "post": _operation(
+                "createSession",
+                "Create a session",
+                {201: _linked(_json(_ref(Session), "the session"), "sid", _SESSION_OPS)},
+                params=sandbox,
+                body=CreateSession,
+                body_required=False,
+                errors=(404, *body_errors),
+            ),
+            "get": _operation(
+                "listSessions",
+                "List the sandbox's sessions",
+                {200: _json({"type": "array", "items": _ref(Session)}, "one page")},
+                params=sandbox + _PAGING,
+                errors=(400, 404),
+            ),
+        },
+        "/api/v1/sessions/{sid}": {
+            "get": _operation(
+                "getSession",
+                "Get a session with its full message history",
+                {200: _json(_ref(SessionWithMessages), "the session")},
+                params=sid,
+                errors=(404,),
+            ),
+            "delete": _operation(
+                "deleteSession",
+                "Delete a session",
+                {204: {"description": "deleted"}},
+                params=sid,
+                errors=(404,),
+            ),
+        },
+        "/api/v1/sessions/{sid}/messages": {
+            "post": _operation(
+                "sendMessage",
+                "Send a user message and wait for the assistant's reply",
+                {
+                    200: _json(_ref(Message), "the assistant message of the turn"),
+                    202: _json(_ref(TurnAccepted), "the wait limit passed; the turn goes on"),
+                    409: {
+                        "description": "a turn is running",
+                        "content": {"application/problem+json": {"schema": _ref(ProblemDetails)}},
+                    },
+                    502: {
+                        "description": "the turn failed (session_failed)",
+                        "content": {"application/problem+json": {"schema": _ref(ProblemDetails)}},
+                    },
+                },
+                params=[
+                    *sid,
+                    _query("wait", {"type": "number", "minimum": 0}, "seconds to wait at most"),
+                ],
+                body=SendMessage,
+                errors=(404, *body_errors),
+            ),
+        },
+        "/api/v1/sessions/{sid}/interrupt": {
+            "post": _operation(
+                "interruptSession",
+                "Stop the running turn",
+                {200: _json(_ref(InterruptResult), "what happened")},
+                params=sid,
+                errors=(404,),
+            ),
+        },
+        "/api/v1/sessions/{sid}/stream": {
+            "get": _operation(
+                "streamSession",
+                "The session's events as Server-Sent Events",
+                {
+                    200: {
+                        "description": "an endless event stream",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    }
+                },
+                params=[
+                    *sid,
+                    _query(
+                        "after", {"type": "integer", "minimum": 0}, "replay events after this seq"
+                    ),
+                    _query("token", {"type": "string"}, "a stream token, for browsers"),
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
+                ],
+                errors=(400, 404),
+            ),
+        },
+        "/api/v1/sessions/{sid}/stream-token": {
+            "post": _operation(
+                "createStreamToken",
+                "Mint a short-lived token for this session's stream",
+                {201: _json(_ref(StreamToken), "the token")},
+                params=sid,
+                errors=(404,),
+            ),
+        },
+        "/api/v1/ops/queue": {
+            "get": _operation(
+                "opsQueue",
+                "Queue depth and running turns (admin)",
+                {200: _json(_ref(QueueStats), "the numbers")},
+                errors=(403,),
+            ),
+        },
+        "/api/v1/ops/metrics": {
+            "get": _operation(
+                "opsMetrics",
+                "Prometheus metrics (admin)",
+                {200: {"description": "text format", "content": {"text/plain": {}}}},
+                errors=(403,),
+            ),
+        },
+        "/healthz": {
+            "get": _operation(
+                "healthz", "Liveness", {200: _json(_ref(Health), "alive")}, public=True
+            )
+        },
+        "/readyz": {
+            "get": _operation(
+                "readyz",
+                "Readiness: Redis answers",
+                {200: _json(_ref(Health), "ready")},
+                errors=(503,),
+                public=True,
+            )
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "sandstream", "version": version},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+    }
