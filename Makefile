@@ -7,7 +7,7 @@ run:
 # The whole test suite, from a clean clone.
 test:
 	scripts/bootstrap.sh
-	scripts/ensure-redis.sh
+	scripts/ensure-tools.sh
 	.venv/bin/python -m pytest -q
 
 lint:

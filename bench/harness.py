@@ -17,6 +17,8 @@ import httpx
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH_KEY = "bench-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
 
 
 def free_port() -> int:
@@ -68,6 +70,8 @@ def service(
         "SANDSTREAM_PORT": str(port),
         "SANDSTREAM_SANDBOX_ROOT": workdir,
         "SANDSTREAM_LOG_LEVEL": "WARNING",
+        "SANDSTREAM_API_KEYS": f"bench={BENCH_KEY}",
+        "SANDSTREAM_RATE_LIMIT_PER_MINUTE": "0",
         **{"SANDSTREAM_" + k.upper(): v for k, v in settings.items()},
     }
     procs = []

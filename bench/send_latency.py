@@ -16,7 +16,7 @@ import time
 import httpx
 import redis
 
-from bench.harness import private_redis, service
+from bench.harness import AUTH, private_redis, service
 
 MESSAGE = {"role": "user", "content": [{"type": "text", "text": "hello"}]}
 
@@ -27,7 +27,7 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
 
 
 def measure_sends(base: str, sends: int) -> list[float]:
-    with httpx.Client(base_url=base + "/api/v1", timeout=30) as client:
+    with httpx.Client(base_url=base + "/api/v1", timeout=30, headers=AUTH) as client:
         sandbox = client.post("/sandboxes", json={}).json()["id"]
         sid = client.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"]
         for _ in range(10):  # warm up connections and code paths

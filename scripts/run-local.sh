@@ -22,15 +22,36 @@ if [ -z "${SANDSTREAM_REDIS_URL:-}" ]; then
   procfile=Procfile.redis
 fi
 
+# An API key for this machine, made once and kept in .sandstream/api-key.
+if [ -z "${SANDSTREAM_API_KEYS:-}${SANDSTREAM_API_KEYS_FILE:-}" ] && [ "${SANDSTREAM_AUTH:-true}" != false ]; then
+  mkdir -p .sandstream
+  if [ ! -s .sandstream/api-key ]; then
+    (umask 077; .venv/bin/python -c 'import secrets; print("sk-local-" + secrets.token_urlsafe(24))' > .sandstream/api-key)
+  fi
+  export SANDSTREAM_API_KEYS="local=$(cat .sandstream/api-key)"
+  export SANDSTREAM_ADMIN_KEYS="$(cat .sandstream/api-key)"
+fi
+key=${SANDSTREAM_API_KEYS#*=}
+key=${key%%,*}
+
+# Tools run under bubblewrap; without it the worker refuses them unless allowed.
+if ! command -v bwrap >/dev/null 2>&1 && [ -z "${SANDSTREAM_ALLOW_UNISOLATED:-}" ]; then
+  echo "bubblewrap (bwrap) is not installed: agent commands will run WITHOUT isolation." >&2
+  echo "Install it (apt-get install bubblewrap) for sandboxing; continuing for local use." >&2
+  export SANDSTREAM_ALLOW_UNISOLATED=true
+fi
+
 base=http://$SANDSTREAM_HOST:$SANDSTREAM_PORT
 cat <<MSG
 sandstream: API on $base (Redis $SANDSTREAM_REDIS_URL, provider ${SANDSTREAM_PROVIDER:-demo})
+API key: $key   (kept in .sandstream/api-key)
 Try it in another terminal:
 
-  SB=\$(curl -s -X POST $base/api/v1/sandboxes | python3 -c 'import sys,json; print(json.load(sys.stdin)["id"])')
-  S=\$(curl -s -X POST $base/api/v1/sandboxes/\$SB/sessions -d '{"metadata":{}}' | python3 -c 'import sys,json; print(json.load(sys.stdin)["id"])')
-  curl -N $base/api/v1/sessions/\$S/stream &
-  curl -s -X POST $base/api/v1/sessions/\$S/messages -d '{"role":"user","content":[{"type":"text","text":"run: uname -a"}]}'
+  K='Authorization: Bearer $key'
+  SB=\$(curl -s -H "\$K" -X POST $base/api/v1/sandboxes | python3 -c 'import sys,json; print(json.load(sys.stdin)["id"])')
+  S=\$(curl -s -H "\$K" -X POST $base/api/v1/sandboxes/\$SB/sessions -d '{"metadata":{}}' | python3 -c 'import sys,json; print(json.load(sys.stdin)["id"])')
+  curl -s -N -H "\$K" $base/api/v1/sessions/\$S/stream &
+  curl -s -H "\$K" -X POST $base/api/v1/sessions/\$S/messages -d '{"role":"user","content":[{"type":"text","text":"run: uname -a"}]}'
 
 MSG
 exec .venv/bin/honcho -f "$procfile" start

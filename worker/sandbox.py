@@ -126,6 +126,11 @@ async def run_command(
         # could hold it open, so the wait is bounded.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(proc.wait()), _DRAIN_GRACE)
+        # Close our end of the pipes even if something outside the group holds
+        # them; asyncio has no public call for it.
+        transport = getattr(proc, "_transport", None)
+        if transport is not None:
+            transport.close()
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader

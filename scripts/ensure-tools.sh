@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# What the test suite needs from the system: redis-server (unless REDIS_URL is set),
+# and bubblewrap with prlimit/setpriv for the sandbox tests. Installs Debian's
+# packages when we may; otherwise says what is missing.
+set -euo pipefail
+missing=()
+if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null 2>&1; then
+  missing+=(redis-server)
+fi
+command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  exit 0
+fi
+echo "the tests need: ${missing[*]} (install them, or set REDIS_URL for Redis)" >&2
+exit 1
