@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
+from arq.jobs import Job
 from conftest import Stack
 from helpers import StreamReader, text_message
+
+from shared import keys
+from shared.queue import TURN_FUNCTION, connect, deserialize_job
 
 
 def _api(stack: Stack) -> httpx.Client:
@@ -105,3 +112,32 @@ def test_resume_from_before_the_retained_log_says_so(make_stack: Callable[..., S
         event_line = frames[-2]
         assert event_line == "event: log_truncated"
         assert not any(f.startswith("id:") for f in frames)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"session_id": "../../etc", "turn_id": "x"},
+        {"session_id": "not-a-uuid", "turn_id": "also-not"},
+        {"session_id": str(uuid.uuid4())},
+        ["a", "list"],
+        {"session_id": str(uuid.uuid4()), "turn_id": str(uuid.uuid4()), "extra": "field"},
+    ],
+)
+def test_worker_rejects_malformed_jobs(stack: Stack, client: httpx.Client, payload: Any) -> None:
+    async def enqueue_and_wait() -> Any:
+        redis = await connect(stack.env["SANDSTREAM_REDIS_URL"])
+        try:
+            job_id = f"bad-{uuid.uuid4()}"
+            await redis.enqueue_job(TURN_FUNCTION, payload, _job_id=job_id, _queue_name=keys.QUEUE)
+            await redis.publish(keys.WAKE_CHANNEL, job_id)
+            job = Job(job_id, redis, _queue_name=keys.QUEUE, _deserializer=deserialize_job)
+            return await job.result(timeout=10)
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(enqueue_and_wait()) == "rejected"
+    # The worker is unharmed and serves real turns.
+    sandbox = client.post("/sandboxes", json={}).json()["id"]
+    sid = client.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"]
+    assert client.post(f"/sessions/{sid}/messages", json=text_message("ok?")).status_code == 200

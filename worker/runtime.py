@@ -158,18 +158,19 @@ class WorkerRuntime:
         return bool(seq)
 
 
-async def run_turn(ctx: dict[str, Any], payload: Any) -> None:
+async def run_turn(ctx: dict[str, Any], payload: Any) -> str:
     """The arq job. Its argument is validated before anything acts on it."""
     try:
         job = msgspec.convert(payload, TurnJob)
     except msgspec.ValidationError as exc:
         logger.error("rejected turn job %s: %s", ctx.get("job_id"), exc)
-        return
+        return "rejected"
     if not (is_uuid(job.session_id) and is_uuid(job.turn_id)):
         logger.error("rejected turn job %s: ids are not UUIDs", ctx.get("job_id"))
-        return
+        return "rejected"
     runtime: WorkerRuntime = ctx["runtime"]
     await runtime.run_turn(job)
+    return "done"
 
 
 async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRuntime]:
