@@ -1,6 +1,6 @@
 """Reading a session's event log (a Redis Stream whose entry ids are `<seq>-0`).
 
-Writes happen only in the Lua scripts (`SessionStore.append_event`,
+Writes happen only in the Lua scripts (`SessionStore.append_events`,
 `SessionStore.finish_turn`), which assign the seq.
 """
 

@@ -268,20 +268,22 @@ class SessionStore:
     async def flag_interrupt(self, sid: str, turn_id: str) -> bool:
         return bool(await self._flag_interrupt(keys=[keys.session(sid)], args=[turn_id]))
 
-    async def append_event(self, sid: str, turn_id: str, event: Event) -> int:
-        """Append to the session's log and publish; 0 when the turn is no longer current."""
-        return int(
-            await self._append(
-                keys=[keys.session(sid), keys.seq(sid), keys.log(sid)],
-                args=[
+    async def append_events(self, sid: str, turn_id: str, events: list[Event]) -> list[int]:
+        """Append events in order, in one round trip; each gets its seq, or 0 when
+        the turn is no longer current (and that event is dropped)."""
+        args_keys = [keys.session(sid), keys.seq(sid), keys.log(sid)]
+        channel = keys.events_channel(sid)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for event in events:
+                args: list[str | bytes | int] = [
                     turn_id,
                     encode_event(event),
                     str(event.__struct_config__.tag),
                     self.log_max_events,
-                    keys.events_channel(sid),
-                ],
-            )
-        )
+                    channel,
+                ]
+                await self._append(keys=args_keys, args=args, client=pipe)
+            return [int(seq) for seq in await pipe.execute()]
 
     async def finish_turn(
         self,

@@ -86,12 +86,15 @@ def test_concurrent_appends_get_consecutive_seqs(redis_url: str) -> None:
         session = await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)
         turn = new_id()
         await store.claim_turn(session.id, turn, _user(session.id, turn))
-        seqs = await asyncio.gather(
-            *(
-                store.append_event(session.id, turn, _delta(session.id, sandbox.id, turn, str(i)))
-                for i in range(200)
-            )
+        batches = [
+            [_delta(session.id, sandbox.id, turn, f"{b}.{i}") for i in range(20)] for b in range(10)
+        ]
+        results = await asyncio.gather(
+            *(store.append_events(session.id, turn, batch) for batch in batches)
         )
+        seqs = [seq for batch in results for seq in batch]
+        for batch in results:  # each batch is consecutive, in the order given
+            assert batch == list(range(batch[0], batch[0] + len(batch)))
         logged = await eventlog.read_after(store.redis, session.id, 0)
         assert [e.seq for e in logged] == sorted(seqs)
         assert all(ev.decode_head(e.data).seq == e.seq for e in logged)
@@ -108,7 +111,7 @@ def test_a_stale_turn_can_neither_append_nor_finish(redis_url: str) -> None:
         await store.claim_turn(sid, old, _user(sid, old))
         assert await store.finish_turn(sid, old, "unstarted", None, _done(sid, sandbox.id, old))
         await store.claim_turn(sid, new, _user(sid, new))
-        assert await store.append_event(sid, old, _delta(sid, sandbox.id, old, "x")) == 0
+        assert await store.append_events(sid, old, [_delta(sid, sandbox.id, old, "x")]) == [0]
         assert await store.finish_turn(sid, old, "worker", None, _done(sid, sandbox.id, old)) == 0
         state = await store.turn_state(sid)
         assert state is not None and state.turn_id == new and state.state == "running"

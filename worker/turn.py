@@ -10,7 +10,6 @@ session log as it happens; the assistant message, the session's return to
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from pathlib import Path
 from typing import Literal
@@ -29,6 +28,7 @@ from shared.models import (
 from shared.settings import Settings
 from shared.store import SessionStore
 from shared.workspace import create_workspace
+from worker.event_writer import EventWriter, TurnSuperseded
 from worker.isolation import Isolation, own_workspace
 from worker.providers.base import (
     MessageEnd,
@@ -44,10 +44,6 @@ from worker.tools import ToolContext, execute_tool, tool_specs
 logger = logging.getLogger("sandstream.turn")
 
 CompletedReason = Literal["end_turn", "interrupted", "max_iterations"]
-
-
-class TurnSuperseded(Exception):
-    """The turn is no longer the session's current one (deleted, reaped)."""
 
 
 class TurnRunner:
@@ -83,6 +79,7 @@ class TurnRunner:
         self._interrupted = False
         self._lease_lost = False
         self._loop_task: asyncio.Task[CompletedReason] | None = None
+        self._writer: EventWriter | None = None
 
     # ---- control -----------------------------------------------------------
 
@@ -91,7 +88,9 @@ class TurnRunner:
         if self._loop_task is not None:
             self._loop_task.cancel()
 
-    def _lose_lease(self) -> None:
+    def _stop_quietly(self) -> None:
+        """Stop without ending the turn: it is no longer ours to end (lease lost,
+        session deleted, turn reaped)."""
         self._lease_lost = True
         if self._loop_task is not None:
             self._loop_task.cancel()
@@ -105,6 +104,7 @@ class TurnRunner:
                 "turn %s of session %s is not current; skipped", self.turn_id, self.session_id
             )
             return
+        self._writer = EventWriter(self.store, self.session_id, self.turn_id, self._stop_quietly)
         heartbeat = asyncio.create_task(self._heartbeat(lease_ms))
         self._loop_task = asyncio.create_task(self._loop())
         try:
@@ -113,7 +113,8 @@ class TurnRunner:
             if self._loop_task.done() and self._interrupted:
                 reason = "interrupted"
             elif self._loop_task.done() and self._lease_lost:
-                logger.warning("turn %s lost its lease; stopped", self.turn_id)
+                logger.warning("turn %s is no longer this worker's; stopped", self.turn_id)
+                await self._writer.close()
                 return
             else:  # the worker itself is shutting down
                 self._loop_task.cancel()
@@ -121,9 +122,6 @@ class TurnRunner:
                 raise
         except TimeoutError:
             await self._fail("timeout", "turn_timeout", "the turn ran past its time limit")
-            return
-        except TurnSuperseded:
-            logger.info("turn %s of session %s superseded", self.turn_id, self.session_id)
             return
         except ProviderError as exc:
             await self._fail("error", exc.code, exc.message)
@@ -134,7 +132,10 @@ class TurnRunner:
             return
         finally:
             heartbeat.cancel()
-        await self._complete(reason)
+        try:
+            await self._complete(reason)
+        finally:
+            await self._writer.close()
 
     async def _loop(self) -> CompletedReason:
         async with asyncio.timeout(self.settings.turn_timeout_seconds):
@@ -167,13 +168,13 @@ class TurnRunner:
                     await self._close_text()
                     calls.append(len(self.blocks))
                     self.blocks.append(ToolUseBlock(id=item.id, name=item.name, input={}))
-                    await self._emit(
+                    self._emit(
                         ev.ToolUseStart(**self._ids(), index=calls[-1], id=item.id, name=item.name)
                     )
                 elif isinstance(item, ToolCallReady):
                     index = self._call_index(calls, item.id)
                     self.blocks[index] = ToolUseBlock(id=item.id, name=item.name, input=item.input)
-                    await self._emit(
+                    self._emit(
                         ev.ToolUseComplete(
                             **self._ids(), index=index, id=item.id, name=item.name, input=item.input
                         )
@@ -226,9 +227,9 @@ class TurnRunner:
             turn_id=self.turn_id,
         )
 
-    async def _emit(self, event: ev.Event) -> None:
-        if not await self.store.append_event(self.session_id, self.turn_id, event):
-            raise TurnSuperseded
+    def _emit(self, event: ev.Event) -> None:
+        assert self._writer is not None
+        self._writer.put(event)
 
     async def _text(self, text: str) -> None:
         if not text:
@@ -237,7 +238,7 @@ class TurnRunner:
             self._text_index = len(self.blocks)
             self._text_parts = []
         self._text_parts.append(text)
-        await self._emit(ev.TextDelta(**self._ids(), index=self._text_index, text=text))
+        self._emit(ev.TextDelta(**self._ids(), index=self._text_index, text=text))
 
     async def _close_text(self) -> None:
         if self._text_index is None:
@@ -245,14 +246,14 @@ class TurnRunner:
         text = "".join(self._text_parts)
         self.blocks.append(TextBlock(text=text))
         index, self._text_index = self._text_index, None
-        await self._emit(ev.TextComplete(**self._ids(), index=index, text=text))
+        self._emit(ev.TextComplete(**self._ids(), index=index, text=text))
 
     async def _tool_result(self, tool_use_id: str, content: str, is_error: bool) -> None:
         index = len(self.blocks)
         self.blocks.append(
             ToolResultBlock(tool_use_id=tool_use_id, content=content, is_error=is_error)
         )
-        await self._emit(
+        self._emit(
             ev.ToolResult(
                 **self._ids(),
                 index=index,
@@ -275,8 +276,9 @@ class TurnRunner:
     # ---- the end of the turn -----------------------------------------------
 
     async def _complete(self, reason: CompletedReason) -> None:
-        with contextlib.suppress(TurnSuperseded):
-            await self._settle_blocks()
+        await self._settle_blocks()
+        if not await self._flushed():
+            return
         message = self._message()
         message.stop_reason = reason
         terminal = ev.SessionCompleted(
@@ -287,8 +289,9 @@ class TurnRunner:
     async def _fail(
         self, stop_reason: Literal["error", "timeout", "worker_lost"], code: str, text: str
     ) -> None:
-        with contextlib.suppress(TurnSuperseded):
-            await self._settle_blocks()
+        await self._settle_blocks()
+        if not await self._flushed():
+            return
         message = None
         if self.blocks:
             message = self._message()
@@ -301,6 +304,16 @@ class TurnRunner:
         )
         await self.store.finish_turn(self.session_id, self.turn_id, "worker", message, terminal)
 
+    async def _flushed(self) -> bool:
+        """Wait until every event is in the log; False when the turn is no longer ours."""
+        assert self._writer is not None
+        try:
+            await self._writer.flush()
+        except TurnSuperseded:
+            logger.info("turn %s of session %s superseded", self.turn_id, self.session_id)
+            return False
+        return True
+
     async def _heartbeat(self, lease_ms: int) -> None:
         period = self.settings.lease_seconds / 3
         while True:
@@ -309,7 +322,7 @@ class TurnRunner:
                 self.session_id, self.turn_id, self.worker_id, lease_ms
             )
             if status == 0:
-                self._lose_lease()
+                self._stop_quietly()
                 return
             if status == 2:
                 self.interrupt()
