@@ -25,7 +25,7 @@ from worker.providers.base import (
     ToolCallStart,
     parse_arguments,
 )
-from worker.providers.errors import TRANSPORT_ERRORS, classify, stream_cut
+from worker.providers.sdk import guarded_stream, stream_cut
 from worker.tools import ToolSpec
 
 _STOP_REASONS: dict[str, ModelStop] = {"tool_use": "tool_use", "max_tokens": "max_tokens"}
@@ -119,20 +119,15 @@ class AnthropicProvider:
             params["system"] = request.system
         if request.tools:
             params["tools"] = to_anthropic_tools(request.tools)
-        try:
-            stream = await self.client.messages.create(**params)
-        except anthropic.APIError as exc:
-            raise classify(anthropic, "Anthropic", exc, self._secrets) from None
-        try:
-            async for item in self._read(stream):
-                yield item
-        except anthropic.APIError as exc:
-            raise classify(anthropic, "Anthropic", exc, self._secrets) from None
-        except TRANSPORT_ERRORS:
-            raise stream_cut("Anthropic") from None
-        finally:
-            # On interrupt this closes the HTTP response at once.
-            await stream.close()
+        stream = guarded_stream(
+            anthropic,
+            "Anthropic",
+            self._secrets,
+            lambda: self.client.messages.create(**params),
+            self._read,
+        )
+        async for item in stream:
+            yield item
 
     async def _read(self, stream: Any) -> AsyncIterator[StreamItem]:
         usage = Usage()

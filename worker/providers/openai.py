@@ -27,7 +27,7 @@ from worker.providers.base import (
     ToolCallStart,
     parse_arguments,
 )
-from worker.providers.errors import TRANSPORT_ERRORS, classify, stream_cut
+from worker.providers.sdk import guarded_stream, stream_cut
 from worker.tools import ToolSpec
 
 _STOP_REASONS: dict[str, ModelStop] = {"tool_calls": "tool_use", "length": "max_tokens"}
@@ -134,20 +134,15 @@ class OpenAIProvider:
         }
         if request.tools:
             params["tools"] = to_openai_tools(request.tools)
-        try:
-            stream = await self.client.chat.completions.create(**params)
-        except openai.APIError as exc:
-            raise classify(openai, "OpenAI", exc, self._secrets) from None
-        try:
-            async for item in self._read(stream):
-                yield item
-        except openai.APIError as exc:
-            raise classify(openai, "OpenAI", exc, self._secrets) from None
-        except TRANSPORT_ERRORS:
-            raise stream_cut("OpenAI") from None
-        finally:
-            # On interrupt this closes the HTTP response at once.
-            await stream.close()
+        stream = guarded_stream(
+            openai,
+            "OpenAI",
+            self._secrets,
+            lambda: self.client.chat.completions.create(**params),
+            self._read,
+        )
+        async for item in stream:
+            yield item
 
     async def _read(self, stream: Any) -> AsyncIterator[StreamItem]:
         usage = Usage()
