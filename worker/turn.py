@@ -106,6 +106,14 @@ class TurnRunner:
             return
         self._writer = EventWriter(self.store, self.session_id, self.turn_id, self._stop_quietly)
         heartbeat = asyncio.create_task(self._heartbeat(lease_ms))
+        try:
+            await self._drive()
+        finally:
+            heartbeat.cancel()
+            await self._writer.close()
+
+    async def _drive(self) -> None:
+        """Run the loop and end the turn the way the loop ended."""
         self._loop_task = asyncio.create_task(self._loop())
         try:
             reason: CompletedReason = await asyncio.shield(self._loop_task)
@@ -114,7 +122,6 @@ class TurnRunner:
                 reason = "interrupted"
             elif self._loop_task.done() and self._lease_lost:
                 logger.warning("turn %s is no longer this worker's; stopped", self.turn_id)
-                await self._writer.close()
                 return
             else:  # the worker itself is shutting down
                 self._loop_task.cancel()
@@ -130,12 +137,7 @@ class TurnRunner:
             logger.exception("turn %s of session %s crashed", self.turn_id, self.session_id)
             await self._fail("error", "internal_error", "the turn failed unexpectedly")
             return
-        finally:
-            heartbeat.cancel()
-        try:
-            await self._complete(reason)
-        finally:
-            await self._writer.close()
+        await self._complete(reason)
 
     async def _loop(self) -> CompletedReason:
         async with asyncio.timeout(self.settings.turn_timeout_seconds):
