@@ -472,3 +472,24 @@ def test_allowed_tools_limit_what_the_model_sees_and_may_run(
     assert response.json()["content"][1]["is_error"] is True
     session = client.get(f"/sessions/{agent.sid}").json()
     assert session["agent"]["allowed_tools"] == ["read_file"]
+
+
+def test_error_sent_mid_stream_fails_the_turn(
+    client: httpx.Client, sandbox_id: str, wire: Wire, fake_llm: FakeLLM
+) -> None:
+    agent = _agent(client, sandbox_id, wire)
+    started = wire.reply(("text", ["half ", "an answer"])).chunks[:4]
+    if wire.name == "anthropic":
+        error = (
+            b'event: error\ndata: {"type": "error", '
+            b'"error": {"type": "overloaded_error", "message": "Overloaded"}}\n\n'
+        )
+    else:
+        error = b'data: {"error": {"message": "Overloaded", "type": "server_error"}}\n\n'
+    fake_llm.script(agent.model, Reply(chunks=[*started, error]))
+    response, events = _send(agent, "hello")
+
+    assert response.status_code == 502
+    assert events[-1]["_event"] == "session_failed"
+    assert events[-1]["error"]["code"].startswith("provider_")
+    assert "Overloaded" in events[-1]["error"]["message"]
