@@ -8,6 +8,7 @@ from typing import Any
 from litestar import Controller, Request, Response, delete, get, post
 
 from api.guard import tenant_of
+from api.idempotency import IdemRecord, claim_or_replay, released_on_error
 from api.pagination import paged_response
 from api.problems import Problem
 from api.services import decode_body, owned_sandbox, page_limit, services_of, stop_turns
@@ -24,8 +25,15 @@ class SandboxController(Controller):
         body = await decode_body(request, CreateSandbox, empty_ok=True)
         if reason := check_metadata(body.metadata):
             raise Problem(422, "invalid_body", reason, field="$.metadata")
-        sandbox = await svc.store.create_sandbox(tenant_of(request), body.metadata, body.network)
-        await asyncio.to_thread(create_workspace, svc.settings.sandbox_root, sandbox.id)
+        tenant = tenant_of(request)
+        idem = await claim_or_replay(request, svc, tenant, "sandbox", await request.body())
+        if isinstance(idem, IdemRecord):
+            return await owned_sandbox(svc, idem.resource_id, tenant)
+        async with released_on_error(idem):
+            sandbox = await svc.store.create_sandbox(tenant, body.metadata, body.network)
+            await asyncio.to_thread(create_workspace, svc.settings.sandbox_root, sandbox.id)
+        if idem is not None:
+            await idem.settle(sandbox.id)
         return sandbox
 
     @get("/")

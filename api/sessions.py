@@ -11,6 +11,7 @@ from litestar import Controller, Request, Response, delete, get, post
 
 from api.feed import follow
 from api.guard import tenant_of
+from api.idempotency import IdemRecord, claim_or_replay, released_on_error
 from api.pagination import paged_response
 from api.problems import Problem, not_found
 from api.schemas import InterruptResult, TurnAccepted
@@ -54,17 +55,28 @@ class SessionController(Controller):
         body = await decode_body(request, CreateSession, empty_ok=True)
         if reason := check_metadata(body.metadata):
             raise Problem(422, "invalid_body", reason, field="$.metadata")
+        idem = await claim_or_replay(
+            request, svc, tenant, f"session:{sandbox_id}", await request.body()
+        )
+        if isinstance(idem, IdemRecord):
+            return await owned_session(svc, idem.resource_id, tenant)
         agent = svc.settings.default_agent()
         if body.agent is not None:
             agent = body.agent.apply(agent)
         if agent.provider != "demo" and not agent.model:
+            if idem is not None:
+                await idem.abandon()
             raise Problem(
                 422,
                 "invalid_body",
                 f"provider {agent.provider!r} needs a model: set agent.model",
                 field="$.agent.model",
             )
-        return await svc.store.create_session(tenant, sandbox_id, body.metadata, agent)
+        async with released_on_error(idem):
+            session = await svc.store.create_session(tenant, sandbox_id, body.metadata, agent)
+        if idem is not None:
+            await idem.settle(session.id)
+        return session
 
     @get("/sandboxes/{sandbox_id:str}/sessions")
     async def list_sessions(
@@ -116,6 +128,11 @@ class SessionController(Controller):
                 f"wait must be between 0 and {svc.settings.send_wait_seconds:g} seconds",
                 field="wait",
             )
+        idem = await claim_or_replay(
+            request, svc, tenant_of(request), f"send:{sid}", await request.body()
+        )
+        if isinstance(idem, IdemRecord):
+            return await _replay_send(svc, sid, idem, wait_limit)
         turn_id = new_id()
         user_message = Message(
             id=new_id(),
@@ -125,7 +142,13 @@ class SessionController(Controller):
             timestamp=now_rfc3339(),
             turn_id=turn_id,
         )
-        claim = await svc.store.claim_turn(sid, turn_id, user_message)
+        async with released_on_error(idem):
+            claim = await svc.store.claim_turn(sid, turn_id, user_message)
+        if idem is not None:
+            if claim.status == "ok":
+                await idem.settle(turn_id, after=claim.latest_seq)
+            else:
+                await idem.abandon()
         if claim.status == "missing":
             raise not_found("session", sid)
         if claim.status == "running":
@@ -167,6 +190,20 @@ class SessionController(Controller):
             turn_id=turn_id,
             state="running" if terminal is None else "active",
         )
+
+
+async def _replay_send(
+    svc: Services, sid: str, first: IdemRecord, wait_limit: float
+) -> Response[bytes]:
+    """The outcome of the send that first used this Idempotency-Key."""
+    turn_id = first.resource_id
+    for message in await svc.store.get_messages(sid):
+        if message.role == "assistant" and message.turn_id == turn_id:
+            return Response(content=msgspec.json.encode(message), media_type="application/json")
+    terminal = await _wait_for_terminal(svc, sid, turn_id, first.after, wait_limit)
+    if terminal is None:
+        return _accepted(sid, turn_id, first.after)
+    return _turn_outcome(terminal)
 
 
 async def _enqueue(svc: Services, sid: str, turn_id: str) -> None:

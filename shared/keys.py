@@ -28,6 +28,11 @@ def rate(key_id: str, minute: int) -> str:
     return f"{PREFIX}:rate:{key_id}:{minute}"
 
 
+def idempotency(tenant: str, key_digest: str) -> str:
+    """The outcome of the first request made with one Idempotency-Key."""
+    return f"{PREFIX}:idem:{tenant}:{key_digest}"
+
+
 def stream_token(digest: str) -> str:
     """A stream token's grant, kept under the token's SHA-256 for its lifetime."""
     return f"{PREFIX}:stream-token:{digest}"

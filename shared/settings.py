@@ -29,6 +29,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     api_keys_file: str = ""
     admin_keys: str = ""
     stream_token_seconds: int = 300
+    idempotency_seconds: int = 86_400
     rate_limit_per_minute: int = 600
     access_log: bool = False
     # HTTP limits
