@@ -62,6 +62,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     sandbox_file_bytes: int = 256 << 20
     # worker
     worker_max_jobs: int = 20
+    worker_drain_seconds: int = 10
     worker_fallback_poll_seconds: float = 5.0
     worker_fast_pickup: bool = True
     reaper_interval_seconds: float = 5.0

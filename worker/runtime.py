@@ -213,6 +213,11 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
         on_startup=on_startup,
         on_shutdown=on_shutdown,
         handle_signals=True,
+        # On SIGTERM: take no new turns, let running ones finish for this long,
+        # then end the rest as interrupted.
+        job_completion_wait=settings.worker_drain_seconds,
+        # A cancelled turn is ended, never queued again: tools have side effects.
+        retry_jobs=False,
         on_control=runtime.on_control,
         fast_pickup=settings.worker_fast_pickup,
     )

@@ -10,6 +10,7 @@ session log as it happens; the assistant message, the session's return to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from typing import Literal
@@ -123,9 +124,11 @@ class TurnRunner:
             elif self._loop_task.done() and self._lease_lost:
                 logger.warning("turn %s is no longer this worker's; stopped", self.turn_id)
                 return
-            else:  # the worker itself is shutting down
+            else:
+                # The worker is shutting down and its drain grace is over: end
+                # the turn as interrupted, keeping what it produced.
                 self._loop_task.cancel()
-                await asyncio.shield(self._fail("worker_lost", "worker_shutdown", "worker stopped"))
+                await asyncio.shield(self._end_on_shutdown())
                 raise
         except TimeoutError:
             await self._fail("timeout", "turn_timeout", "the turn ran past its time limit")
@@ -138,6 +141,12 @@ class TurnRunner:
             await self._fail("error", "internal_error", "the turn failed unexpectedly")
             return
         await self._complete(reason)
+
+    async def _end_on_shutdown(self) -> None:
+        assert self._loop_task is not None
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._loop_task
+        await self._complete("interrupted")
 
     async def _loop(self) -> CompletedReason:
         async with asyncio.timeout(self.settings.turn_timeout_seconds):
