@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from types import FrameType
 
 import uvicorn
+from litestar import Litestar
 
 from api.app import create_app
 from shared.settings import Settings
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn waits for open connections before it stops, and SSE streams never
+    close by themselves: on the stop signal, tell every stream's client to
+    reconnect elsewhere first, so a rolling restart loses no one."""
+
+    def __init__(self, config: uvicorn.Config, app: Litestar) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        services = getattr(self._app.state, "services", None)
+        loop = asyncio.get_event_loop()
+        if services is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(services.hub.drain)
+        super().handle_exit(sig, frame)
 
 
 def main() -> None:
@@ -15,8 +35,9 @@ def main() -> None:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
@@ -24,6 +45,7 @@ def main() -> None:
         # Off by default: stream URLs may carry a token in their query string.
         access_log=settings.access_log,
     )
+    DrainingServer(config, app).run()
 
 
 if __name__ == "__main__":

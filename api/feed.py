@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import msgspec
 from redis.asyncio import Redis
 
-from api.hub import RESYNC, EventHub
+from api.hub import DRAIN, RESYNC, EventHub
 from shared import eventlog
 from shared.eventlog import LoggedEvent
 from shared.events import decode_head
@@ -35,7 +35,11 @@ class Subscribed(msgspec.Struct, frozen=True):
     """Live delivery is in place; everything from here on will be seen."""
 
 
-FeedItem = LoggedEvent | Truncated | Tick | Subscribed
+class Draining(msgspec.Struct, frozen=True):
+    """This API process is shutting down; the client should reconnect elsewhere."""
+
+
+FeedItem = LoggedEvent | Truncated | Tick | Subscribed | Draining
 
 
 async def follow(
@@ -43,8 +47,13 @@ async def follow(
 ) -> AsyncIterator[FeedItem]:
     async with hub.subscribe(sid) as queue:
         yield Subscribed()
+        if hub.draining:
+            yield Draining()
+            return
         first = await eventlog.first_seq(redis, sid)
-        if first is not None and first > after + 1:
+        if first is None:  # an empty log: trimmed away or expired, or nothing yet
+            first = await eventlog.latest_seq(redis, sid) + 1
+        if first > after + 1:
             yield Truncated(after=after, first_seq=first)
             after = first - 1
         last = after
@@ -67,6 +76,9 @@ async def follow(
             except TimeoutError:
                 yield Tick()
                 continue
+            if data == DRAIN:
+                yield Draining()
+                return
             if data == RESYNC:
                 async for event in backfill():
                     yield event

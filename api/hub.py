@@ -26,6 +26,8 @@ from shared import keys
 logger = logging.getLogger("sandstream.hub")
 
 RESYNC: Final = b""
+# Put in every queue when the process starts shutting down.
+DRAIN: Final = b"\x00drain"
 _QUEUE_SIZE = 1024
 _ANCHOR_CHANNEL = f"{keys.PREFIX}:api:anchor"
 
@@ -38,6 +40,7 @@ class EventHub:
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self.draining = False
 
     @property
     def client_count(self) -> int:
@@ -52,6 +55,13 @@ class EventHub:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+
+    def drain(self) -> None:
+        """The process is stopping: tell every client to go and reconnect elsewhere."""
+        self.draining = True
+        for queues in self._queues.values():
+            for queue in queues:
+                self._offer(queue, DRAIN)
 
     @contextlib.asynccontextmanager
     async def subscribe(self, sid: str) -> AsyncIterator[asyncio.Queue[bytes]]:

@@ -28,7 +28,11 @@ class Services:
         self.redis = redis
         self.hub = hub
         self.keyring = keyring  # None when authentication is turned off
-        self.store = SessionStore(redis, log_max_events=settings.log_max_events)
+        self.store = SessionStore(
+            redis,
+            log_max_events=settings.log_max_events,
+            log_ttl_seconds=settings.log_ttl_seconds,
+        )
 
 
 def services_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Services:

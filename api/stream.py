@@ -8,9 +8,11 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, get, post
 from litestar.response import Stream
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.auth import mint_stream_token
-from api.feed import Subscribed, Tick, Truncated, follow
+from api.feed import Draining, Subscribed, Tick, Truncated, follow
 from api.guard import principal_of, tenant_of
 from api.problems import Problem
 from api.schemas import StreamToken
@@ -18,6 +20,9 @@ from api.services import Services, owned_session, services_of
 from shared import eventlog
 from shared.events import sse_frame
 from shared.models import now_rfc3339
+
+# How soon a client should reconnect after a stream ends (SSE `retry:`), in ms.
+RECONNECT_MS = 1000
 
 
 def _cursor(request: Request[Any, Any, Any], after: str | None) -> str | None:
@@ -69,10 +74,31 @@ class StreamController(Controller):
 
 
 async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> AsyncIterator[bytes]:
+    try:
+        async for frame in _frames(svc, sid, sandbox_id, after):
+            yield frame
+    except (RedisConnectionError, RedisTimeoutError, OSError):
+        # Redis is gone: end the stream and say when to come back; the client
+        # resumes from its Last-Event-ID, so nothing is lost.
+        yield _reconnect_frame(sid, "the store is unavailable")
+
+
+def _reconnect_frame(sid: str, reason: str) -> bytes:
+    payload = {"type": "reconnect", "session_id": sid, "detail": f"{reason}; reconnect"}
+    return f"retry: {RECONNECT_MS}\n".encode() + sse_frame(
+        "reconnect", msgspec.json.encode(payload), None
+    )
+
+
+async def _frames(svc: Services, sid: str, sandbox_id: str, after: int) -> AsyncIterator[bytes]:
     async for item in follow(svc.redis, svc.hub, sid, after, tick=svc.settings.keepalive_seconds):
         if isinstance(item, Subscribed):
-            # The body starts at once, so proxies and clients see the stream is open.
-            yield b": stream open\n\n"
+            # The body starts at once, so proxies and clients see the stream is
+            # open; `retry` tells EventSource how soon to come back if it drops.
+            yield f"retry: {RECONNECT_MS}\n: stream open\n\n".encode()
+        elif isinstance(item, Draining):
+            yield _reconnect_frame(sid, "this API process is shutting down")
+            return
         elif isinstance(item, Tick):
             payload = {
                 "type": "keepalive",

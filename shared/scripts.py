@@ -46,20 +46,22 @@ if redis.call('HGET', KEYS[1], 'interrupt') == ARGV[1] then return 2 end
 return 1
 """
 
-# KEYS: session, seq, log. ARGV: turn_id, event JSON without seq, type, maxlen, channel.
+# KEYS: session, seq, log.
+# ARGV: turn_id, event JSON without seq, type, maxlen, channel, log ttl ms.
 # -> seq | 0 when the turn is no longer current (the event is dropped)
 APPEND_EVENT = """
 if redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1] then return 0 end
 local seq = redis.call('INCR', KEYS[2])
 local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[2], 2)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], seq .. '-0', 't', ARGV[3], 'd', data)
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
 redis.call('PUBLISH', ARGV[5], data)
 return seq
 """
 
 # KEYS: session, messages, seq, log, lease.
 # ARGV: turn_id, mode, assistant message JSON or '', terminal event JSON without seq,
-#       terminal type, maxlen, channel, now.
+#       terminal type, maxlen, channel, now, log ttl ms.
 # mode "worker": the running worker ends its turn.
 # mode "unstarted": end a turn no worker has picked up (interrupt, queue timeout).
 # mode "orphaned": end a started turn whose worker's lease has lapsed.
@@ -81,6 +83,7 @@ redis.call('DEL', KEYS[5])
 local seq = redis.call('INCR', KEYS[3])
 local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[4], 2)
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], seq .. '-0', 't', ARGV[5], 'd', data)
+redis.call('PEXPIRE', KEYS[4], ARGV[9])
 redis.call('PUBLISH', ARGV[7], data)
 return seq
 """

@@ -40,6 +40,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     page_limit_max: int = 200
     # session log
     log_max_events: int = 10_000
+    log_ttl_seconds: float = 604_800.0
     # turns
     max_iterations: int = 20
     max_output_tokens: int = 4096

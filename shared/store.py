@@ -57,9 +57,14 @@ class Page(msgspec.Struct):
 
 
 class SessionStore:
-    def __init__(self, redis: Redis, *, log_max_events: int = 10_000) -> None:
+    def __init__(
+        self, redis: Redis, *, log_max_events: int = 10_000, log_ttl_seconds: float = 604_800
+    ) -> None:
         self.redis = redis
         self.log_max_events = log_max_events
+        # The log lives this long after its last event; a resume from before
+        # what is left gets `log_truncated`, never a silent hole.
+        self.log_ttl_ms = int(log_ttl_seconds * 1000)
         self._claim = redis.register_script(scripts.CLAIM_TURN)
         self._start = redis.register_script(scripts.START_TURN)
         self._renew = redis.register_script(scripts.RENEW_LEASE)
@@ -281,6 +286,7 @@ class SessionStore:
                     str(event.__struct_config__.tag),
                     self.log_max_events,
                     channel,
+                    self.log_ttl_ms,
                 ]
                 await self._append(keys=args_keys, args=args, client=pipe)
             return [int(seq) for seq in await pipe.execute()]
@@ -312,6 +318,7 @@ class SessionStore:
                     self.log_max_events,
                     keys.events_channel(sid),
                     now_rfc3339(),
+                    self.log_ttl_ms,
                 ],
             )
         )

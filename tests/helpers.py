@@ -56,6 +56,8 @@ class StreamReader:
                 self.status = source.response.status_code
                 self.opened.set()
                 for sse in source.iter_sse():
+                    if not sse.data:  # a `retry:` hint alone dispatches nothing
+                        continue
                     if sse.event == "keepalive":
                         self.keepalives.append((sse.id, json.loads(sse.data)))
                         if keep_keepalives and len(self.keepalives) >= 2:

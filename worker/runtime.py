@@ -43,7 +43,11 @@ class ControlMessage(msgspec.Struct, frozen=True):
 class WorkerRuntime:
     def __init__(self, redis: ArqRedis, settings: Settings) -> None:
         self.settings = settings
-        self.store = SessionStore(redis, log_max_events=settings.log_max_events)
+        self.store = SessionStore(
+            redis,
+            log_max_events=settings.log_max_events,
+            log_ttl_seconds=settings.log_ttl_seconds,
+        )
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.running: dict[str, TurnRunner] = {}
         self.providers = ProviderFactory(settings)
