@@ -239,9 +239,9 @@ def make_stack(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Stack]]
     """Start a stack of its own, for tests that kill processes or change settings."""
     started: list[Stack] = []
 
-    def make(workers: int = 1, **settings: str) -> Stack:
+    def make(workers: int = 1, redis_url_override: str = "", **settings: str) -> Stack:
         # A database of its own keeps its queue away from the shared stack's worker.
-        url = redis_url.rsplit("/", 1)[0] + f"/{1 + len(started)}"
+        url = redis_url_override or redis_url.rsplit("/", 1)[0] + f"/{1 + len(started)}"
         redis.Redis.from_url(url).flushdb()
         env = {"SANDSTREAM_" + k.upper(): v for k, v in settings.items()}
         started.append(Stack(url, tmp_path / f"stack{len(started)}", env, workers))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -78,4 +79,64 @@ class StreamReader:
         assert not self._thread.is_alive(), f"stream still open; got {self.events}"
         if self.error is not None:
             raise self.error
+        return self.events
+
+
+class ResumingReader:
+    """A client that keeps following a session's stream across API processes.
+
+    When a stream ends or breaks it reconnects (to the next base URL) with
+    `Last-Event-ID`, as a browser's EventSource would.
+    """
+
+    def __init__(self, bases: list[str], key: str, sid: str, *, until: int) -> None:
+        self.bases = bases
+        self.key = key
+        self.sid = sid
+        self.until = until
+        self.events: list[dict[str, Any]] = []
+        self.reconnects = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        terminals = 0
+        attempt = 0
+        while not self._stop.is_set() and terminals < self.until:
+            base = self.bases[attempt % len(self.bases)]
+            headers = {"Authorization": f"Bearer {self.key}"}
+            if self.events:
+                headers["Last-Event-ID"] = str(self.events[-1]["seq"])
+            else:
+                headers["Last-Event-ID"] = "0"
+            try:
+                with (
+                    httpx.Client(base_url=base + "/api/v1", timeout=30) as client,
+                    connect_sse(
+                        client, "GET", f"/sessions/{self.sid}/stream", headers=headers
+                    ) as source,
+                ):
+                    if source.response.status_code != 200:
+                        raise RuntimeError(f"stream answered {source.response.status_code}")
+                    for sse in source.iter_sse():
+                        if not sse.data or sse.event in {"keepalive", "reconnect"}:
+                            continue
+                        event = json.loads(sse.data) | {"_event": sse.event}
+                        self.events.append(event)
+                        if sse.event in TERMINAL:
+                            terminals += 1
+                            if terminals >= self.until:
+                                return
+            except (httpx.HTTPError, RuntimeError):
+                pass
+            attempt += 1
+            self.reconnects += 1
+            time.sleep(0.2)
+
+    def join(self, timeout: float = 60) -> list[dict[str, Any]]:
+        self._thread.join(timeout)
+        self._stop.set()
+        assert not self._thread.is_alive(), f"still reading; got {len(self.events)} events"
         return self.events

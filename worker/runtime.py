@@ -54,11 +54,13 @@ class WorkerRuntime:
         self.isolation = choose_isolation(settings)
         self._control_decoder = msgspec.json.Decoder(ControlMessage)
 
-    async def run_turn(self, job: TurnJob) -> None:
+    async def run_turn(self, job: TurnJob) -> bool:
+        """Run the job's turn; False when it is not the session's current turn
+        (finished, reaped or interrupted already: a redelivered job does nothing)."""
         state = await self.store.turn_state(job.session_id)
         if state is None or state.turn_id != job.turn_id:
             logger.info("job for turn %s: turn not current; skipped", job.turn_id)
-            return
+            return False
         agent = state.agent or self.settings.default_agent()
         sandbox = await self.store.get_sandbox(state.sandbox_id)
         try:
@@ -68,7 +70,7 @@ class WorkerRuntime:
             await self._end(
                 job.session_id, state.sandbox_id, job.turn_id, "unstarted", "error", error
             )
-            return
+            return True
         runner = TurnRunner(
             store=self.store,
             settings=self.settings,
@@ -83,7 +85,7 @@ class WorkerRuntime:
         )
         self.running[job.session_id] = runner
         try:
-            await runner.run()
+            return await runner.run()
         finally:
             if self.running.get(job.session_id) is runner:
                 del self.running[job.session_id]
@@ -173,8 +175,7 @@ async def run_turn(ctx: dict[str, Any], payload: Any) -> str:
         logger.error("rejected turn job %s: ids are not UUIDs", ctx.get("job_id"))
         return "rejected"
     runtime: WorkerRuntime = ctx["runtime"]
-    await runtime.run_turn(job)
-    return "done"
+    return "done" if await runtime.run_turn(job) else "skipped"
 
 
 async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRuntime]:

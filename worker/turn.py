@@ -98,13 +98,14 @@ class TurnRunner:
 
     # ---- the turn ----------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self) -> bool:
+        """Run the turn to its end; False when it was not this worker's to run."""
         lease_ms = int(self.settings.lease_seconds * 1000)
         if not await self.store.start_turn(self.session_id, self.turn_id, self.worker_id, lease_ms):
             logger.info(
                 "turn %s of session %s is not current; skipped", self.turn_id, self.session_id
             )
-            return
+            return False
         self._writer = EventWriter(self.store, self.session_id, self.turn_id, self._stop_quietly)
         heartbeat = asyncio.create_task(self._heartbeat(lease_ms))
         try:
@@ -112,6 +113,7 @@ class TurnRunner:
         finally:
             heartbeat.cancel()
             await self._writer.close()
+        return True
 
     async def _drive(self) -> None:
         """Run the loop and end the turn the way the loop ended."""
