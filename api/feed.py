@@ -43,16 +43,19 @@ FeedItem = LoggedEvent | Truncated | Tick | Subscribed | Draining
 
 
 async def follow(
-    redis: Redis, hub: EventHub, sid: str, after: int, *, tick: float | None = None
+    redis: Redis, hub: EventHub, sid: str, after: int, *, tick: float = 15.0
 ) -> AsyncIterator[FeedItem]:
     async with hub.subscribe(sid) as queue:
         yield Subscribed()
         if hub.draining:
             yield Draining()
             return
+        # The latest seq is read before the log: were it read after, events
+        # appended in between would look trimmed away.
+        latest = await eventlog.latest_seq(redis, sid)
         first = await eventlog.first_seq(redis, sid)
-        if first is None:  # an empty log: trimmed away or expired, or nothing yet
-            first = await eventlog.latest_seq(redis, sid) + 1
+        if first is None:  # an empty log: expired, or nothing yet
+            first = latest + 1
         if first > after + 1:
             yield Truncated(after=after, first_seq=first)
             after = first - 1
@@ -74,6 +77,10 @@ async def follow(
             try:
                 data = await asyncio.wait_for(queue.get(), tick)
             except TimeoutError:
+                # Quiet for a while: check the log too, so that even a lost
+                # last message (nothing after it to reveal the gap) turns up.
+                async for event in backfill():
+                    yield event
                 yield Tick()
                 continue
             if data == DRAIN:

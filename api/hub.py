@@ -40,6 +40,7 @@ class EventHub:
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._lock = asyncio.Lock()
         self.draining = False
 
     @property
@@ -68,24 +69,26 @@ class EventHub:
         """A queue of the session's live events; subscribed before this returns."""
         channel = keys.events_channel(sid).encode()
         queue: asyncio.Queue[bytes] = asyncio.Queue(_QUEUE_SIZE)
-        queues = self._queues.setdefault(channel, set())
-        first = not queues
-        queues.add(queue)
-        try:
-            if first:
+        # The lock keeps the order of SUBSCRIBE and UNSUBSCRIBE on the wire the
+        # order of our decisions: a client leaving while another arrives must
+        # not end with the channel unsubscribed under the newcomer.
+        async with self._lock:
+            queues = self._queues.setdefault(channel, set())
+            queues.add(queue)
+            if len(queues) == 1:
                 confirmed = asyncio.get_running_loop().create_future()
                 self._pending.setdefault(channel, deque()).append(confirmed)
                 await self._send("SUBSCRIBE", channel)
-                await asyncio.wait_for(confirmed, 10)
-            else:
-                await self._wait_confirmed(channel)
+        try:
+            await self._wait_confirmed(channel)
             yield queue
         finally:
-            queues.discard(queue)
-            if not queues and self._queues.get(channel) is queues:
-                del self._queues[channel]
-                with contextlib.suppress(RedisConnectionError, OSError):
-                    await self._send("UNSUBSCRIBE", channel)
+            async with self._lock:
+                queues.discard(queue)
+                if not queues and self._queues.get(channel) is queues:
+                    del self._queues[channel]
+                    with contextlib.suppress(RedisConnectionError, OSError):
+                        await self._send("UNSUBSCRIBE", channel)
 
     async def _wait_confirmed(self, channel: bytes) -> None:
         pending = self._pending.get(channel)

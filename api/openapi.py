@@ -81,6 +81,14 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
     }
 
 
+_IDEMPOTENCY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "description": "a retry with the same key and body gets the first request's outcome",
+}
+
 _PAGING = [
     _query("limit", {"type": "integer", "minimum": 1, "maximum": 200}, "page size (50)"),
     _query("cursor", {"type": "string"}, "from the X-Next-Cursor header of the last page"),
@@ -149,6 +157,7 @@ def build_openapi(version: str) -> dict[str, Any]:
                 "createSandbox",
                 "Create a sandbox",
                 {201: _linked(_json(_ref(Sandbox), "the sandbox"), "sandbox_id", _SANDBOX_OPS)},
+                params=[_IDEMPOTENCY],
                 body=CreateSandbox,
                 body_required=False,
                 errors=body_errors,
@@ -182,7 +191,7 @@ def build_openapi(version: str) -> dict[str, Any]:
                 "createSession",
                 "Create a session",
                 {201: _linked(_json(_ref(Session), "the session"), "sid", _SESSION_OPS)},
-                params=sandbox,
+                params=[*sandbox, _IDEMPOTENCY],
                 body=CreateSession,
                 body_required=False,
                 errors=(404, *body_errors),
@@ -230,6 +239,7 @@ def build_openapi(version: str) -> dict[str, Any]:
                 params=[
                     *sid,
                     _query("wait", {"type": "number", "minimum": 0}, "seconds to wait at most"),
+                    _IDEMPOTENCY,
                 ],
                 body=SendMessage,
                 errors=(404, *body_errors),

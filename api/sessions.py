@@ -258,7 +258,8 @@ async def _wait_for_terminal(
     """The turn's terminal event, as it arrives on the live feed; None past the limit."""
     try:
         async with asyncio.timeout(limit):
-            async for item in follow(svc.redis, svc.hub, sid, after):
+            tick = svc.settings.keepalive_seconds
+            async for item in follow(svc.redis, svc.hub, sid, after, tick=tick):
                 if isinstance(item, eventlog.LoggedEvent) and item.type in TERMINAL_TYPES:
                     terminal = decode_terminal(item.data)
                     if terminal.turn_id == turn_id:

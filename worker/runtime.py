@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import msgspec
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
 from arq.worker import func
 
 from shared import events as ev
@@ -33,6 +34,9 @@ from worker.providers.base import ProviderError
 from worker.turn import TurnRunner
 
 logger = logging.getLogger("sandstream.worker")
+
+# arq's own timeout for a turn job, beyond the turn's: the turn ends itself first.
+JOB_TIMEOUT_EXTRA = 60
 
 
 class ControlMessage(msgspec.Struct, frozen=True):
@@ -119,14 +123,20 @@ class WorkerRuntime:
             if state is None or state.state != "running" or state.turn_id is None:
                 await self.store.forget_running(sid)
                 continue
+            lost = ev.ErrorInfo(
+                code="worker_lost", message="the worker running this turn stopped responding"
+            )
             if state.started:
                 if await self.store.redis.exists(keys.lease(sid)):
                     continue
-                lost = ev.ErrorInfo(
-                    code="worker_lost", message="the worker running this turn stopped responding"
-                )
                 done = await self._end(
                     sid, state.sandbox_id, state.turn_id, "orphaned", "worker_lost", lost
+                )
+            elif await self._picked_up_long_ago(state.turn_id):
+                # A worker took the job but never started the turn: it died in
+                # between. arq would hand the job out again only after an hour.
+                done = await self._end(
+                    sid, state.sandbox_id, state.turn_id, "unstarted", "worker_lost", lost
                 )
             elif now_ms - state.claimed_ms > self.settings.queued_turn_timeout_seconds * 1000:
                 late = ev.ErrorInfo(
@@ -139,6 +149,17 @@ class WorkerRuntime:
                 continue
             reaped += int(done)
         return reaped
+
+    async def _picked_up_long_ago(self, turn_id: str) -> bool:
+        """Whether arq marked the turn's job in progress more than a lease ago.
+
+        arq sets its in-progress key with a TTL of the job timeout plus 10 s when
+        a worker takes the job; what is left of that TTL says how long ago."""
+        ttl_ms = int(await self.store.redis.pttl(in_progress_key_prefix + turn_id))
+        if ttl_ms < 0:
+            return False
+        in_progress_ms = (self.settings.turn_timeout_seconds + JOB_TIMEOUT_EXTRA + 10) * 1000
+        return in_progress_ms - ttl_ms > self.settings.lease_seconds * 1000
 
     async def _end(
         self,
@@ -205,7 +226,7 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
                 run_turn,
                 name=TURN_FUNCTION,
                 max_tries=1,
-                timeout=settings.turn_timeout_seconds + 60,
+                timeout=settings.turn_timeout_seconds + JOB_TIMEOUT_EXTRA,
             )
         ],
         redis_pool=redis,
