@@ -18,8 +18,7 @@ lint:
 
 bench:
 	scripts/bootstrap.sh
-	.venv/bin/python -m bench.send_latency
-	.venv/bin/python -m bench.idle_worker
+	.venv/bin/python -m bench.run
 
 clean:
 	rm -rf .venv .sandstream .pytest_cache .mypy_cache .ruff_cache

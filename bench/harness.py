@@ -58,35 +58,58 @@ def private_redis() -> Iterator[str]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+class Service:
+    def __init__(self, bases: list[str], api_pids: list[int], worker_pids: list[int]) -> None:
+        self.bases = bases
+        self.base = bases[0] if bases else ""
+        self.api_pids = api_pids
+        self.worker_pids = worker_pids
+
+
 @contextmanager
 def service(
-    redis_url: str, *, api: bool = True, workers: int = 1, **settings: str
-) -> Iterator[str]:
-    port = free_port()
+    redis_url: str, *, apis: int = 1, workers: int = 1, **settings: str
+) -> Iterator[Service]:
     workdir = tempfile.mkdtemp(prefix="sandstream-bench-")
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("SANDSTREAM_")},
         "SANDSTREAM_REDIS_URL": redis_url,
-        "SANDSTREAM_PORT": str(port),
         "SANDSTREAM_SANDBOX_ROOT": workdir,
         "SANDSTREAM_LOG_LEVEL": "WARNING",
         "SANDSTREAM_API_KEYS": f"bench={BENCH_KEY}",
         "SANDSTREAM_RATE_LIMIT_PER_MINUTE": "0",
         **{"SANDSTREAM_" + k.upper(): v for k, v in settings.items()},
     }
-    procs = []
-    base = f"http://127.0.0.1:{port}"
-    if api:
-        procs.append(subprocess.Popen([sys.executable, "-m", "api"], cwd=ROOT, env=env))
-        _wait(lambda: httpx.get(base + "/readyz").status_code == 200, "the API")
-    for _ in range(workers):
-        procs.append(subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env))
-    time.sleep(1.0)
+    procs: list[subprocess.Popen[bytes]] = []
+    bases: list[str] = []
     try:
-        yield base
+        for _ in range(apis):
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            api_env = {**env, "SANDSTREAM_PORT": str(port)}
+            procs.append(subprocess.Popen([sys.executable, "-m", "api"], cwd=ROOT, env=api_env))
+            _wait(lambda b=base: httpx.get(b + "/readyz").status_code == 200, "the API")
+            bases.append(base)
+        for _ in range(workers):
+            procs.append(subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env))
+        time.sleep(1.0)
+        yield Service(bases, [p.pid for p in procs[:apis]], [p.pid for p in procs[apis:]])
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
             proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def percentile(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p))]

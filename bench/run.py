@@ -1,0 +1,277 @@
+"""sandstream's benchmarks: every figure beside a baseline measured in the same run.
+
+    python -m bench.run [--quick] [--streams 1000,10000]
+
+Starts its own Redis, API and worker processes (the load generator shares the
+machine) and prints one table per benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import redis
+from arq.jobs import Job
+
+from bench.harness import AUTH, percentile, private_redis, service
+from bench.sse_clients import bare_sse_server, open_streams
+from shared import keys
+from shared.models import Message, TextBlock, new_id, now_rfc3339
+from shared.queue import connect, deserialize_job
+from shared.settings import Settings
+from shared.store import SessionStore
+from worker.isolation import Isolation
+from worker.providers.demo import DemoProvider
+from worker.turn import TurnRunner
+
+MESSAGE = {"role": "user", "content": [{"type": "text", "text": "hello"}]}
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print(f"\n{title}")
+    for row in [header, *rows]:
+        print(
+            "  ".join(
+                str(c).rjust(w) if i else str(c).ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}"
+
+
+# ---- 1. blocking send latency ------------------------------------------------
+
+
+def new_session(client: httpx.Client) -> str:
+    sandbox = client.post("/sandboxes", json={}).json()["id"]
+    return str(client.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"])
+
+
+def measure_sends(base: str, sends: int) -> list[float]:
+    with httpx.Client(base_url=base + "/api/v1", timeout=30, headers=AUTH) as client:
+        sid = new_session(client)
+        for _ in range(10):
+            client.post(f"/sessions/{sid}/messages", json=MESSAGE)
+        samples = []
+        for _ in range(sends):
+            started = time.perf_counter()
+            response = client.post(f"/sessions/{sid}/messages", json=MESSAGE)
+            samples.append(time.perf_counter() - started)
+            assert response.status_code == 200, response.text
+        return samples
+
+
+def measure_naive(base: str, redis_url: str, sends: int) -> list[float]:
+    """arq as its documentation has it: the worker polls every 0.5 s and the client
+    waits with `Job.result` (which polls too)."""
+
+    async def run() -> list[float]:
+        pool = await connect(redis_url)
+        samples = []
+        async with httpx.AsyncClient(base_url=base + "/api/v1", timeout=30, headers=AUTH) as c:
+            sandbox = (await c.post("/sandboxes", json={})).json()["id"]
+            sid = (await c.post(f"/sandboxes/{sandbox}/sessions", json={})).json()["id"]
+            for _ in range(sends):
+                started = time.perf_counter()
+                reply = await c.post(
+                    f"/sessions/{sid}/messages", params={"wait": "0"}, json=MESSAGE
+                )
+                job = Job(
+                    reply.json()["turn_id"],
+                    pool,
+                    _queue_name=keys.QUEUE,
+                    _deserializer=deserialize_job,
+                )
+                await job.result(timeout=30)
+                (await c.get(f"/sessions/{sid}")).json()
+                samples.append(time.perf_counter() - started)
+        await pool.aclose()
+        return samples
+
+    return asyncio.run(run())
+
+
+def measure_floor(redis_url: str, turns: int) -> list[float]:
+    """The turn itself: claim, run with the demo agent, finish; no HTTP, no queue."""
+
+    async def run() -> list[float]:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        store = SessionStore(client)
+        settings = Settings(sandbox_root=str(Path("/tmp") / "sandstream-bench-floor"))
+        sandbox = await store.create_sandbox("bench", {})
+        session = await store.create_session("bench", sandbox.id, {}, settings.default_agent())
+        samples = []
+        for i in range(turns + 10):
+            started = time.perf_counter()
+            turn_id = new_id()
+            user = Message(
+                id=new_id(),
+                session_id=session.id,
+                role="user",
+                content=[TextBlock(text="hello")],
+                timestamp=now_rfc3339(),
+                turn_id=turn_id,
+            )
+            await store.claim_turn(session.id, turn_id, user)
+            runner = TurnRunner(
+                store=store,
+                settings=settings,
+                provider=DemoProvider(),
+                agent=settings.default_agent(),
+                isolation=Isolation(kind="none"),
+                network=False,
+                worker_id="bench",
+                session_id=session.id,
+                sandbox_id=sandbox.id,
+                turn_id=turn_id,
+            )
+            await runner.run()
+            if i >= 10:
+                samples.append(time.perf_counter() - started)
+        await client.aclose()
+        return samples
+
+    return asyncio.run(run())
+
+
+def bench_latency(redis_url: str, sends: int) -> None:
+    floor = measure_floor(redis_url, sends)
+    with service(redis_url) as svc:
+        ours = measure_sends(svc.base, sends)
+    with service(redis_url, worker_fast_pickup="false") as svc:
+        naive = measure_naive(svc.base, redis_url, max(10, sends // 10))
+    ours_p50 = percentile(ours, 0.5)
+    rows = []
+    for name, samples in [
+        ("sandstream blocking send", ours),
+        ("floor: the turn in-process", floor),
+        ("naive: arq 0.5 s poll + Job.result", naive),
+    ]:
+        p50, p99 = percentile(samples, 0.5), percentile(samples, 0.99)
+        rows.append([name, ms(p50), ms(p99), f"{p50 / ours_p50:.2f}x"])
+    table(
+        f"1. blocking send, plain demo reply, 1 client, {sends} sends",
+        ["", "p50 ms", "p99 ms", "p50 vs ours"],
+        rows,
+    )
+    print(f"  overhead over the floor, p50: {ms(ours_p50 - percentile(floor, 0.5))} ms")
+
+
+# ---- 2. throughput ------------------------------------------------------------
+
+
+def measure_throughput(bases: list[str], clients: int, seconds: float) -> float:
+    async def client(index: int, done: list[int], deadline: float) -> None:
+        base = bases[index % len(bases)]
+        async with httpx.AsyncClient(base_url=base + "/api/v1", timeout=60, headers=AUTH) as c:
+            sandbox = (await c.post("/sandboxes", json={})).json()["id"]
+            sid = (await c.post(f"/sandboxes/{sandbox}/sessions", json={})).json()["id"]
+            while time.monotonic() < deadline:
+                reply = await c.post(f"/sessions/{sid}/messages", json=MESSAGE)
+                assert reply.status_code == 200, reply.text
+                done[0] += 1
+
+    async def run() -> float:
+        done = [0]
+        deadline = time.monotonic() + seconds
+        started = time.monotonic()
+        await asyncio.gather(*(client(i, done, deadline) for i in range(clients)))
+        return done[0] / (time.monotonic() - started)
+
+    return asyncio.run(run())
+
+
+def bench_throughput(redis_url: str, clients: int, seconds: float) -> None:
+    rows = []
+    for apis, workers in [(1, 1), (2, 2)]:
+        with service(redis_url, apis=apis, workers=workers) as svc:
+            rate = measure_throughput(svc.bases, clients, seconds)
+        rows.append([f"{apis} API + {workers} worker", f"{rate:.0f}"])
+    table(
+        f"2. throughput, {clients} clients, plain demo reply, {seconds:g} s", ["", "turns/s"], rows
+    )
+
+
+# ---- 3. SSE fan-out --------------------------------------------------------------
+
+
+def bench_fanout(redis_url: str, counts: list[int]) -> None:
+    rows = []
+    for count in counts:
+        with service(redis_url) as svc:
+            pid = svc.api_pids[0]
+            with httpx.Client(base_url=svc.base + "/api/v1", timeout=60, headers=AUTH) as c:
+                sid = new_session(c)
+                url = f"{svc.base}/api/v1/sessions/{sid}/stream"
+
+                def trigger(client: httpx.Client = c, session: str = sid) -> None:
+                    client.post(f"/sessions/{session}/messages", json=MESSAGE)
+
+                # The turn's first event: what is measured is the fan-out alone.
+                result = open_streams(url, AUTH, count, trigger, pid, event="text_delta")
+        rows.append([f"sandstream, {count} streams", *result])
+        with bare_sse_server() as (base, bare_pid):
+            result = open_streams(
+                base + "/stream",
+                {},
+                count,
+                lambda b=base: httpx.post(b + "/publish"),
+                bare_pid,
+                event="tick",
+            )
+        rows.append([f"bare Litestar SSE, {count} streams", *result])
+    table(
+        "3. SSE fan-out: one event to every stream of one API process",
+        ["", "delivery p50 ms", "delivery p99 ms", "KiB per idle stream"],
+        rows,
+    )
+
+
+# ---- 4. idle cost ------------------------------------------------------------------
+
+
+def idle_rate(url: str, seconds: float) -> float:
+    client = redis.Redis.from_url(url)
+    time.sleep(1.0)
+    before = int(client.info("stats")["total_commands_processed"])
+    time.sleep(seconds)
+    after = int(client.info("stats")["total_commands_processed"])
+    return (after - before - 1) / seconds
+
+
+def bench_idle(redis_url: str, seconds: float) -> None:
+    rows = []
+    for name, kwargs in [
+        ("sandstream worker", {"apis": 0, "workers": 1}),
+        ("stock arq worker (0.5 s poll)", {"apis": 0, "workers": 1, "worker_fast_pickup": "false"}),
+        ("sandstream API", {"apis": 1, "workers": 0}),
+    ]:
+        with service(redis_url, **kwargs):  # type: ignore[arg-type]
+            rows.append([name, f"{idle_rate(redis_url, seconds):.2f}"])
+    table(f"4. idle cost, Redis commands/s over {seconds:g} s", ["", "commands/s"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    parser.add_argument("--streams", default="1000", help="comma-separated stream counts")
+    args = parser.parse_args()
+    sends, clients, seconds, idle = (20, 8, 2.0, 3.0) if args.quick else (200, 64, 10.0, 20.0)
+    counts = [int(n) for n in args.streams.split(",")] if not args.quick else [50]
+    with private_redis() as url:
+        bench_latency(url, sends)
+        bench_throughput(url, clients, seconds)
+        bench_fanout(url, counts)
+        bench_idle(url, idle)
+
+
+if __name__ == "__main__":
+    main()
