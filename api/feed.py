@@ -14,10 +14,8 @@ from collections.abc import AsyncIterator
 import msgspec
 from redis.asyncio import Redis
 
-from api.hub import DRAIN, RESYNC, EventHub
+from api.hub import DRAIN, EventHub, LiveEvent, live_event
 from shared import eventlog
-from shared.eventlog import LoggedEvent
-from shared.events import decode_head
 
 
 class Truncated(msgspec.Struct, frozen=True):
@@ -39,35 +37,42 @@ class Draining(msgspec.Struct, frozen=True):
     """This API process is shutting down; the client should reconnect elsewhere."""
 
 
-FeedItem = LoggedEvent | Truncated | Tick | Subscribed | Draining
+FeedItem = LiveEvent | Truncated | Tick | Subscribed | Draining
 
 
 async def follow(
-    redis: Redis, hub: EventHub, sid: str, after: int, *, tick: float = 15.0
+    redis: Redis,
+    hub: EventHub,
+    sid: str,
+    after: int,
+    *,
+    tick: float = 15.0,
+    check_retained: bool = True,
 ) -> AsyncIterator[FeedItem]:
     async with hub.subscribe(sid) as queue:
         yield Subscribed()
         if hub.draining:
             yield Draining()
             return
-        # The latest seq is read before the log: were it read after, events
-        # appended in between would look trimmed away.
-        latest = await eventlog.latest_seq(redis, sid)
-        first = await eventlog.first_seq(redis, sid)
-        if first is None:  # an empty log: expired, or nothing yet
-            first = latest + 1
-        if first > after + 1:
-            yield Truncated(after=after, first_seq=first)
-            after = first - 1
+        if check_retained:
+            # The latest seq is read before the log: were it read after, events
+            # appended in between would look trimmed away.
+            latest = await eventlog.latest_seq(redis, sid)
+            first = await eventlog.first_seq(redis, sid)
+            if first is None:  # an empty log: expired, or nothing yet
+                first = latest + 1
+            if first > after + 1:
+                yield Truncated(after=after, first_seq=first)
+                after = first - 1
         last = after
 
-        async def backfill() -> AsyncIterator[LoggedEvent]:
+        async def backfill() -> AsyncIterator[LiveEvent]:
             nonlocal last
             while True:
                 batch = await eventlog.read_after(redis, sid, last)
                 for event in batch:
                     last = event.seq
-                    yield event
+                    yield live_event(event.seq, event.type, event.data)
                 if len(batch) < 1000:
                     return
 
@@ -75,27 +80,27 @@ async def follow(
             yield event
         while True:
             try:
-                data = await asyncio.wait_for(queue.get(), tick)
-            except TimeoutError:
-                # Quiet for a while: check the log too, so that even a lost
-                # last message (nothing after it to reveal the gap) turns up.
-                async for event in backfill():
-                    yield event
-                yield Tick()
-                continue
-            if data == DRAIN:
+                item = queue.get_nowait()  # in a burst, skip the timer of wait_for
+            except asyncio.QueueEmpty:
+                try:
+                    item = await asyncio.wait_for(queue.get(), tick)
+                except TimeoutError:
+                    # Quiet for a while: check the log too, so that even a lost
+                    # last message (nothing after it to reveal the gap) turns up.
+                    async for event in backfill():
+                        yield event
+                    yield Tick()
+                    continue
+            if isinstance(item, LiveEvent):
+                if item.seq <= last:
+                    continue
+                if item.seq == last + 1:
+                    last = item.seq
+                    yield item
+                    continue
+                # A gap: what is missing (and this one) comes from the log.
+            elif item == DRAIN:
                 yield Draining()
                 return
-            if data == RESYNC:
-                async for event in backfill():
-                    yield event
-                continue
-            head = decode_head(data)
-            if head.seq <= last:
-                continue
-            if head.seq > last + 1:
-                async for event in backfill():
-                    yield event
-                continue
-            last = head.seq
-            yield LoggedEvent(head.seq, head.type, data)
+            async for event in backfill():
+                yield event

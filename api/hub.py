@@ -17,17 +17,35 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Final
 
+import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared import keys
+from shared.events import decode_head, sse_frame
 
 logger = logging.getLogger("sandstream.hub")
 
+
+class LiveEvent(msgspec.Struct, frozen=True):
+    """An event off pub/sub, decoded and framed once for all of this process's clients."""
+
+    seq: int
+    type: str
+    data: bytes
+    frame: bytes
+
+
+def live_event(seq: int, event_type: str, data: bytes) -> LiveEvent:
+    return LiveEvent(seq, event_type, data, sse_frame(event_type, data, seq))
+
+
+# Queue items are LiveEvents, or one of these markers.
 RESYNC: Final = b""
 # Put in every queue when the process starts shutting down.
 DRAIN: Final = b"\x00drain"
+QueueItem = LiveEvent | bytes
 _QUEUE_SIZE = 1024
 _ANCHOR_CHANNEL = f"{keys.PREFIX}:api:anchor"
 
@@ -35,7 +53,7 @@ _ANCHOR_CHANNEL = f"{keys.PREFIX}:api:anchor"
 class EventHub:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._queues: dict[bytes, set[asyncio.Queue[bytes]]] = {}
+        self._queues: dict[bytes, set[asyncio.Queue[QueueItem]]] = {}
         self._pending: dict[bytes, deque[asyncio.Future[None]]] = {}
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -65,10 +83,10 @@ class EventHub:
                 self._offer(queue, DRAIN)
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, sid: str) -> AsyncIterator[asyncio.Queue[bytes]]:
+    async def subscribe(self, sid: str) -> AsyncIterator[asyncio.Queue[QueueItem]]:
         """A queue of the session's live events; subscribed before this returns."""
         channel = keys.events_channel(sid).encode()
-        queue: asyncio.Queue[bytes] = asyncio.Queue(_QUEUE_SIZE)
+        queue: asyncio.Queue[QueueItem] = asyncio.Queue(_QUEUE_SIZE)
         # The lock keeps the order of SUBSCRIBE and UNSUBSCRIBE on the wire the
         # order of our decisions: a client leaving while another arrives must
         # not end with the channel unsubscribed under the newcomer.
@@ -127,8 +145,17 @@ class EventHub:
         if kind == "message":
             data = message["data"]
             assert isinstance(data, bytes)
-            for queue in self._queues.get(channel, ()):
-                self._offer(queue, data)
+            queues = self._queues.get(channel)
+            if not queues:
+                return
+            try:
+                head = decode_head(data)
+            except msgspec.DecodeError:
+                logger.error("undecodable event on %r", channel)
+                return
+            event = live_event(head.seq, head.type, data)
+            for queue in queues:
+                self._offer(queue, event)
         elif kind == "subscribe":
             pending = self._pending.get(channel)
             if pending:
@@ -144,9 +171,9 @@ class EventHub:
                     self._offer(queue, RESYNC)
 
     @staticmethod
-    def _offer(queue: asyncio.Queue[bytes], data: bytes) -> None:
+    def _offer(queue: asyncio.Queue[QueueItem], item: QueueItem) -> None:
         try:
-            queue.put_nowait(data)
+            queue.put_nowait(item)
         except asyncio.QueueFull:
             # Too slow to keep up: drop what is queued and let it read the log.
             while not queue.empty():

@@ -11,6 +11,7 @@ from litestar import Controller, Request, Response, delete, get, post
 
 from api.feed import follow
 from api.guard import tenant_of
+from api.hub import LiveEvent
 from api.idempotency import IdemRecord, claim_or_replay, released_on_error
 from api.pagination import paged_response
 from api.problems import Problem, not_found
@@ -39,7 +40,7 @@ from shared.models import (
     new_id,
     now_rfc3339,
 )
-from shared.queue import TurnJob, enqueue_turn
+from shared.queue import TurnJob
 
 logger = logging.getLogger("sandstream.api")
 
@@ -118,7 +119,7 @@ class SessionController(Controller):
         self, request: Request[Any, Any, Any], sid: str, wait: float | None = None
     ) -> Response[bytes]:
         svc = services_of(request)
-        await owned_session(svc, sid, tenant_of(request))
+        check_id("session", sid)
         body = await decode_body(request, SendMessage, empty_ok=False)
         wait_limit = svc.settings.send_wait_seconds if wait is None else wait
         if not 0 <= wait_limit <= svc.settings.send_wait_seconds:
@@ -143,7 +144,7 @@ class SessionController(Controller):
             turn_id=turn_id,
         )
         async with released_on_error(idem):
-            claim = await svc.store.claim_turn(sid, turn_id, user_message)
+            claim = await svc.store.claim_turn(sid, tenant_of(request), turn_id, user_message)
         if idem is not None:
             if claim.status == "ok":
                 await idem.settle(turn_id, after=claim.latest_seq)
@@ -208,7 +209,7 @@ async def _replay_send(
 
 async def _enqueue(svc: Services, sid: str, turn_id: str) -> None:
     try:
-        await enqueue_turn(svc.redis, TurnJob(session_id=sid, turn_id=turn_id))
+        await svc.queue.enqueue(TurnJob(session_id=sid, turn_id=turn_id))
     except Exception:
         # Never leave a session claimed by a turn that no worker will see.
         logger.exception("enqueue of turn %s for session %s failed", turn_id, sid)
@@ -255,12 +256,14 @@ async def _end_unstarted(svc: Services, sid: str, sandbox_id: str, turn_id: str)
 async def _wait_for_terminal(
     svc: Services, sid: str, turn_id: str, after: int, limit: float
 ) -> TerminalView | None:
+    # `after` was read with the turn's claim, so the log holds everything since.
     """The turn's terminal event, as it arrives on the live feed; None past the limit."""
     try:
         async with asyncio.timeout(limit):
             tick = svc.settings.keepalive_seconds
-            async for item in follow(svc.redis, svc.hub, sid, after, tick=tick):
-                if isinstance(item, eventlog.LoggedEvent) and item.type in TERMINAL_TYPES:
+            feed = follow(svc.redis, svc.hub, sid, after, tick=tick, check_retained=False)
+            async for item in feed:
+                if isinstance(item, LiveEvent) and item.type in TERMINAL_TYPES:
                     terminal = decode_terminal(item.data)
                     if terminal.turn_id == turn_id:
                         return terminal

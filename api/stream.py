@@ -14,6 +14,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from api.auth import mint_stream_token
 from api.feed import Draining, Subscribed, Tick, Truncated, follow
 from api.guard import principal_of, tenant_of
+from api.hub import LiveEvent
 from api.problems import Problem
 from api.schemas import StreamToken
 from api.services import Services, owned_session, services_of
@@ -74,13 +75,48 @@ class StreamController(Controller):
 
 
 async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> AsyncIterator[bytes]:
+    feed = follow(svc.redis, svc.hub, sid, after, tick=svc.settings.keepalive_seconds)
     try:
-        async for frame in _frames(svc, sid, sandbox_id, after):
-            yield frame
+        async for item in feed:
+            if isinstance(item, LiveEvent):
+                yield item.frame
+            elif isinstance(item, Subscribed):
+                # The body starts at once, so proxies and clients see the stream is
+                # open; `retry` tells EventSource how soon to come back if it drops.
+                yield f"retry: {RECONNECT_MS}\n: stream open\n\n".encode()
+            elif isinstance(item, Draining):
+                yield _reconnect_frame(sid, "this API process is shutting down")
+                return
+            elif isinstance(item, Tick):
+                yield await _keepalive(svc, sid, sandbox_id)
+            else:
+                yield _truncated_frame(sid, item)
     except (RedisConnectionError, RedisTimeoutError, OSError):
         # Redis is gone: end the stream and say when to come back; the client
         # resumes from its Last-Event-ID, so nothing is lost.
         yield _reconnect_frame(sid, "the store is unavailable")
+
+
+async def _keepalive(svc: Services, sid: str, sandbox_id: str) -> bytes:
+    payload = {
+        "type": "keepalive",
+        "session_id": sid,
+        "sandbox_id": sandbox_id,
+        "latest_seq": await eventlog.latest_seq(svc.redis, sid),
+        "created_at": now_rfc3339(),
+    }
+    return sse_frame("keepalive", msgspec.json.encode(payload), None)
+
+
+def _truncated_frame(sid: str, item: Truncated) -> bytes:
+    payload = {
+        "type": "log_truncated",
+        "session_id": sid,
+        "after": item.after,
+        "first_seq": item.first_seq,
+        "detail": "events before first_seq are no longer retained; refetch the session",
+    }
+    return sse_frame("log_truncated", msgspec.json.encode(payload), None)
 
 
 def _reconnect_frame(sid: str, reason: str) -> bytes:
@@ -88,34 +124,3 @@ def _reconnect_frame(sid: str, reason: str) -> bytes:
     return f"retry: {RECONNECT_MS}\n".encode() + sse_frame(
         "reconnect", msgspec.json.encode(payload), None
     )
-
-
-async def _frames(svc: Services, sid: str, sandbox_id: str, after: int) -> AsyncIterator[bytes]:
-    async for item in follow(svc.redis, svc.hub, sid, after, tick=svc.settings.keepalive_seconds):
-        if isinstance(item, Subscribed):
-            # The body starts at once, so proxies and clients see the stream is
-            # open; `retry` tells EventSource how soon to come back if it drops.
-            yield f"retry: {RECONNECT_MS}\n: stream open\n\n".encode()
-        elif isinstance(item, Draining):
-            yield _reconnect_frame(sid, "this API process is shutting down")
-            return
-        elif isinstance(item, Tick):
-            payload = {
-                "type": "keepalive",
-                "session_id": sid,
-                "sandbox_id": sandbox_id,
-                "latest_seq": await eventlog.latest_seq(svc.redis, sid),
-                "created_at": now_rfc3339(),
-            }
-            yield sse_frame("keepalive", msgspec.json.encode(payload), None)
-        elif isinstance(item, Truncated):
-            payload = {
-                "type": "log_truncated",
-                "session_id": sid,
-                "after": item.after,
-                "first_seq": item.first_seq,
-                "detail": "events before first_seq are no longer retained; refetch the session",
-            }
-            yield sse_frame("log_truncated", msgspec.json.encode(payload), None)
-        else:
-            yield sse_frame(item.type, item.data, item.seq)

@@ -21,7 +21,7 @@ from bench.harness import AUTH, percentile, private_redis, service
 from bench.sse_clients import bare_sse_server, open_streams
 from shared import keys
 from shared.models import Message, TextBlock, new_id, now_rfc3339
-from shared.queue import connect, deserialize_job
+from shared.queue import connect, deserialize_job_data
 from shared.settings import Settings
 from shared.store import SessionStore
 from worker.isolation import Isolation
@@ -88,7 +88,7 @@ def measure_naive(base: str, redis_url: str, sends: int) -> list[float]:
                     reply.json()["turn_id"],
                     pool,
                     _queue_name=keys.QUEUE,
-                    _deserializer=deserialize_job,
+                    _deserializer=deserialize_job_data,
                 )
                 await job.result(timeout=30)
                 (await c.get(f"/sessions/{sid}")).json()
@@ -120,7 +120,7 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
                 timestamp=now_rfc3339(),
                 turn_id=turn_id,
             )
-            await store.claim_turn(session.id, turn_id, user)
+            await store.claim_turn(session.id, "bench", turn_id, user)
             runner = TurnRunner(
                 store=store,
                 settings=settings,

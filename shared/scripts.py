@@ -7,10 +7,10 @@ a stale worker, a reaper and an interrupt can race without corrupting a session.
 
 from __future__ import annotations
 
-# KEYS: session, messages, seq. ARGV: turn_id, user message JSON, now, now_ms.
-# -> {"ok", latest_seq} | {"running", running_turn_id} | {"missing"}
+# KEYS: session, messages, seq. ARGV: turn_id, user message JSON, now, now_ms, tenant.
+# -> {"ok", latest_seq} | {"running", running_turn_id} | {"missing"} (also: not the tenant's)
 CLAIM_TURN = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[5] then return {'missing'} end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'running' then
   return {'running', redis.call('HGET', KEYS[1], 'turn_id')}

@@ -226,15 +226,18 @@ class SessionStore:
 
     # ---- the turn ----------------------------------------------------------
 
-    async def claim_turn(self, sid: str, turn_id: str, user_message: Message) -> ClaimResult:
+    async def claim_turn(
+        self, sid: str, tenant: str, turn_id: str, user_message: Message
+    ) -> ClaimResult:
+        """Make the session the tenant's new turn's, storing the user message; the
+        turn's job (`shared.queue.TurnQueue`) adds it to the running index."""
         now = now_rfc3339()
         res = await self._claim(
             keys=[keys.session(sid), keys.messages(sid), keys.seq(sid)],
-            args=[turn_id, msgspec.json.encode(user_message), now, int(time.time() * 1000)],
+            args=[turn_id, msgspec.json.encode(user_message), now, int(time.time() * 1000), tenant],
         )
         status = res[0].decode()
         if status == "ok":
-            await self.redis.sadd(keys.RUNNING, sid)  # type: ignore[misc]
             return ClaimResult("ok", turn_id, int(res[1]))
         if status == "running":
             return ClaimResult("running", res[1].decode())

@@ -17,7 +17,7 @@ from conftest import ALPHA_KEY, Stack
 from helpers import ResumingReader, StreamReader, free_port, text_message
 
 from shared import keys
-from shared.queue import TURN_FUNCTION, connect, deserialize_job
+from shared.queue import TURN_FUNCTION, connect, deserialize_job_data
 
 
 def _session(client: httpx.Client) -> str:
@@ -197,7 +197,7 @@ def test_redelivered_job_of_a_finished_turn_does_nothing(
             payload = {"session_id": session_id, "turn_id": turn_id}
             await redis.enqueue_job(TURN_FUNCTION, payload, _job_id=job_id, _queue_name=keys.QUEUE)
             await redis.publish(keys.WAKE_CHANNEL, job_id)
-            job = Job(job_id, redis, _queue_name=keys.QUEUE, _deserializer=deserialize_job)
+            job = Job(job_id, redis, _queue_name=keys.QUEUE, _deserializer=deserialize_job_data)
             return await job.result(timeout=10)
         finally:
             await redis.aclose()

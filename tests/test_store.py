@@ -70,7 +70,7 @@ def test_only_one_of_many_concurrent_claims_wins(redis_url: str) -> None:
         session = await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)
         turns = [new_id() for _ in range(20)]
         results = await asyncio.gather(
-            *(store.claim_turn(session.id, t, _user(session.id, t)) for t in turns)
+            *(store.claim_turn(session.id, "t", t, _user(session.id, t)) for t in turns)
         )
         winners = [r for r in results if r.status == "ok"]
         assert len(winners) == 1
@@ -85,7 +85,7 @@ def test_concurrent_appends_get_consecutive_seqs(redis_url: str) -> None:
         sandbox = await store.create_sandbox("t", {})
         session = await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)
         turn = new_id()
-        await store.claim_turn(session.id, turn, _user(session.id, turn))
+        await store.claim_turn(session.id, "t", turn, _user(session.id, turn))
         batches = [
             [_delta(session.id, sandbox.id, turn, f"{b}.{i}") for i in range(20)] for b in range(10)
         ]
@@ -108,9 +108,9 @@ def test_a_stale_turn_can_neither_append_nor_finish(redis_url: str) -> None:
         sandbox = await store.create_sandbox("t", {})
         sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
         old, new = new_id(), new_id()
-        await store.claim_turn(sid, old, _user(sid, old))
+        await store.claim_turn(sid, "t", old, _user(sid, old))
         assert await store.finish_turn(sid, old, "unstarted", None, _done(sid, sandbox.id, old))
-        await store.claim_turn(sid, new, _user(sid, new))
+        await store.claim_turn(sid, "t", new, _user(sid, new))
         assert await store.append_events(sid, old, [_delta(sid, sandbox.id, old, "x")]) == [0]
         assert await store.finish_turn(sid, old, "worker", None, _done(sid, sandbox.id, old)) == 0
         state = await store.turn_state(sid)
@@ -124,7 +124,7 @@ def test_started_turn_is_orphaned_only_once_its_lease_lapses(redis_url: str) -> 
         sandbox = await store.create_sandbox("t", {})
         sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
         turn = new_id()
-        await store.claim_turn(sid, turn, _user(sid, turn))
+        await store.claim_turn(sid, "t", turn, _user(sid, turn))
         assert await store.start_turn(sid, turn, "w1", 200)
         assert not await store.start_turn(sid, turn, "w2", 200)  # no second worker
         done = _done(sid, sandbox.id, turn)

@@ -16,7 +16,7 @@ from conftest import Stack
 from helpers import StreamReader, text_message
 
 from shared import keys
-from shared.queue import TURN_FUNCTION, connect, deserialize_job
+from shared.queue import TURN_FUNCTION, connect, deserialize_job_data
 
 
 def _api(stack: Stack) -> httpx.Client:
@@ -131,7 +131,7 @@ def test_worker_rejects_malformed_jobs(stack: Stack, client: httpx.Client, paylo
             job_id = f"bad-{uuid.uuid4()}"
             await redis.enqueue_job(TURN_FUNCTION, payload, _job_id=job_id, _queue_name=keys.QUEUE)
             await redis.publish(keys.WAKE_CHANNEL, job_id)
-            job = Job(job_id, redis, _queue_name=keys.QUEUE, _deserializer=deserialize_job)
+            job = Job(job_id, redis, _queue_name=keys.QUEUE, _deserializer=deserialize_job_data)
             return await job.result(timeout=10)
         finally:
             await redis.aclose()

@@ -24,7 +24,7 @@ from arq.worker import func
 from shared import events as ev
 from shared import keys
 from shared.models import is_uuid, new_id, now_rfc3339
-from shared.queue import TURN_FUNCTION, TurnJob, connect, deserialize_job, serialize_job
+from shared.queue import TURN_FUNCTION, TurnJob, connect, deserialize_job_data, serialize_job_data
 from shared.settings import Settings
 from shared.store import FinishMode, SessionStore
 from worker.isolation import choose_isolation, describe
@@ -231,8 +231,8 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
         ],
         redis_pool=redis,
         queue_name=keys.QUEUE,
-        job_serializer=serialize_job,
-        job_deserializer=deserialize_job,
+        job_serializer=serialize_job_data,
+        job_deserializer=deserialize_job_data,
         max_jobs=settings.worker_max_jobs,
         keep_result=60,
         poll_delay=settings.worker_fallback_poll_seconds if settings.worker_fast_pickup else 0.5,
