@@ -42,6 +42,9 @@ def main() -> None:
         port=settings.port,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=5,
+        # Longer than a load balancer's idle timeout (often 60 s), so the proxy,
+        # not uvicorn, closes idle connections: no request lands on a closing one.
+        timeout_keep_alive=75,
         # Off by default: stream URLs may carry a token in their query string.
         access_log=settings.access_log,
     )

@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         redis = await connect(settings.redis_url)
-        hub = EventHub(redis)
+        hub = EventHub(redis, tick_seconds=settings.keepalive_seconds)
         await hub.start()
         app.state.services = Services(settings, redis, hub, keyring)
         try:

@@ -8,13 +8,12 @@ filled from the log before the event itself goes out.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import msgspec
 from redis.asyncio import Redis
 
-from api.hub import DRAIN, EventHub, LiveEvent, live_event
+from api.hub import DRAIN, TICK, EventHub, LiveEvent, live_event
 from shared import eventlog
 
 
@@ -26,7 +25,7 @@ class Truncated(msgspec.Struct, frozen=True):
 
 
 class Tick(msgspec.Struct, frozen=True):
-    """Nothing happened for a tick interval."""
+    """The keepalive interval passed (the hub's timer)."""
 
 
 class Subscribed(msgspec.Struct, frozen=True):
@@ -46,7 +45,6 @@ async def follow(
     sid: str,
     after: int,
     *,
-    tick: float = 15.0,
     check_retained: bool = True,
 ) -> AsyncIterator[FeedItem]:
     async with hub.subscribe(sid) as queue:
@@ -79,18 +77,7 @@ async def follow(
         async for event in backfill():
             yield event
         while True:
-            try:
-                item = queue.get_nowait()  # in a burst, skip the timer of wait_for
-            except asyncio.QueueEmpty:
-                try:
-                    item = await asyncio.wait_for(queue.get(), tick)
-                except TimeoutError:
-                    # Quiet for a while: check the log too, so that even a lost
-                    # last message (nothing after it to reveal the gap) turns up.
-                    async for event in backfill():
-                        yield event
-                    yield Tick()
-                    continue
+            item = await queue.get()
             if isinstance(item, LiveEvent):
                 if item.seq <= last:
                     continue
@@ -99,6 +86,13 @@ async def follow(
                     yield item
                     continue
                 # A gap: what is missing (and this one) comes from the log.
+            elif item == TICK:
+                # Quiet for a while: check the log too, so that even a lost
+                # last message (nothing after it to reveal the gap) turns up.
+                async for event in backfill():
+                    yield event
+                yield Tick()
+                continue
             elif item == DRAIN:
                 yield Draining()
                 return

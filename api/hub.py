@@ -45,14 +45,19 @@ def live_event(seq: int, event_type: str, data: bytes) -> LiveEvent:
 RESYNC: Final = b""
 # Put in every queue when the process starts shutting down.
 DRAIN: Final = b"\x00drain"
+# Put in every queue every keepalive interval, by one timer for the process
+# rather than a timer per stream per wait.
+TICK: Final = b"\x00tick"
 QueueItem = LiveEvent | bytes
 _QUEUE_SIZE = 1024
 _ANCHOR_CHANNEL = f"{keys.PREFIX}:api:anchor"
 
 
 class EventHub:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, tick_seconds: float = 15.0) -> None:
         self._redis = redis
+        self._tick_seconds = tick_seconds
+        self._ticker: asyncio.Task[None] | None = None
         self._queues: dict[bytes, set[asyncio.Queue[QueueItem]]] = {}
         self._pending: dict[bytes, deque[asyncio.Future[None]]] = {}
         self._pubsub: PubSub | None = None
@@ -67,13 +72,22 @@ class EventHub:
 
     async def start(self) -> None:
         self._reader = asyncio.create_task(self._run())
+        self._ticker = asyncio.create_task(self._tick())
         await asyncio.wait_for(self._ready.wait(), 10)
 
     async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        for task in (self._reader, self._ticker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick_seconds)
+            for queues in list(self._queues.values()):
+                for queue in queues:
+                    self._offer(queue, TICK)
 
     def drain(self) -> None:
         """The process is stopping: tell every client to go and reconnect elsewhere."""

@@ -260,8 +260,7 @@ async def _wait_for_terminal(
     """The turn's terminal event, as it arrives on the live feed; None past the limit."""
     try:
         async with asyncio.timeout(limit):
-            tick = svc.settings.keepalive_seconds
-            feed = follow(svc.redis, svc.hub, sid, after, tick=tick, check_retained=False)
+            feed = follow(svc.redis, svc.hub, sid, after, check_retained=False)
             async for item in feed:
                 if isinstance(item, LiveEvent) and item.type in TERMINAL_TYPES:
                     terminal = decode_terminal(item.data)

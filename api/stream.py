@@ -75,7 +75,7 @@ class StreamController(Controller):
 
 
 async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> AsyncIterator[bytes]:
-    feed = follow(svc.redis, svc.hub, sid, after, tick=svc.settings.keepalive_seconds)
+    feed = follow(svc.redis, svc.hub, sid, after)
     try:
         async for item in feed:
             if isinstance(item, LiveEvent):

@@ -35,10 +35,13 @@ async def stream() -> Stream:
 
 
 @post("/publish", status_code=204)
-async def publish() -> None:
-    data = msgspec.json.encode({"type": "tick", "t": time.time()})
-    for queue in _queues:
-        queue.put_nowait(data)
+async def publish(burst: int = 1, size: int = 0) -> None:
+    """`burst` events of about `size` bytes to every stream, the last of type `last`."""
+    for i in range(burst):
+        kind = "last" if i == burst - 1 else "tick"
+        data = msgspec.json.encode({"type": kind, "t": time.time(), "pad": "x" * size})
+        for queue in _queues:
+            queue.put_nowait(data)
 
 
 app = Litestar([stream, publish])
