@@ -133,7 +133,8 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
                 sandbox_id=sandbox.id,
                 turn_id=turn_id,
             )
-            await runner.run()
+            await store.start_turn(session.id, turn_id, "bench", 15_000)
+            await runner.run(15_000)
             if i >= 10:
                 samples.append(time.perf_counter() - started)
         await client.aclose()

@@ -22,7 +22,8 @@ redis.call('RPUSH', KEYS[2], ARGV[2])
 return {'ok', tostring(tonumber(redis.call('GET', KEYS[3]) or '0'))}
 """
 
-# KEYS: session, lease. ARGV: turn_id, worker_id, ttl_ms. -> 1 started | 0 not current
+# KEYS: session, lease. ARGV: turn_id, worker_id, ttl_ms.
+# -> {sandbox_id, agent JSON} started | 0 not current (over, reaped, or started elsewhere)
 START_TURN = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running'
    or redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1]
@@ -31,7 +32,7 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'running'
 end
 redis.call('HSET', KEYS[1], 'started', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-return 1
+return redis.call('HMGET', KEYS[1], 'sandbox_id', 'agent')
 """
 
 # KEYS: session, lease. ARGV: turn_id, worker_id, ttl_ms.

@@ -51,6 +51,11 @@ class TurnState(msgspec.Struct, kw_only=True):
     claimed_ms: int
 
 
+class StartedTurn(msgspec.Struct, kw_only=True):
+    sandbox_id: str
+    agent: AgentConfig | None
+
+
 class Page(msgspec.Struct):
     ids: list[str]
     next_cursor: str | None
@@ -260,11 +265,17 @@ class SessionStore:
             tenant=(row[6] or b"").decode(),
         )
 
-    async def start_turn(self, sid: str, turn_id: str, worker_id: str, lease_ms: int) -> bool:
+    async def start_turn(
+        self, sid: str, turn_id: str, worker_id: str, lease_ms: int
+    ) -> StartedTurn | None:
+        """Take the turn and its lease; None when it is not this job's to run."""
         res = await self._start(
             keys=[keys.session(sid), keys.lease(sid)], args=[turn_id, worker_id, lease_ms]
         )
-        return bool(res)
+        if not res:
+            return None
+        agent = _agent_decoder.decode(res[1]) if res[1] else None
+        return StartedTurn(sandbox_id=res[0].decode(), agent=agent)
 
     async def renew_lease(self, sid: str, turn_id: str, worker_id: str, lease_ms: int) -> int:
         return int(

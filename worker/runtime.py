@@ -57,22 +57,23 @@ class WorkerRuntime:
         self.providers = ProviderFactory(settings)
         self.isolation = choose_isolation(settings)
         self._control_decoder = msgspec.json.Decoder(ControlMessage)
+        self._networks: dict[str, bool] = {}
 
     async def run_turn(self, job: TurnJob) -> bool:
         """Run the job's turn; False when it is not the session's current turn
         (finished, reaped or interrupted already: a redelivered job does nothing)."""
-        state = await self.store.turn_state(job.session_id)
-        if state is None or state.turn_id != job.turn_id:
+        lease_ms = int(self.settings.lease_seconds * 1000)
+        started = await self.store.start_turn(job.session_id, job.turn_id, self.worker_id, lease_ms)
+        if started is None:
             logger.info("job for turn %s: turn not current; skipped", job.turn_id)
             return False
-        agent = state.agent or self.settings.default_agent()
-        sandbox = await self.store.get_sandbox(state.sandbox_id)
+        agent = started.agent or self.settings.default_agent()
         try:
             provider = self.providers.get(agent)
         except ProviderError as exc:
             error = ev.ErrorInfo(code=exc.code, message=exc.message)
             await self._end(
-                job.session_id, state.sandbox_id, job.turn_id, "unstarted", "error", error
+                job.session_id, started.sandbox_id, job.turn_id, "worker", "error", error
             )
             return True
         runner = TurnRunner(
@@ -81,18 +82,26 @@ class WorkerRuntime:
             provider=provider,
             agent=agent,
             isolation=self.isolation,
-            network=sandbox.network if sandbox else False,
+            network=await self._network(started.sandbox_id),
             worker_id=self.worker_id,
             session_id=job.session_id,
-            sandbox_id=state.sandbox_id,
+            sandbox_id=started.sandbox_id,
             turn_id=job.turn_id,
         )
         self.running[job.session_id] = runner
         try:
-            return await runner.run()
+            await runner.run(lease_ms)
         finally:
             if self.running.get(job.session_id) is runner:
                 del self.running[job.session_id]
+        return True
+
+    async def _network(self, sandbox_id: str) -> bool:
+        """Whether the sandbox may reach the network; sandboxes never change it."""
+        if sandbox_id not in self._networks:
+            sandbox = await self.store.get_sandbox(sandbox_id)
+            self._networks[sandbox_id] = bool(sandbox and sandbox.network)
+        return self._networks[sandbox_id]
 
     def on_control(self, data: bytes) -> None:
         try:

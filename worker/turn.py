@@ -98,14 +98,8 @@ class TurnRunner:
 
     # ---- the turn ----------------------------------------------------------
 
-    async def run(self) -> bool:
-        """Run the turn to its end; False when it was not this worker's to run."""
-        lease_ms = int(self.settings.lease_seconds * 1000)
-        if not await self.store.start_turn(self.session_id, self.turn_id, self.worker_id, lease_ms):
-            logger.info(
-                "turn %s of session %s is not current; skipped", self.turn_id, self.session_id
-            )
-            return False
+    async def run(self, lease_ms: int) -> None:
+        """Run the turn, whose lease the caller took (`SessionStore.start_turn`), to its end."""
         self._writer = EventWriter(self.store, self.session_id, self.turn_id, self._stop_quietly)
         heartbeat = asyncio.create_task(self._heartbeat(lease_ms))
         try:
@@ -113,7 +107,6 @@ class TurnRunner:
         finally:
             heartbeat.cancel()
             await self._writer.close()
-        return True
 
     async def _drive(self) -> None:
         """Run the loop and end the turn the way the loop ended."""
