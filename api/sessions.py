@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 
-from api.feed import follow
+from api.feed import feed
 from api.guard import tenant_of
-from api.hub import LiveEvent
+from api.hub import LiveEvent, QueueItem
 from api.idempotency import IdemRecord, claim_or_replay, released_on_error
 from api.pagination import paged_response
 from api.problems import Problem, not_found
@@ -143,24 +144,35 @@ class SessionController(Controller):
             timestamp=now_rfc3339(),
             turn_id=turn_id,
         )
-        async with released_on_error(idem):
-            claim = await svc.store.claim_turn(sid, tenant_of(request), turn_id, user_message)
-        if idem is not None:
-            if claim.status == "ok":
-                await idem.settle(turn_id, after=claim.latest_seq)
-            else:
-                await idem.abandon()
-        if claim.status == "missing":
-            raise not_found("session", sid)
-        if claim.status == "running":
-            raise Problem(
-                409,
-                "turn_in_progress",
-                f"session {sid} is running turn {claim.turn_id}; wait for it or interrupt it",
-                turn_id=claim.turn_id,
+        async with contextlib.AsyncExitStack() as stack:
+            # Subscribe while claiming: the subscription is in place before the
+            # job is queued, so no event of the turn can be missed or need replay.
+            subscribed = asyncio.ensure_future(stack.enter_async_context(svc.hub.subscribe(sid)))
+            try:
+                async with released_on_error(idem):
+                    claim = await svc.store.claim_turn(
+                        sid, tenant_of(request), turn_id, user_message
+                    )
+            finally:
+                queue = await subscribed
+            if idem is not None:
+                if claim.status == "ok":
+                    await idem.settle(turn_id, after=claim.latest_seq)
+                else:
+                    await idem.abandon()
+            if claim.status == "missing":
+                raise not_found("session", sid)
+            if claim.status == "running":
+                raise Problem(
+                    409,
+                    "turn_in_progress",
+                    f"session {sid} is running turn {claim.turn_id}; wait for it or interrupt it",
+                    turn_id=claim.turn_id,
+                )
+            await _enqueue(svc, sid, turn_id)
+            terminal = await _terminal_on(
+                svc, sid, queue, turn_id, claim.latest_seq, wait_limit, replay=False
             )
-        await _enqueue(svc, sid, turn_id)
-        terminal = await _wait_for_terminal(svc, sid, turn_id, claim.latest_seq, wait_limit)
         if terminal is None:
             return _accepted(sid, turn_id, claim.latest_seq)
         return _turn_outcome(terminal)
@@ -256,12 +268,26 @@ async def _end_unstarted(svc: Services, sid: str, sandbox_id: str, turn_id: str)
 async def _wait_for_terminal(
     svc: Services, sid: str, turn_id: str, after: int, limit: float
 ) -> TerminalView | None:
-    # `after` was read with the turn's claim, so the log holds everything since.
-    """The turn's terminal event, as it arrives on the live feed; None past the limit."""
+    """The turn's terminal event, from the log or as it arrives; None past the limit.
+    `after` must be a seq from before the turn ended (the claim's, say)."""
+    async with svc.hub.subscribe(sid) as queue:
+        return await _terminal_on(svc, sid, queue, turn_id, after, limit, replay=True)
+
+
+async def _terminal_on(
+    svc: Services,
+    sid: str,
+    queue: asyncio.Queue[QueueItem],
+    turn_id: str,
+    after: int,
+    limit: float,
+    *,
+    replay: bool,
+) -> TerminalView | None:
+    events = feed(svc.redis, svc.hub, sid, queue, after, check_retained=False, replay=replay)
     try:
         async with asyncio.timeout(limit):
-            feed = follow(svc.redis, svc.hub, sid, after, check_retained=False)
-            async for item in feed:
+            async for item in events:
                 if isinstance(item, LiveEvent) and item.type in TERMINAL_TYPES:
                     terminal = decode_terminal(item.data)
                     if terminal.turn_id == turn_id:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,9 +13,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.auth import mint_stream_token
-from api.feed import Draining, Subscribed, Tick, Truncated, follow
+from api.feed import Draining, Tick, Truncated, feed
 from api.guard import principal_of, tenant_of
-from api.hub import LiveEvent
+from api.hub import LiveEvent, QueueItem
 from api.problems import Problem
 from api.schemas import StreamToken
 from api.services import Services, owned_session, services_of
@@ -75,26 +76,32 @@ class StreamController(Controller):
 
 
 async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> AsyncIterator[bytes]:
-    feed = follow(svc.redis, svc.hub, sid, after)
     try:
-        async for item in feed:
-            if isinstance(item, LiveEvent):
-                yield item.frame
-            elif isinstance(item, Subscribed):
-                # The body starts at once, so proxies and clients see the stream is
-                # open; `retry` tells EventSource how soon to come back if it drops.
-                yield f"retry: {RECONNECT_MS}\n: stream open\n\n".encode()
-            elif isinstance(item, Draining):
-                yield _reconnect_frame(sid, "this API process is shutting down")
-                return
-            elif isinstance(item, Tick):
-                yield await _keepalive(svc, sid, sandbox_id)
-            else:
-                yield _truncated_frame(sid, item)
+        async with svc.hub.subscribe(sid) as queue:
+            # The body starts at once, so proxies and clients see the stream is
+            # open; `retry` tells EventSource how soon to come back if it drops.
+            yield f"retry: {RECONNECT_MS}\n: stream open\n\n".encode()
+            async for frame in _frames(svc, sid, sandbox_id, queue, after):
+                yield frame
     except (RedisConnectionError, RedisTimeoutError, OSError):
         # Redis is gone: end the stream and say when to come back; the client
         # resumes from its Last-Event-ID, so nothing is lost.
         yield _reconnect_frame(sid, "the store is unavailable")
+
+
+async def _frames(
+    svc: Services, sid: str, sandbox_id: str, queue: asyncio.Queue[QueueItem], after: int
+) -> AsyncIterator[bytes]:
+    async for item in feed(svc.redis, svc.hub, sid, queue, after):
+        if isinstance(item, LiveEvent):
+            yield item.frame
+        elif isinstance(item, Draining):
+            yield _reconnect_frame(sid, "this API process is shutting down")
+            return
+        elif isinstance(item, Tick):
+            yield await _keepalive(svc, sid, sandbox_id)
+        elif isinstance(item, Truncated):
+            yield _truncated_frame(sid, item)
 
 
 async def _keepalive(svc: Services, sid: str, sandbox_id: str) -> bytes:

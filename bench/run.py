@@ -121,6 +121,8 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
                 turn_id=turn_id,
             )
             await store.claim_turn(session.id, "bench", turn_id, user)
+            taken = await store.start_turn(session.id, turn_id, "bench", 15_000)
+            assert taken is not None
             runner = TurnRunner(
                 store=store,
                 settings=settings,
@@ -132,8 +134,8 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
                 session_id=session.id,
                 sandbox_id=sandbox.id,
                 turn_id=turn_id,
+                history=taken.history,
             )
-            await store.start_turn(session.id, turn_id, "bench", 15_000)
             await runner.run(15_000)
             if i >= 10:
                 samples.append(time.perf_counter() - started)

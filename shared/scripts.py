@@ -22,8 +22,9 @@ redis.call('RPUSH', KEYS[2], ARGV[2])
 return {'ok', tostring(tonumber(redis.call('GET', KEYS[3]) or '0'))}
 """
 
-# KEYS: session, lease. ARGV: turn_id, worker_id, ttl_ms.
-# -> {sandbox_id, agent JSON} started | 0 not current (over, reaped, or started elsewhere)
+# KEYS: session, lease, messages. ARGV: turn_id, worker_id, ttl_ms.
+# -> {sandbox_id, agent JSON, messages} started | 0 not current (over, reaped,
+#    or started elsewhere)
 START_TURN = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running'
    or redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1]
@@ -32,7 +33,8 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'running'
 end
 redis.call('HSET', KEYS[1], 'started', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-return redis.call('HMGET', KEYS[1], 'sandbox_id', 'agent')
+local found = redis.call('HMGET', KEYS[1], 'sandbox_id', 'agent')
+return {found[1], found[2], redis.call('LRANGE', KEYS[3], 0, -1)}
 """
 
 # KEYS: session, lease. ARGV: turn_id, worker_id, ttl_ms.

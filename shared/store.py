@@ -54,6 +54,7 @@ class TurnState(msgspec.Struct, kw_only=True):
 class StartedTurn(msgspec.Struct, kw_only=True):
     sandbox_id: str
     agent: AgentConfig | None
+    history: list[Message]
 
 
 class Page(msgspec.Struct):
@@ -270,12 +271,16 @@ class SessionStore:
     ) -> StartedTurn | None:
         """Take the turn and its lease; None when it is not this job's to run."""
         res = await self._start(
-            keys=[keys.session(sid), keys.lease(sid)], args=[turn_id, worker_id, lease_ms]
+            keys=[keys.session(sid), keys.lease(sid), keys.messages(sid)],
+            args=[turn_id, worker_id, lease_ms],
         )
         if not res:
             return None
-        agent = _agent_decoder.decode(res[1]) if res[1] else None
-        return StartedTurn(sandbox_id=res[0].decode(), agent=agent)
+        return StartedTurn(
+            sandbox_id=res[0].decode(),
+            agent=_agent_decoder.decode(res[1]) if res[1] else None,
+            history=[_message_decoder.decode(m) for m in res[2]],
+        )
 
     async def renew_lease(self, sid: str, turn_id: str, worker_id: str, lease_ms: int) -> int:
         return int(

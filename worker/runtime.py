@@ -87,6 +87,7 @@ class WorkerRuntime:
             session_id=job.session_id,
             sandbox_id=started.sandbox_id,
             turn_id=job.turn_id,
+            history=started.history,
         )
         self.running[job.session_id] = runner
         try:

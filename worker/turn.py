@@ -61,6 +61,7 @@ class TurnRunner:
         session_id: str,
         sandbox_id: str,
         turn_id: str,
+        history: list[Message],
     ) -> None:
         self.store = store
         self.settings = settings
@@ -72,6 +73,7 @@ class TurnRunner:
         self.session_id = session_id
         self.sandbox_id = sandbox_id
         self.turn_id = turn_id
+        self.history = history  # the session's messages, this turn's user message last
         self.message_id = new_id()
         self.blocks: list[ContentBlock] = []
         self.usage = ev.Usage()
@@ -148,7 +150,7 @@ class TurnRunner:
             return await self._iterate()
 
     async def _iterate(self) -> CompletedReason:
-        history = await self.store.get_messages(self.session_id)
+        history = self.history
         allowed: list[str] = list(self.agent.allowed_tools)
         tools = tool_specs(allowed)
         workspace = await asyncio.to_thread(self._prepare_workspace)
