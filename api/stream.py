@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +14,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from api.auth import mint_stream_token
 from api.feed import Draining, Tick, Truncated, feed
 from api.guard import principal_of, tenant_of
-from api.hub import LiveEvent, QueueItem
+from api.hub import LiveEvent
 from api.problems import Problem
 from api.schemas import StreamToken
 from api.services import Services, owned_session, services_of
@@ -76,32 +75,26 @@ class StreamController(Controller):
 
 
 async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> AsyncIterator[bytes]:
+    # One generator over `feed`, not two: every layer costs each event on every stream.
     try:
         async with svc.hub.subscribe(sid) as queue:
             # The body starts at once, so proxies and clients see the stream is
             # open; `retry` tells EventSource how soon to come back if it drops.
             yield f"retry: {RECONNECT_MS}\n: stream open\n\n".encode()
-            async for frame in _frames(svc, sid, sandbox_id, queue, after):
-                yield frame
+            async for item in feed(svc.redis, svc.hub, sid, queue, after):
+                if isinstance(item, LiveEvent):
+                    yield item.frame
+                elif isinstance(item, Draining):
+                    yield _reconnect_frame(sid, "this API process is shutting down")
+                    return
+                elif isinstance(item, Tick):
+                    yield await _keepalive(svc, sid, sandbox_id)
+                elif isinstance(item, Truncated):
+                    yield _truncated_frame(sid, item)
     except (RedisConnectionError, RedisTimeoutError, OSError):
         # Redis is gone: end the stream and say when to come back; the client
         # resumes from its Last-Event-ID, so nothing is lost.
         yield _reconnect_frame(sid, "the store is unavailable")
-
-
-async def _frames(
-    svc: Services, sid: str, sandbox_id: str, queue: asyncio.Queue[QueueItem], after: int
-) -> AsyncIterator[bytes]:
-    async for item in feed(svc.redis, svc.hub, sid, queue, after):
-        if isinstance(item, LiveEvent):
-            yield item.frame
-        elif isinstance(item, Draining):
-            yield _reconnect_frame(sid, "this API process is shutting down")
-            return
-        elif isinstance(item, Tick):
-            yield await _keepalive(svc, sid, sandbox_id)
-        elif isinstance(item, Truncated):
-            yield _truncated_frame(sid, item)
 
 
 async def _keepalive(svc: Services, sid: str, sandbox_id: str) -> bytes:
