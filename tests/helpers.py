@@ -20,6 +20,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def new_session(client: httpx.Client) -> str:
+    """A fresh sandbox with one session in it; the session's id."""
+    sandbox = client.post("/sandboxes", json={}).json()["id"]
+    return str(client.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"])
+
+
+def wait_state(client: httpx.Client, sid: str, state: str, timeout: float = 15) -> dict[str, Any]:
+    """Poll the session until it is in `state`; the session then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        session: dict[str, Any] = client.get(f"/sessions/{sid}").json()
+        if session["state"] == state:
+            return session
+        assert time.monotonic() < deadline, f"session stayed {session['state']}"
+        time.sleep(0.05)
+
+
 def text_message(text: str) -> dict[str, Any]:
     return {"role": "user", "content": [{"type": "text", "text": text}]}
 

@@ -14,25 +14,10 @@ import httpx
 import redis
 from arq.jobs import Job
 from conftest import ALPHA_KEY, Stack
-from helpers import ResumingReader, StreamReader, free_port, text_message
+from helpers import ResumingReader, StreamReader, free_port, new_session, text_message, wait_state
 
 from shared import keys
 from shared.queue import TURN_FUNCTION, connect, deserialize_job_data
-
-
-def _session(client: httpx.Client) -> str:
-    sandbox = client.post("/sandboxes", json={}).json()["id"]
-    return str(client.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"])
-
-
-def _wait_state(client: httpx.Client, sid: str, state: str, timeout: float = 15) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        session: dict[str, Any] = client.get(f"/sessions/{sid}").json()
-        if session["state"] == state:
-            return session
-        assert time.monotonic() < deadline, f"session stayed {session['state']}"
-        time.sleep(0.05)
 
 
 def test_sigterm_lets_a_short_turn_finish_and_exits_zero(
@@ -40,7 +25,7 @@ def test_sigterm_lets_a_short_turn_finish_and_exits_zero(
 ) -> None:
     stack = make_stack(worker_drain_seconds="5")
     with stack.client() as client:
-        sid = _session(client)
+        sid = new_session(client)
         accepted = client.post(
             f"/sessions/{sid}/messages",
             params={"wait": "0"},
@@ -51,7 +36,7 @@ def test_sigterm_lets_a_short_turn_finish_and_exits_zero(
         worker = stack.workers[0].popen
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(15) == 0
-        session = _wait_state(client, sid, "active")
+        session = wait_state(client, sid, "active")
         reply = session["messages"][-1]
         assert reply["stop_reason"] == "end_turn"
         assert reply["content"][1]["content"] == "finished\n"
@@ -62,7 +47,7 @@ def test_sigterm_ends_long_turns_as_interrupted_after_the_grace(
 ) -> None:
     stack = make_stack(worker_drain_seconds="1")
     with stack.client() as client:
-        sid = _session(client)
+        sid = new_session(client)
         reader = StreamReader(client, sid)
         client.post(
             f"/sessions/{sid}/messages", params={"wait": "0"}, json=text_message("run: sleep 30")
@@ -72,7 +57,7 @@ def test_sigterm_ends_long_turns_as_interrupted_after_the_grace(
         stopped_at = time.monotonic()
         worker.send_signal(signal.SIGTERM)
         # A turn sent now is not taken by the stopping worker.
-        other = _session(client)
+        other = new_session(client)
         queued = client.post(
             f"/sessions/{other}/messages", params={"wait": "0.5"}, json=text_message("hi")
         )
@@ -82,10 +67,10 @@ def test_sigterm_ends_long_turns_as_interrupted_after_the_grace(
         events = reader.join()
         assert events[-1]["_event"] == "session_completed"
         assert events[-1]["stop_reason"] == "interrupted"
-        assert _wait_state(client, sid, "active")["messages"][-1]["stop_reason"] == "interrupted"
+        assert wait_state(client, sid, "active")["messages"][-1]["stop_reason"] == "interrupted"
         # The next worker serves the queued turn.
         stack.start_worker()
-        assert _wait_state(client, other, "active")["messages"][-1]["role"] == "assistant"
+        assert wait_state(client, other, "active")["messages"][-1]["role"] == "assistant"
 
 
 def _assert_gapless(events: list[dict[str, Any]]) -> None:
@@ -100,7 +85,7 @@ def test_killed_api_process_then_reconnect_elsewhere_loses_nothing(
     second = stack.start_api()
     turns = 8
     with stack.client() as client:
-        sid = _session(client)
+        sid = new_session(client)
         reader = ResumingReader([stack.base_url, second], ALPHA_KEY, sid, until=turns)
         with httpx.Client(
             base_url=second + "/api/v1", headers={"Authorization": f"Bearer {ALPHA_KEY}"}
@@ -121,7 +106,7 @@ def test_stopping_api_process_tells_streams_to_reconnect(
 ) -> None:
     stack = make_stack()
     with stack.client() as client:
-        sid = _session(client)
+        sid = new_session(client)
         lines: list[str] = []
         with client.stream("GET", f"/sessions/{sid}/stream") as response:
             chunks = response.iter_lines()
@@ -161,7 +146,7 @@ def test_redis_restart_with_aof_keeps_data_and_streams_resume(
         _wait_redis(url)
         stack = make_stack(redis_url_override=url)
         with stack.client() as client:
-            sid = _session(client)
+            sid = new_session(client)
             reader = ResumingReader([stack.base_url], ALPHA_KEY, sid, until=4)
             for text in ("one", "run: echo two"):
                 assert client.post(f"/sessions/{sid}/messages", json=text_message(text)).is_success
@@ -210,7 +195,7 @@ def test_redelivered_job_of_a_finished_turn_does_nothing(
 def test_expired_log_is_reported_not_skipped(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(log_ttl_seconds="1")
     with stack.client() as client:
-        sid = _session(client)
+        sid = new_session(client)
         client.post(f"/sessions/{sid}/messages", json=text_message("soon forgotten"))
         time.sleep(1.5)
         with client.stream("GET", f"/sessions/{sid}/stream", params={"after": "0"}) as response:

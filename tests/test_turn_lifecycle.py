@@ -13,7 +13,7 @@ import httpx
 import pytest
 from arq.jobs import Job
 from conftest import Stack
-from helpers import StreamReader, text_message
+from helpers import StreamReader, new_session, text_message, wait_state
 
 from shared import keys
 from shared.queue import TURN_FUNCTION, connect, deserialize_job_data
@@ -23,25 +23,10 @@ def _api(stack: Stack) -> httpx.Client:
     return stack.client()
 
 
-def _new_session(client: httpx.Client) -> str:
-    sandbox = client.post("/sandboxes", json={}).json()["id"]
-    return str(client.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"])
-
-
-def _wait_state(client: httpx.Client, sid: str, state: str, timeout: float = 10) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        session: dict[str, Any] = client.get(f"/sessions/{sid}").json()
-        if session["state"] == state:
-            return session
-        assert time.monotonic() < deadline, f"session stayed {session['state']}"
-        time.sleep(0.05)
-
-
 def test_killed_worker_ends_the_turn_with_worker_lost(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(lease_seconds="1.5", reaper_interval_seconds="0.5")
     with _api(stack) as client:
-        sid = _new_session(client)
+        sid = new_session(client)
         reader = StreamReader(client, sid)
         accepted = client.post(
             f"/sessions/{sid}/messages", params={"wait": "0"}, json=text_message("run: sleep 3")
@@ -55,7 +40,7 @@ def test_killed_worker_ends_the_turn_with_worker_lost(make_stack: Callable[..., 
         assert events[-1]["_event"] == "session_failed"
         assert events[-1]["stop_reason"] == "worker_lost"
         assert events[-1]["turn_id"] == accepted.json()["turn_id"]
-        assert _wait_state(client, sid, "active")["state"] == "active"
+        assert wait_state(client, sid, "active")["state"] == "active"
         after = client.post(f"/sessions/{sid}/messages", json=text_message("hello again"))
         assert after.status_code == 200
 
@@ -63,7 +48,7 @@ def test_killed_worker_ends_the_turn_with_worker_lost(make_stack: Callable[..., 
 def test_interrupting_a_queued_turn_ends_it_at_once(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(workers=0)
     with _api(stack) as client:
-        sid = _new_session(client)
+        sid = new_session(client)
         accepted = client.post(
             f"/sessions/{sid}/messages", params={"wait": "0.1"}, json=text_message("hi")
         )
@@ -86,20 +71,20 @@ def test_interrupting_a_queued_turn_ends_it_at_once(make_stack: Callable[..., St
 def test_queued_turn_starts_when_a_worker_arrives(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(workers=0)
     with _api(stack) as client:
-        sid = _new_session(client)
+        sid = new_session(client)
         accepted = client.post(
             f"/sessions/{sid}/messages", params={"wait": "0"}, json=text_message("run: echo late")
         )
         assert accepted.status_code == 202
         stack.start_worker()
-        session = _wait_state(client, sid, "active")
+        session = wait_state(client, sid, "active")
         assert session["messages"][-1]["content"][1]["content"] == "late\n"
 
 
 def test_resume_from_before_the_retained_log_says_so(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(log_max_events="10")
     with _api(stack) as client:
-        sid = _new_session(client)
+        sid = new_session(client)
         for i in range(25):
             client.post(f"/sessions/{sid}/messages", json=text_message(f"message {i}"))
         with client.stream("GET", f"/sessions/{sid}/stream", params={"after": "0"}) as response:
