@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
+from redis.exceptions import RedisError
 
 from api.feed import feed
 from api.guard import tenant_of
@@ -154,7 +155,12 @@ class SessionController(Controller):
                         sid, tenant_of(request), turn_id, user_message
                     )
             finally:
-                queue = await subscribed
+                try:
+                    queue: asyncio.Queue[QueueItem] | None = await subscribed
+                except (TimeoutError, RedisError, OSError):
+                    # No live feed here; the turn still runs, the reply is a 202.
+                    logger.warning("could not follow session %s live", sid)
+                    queue = None
             if idem is not None:
                 if claim.status == "ok":
                     await idem.settle(turn_id, after=claim.latest_seq)
@@ -170,9 +176,11 @@ class SessionController(Controller):
                     turn_id=claim.turn_id,
                 )
             await _enqueue(svc, sid, turn_id)
-            terminal = await _terminal_on(
-                svc, sid, queue, turn_id, claim.latest_seq, wait_limit, replay=False
-            )
+            terminal = None
+            if queue is not None:
+                terminal = await _terminal_on(
+                    svc, sid, queue, turn_id, claim.latest_seq, wait_limit, replay=False
+                )
         if terminal is None:
             return _accepted(sid, turn_id, claim.latest_seq)
         return _turn_outcome(terminal)
