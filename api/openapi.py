@@ -16,7 +16,6 @@ from api.schemas import (
     Health,
     InterruptResult,
     ProblemDetails,
-    QueueStats,
     StreamToken,
     TurnAccepted,
 )
@@ -29,6 +28,7 @@ from shared.models import (
     Session,
     SessionWithMessages,
 )
+from shared.ops import QueueReport, WorkerReport
 
 _REF = "#/components/schemas/{name}"
 _TYPES: list[Any] = [
@@ -43,8 +43,9 @@ _TYPES: list[Any] = [
     TurnAccepted,
     InterruptResult,
     StreamToken,
-    QueueStats,
     Health,
+    QueueReport,
+    WorkerReport,
 ]
 
 _UUID = {"type": "string", "format": "uuid"}
@@ -289,11 +290,19 @@ def build_openapi(version: str) -> dict[str, Any]:
                 errors=(404,),
             ),
         },
-        "/api/v1/ops/queue": {
+        "/api/v1/ops/queues": {
             "get": _operation(
-                "opsQueue",
-                "Queue depth and running turns (admin)",
-                {200: _json(_ref(QueueStats), "the numbers")},
+                "opsQueues",
+                "Queued, deferred and in-progress turns, oldest age, recent outcomes (admin)",
+                {200: _json({"type": "array", "items": _ref(QueueReport)}, "one entry a queue")},
+                errors=(403,),
+            ),
+        },
+        "/api/v1/ops/workers": {
+            "get": _operation(
+                "opsWorkers",
+                "Live workers and their last heartbeat (admin)",
+                {200: _json({"type": "array", "items": _ref(WorkerReport)}, "the workers")},
                 errors=(403,),
             ),
         },

@@ -8,8 +8,9 @@ from litestar import Controller, Request, Response, get
 
 from api.openapi import build_openapi
 from api.problems import problem_response
-from api.schemas import Health, QueueStats
+from api.schemas import Health
 from api.services import services_of
+from shared.ops import QueueReport, WorkerReport, queue_report, worker_reports
 from shared.queue import queue_depth
 
 OPENAPI = build_openapi("0.1.0")
@@ -38,14 +39,17 @@ class OpsController(Controller):
             return problem_response(503, "store_unavailable", "Redis does not answer")
         return Response(Health(status="ready"))
 
-    @get("/api/v1/ops/queue", opt={"admin": True})
-    async def queue(self, request: Request[Any, Any, Any]) -> QueueStats:
+    @get("/api/v1/ops/queues", opt={"admin": True})
+    async def queues(self, request: Request[Any, Any, Any]) -> list[QueueReport]:
+        """Per queue: queued, deferred and in progress, the oldest queued job's age,
+        the last hour's turn outcomes and recent turn durations."""
+        return [await queue_report(services_of(request).redis)]
+
+    @get("/api/v1/ops/workers", opt={"admin": True})
+    async def workers(self, request: Request[Any, Any, Any]) -> list[WorkerReport]:
+        """Live workers: host, pid, running turns, last heartbeat."""
         svc = services_of(request)
-        return QueueStats(
-            queued_turns=await queue_depth(svc.redis),
-            running_turns=len(await svc.store.running_sessions()),
-            stream_clients=svc.hub.client_count,
-        )
+        return await worker_reports(svc.redis, svc.settings.worker_heartbeat_seconds * 3)
 
     @get("/api/v1/ops/metrics", media_type="text/plain; version=0.0.4", opt={"admin": True})
     async def metrics(self, request: Request[Any, Any, Any]) -> str:

@@ -42,11 +42,5 @@ class StreamToken(msgspec.Struct, kw_only=True):
     stream_url: str
 
 
-class QueueStats(msgspec.Struct, kw_only=True):
-    queued_turns: int
-    running_turns: int
-    stream_clients: int
-
-
 class Health(msgspec.Struct, kw_only=True):
     status: str

@@ -16,6 +16,22 @@ WAKE_CHANNEL = f"{PREFIX}:wake"
 CONTROL_CHANNEL = f"{PREFIX}:control"
 # Session ids with a turn in progress, scanned by the workers' reaper.
 RUNNING = f"{PREFIX}:running"
+# Worker ids, scored by their last heartbeat (seconds since the epoch).
+WORKERS = f"{PREFIX}:workers"
+# Recent turn durations in ms, newest first, capped.
+TURN_DURATIONS = f"{PREFIX}:stats:turn-durations"
+# Turn outcomes are counted in buckets of this many seconds.
+STATS_BUCKET_SECONDS = 600
+
+
+def worker(worker_id: str) -> str:
+    """Hash: a worker's host, pid, running turns and last heartbeat; expires with it."""
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+def turn_outcomes(bucket: int) -> str:
+    """Hash `<terminal type>:<stop reason>` -> count, for one time bucket."""
+    return f"{PREFIX}:stats:turns:{bucket}"
 
 
 def tenant_sandboxes(tenant: str) -> str:

@@ -67,6 +67,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     worker_fallback_poll_seconds: float = 5.0
     worker_fast_pickup: bool = True
     reaper_interval_seconds: float = 5.0
+    worker_heartbeat_seconds: float = 5.0
     log_level: str = "INFO"
 
     def default_agent(self) -> AgentConfig:

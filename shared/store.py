@@ -317,6 +317,7 @@ class SessionStore:
         mode: FinishMode,
         message: Message | None,
         terminal: TerminalEvent,
+        duration_ms: int | None = None,
     ) -> int:
         """Store the message, free the session and append the terminal event, atomically."""
         seq = int(
@@ -342,8 +343,23 @@ class SessionStore:
             )
         )
         if seq:
-            await self.redis.srem(keys.RUNNING, sid)  # type: ignore[misc]
+            await self._record_outcome(sid, terminal, duration_ms)
         return seq
+
+    async def _record_outcome(
+        self, sid: str, terminal: TerminalEvent, duration_ms: int | None
+    ) -> None:
+        """Off the client's path (the terminal event is out): counters for ops."""
+        bucket = int(time.time()) // keys.STATS_BUCKET_SECONDS
+        outcome = f"{terminal.__struct_config__.tag}:{terminal.stop_reason}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.srem(keys.RUNNING, sid)
+            pipe.hincrby(keys.turn_outcomes(bucket), outcome, 1)
+            pipe.expire(keys.turn_outcomes(bucket), 2 * 3600)
+            if duration_ms is not None:
+                pipe.lpush(keys.TURN_DURATIONS, duration_ms)
+                pipe.ltrim(keys.TURN_DURATIONS, 0, 999)
+            await pipe.execute()
 
     async def running_sessions(self) -> list[str]:
         return [s.decode() for s in await self.redis.smembers(keys.RUNNING)]  # type: ignore[misc]

@@ -94,7 +94,7 @@ def test_missing_or_bad_key_is_401(
     assert response.headers["www-authenticate"] == "Bearer"
 
 
-@pytest.mark.parametrize("path", ["/ops/queue", "/ops/metrics"])
+@pytest.mark.parametrize("path", ["/ops/queues", "/ops/workers", "/ops/metrics"])
 def test_ops_endpoints_need_an_admin_key(stack: Stack, client: httpx.Client, path: str) -> None:
     assert client.get(path).status_code == 403
     assert client.get(path).json()["code"] == "forbidden"

@@ -116,6 +116,37 @@ class WorkerRuntime:
 
     # ---- reaper -------------------------------------------------------------
 
+    async def heartbeat_forever(self) -> None:
+        """This worker's own heartbeat key, for ops and for `python -m worker check`."""
+        started_at = now_rfc3339()
+        interval = self.settings.worker_heartbeat_seconds
+        while True:
+            try:
+                now = time.time()
+                record = {
+                    "worker_id": self.worker_id,
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "running_turns": len(self.running),
+                    "started_at": started_at,
+                    "last_heartbeat": now_rfc3339(),
+                }
+                async with self.store.redis.pipeline(transaction=False) as pipe:
+                    pipe.hset(keys.worker(self.worker_id), mapping=record)
+                    pipe.expire(keys.worker(self.worker_id), int(interval * 3) + 1)
+                    pipe.zadd(keys.WORKERS, {self.worker_id: now})
+                    pipe.zremrangebyscore(keys.WORKERS, 0, now - 3600)
+                    await pipe.execute()
+            except Exception:
+                logger.exception("worker heartbeat failed")
+            await asyncio.sleep(interval)
+
+    async def forget_worker(self) -> None:
+        async with self.store.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(keys.worker(self.worker_id))
+            pipe.zrem(keys.WORKERS, self.worker_id)
+            await pipe.execute()
+
     async def reap_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.reaper_interval_seconds)
@@ -217,6 +248,7 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["runtime"] = runtime
         reaper.append(asyncio.create_task(runtime.reap_forever()))
+        reaper.append(asyncio.create_task(runtime.heartbeat_forever()))
         logger.info(
             "worker %s ready (provider %s, fast pickup %s)",
             runtime.worker_id,
@@ -229,6 +261,7 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         for task in reaper:
             task.cancel()
+        await runtime.forget_worker()
 
     worker = FastPickupWorker(
         functions=[

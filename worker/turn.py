@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -83,6 +84,7 @@ class TurnRunner:
         self._lease_lost = False
         self._loop_task: asyncio.Task[CompletedReason] | None = None
         self._writer: EventWriter | None = None
+        self._started = time.monotonic()
 
     # ---- control -----------------------------------------------------------
 
@@ -292,7 +294,9 @@ class TurnRunner:
         terminal = ev.SessionCompleted(
             **self._ids(), message=message, stop_reason=reason, usage=self.usage
         )
-        await self.store.finish_turn(self.session_id, self.turn_id, "worker", message, terminal)
+        await self.store.finish_turn(
+            self.session_id, self.turn_id, "worker", message, terminal, self._elapsed_ms()
+        )
 
     async def _fail(
         self, stop_reason: Literal["error", "timeout", "worker_lost"], code: str, text: str
@@ -310,7 +314,12 @@ class TurnRunner:
             stop_reason=stop_reason,
             message=message,
         )
-        await self.store.finish_turn(self.session_id, self.turn_id, "worker", message, terminal)
+        await self.store.finish_turn(
+            self.session_id, self.turn_id, "worker", message, terminal, self._elapsed_ms()
+        )
+
+    def _elapsed_ms(self) -> int:
+        return int((time.monotonic() - self._started) * 1000)
 
     async def _flushed(self) -> bool:
         """Wait until every event is in the log; False when the turn is no longer ours."""

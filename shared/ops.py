@@ -1,0 +1,128 @@
+"""What operators read: the queue's content, live workers, recent turn outcomes.
+
+Shared by the API's ops endpoints and `python -m worker check`.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import msgspec
+from arq.constants import in_progress_key_prefix
+from redis.asyncio import Redis
+
+from shared import keys
+
+_SCAN_LIMIT = 1000
+
+
+class QueueReport(msgspec.Struct, kw_only=True):
+    name: str
+    queued: int
+    deferred: int
+    in_progress: int
+    oldest_queued_seconds: float
+    running_turns: int
+    turns_last_hour: dict[str, int]
+    turn_duration_ms: dict[str, int]
+
+
+class WorkerReport(msgspec.Struct, kw_only=True):
+    worker_id: str
+    host: str
+    pid: int
+    running_turns: int
+    started_at: str
+    last_heartbeat: str
+    seconds_since_heartbeat: float
+
+
+async def queue_report(redis: Redis) -> QueueReport:
+    now_ms = time.time() * 1000
+    entries = await redis.zrange(keys.QUEUE, 0, _SCAN_LIMIT - 1, withscores=True)
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id, _ in entries:
+            pipe.exists(in_progress_key_prefix + job_id.decode())
+        pipe.zcard(keys.QUEUE)
+        pipe.scard(keys.RUNNING)
+        pipe.lrange(keys.TURN_DURATIONS, 0, -1)
+        bucket = int(time.time()) // keys.STATS_BUCKET_SECONDS
+        buckets = 3600 // keys.STATS_BUCKET_SECONDS
+        for b in range(bucket - buckets + 1, bucket + 1):
+            pipe.hgetall(keys.turn_outcomes(b))
+        results = await pipe.execute()
+    progress = results[: len(entries)]
+    total, running, durations = results[len(entries) : len(entries) + 3]
+    outcomes: dict[str, int] = {}
+    for counts in results[len(entries) + 3 :]:
+        for name, count in counts.items():
+            outcomes[name.decode()] = outcomes.get(name.decode(), 0) + int(count)
+    queued_scores = [
+        score
+        for (_, score), busy in zip(entries, progress, strict=True)
+        if not busy and score <= now_ms
+    ]
+    deferred = sum(1 for _, score in entries if score > now_ms)
+    in_progress = sum(1 for busy in progress if busy)
+    # Past the scan limit, the rest counts as queued.
+    queued = len(queued_scores) + max(0, int(total) - len(entries))
+    oldest = (now_ms - min(queued_scores)) / 1000 if queued_scores else 0.0
+    return QueueReport(
+        name=keys.QUEUE,
+        queued=queued,
+        deferred=deferred,
+        in_progress=in_progress,
+        oldest_queued_seconds=round(oldest, 3),
+        running_turns=int(running),
+        turns_last_hour=outcomes,
+        turn_duration_ms=_percentiles(sorted(int(d) for d in durations)),
+    )
+
+
+def _percentiles(ordered: list[int]) -> dict[str, int]:
+    if not ordered:
+        return {}
+
+    def pick(p: float) -> int:
+        return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
+
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "count": len(ordered)}
+
+
+async def worker_reports(redis: Redis, max_age: float) -> list[WorkerReport]:
+    """Workers whose heartbeat is younger than `max_age` seconds."""
+    now = time.time()
+    seen_by_id = dict(
+        await redis.zrangebyscore(keys.WORKERS, now - max_age, "+inf", withscores=True)
+    )
+    async with redis.pipeline(transaction=False) as pipe:
+        for worker_id in seen_by_id:
+            pipe.hgetall(keys.worker(worker_id.decode()))
+        records = await pipe.execute()
+    reports = []
+    for record, seen in zip(records, seen_by_id.values(), strict=True):
+        if not record:
+            continue
+        fields = {k.decode(): v.decode() for k, v in record.items()}
+        reports.append(
+            WorkerReport(
+                worker_id=fields["worker_id"],
+                host=fields["host"],
+                pid=int(fields["pid"]),
+                running_turns=int(fields["running_turns"]),
+                started_at=fields["started_at"],
+                last_heartbeat=fields["last_heartbeat"],
+                seconds_since_heartbeat=round(now - float(seen), 3),
+            )
+        )
+    return reports
+
+
+async def local_worker_healthy(redis: Redis, max_age: float, pid: int | None) -> bool:
+    """Whether a worker on this host (with this pid, if given) beats its heart."""
+    host = socket.gethostname()
+    return any(
+        report.host == host and (pid is None or report.pid == pid)
+        for report in await worker_reports(redis, max_age)
+    )
