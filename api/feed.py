@@ -1,9 +1,10 @@
-"""follow(): a session's events after a seq, from the log and then live, exactly once.
+"""feed(): a session's events after a seq, from the log and then live, exactly once.
 
-Subscribing before reading the log closes the window in which an event could be
-published between the two. Each live event is checked against the last seq
-delivered: older ones are dropped (already replayed), and a jump ahead is
-filled from the log before the event itself goes out.
+The caller subscribes first (`EventHub.subscribe`), then reads the log: that
+closes the window in which an event could be published between the two. Each
+live event is checked against the last seq delivered: older ones are dropped
+(already replayed), and a jump ahead is filled from the log before the event
+itself goes out.
 """
 
 from __future__ import annotations
@@ -29,30 +30,11 @@ class Tick(msgspec.Struct, frozen=True):
     """The keepalive interval passed (the hub's timer)."""
 
 
-class Subscribed(msgspec.Struct, frozen=True):
-    """Live delivery is in place; everything from here on will be seen."""
-
-
 class Draining(msgspec.Struct, frozen=True):
     """This API process is shutting down; the client should reconnect elsewhere."""
 
 
-FeedItem = LiveEvent | Truncated | Tick | Subscribed | Draining
-
-
-async def follow(
-    redis: Redis,
-    hub: EventHub,
-    sid: str,
-    after: int,
-    *,
-    check_retained: bool = True,
-) -> AsyncIterator[FeedItem]:
-    """Subscribe, say so, then `feed`."""
-    async with hub.subscribe(sid) as queue:
-        yield Subscribed()
-        async for item in feed(redis, hub, sid, queue, after, check_retained=check_retained):
-            yield item
+FeedItem = LiveEvent | Truncated | Tick | Draining
 
 
 async def feed(
