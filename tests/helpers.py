@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -9,7 +10,11 @@ import time
 from typing import Any
 
 import httpx
+from arq.jobs import Job
 from httpx_sse import connect_sse
+
+from shared import keys
+from shared.queue import TURN_FUNCTION, connect, deserialize_job_data
 
 TERMINAL = {"session_completed", "session_failed"}
 
@@ -35,6 +40,22 @@ def wait_state(client: httpx.Client, sid: str, state: str, timeout: float = 15) 
             return session
         assert time.monotonic() < deadline, f"session stayed {session['state']}"
         time.sleep(0.05)
+
+
+def run_raw_job(redis_url: str, payload: Any, job_id: str) -> Any:
+    """Queue a turn job with any payload, as arq would carry it, and return its result."""
+
+    async def run() -> Any:
+        redis = await connect(redis_url)
+        try:
+            await redis.enqueue_job(TURN_FUNCTION, payload, _job_id=job_id, _queue_name=keys.QUEUE)
+            await redis.publish(keys.WAKE_CHANNEL, job_id)
+            job = Job(job_id, redis, _queue_name=keys.QUEUE, _deserializer=deserialize_job_data)
+            return await job.result(timeout=10)
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(run())
 
 
 def text_message(text: str) -> dict[str, Any]:

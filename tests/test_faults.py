@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 import time
@@ -12,12 +11,16 @@ from typing import Any
 
 import httpx
 import redis
-from arq.jobs import Job
 from conftest import ALPHA_KEY, Stack
-from helpers import ResumingReader, StreamReader, free_port, new_session, text_message, wait_state
-
-from shared import keys
-from shared.queue import TURN_FUNCTION, connect, deserialize_job_data
+from helpers import (
+    ResumingReader,
+    StreamReader,
+    free_port,
+    new_session,
+    run_raw_job,
+    text_message,
+    wait_state,
+)
 
 
 def test_sigterm_lets_a_short_turn_finish_and_exits_zero(
@@ -175,19 +178,9 @@ def test_redelivered_job_of_a_finished_turn_does_nothing(
     reply = client.post(f"/sessions/{session_id}/messages", json=text_message("run: echo once"))
     turn_id = reply.json()["turn_id"]
 
-    async def redeliver() -> Any:
-        redis = await connect(stack.env["SANDSTREAM_REDIS_URL"])
-        try:
-            job_id = f"again-{turn_id}"
-            payload = {"session_id": session_id, "turn_id": turn_id}
-            await redis.enqueue_job(TURN_FUNCTION, payload, _job_id=job_id, _queue_name=keys.QUEUE)
-            await redis.publish(keys.WAKE_CHANNEL, job_id)
-            job = Job(job_id, redis, _queue_name=keys.QUEUE, _deserializer=deserialize_job_data)
-            return await job.result(timeout=10)
-        finally:
-            await redis.aclose()
-
-    assert asyncio.run(redeliver()) == "skipped"
+    payload = {"session_id": session_id, "turn_id": turn_id}
+    result = run_raw_job(stack.env["SANDSTREAM_REDIS_URL"], payload, f"again-{turn_id}")
+    assert result == "skipped"
     messages = client.get(f"/sessions/{session_id}").json()["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"]
 

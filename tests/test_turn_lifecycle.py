@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import time
 import uuid
@@ -11,12 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
-from arq.jobs import Job
 from conftest import Stack
-from helpers import StreamReader, new_session, text_message, wait_state
-
-from shared import keys
-from shared.queue import TURN_FUNCTION, connect, deserialize_job_data
+from helpers import StreamReader, new_session, run_raw_job, text_message, wait_state
 
 
 def _api(stack: Stack) -> httpx.Client:
@@ -110,18 +105,8 @@ def test_resume_from_before_the_retained_log_says_so(make_stack: Callable[..., S
     ],
 )
 def test_worker_rejects_malformed_jobs(stack: Stack, client: httpx.Client, payload: Any) -> None:
-    async def enqueue_and_wait() -> Any:
-        redis = await connect(stack.env["SANDSTREAM_REDIS_URL"])
-        try:
-            job_id = f"bad-{uuid.uuid4()}"
-            await redis.enqueue_job(TURN_FUNCTION, payload, _job_id=job_id, _queue_name=keys.QUEUE)
-            await redis.publish(keys.WAKE_CHANNEL, job_id)
-            job = Job(job_id, redis, _queue_name=keys.QUEUE, _deserializer=deserialize_job_data)
-            return await job.result(timeout=10)
-        finally:
-            await redis.aclose()
-
-    assert asyncio.run(enqueue_and_wait()) == "rejected"
+    result = run_raw_job(stack.env["SANDSTREAM_REDIS_URL"], payload, f"bad-{uuid.uuid4()}")
+    assert result == "rejected"
     # The worker is unharmed and serves real turns.
     sandbox = client.post("/sandboxes", json={}).json()["id"]
     sid = client.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"]
