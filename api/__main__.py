@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from types import FrameType
 
 import uvicorn
 from litestar import Litestar
 
 from api.app import create_app
+from shared.logs import configure_logging
 from shared.settings import Settings
 
 
@@ -32,15 +32,14 @@ class DrainingServer(uvicorn.Server):
 
 def main() -> None:
     settings = Settings.from_env()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's lines go through our handler (text or JSON)
         timeout_graceful_shutdown=5,
         # Longer than a load balancer's idle timeout (often 60 s), so the proxy,
         # not uvicorn, closes idle connections: no request lands on a closing one.

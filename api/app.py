@@ -47,6 +47,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         request_max_body_size=settings.max_body_bytes,
         # The OpenAPI document is ours (GET /openapi.json, api/openapi.py).
         openapi_config=None,
+        # Logging is configured by `shared.logs` for both processes.
+        logging_config=None,
     )
 
 

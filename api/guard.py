@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 from litestar.connection import ASGIConnection
@@ -12,6 +13,7 @@ from api.auth import AUTH_OFF_TENANT, Principal, redeem_stream_token
 from api.problems import Problem
 from api.services import Services, services_of
 from shared import keys
+from shared.logs import bind
 
 
 async def authenticate(
@@ -27,6 +29,11 @@ async def authenticate(
         raise Problem(403, "forbidden", "this endpoint needs an admin key")
     await _rate_limit(svc, principal)
     connection.state.principal = principal
+    bind(
+        request_id=connection.headers.get("x-request-id") or uuid.uuid4().hex,
+        tenant=principal.tenant,
+        session_id=connection.path_params.get("sid"),
+    )
 
 
 def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:

@@ -32,6 +32,7 @@ from api.services import (
 from shared import eventlog
 from shared import events as ev
 from shared.events import TERMINAL_TYPES, TerminalView, decode_terminal
+from shared.logs import bind
 from shared.models import (
     CreateSession,
     Message,
@@ -176,6 +177,8 @@ class SessionController(Controller):
                     turn_id=claim.turn_id,
                 )
             await _enqueue(svc, sid, turn_id)
+            bind(turn_id=turn_id)
+            logger.info("turn queued")
             terminal = None
             if queue is not None:
                 terminal = await _terminal_on(

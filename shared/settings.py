@@ -69,6 +69,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     reaper_interval_seconds: float = 5.0
     worker_heartbeat_seconds: float = 5.0
     log_level: str = "INFO"
+    log_format: str = "text"
 
     def default_agent(self) -> AgentConfig:
         return AgentConfig(
@@ -82,6 +83,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     def __post_init__(self) -> None:
         if self.provider not in ("demo", "anthropic", "openai"):
             raise ValueError(f"provider must be demo, anthropic or openai, not {self.provider!r}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import sys
 
+from shared.logs import configure_logging
 from shared.ops import local_worker_healthy
 from shared.queue import connect
 from shared.settings import Settings
@@ -48,9 +48,7 @@ def main() -> None:
             sys.exit(1)
         print("healthy" if healthy else "unhealthy: no fresh heartbeat from a worker here")
         sys.exit(0 if healthy else 1)
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings)
     asyncio.run(_run(settings))
 
 

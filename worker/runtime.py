@@ -23,6 +23,7 @@ from arq.worker import func
 
 from shared import events as ev
 from shared import keys
+from shared.logs import bound
 from shared.models import is_uuid, new_id, now_rfc3339
 from shared.queue import TURN_FUNCTION, TurnJob, connect, deserialize_job_data, serialize_job_data
 from shared.settings import Settings
@@ -237,7 +238,10 @@ async def run_turn(ctx: dict[str, Any], payload: Any) -> str:
         logger.error("rejected turn job %s: ids are not UUIDs", ctx.get("job_id"))
         return "rejected"
     runtime: WorkerRuntime = ctx["runtime"]
-    return "done" if await runtime.run_turn(job) else "skipped"
+    with bound(job_id=ctx.get("job_id"), session_id=job.session_id, turn_id=job.turn_id):
+        ran = await runtime.run_turn(job)
+        logger.info("turn %s", "done" if ran else "skipped: not current")
+    return "done" if ran else "skipped"
 
 
 async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRuntime]:

@@ -1,0 +1,43 @@
+"""JSON logs: one object a line, with the request's and the turn's context, no secrets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from conftest import ADMIN_KEY, ALPHA_KEY, Stack
+from helpers import new_session, text_message
+
+
+def _lines(stack: Stack) -> list[dict[str, Any]]:
+    lines = []
+    for proc in stack.procs:
+        for line in proc.log.read_text().splitlines():
+            if line.strip():
+                lines.append(json.loads(line))  # every line is one JSON object
+    return lines
+
+
+def test_json_logs_carry_request_and_turn_context(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(log_format="json", log_level="INFO")
+    with stack.client() as client:
+        sid = new_session(client)
+        reply = client.post(
+            f"/sessions/{sid}/messages",
+            json=text_message("run: echo hi"),
+            headers={"X-Request-ID": "req-123"},
+        )
+        assert reply.status_code == 200
+        turn_id = reply.json()["turn_id"]
+    lines = _lines(stack)
+    assert all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
+    queued = [line for line in lines if line["msg"] == "turn queued"]
+    assert queued and queued[0]["request_id"] == "req-123"
+    assert queued[0]["tenant"] == "alpha" and queued[0]["session_id"] == sid
+    assert queued[0]["turn_id"] == turn_id
+    done = [line for line in lines if line["msg"] == "turn done"]
+    assert done and done[0]["turn_id"] == turn_id and done[0]["job_id"] == turn_id
+    assert done[0]["session_id"] == sid
+    text = json.dumps(lines)
+    assert ALPHA_KEY not in text and ADMIN_KEY not in text
