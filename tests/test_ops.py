@@ -81,3 +81,27 @@ def test_worker_check_exit_codes(make_stack: Callable[..., Stack]) -> None:
         timeout=60,
     )
     assert result.returncode == 1
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", "ops", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_ops_cli_prints_queues_and_workers(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(worker_heartbeat_seconds="0.5")
+    time.sleep(0.6)
+    queues = _cli("queues", "--url", stack.base_url, "--key", ADMIN_KEY)
+    assert queues.returncode == 0, queues.stderr
+    header, row = queues.stdout.splitlines()[:2]
+    assert header.split()[:3] == ["queue", "queued", "deferred"]
+    assert row.split()[:2] == ["ss:queue", "0"]
+    workers = _cli("workers", "--url", stack.base_url, "--key", ADMIN_KEY)
+    assert workers.returncode == 0 and str(stack.workers[0].popen.pid) in workers.stdout
+    refused = _cli("queues", "--url", stack.base_url, "--key", "not-an-admin-key-000000")
+    assert refused.returncode == 1 and "401" in refused.stderr
