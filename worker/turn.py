@@ -173,9 +173,9 @@ class TurnRunner:
             end: MessageEnd | None = None
             async for item in self.provider.stream(request):
                 if isinstance(item, TextChunk):
-                    await self._text(item.text)
+                    self._text(item.text)
                 elif isinstance(item, ToolCallStart):
-                    await self._close_text()
+                    self._close_text()
                     calls.append(len(self.blocks))
                     self.blocks.append(ToolUseBlock(id=item.id, name=item.name, input={}))
                     self._emit(
@@ -191,7 +191,7 @@ class TurnRunner:
                     )
                 else:
                     end = item
-            await self._close_text()
+            self._close_text()
             if end is not None:
                 self.usage.input_tokens += end.usage.input_tokens
                 self.usage.output_tokens += end.usage.output_tokens
@@ -201,7 +201,7 @@ class TurnRunner:
                 call = self.blocks[index]
                 assert isinstance(call, ToolUseBlock)
                 outcome = await execute_tool(tool_ctx, call.name, call.input, allowed)
-                await self._tool_result(call.id, outcome.content, outcome.is_error)
+                self._tool_result(call.id, outcome.content, outcome.is_error)
         return "max_iterations"
 
     def _prepare_workspace(self) -> Path:
@@ -241,7 +241,7 @@ class TurnRunner:
         assert self._writer is not None
         self._writer.put(event)
 
-    async def _text(self, text: str) -> None:
+    def _text(self, text: str) -> None:
         if not text:
             return
         if self._text_index is None:
@@ -250,7 +250,7 @@ class TurnRunner:
         self._text_parts.append(text)
         self._emit(ev.TextDelta(**self._ids(), index=self._text_index, text=text))
 
-    async def _close_text(self) -> None:
+    def _close_text(self) -> None:
         if self._text_index is None:
             return
         text = "".join(self._text_parts)
@@ -258,7 +258,7 @@ class TurnRunner:
         index, self._text_index = self._text_index, None
         self._emit(ev.TextComplete(**self._ids(), index=index, text=text))
 
-    async def _tool_result(self, tool_use_id: str, content: str, is_error: bool) -> None:
+    def _tool_result(self, tool_use_id: str, content: str, is_error: bool) -> None:
         index = len(self.blocks)
         self.blocks.append(
             ToolResultBlock(tool_use_id=tool_use_id, content=content, is_error=is_error)
@@ -273,7 +273,7 @@ class TurnRunner:
             )
         )
 
-    async def _settle_blocks(self) -> None:
+    def _settle_blocks(self) -> None:
         """After a stop: keep partial text, and answer every tool call left unanswered."""
         if self._text_index is not None:
             self.blocks.append(TextBlock(text="".join(self._text_parts)))
@@ -281,12 +281,12 @@ class TurnRunner:
         answered = {b.tool_use_id for b in self.blocks if isinstance(b, ToolResultBlock)}
         for block in list(self.blocks):
             if isinstance(block, ToolUseBlock) and block.id not in answered:
-                await self._tool_result(block.id, "[interrupted before the tool finished]", True)
+                self._tool_result(block.id, "[interrupted before the tool finished]", True)
 
     # ---- the end of the turn -----------------------------------------------
 
     async def _complete(self, reason: CompletedReason) -> None:
-        await self._settle_blocks()
+        self._settle_blocks()
         if not await self._flushed():
             return
         message = self._message()
@@ -301,7 +301,7 @@ class TurnRunner:
     async def _fail(
         self, stop_reason: Literal["error", "timeout", "worker_lost"], code: str, text: str
     ) -> None:
-        await self._settle_blocks()
+        self._settle_blocks()
         if not await self._flushed():
             return
         message = None
