@@ -63,7 +63,7 @@ class OpsController(Controller):
             (
                 "sandstream_running_turns",
                 "Turns in progress.",
-                len(await svc.store.running_sessions()),
+                await svc.store.running_count(),
             ),
             ("sandstream_stream_clients", "SSE clients of this process.", svc.hub.client_count),
         ]

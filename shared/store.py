@@ -361,6 +361,9 @@ class SessionStore:
                 pipe.ltrim(keys.TURN_DURATIONS, 0, 999)
             await pipe.execute()
 
+    async def running_count(self) -> int:
+        return int(await self.redis.scard(keys.RUNNING))  # type: ignore[misc]
+
     async def running_sessions(self) -> list[str]:
         return [s.decode() for s in await self.redis.smembers(keys.RUNNING)]  # type: ignore[misc]
 
