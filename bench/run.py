@@ -24,6 +24,7 @@ from shared.models import Message, TextBlock, new_id, now_rfc3339
 from shared.queue import connect, deserialize_job_data
 from shared.settings import Settings
 from shared.store import SessionStore
+from shared.workspace import create_workspace
 from worker.isolation import Isolation
 from worker.providers.demo import DemoProvider
 from worker.turn import TurnRunner
@@ -107,6 +108,7 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
         store = SessionStore(client)
         settings = Settings(sandbox_root=str(Path("/tmp") / "sandstream-bench-floor"))
         sandbox = await store.create_sandbox("bench", {})
+        workspace = create_workspace(settings.sandbox_root, sandbox.id)
         session = await store.create_session("bench", sandbox.id, {}, settings.default_agent())
         samples = []
         for i in range(turns + 10):
@@ -129,7 +131,7 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
                 provider=DemoProvider(),
                 agent=settings.default_agent(),
                 isolation=Isolation(kind="none"),
-                network=False,
+                sandbox=(workspace, False),
                 worker_id="bench",
                 session_id=session.id,
                 sandbox_id=sandbox.id,

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -28,7 +29,8 @@ from shared.models import is_uuid, new_id, now_rfc3339
 from shared.queue import TURN_FUNCTION, TurnJob, connect, deserialize_job_data, serialize_job_data
 from shared.settings import Settings
 from shared.store import FinishMode, SessionStore
-from worker.isolation import choose_isolation, describe
+from shared.workspace import create_workspace
+from worker.isolation import choose_isolation, describe, own_workspace
 from worker.pickup import FastPickupWorker
 from worker.providers import ProviderFactory
 from worker.providers.base import ProviderError
@@ -58,7 +60,7 @@ class WorkerRuntime:
         self.providers = ProviderFactory(settings)
         self.isolation = choose_isolation(settings)
         self._control_decoder = msgspec.json.Decoder(ControlMessage)
-        self._networks: dict[str, bool] = {}
+        self._sandboxes: dict[str, tuple[Path, bool]] = {}
 
     async def run_turn(self, job: TurnJob) -> bool:
         """Run the job's turn; False when it is not the session's current turn
@@ -83,7 +85,7 @@ class WorkerRuntime:
             provider=provider,
             agent=agent,
             isolation=self.isolation,
-            network=await self._network(started.sandbox_id),
+            sandbox=await self._sandbox(started.sandbox_id),
             worker_id=self.worker_id,
             session_id=job.session_id,
             sandbox_id=started.sandbox_id,
@@ -98,12 +100,19 @@ class WorkerRuntime:
                 del self.running[job.session_id]
         return True
 
-    async def _network(self, sandbox_id: str) -> bool:
-        """Whether the sandbox may reach the network; sandboxes never change it."""
-        if sandbox_id not in self._networks:
-            sandbox = await self.store.get_sandbox(sandbox_id)
-            self._networks[sandbox_id] = bool(sandbox and sandbox.network)
-        return self._networks[sandbox_id]
+    async def _sandbox(self, sandbox_id: str) -> tuple[Path, bool]:
+        """The sandbox's workspace, made and handed to its uid, and whether it may
+        reach the network: once per worker, since sandboxes never change either."""
+        if sandbox_id not in self._sandboxes:
+            record = await self.store.get_sandbox(sandbox_id)
+            workspace = await asyncio.to_thread(self._prepare_workspace, sandbox_id)
+            self._sandboxes[sandbox_id] = (workspace, bool(record and record.network))
+        return self._sandboxes[sandbox_id]
+
+    def _prepare_workspace(self, sandbox_id: str) -> Path:
+        workspace = create_workspace(self.settings.sandbox_root, sandbox_id)
+        own_workspace(self.isolation, workspace, sandbox_id)
+        return workspace
 
     def on_control(self, data: bytes) -> None:
         try:
@@ -114,8 +123,6 @@ class WorkerRuntime:
         runner = self.running.get(msg.session_id)
         if runner is not None and runner.turn_id == msg.turn_id:
             runner.interrupt()
-
-    # ---- reaper -------------------------------------------------------------
 
     async def heartbeat_forever(self) -> None:
         """This worker's own heartbeat key, for ops and for `python -m worker check`."""

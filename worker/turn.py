@@ -29,9 +29,8 @@ from shared.models import (
 )
 from shared.settings import Settings
 from shared.store import SessionStore
-from shared.workspace import create_workspace
 from worker.event_writer import EventWriter, TurnSuperseded
-from worker.isolation import Isolation, own_workspace
+from worker.isolation import Isolation
 from worker.providers.base import (
     MessageEnd,
     Provider,
@@ -57,7 +56,7 @@ class TurnRunner:
         provider: Provider,
         agent: AgentConfig,
         isolation: Isolation,
-        network: bool,
+        sandbox: tuple[Path, bool],
         worker_id: str,
         session_id: str,
         sandbox_id: str,
@@ -69,7 +68,7 @@ class TurnRunner:
         self.provider = provider
         self.agent = agent
         self.isolation = isolation
-        self.network = network
+        self.workspace, self.network = sandbox
         self.worker_id = worker_id
         self.session_id = session_id
         self.sandbox_id = sandbox_id
@@ -155,9 +154,8 @@ class TurnRunner:
         history = self.history
         allowed: list[str] = list(self.agent.allowed_tools)
         tools = tool_specs(allowed)
-        workspace = await asyncio.to_thread(self._prepare_workspace)
         tool_ctx = ToolContext(
-            workspace=workspace,
+            workspace=self.workspace,
             timeout=self.settings.tool_timeout_seconds,
             output_cap=self.settings.tool_output_bytes,
             isolation=self.isolation,
@@ -203,11 +201,6 @@ class TurnRunner:
                 outcome = await execute_tool(tool_ctx, call.name, call.input, allowed)
                 self._tool_result(call.id, outcome.content, outcome.is_error)
         return "max_iterations"
-
-    def _prepare_workspace(self) -> Path:
-        workspace = create_workspace(self.settings.sandbox_root, self.sandbox_id)
-        own_workspace(self.isolation, workspace, self.sandbox_id)
-        return workspace
 
     # ---- blocks and events ------------------------------------------------
 
