@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
+from typing import Any
 
 from litestar import Litestar
 
 from api.auth import KeyRing
 from api.guard import authenticate
 from api.hub import EventHub
+from api.metrics import PROMETHEUS, MetricsController, forget_dead_processes
 from api.ops import OpsController
 from api.problems import EXCEPTION_HANDLERS
 from api.sandboxes import SandboxController
 from api.services import Services
 from api.sessions import SessionController
 from api.stream import StreamController
+from shared.logs import configure_logging
 from shared.queue import connect
 from shared.settings import Settings
 
@@ -29,19 +36,29 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        forget_dead_processes()
         redis = await connect(settings.redis_url)
         hub = EventHub(redis, tick_seconds=settings.keepalive_seconds)
         await hub.start()
         app.state.services = Services(settings, redis, hub, keyring)
+        restore = _drain_on_stop_signal(hub)
         try:
             yield
         finally:
+            restore()
             await hub.stop()
             await redis.aclose()
 
     return Litestar(
-        route_handlers=[SandboxController, SessionController, StreamController, OpsController],
+        route_handlers=[
+            SandboxController,
+            SessionController,
+            StreamController,
+            OpsController,
+            MetricsController,
+        ],
         lifespan=[lifespan],
+        middleware=[PROMETHEUS.middleware],
         guards=[authenticate],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,
@@ -50,6 +67,43 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # Logging is configured by `shared.logs` for both processes.
         logging_config=None,
     )
+
+
+def _drain_on_stop_signal(hub: EventHub) -> Callable[[], None]:
+    """uvicorn waits for open connections before it stops, and SSE streams never
+    close by themselves: on the stop signal, tell every stream's client to
+    reconnect elsewhere first (then let the server's own handler stop it), so a
+    rolling restart loses no one. Works for one process and for each of
+    several uvicorn worker processes; returns what puts the handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def wrap(handler: Callable[[int, FrameType | None], Any]) -> Callable[..., None]:
+        def on_signal(sig: int, frame: FrameType | None) -> None:
+            loop.call_soon_threadsafe(hub.drain)
+            handler(sig, frame)
+
+        return on_signal
+
+    for sig, handler in previous.items():
+        if callable(handler):
+            signal.signal(sig, wrap(handler))
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+def app_factory() -> Litestar:
+    """The app of one of several uvicorn worker processes (`SANDSTREAM_API_WORKERS`),
+    each of which configures itself from the environment."""
+    settings = Settings.from_env()
+    configure_logging(settings)
+    return create_app(settings)
 
 
 def _keyring(settings: Settings) -> KeyRing | None:

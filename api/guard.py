@@ -21,7 +21,7 @@ async def authenticate(
 ) -> None:
     """Routes mark themselves with `opt`: `public`, `admin`, or `stream_token`."""
     opt = handler.opt
-    if opt.get("public") or not connection.url.path.startswith("/api/"):
+    if opt.get("public"):
         return
     svc = services_of(connection)
     principal = await _principal(connection, opt, svc)

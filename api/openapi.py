@@ -306,9 +306,9 @@ def build_openapi(version: str) -> dict[str, Any]:
                 errors=(403,),
             ),
         },
-        "/api/v1/ops/metrics": {
+        "/metrics": {
             "get": _operation(
-                "opsMetrics",
+                "metrics",
                 "Prometheus metrics (admin)",
                 {200: {"description": "text format", "content": {"text/plain": {}}}},
                 errors=(403,),
@@ -322,7 +322,7 @@ def build_openapi(version: str) -> dict[str, Any]:
         "/readyz": {
             "get": _operation(
                 "readyz",
-                "Readiness: Redis answers",
+                "Readiness: Redis answers and accepts writes",
                 {200: _json(_ref(Health), "ready")},
                 errors=(503,),
                 public=True,

@@ -1,17 +1,19 @@
-"""Health, readiness, metrics and queue inspection for operators."""
+"""Health, readiness and queue inspection for operators (metrics: `api.metrics`)."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from litestar import Controller, Request, Response, get
+from redis.exceptions import ResponseError
 
 from api.openapi import build_openapi
 from api.problems import problem_response
 from api.schemas import Health
 from api.services import services_of
+from shared import keys
 from shared.ops import QueueReport, WorkerReport, queue_report, worker_reports
-from shared.queue import queue_depth
 
 OPENAPI = build_openapi("0.1.0")
 
@@ -31,10 +33,14 @@ class OpsController(Controller):
 
     @get("/readyz", opt={"public": True})
     async def readyz(self, request: Request[Any, Any, Any]) -> Response[Any]:
-        """Readiness: Redis answers."""
+        """Readiness: Redis answers and takes writes, so a message sent here can be
+        queued (a read-only replica, a full `maxmemory` or a failing disk refuse them)."""
         svc = services_of(request)
         try:
-            await svc.redis.ping()
+            await svc.redis.set(keys.READY_PROBE, socket.gethostname(), px=60_000)
+        except ResponseError as exc:
+            detail = f"Redis refuses writes: {str(exc).split(' ', 1)[0]}"
+            return problem_response(503, "queue_not_writable", detail)
         except Exception:
             return problem_response(503, "store_unavailable", "Redis does not answer")
         return Response(Health(status="ready"))
@@ -50,24 +56,3 @@ class OpsController(Controller):
         """Live workers: host, pid, running turns, last heartbeat."""
         svc = services_of(request)
         return await worker_reports(svc.redis, svc.settings.worker_heartbeat_seconds * 3)
-
-    @get("/api/v1/ops/metrics", media_type="text/plain; version=0.0.4", opt={"admin": True})
-    async def metrics(self, request: Request[Any, Any, Any]) -> str:
-        svc = services_of(request)
-        rows = [
-            (
-                "sandstream_queued_turns",
-                "Turns waiting for a worker.",
-                await queue_depth(svc.redis),
-            ),
-            (
-                "sandstream_running_turns",
-                "Turns in progress.",
-                await svc.store.running_count(),
-            ),
-            ("sandstream_stream_clients", "SSE clients of this process.", svc.hub.client_count),
-        ]
-        return "".join(
-            f"# HELP {name} {text}\n# TYPE {name} gauge\n{name} {value}\n"
-            for name, text, value in rows
-        )

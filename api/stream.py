@@ -15,6 +15,7 @@ from api.auth import mint_stream_token
 from api.feed import Draining, Tick, Truncated, feed
 from api.guard import principal_of, tenant_of
 from api.hub import LiveEvent
+from api.metrics import SSE_CONNECTIONS
 from api.problems import Problem
 from api.schemas import StreamToken
 from api.services import Services, owned_session, services_of
@@ -76,6 +77,7 @@ class StreamController(Controller):
 
 async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> AsyncIterator[bytes]:
     # One generator over `feed`, not two: every layer costs each event on every stream.
+    SSE_CONNECTIONS.inc()
     try:
         async with svc.hub.subscribe(sid) as queue:
             # The body starts at once, so proxies and clients see the stream is
@@ -95,6 +97,8 @@ async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> Async
         # Redis is gone: end the stream and say when to come back; the client
         # resumes from its Last-Event-ID, so nothing is lost.
         yield _reconnect_frame(sid, "the store is unavailable")
+    finally:
+        SSE_CONNECTIONS.dec()
 
 
 async def _keepalive(svc: Services, sid: str, sandbox_id: str) -> bytes:

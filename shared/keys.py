@@ -22,6 +22,15 @@ WORKERS = f"{PREFIX}:workers"
 TURN_DURATIONS = f"{PREFIX}:stats:turn-durations"
 # Turn outcomes are counted in buckets of this many seconds.
 STATS_BUCKET_SECONDS = 600
+# Written by the API's /readyz: Redis must take writes for the API to be ready.
+READY_PROBE = f"{PREFIX}:api:ready-probe"
+# Hash: fleet-wide turn counters for Prometheus (`shared.metrics`).
+METRICS_COUNTERS = f"{PREFIX}:metrics:counters"
+
+
+def metrics_histogram(name: str) -> str:
+    """Hash: one histogram's bucket counts and sum, by label value (`shared.metrics`)."""
+    return f"{PREFIX}:metrics:{name}"
 
 
 def worker(worker_id: str) -> str:

@@ -22,7 +22,7 @@ redis.call('RPUSH', KEYS[2], ARGV[2])
 return {'ok', tostring(tonumber(redis.call('GET', KEYS[3]) or '0'))}
 """
 
-# KEYS: session, lease, messages. ARGV: turn_id, worker_id, ttl_ms.
+# KEYS: session, lease, messages, metrics counters. ARGV: turn_id, worker_id, ttl_ms.
 # -> {sandbox_id, agent JSON, messages} started | 0 not current (over, reaped,
 #    or started elsewhere)
 START_TURN = """
@@ -33,6 +33,7 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'running'
 end
 redis.call('HSET', KEYS[1], 'started', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('HINCRBY', KEYS[4], 'started', 1)
 local found = redis.call('HMGET', KEYS[1], 'sandbox_id', 'agent')
 return {found[1], found[2], redis.call('LRANGE', KEYS[3], 0, -1)}
 """

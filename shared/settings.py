@@ -20,6 +20,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     redis_url: str = "redis://127.0.0.1:6379/0"
     host: str = "127.0.0.1"
     port: int = 8000
+    api_workers: int = 1
     sandbox_root: str = ".sandstream/sandboxes"
     provider: str = "demo"
     model: str = ""

@@ -12,8 +12,9 @@ from typing import Any, Literal
 import msgspec
 from redis.asyncio import Redis
 
-from shared import keys, scripts
-from shared.events import Event, TerminalEvent, encode_event
+from shared import keys, metrics, scripts
+from shared.events import Event, SessionCompleted, TerminalEvent, encode_event
+from shared.metrics import TurnFigures
 from shared.models import AgentConfig, Message, Sandbox, Session, new_id, now_rfc3339
 
 FinishMode = Literal["worker", "unstarted", "orphaned"]
@@ -271,7 +272,7 @@ class SessionStore:
     ) -> StartedTurn | None:
         """Take the turn and its lease; None when it is not this job's to run."""
         res = await self._start(
-            keys=[keys.session(sid), keys.lease(sid), keys.messages(sid)],
+            keys=[keys.session(sid), keys.lease(sid), keys.messages(sid), keys.METRICS_COUNTERS],
             args=[turn_id, worker_id, lease_ms],
         )
         if not res:
@@ -317,9 +318,10 @@ class SessionStore:
         mode: FinishMode,
         message: Message | None,
         terminal: TerminalEvent,
-        duration_ms: int | None = None,
+        figures: TurnFigures | None = None,
     ) -> int:
-        """Store the message, free the session and append the terminal event, atomically."""
+        """Store the message, free the session and append the terminal event, atomically;
+        then count the turn for ops (`figures`: what the turn measured, if it ran)."""
         seq = int(
             await self._finish(
                 keys=[
@@ -343,22 +345,28 @@ class SessionStore:
             )
         )
         if seq:
-            await self._record_outcome(sid, terminal, duration_ms)
+            await self._record_outcome(sid, terminal, figures or TurnFigures())
         return seq
 
     async def _record_outcome(
-        self, sid: str, terminal: TerminalEvent, duration_ms: int | None
+        self, sid: str, terminal: TerminalEvent, figures: TurnFigures
     ) -> None:
         """Off the client's path (the terminal event is out): counters for ops."""
         bucket = int(time.time()) // keys.STATS_BUCKET_SECONDS
         outcome = f"{terminal.__struct_config__.tag}:{terminal.stop_reason}"
+        result, reason = (
+            ("completed", str(terminal.stop_reason))
+            if isinstance(terminal, SessionCompleted)
+            else ("failed", terminal.error.code)
+        )
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.srem(keys.RUNNING, sid)
             pipe.hincrby(keys.turn_outcomes(bucket), outcome, 1)
             pipe.expire(keys.turn_outcomes(bucket), 2 * 3600)
-            if duration_ms is not None:
-                pipe.lpush(keys.TURN_DURATIONS, duration_ms)
+            if figures.duration_seconds is not None:
+                pipe.lpush(keys.TURN_DURATIONS, round(figures.duration_seconds * 1000))
                 pipe.ltrim(keys.TURN_DURATIONS, 0, 999)
+            metrics.record(pipe, result, reason, figures)
             await pipe.execute()
 
     async def running_count(self) -> int:

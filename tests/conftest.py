@@ -239,12 +239,18 @@ def make_stack(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Stack]]
     """Start a stack of its own, for tests that kill processes or change settings."""
     started: list[Stack] = []
 
-    def make(workers: int = 1, redis_url_override: str = "", **settings: str) -> Stack:
+    def make(
+        workers: int = 1,
+        redis_url_override: str = "",
+        env: dict[str, str] | None = None,
+        **settings: str,
+    ) -> Stack:
         # A database of its own keeps its queue away from the shared stack's worker.
         url = redis_url_override or redis_url.rsplit("/", 1)[0] + f"/{1 + len(started)}"
         redis.Redis.from_url(url).flushdb()
-        env = {"SANDSTREAM_" + k.upper(): v for k, v in settings.items()}
-        started.append(Stack(url, tmp_path / f"stack{len(started)}", env, workers))
+        extra = {"SANDSTREAM_" + k.upper(): v for k, v in settings.items()}
+        extra.update(env or {})
+        started.append(Stack(url, tmp_path / f"stack{len(started)}", extra, workers))
         return started[-1]
 
     yield make

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from conftest import Stack
@@ -90,5 +91,25 @@ def test_hub_and_worker_reconnect_after_a_redis_restart(
             reply = client.post(f"/sessions/{sid2}/messages", json=text_message("back"))
             assert reply.status_code == 200
             assert late.join()[-1]["_event"] == "session_completed"
+    finally:
+        stack.stop()
+
+
+def test_readyz_needs_redis_to_take_writes(own_redis: RedisServer, tmp_path: Path) -> None:
+    stack = Stack(own_redis.url, tmp_path / "stack", {})
+    try:
+        ready = stack.base_url + "/readyz"
+        assert httpx.get(ready).status_code == 200
+        store = redis.Redis.from_url(own_redis.url)
+        # A replica of a primary that is not there: it answers, and refuses writes.
+        store.replicaof("127.0.0.1", str(free_port()))
+        refused = httpx.get(ready)
+        assert refused.status_code == 503
+        assert refused.json()["code"] == "queue_not_writable"
+        store.replicaof("NO", "ONE")
+        assert httpx.get(ready).status_code == 200
+        own_redis.stop()
+        down = httpx.get(ready)
+        assert down.status_code == 503 and down.json()["code"] == "store_unavailable"
     finally:
         stack.stop()

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,9 +63,10 @@ class WorkerRuntime:
         self._control_decoder = msgspec.json.Decoder(ControlMessage)
         self._sandboxes: dict[str, tuple[Path, bool]] = {}
 
-    async def run_turn(self, job: TurnJob) -> bool:
+    async def run_turn(self, job: TurnJob, accepted_at: float | None = None) -> bool:
         """Run the job's turn; False when it is not the session's current turn
-        (finished, reaped or interrupted already: a redelivered job does nothing)."""
+        (finished, reaped or interrupted already: a redelivered job does nothing).
+        `accepted_at`: when the API queued it (epoch seconds), for the metrics."""
         lease_ms = int(self.settings.lease_seconds * 1000)
         started = await self.store.start_turn(job.session_id, job.turn_id, self.worker_id, lease_ms)
         if started is None:
@@ -91,6 +93,7 @@ class WorkerRuntime:
             sandbox_id=started.sandbox_id,
             turn_id=job.turn_id,
             history=started.history,
+            accepted_at=accepted_at,
         )
         self.running[job.session_id] = runner
         try:
@@ -246,7 +249,9 @@ async def run_turn(ctx: dict[str, Any], payload: Any) -> str:
         return "rejected"
     runtime: WorkerRuntime = ctx["runtime"]
     with bound(job_id=ctx.get("job_id"), session_id=job.session_id, turn_id=job.turn_id):
-        ran = await runtime.run_turn(job)
+        enqueued = ctx.get("enqueue_time")
+        accepted_at = enqueued.timestamp() if isinstance(enqueued, datetime) else None
+        ran = await runtime.run_turn(job, accepted_at)
         logger.info("turn %s", "done" if ran else "skipped: not current")
     return "done" if ran else "skipped"
 

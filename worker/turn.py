@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from shared import events as ev
+from shared.metrics import TurnFigures
 from shared.models import (
     AgentConfig,
     ContentBlock,
@@ -62,6 +63,7 @@ class TurnRunner:
         sandbox_id: str,
         turn_id: str,
         history: list[Message],
+        accepted_at: float | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -84,6 +86,10 @@ class TurnRunner:
         self._loop_task: asyncio.Task[CompletedReason] | None = None
         self._writer: EventWriter | None = None
         self._started = time.monotonic()
+        # For the fleet's metrics: when the API accepted the message (epoch
+        # seconds), and what the turn measured on its way.
+        self._accepted_at = accepted_at
+        self._figures = TurnFigures()
 
     # ---- control -----------------------------------------------------------
 
@@ -198,7 +204,11 @@ class TurnRunner:
             for index in calls:
                 call = self.blocks[index]
                 assert isinstance(call, ToolUseBlock)
+                began = time.monotonic()
                 outcome = await execute_tool(tool_ctx, call.name, call.input, allowed)
+                self._figures.tools.append(
+                    (call.name if call.name in allowed else "unknown", time.monotonic() - began)
+                )
                 self._tool_result(call.id, outcome.content, outcome.is_error)
         return "max_iterations"
 
@@ -233,10 +243,13 @@ class TurnRunner:
     def _emit(self, event: ev.Event) -> None:
         assert self._writer is not None
         self._writer.put(event)
+        self._figures.events += 1
 
     def _text(self, text: str) -> None:
         if not text:
             return
+        if self._figures.first_token_seconds is None and self._accepted_at is not None:
+            self._figures.first_token_seconds = max(0.0, time.time() - self._accepted_at)
         if self._text_index is None:
             self._text_index = len(self.blocks)
             self._text_parts = []
@@ -288,7 +301,7 @@ class TurnRunner:
             **self._ids(), message=message, stop_reason=reason, usage=self.usage
         )
         await self.store.finish_turn(
-            self.session_id, self.turn_id, "worker", message, terminal, self._elapsed_ms()
+            self.session_id, self.turn_id, "worker", message, terminal, self._measured()
         )
 
     async def _fail(
@@ -308,11 +321,12 @@ class TurnRunner:
             message=message,
         )
         await self.store.finish_turn(
-            self.session_id, self.turn_id, "worker", message, terminal, self._elapsed_ms()
+            self.session_id, self.turn_id, "worker", message, terminal, self._measured()
         )
 
-    def _elapsed_ms(self) -> int:
-        return int((time.monotonic() - self._started) * 1000)
+    def _measured(self) -> TurnFigures:
+        self._figures.duration_seconds = time.monotonic() - self._started
+        return self._figures
 
     async def _flushed(self) -> bool:
         """Wait until every event is in the log; False when the turn is no longer ours."""

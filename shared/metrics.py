@@ -1,0 +1,191 @@
+"""Fleet-wide turn metrics, held in Redis, rendered in Prometheus' text format.
+
+Workers add to these as each turn ends, in the pipeline that already records the
+turn's outcome (`SessionStore.finish_turn`), and count a turn as started inside
+the script that starts it; every API process renders them at `/metrics` next to
+its own per-process HTTP and SSE series.
+
+Why Redis and not a metrics port on each worker: workers open no listening port
+(nothing to expose on a host that runs agents' commands, nothing to configure
+in a process manager), a counter survives its worker's restart instead of
+resetting, a worker that dies between two scrapes loses nothing it counted, and
+one scrape of any API replica shows the whole fleet. The cost is a few HINCRBYs
+per turn, pipelined with writes the turn makes anyway. The series are therefore
+the same on every API replica: aggregate them with `max`, not `sum` (the alert
+rules and dashboard in `deploy/` do).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable
+
+import msgspec
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+
+from shared import keys
+from shared.ops import QueueReport
+
+_SEP = "|"
+# Where prometheus_client keeps each API process's figures when several uvicorn
+# worker processes share one port (set by `api.__main__`, read at import).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class Histogram(msgspec.Struct, frozen=True):
+    name: str
+    help: str
+    label: str | None
+    bounds: tuple[float, ...]
+
+    def field(self, label_value: str, seconds: float) -> str:
+        """The hash field of the bucket `seconds` falls in (buckets are not cumulative
+        in Redis; the renderer accumulates them)."""
+        index = bisect.bisect_left(self.bounds, seconds)
+        return f"{label_value}{_SEP}{index}"
+
+
+TURN_DURATION = Histogram(
+    name="sandstream_turn_duration_seconds",
+    help="Time from a worker starting a turn to its end.",
+    label=None,
+    bounds=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+FIRST_TOKEN = Histogram(
+    name="sandstream_time_to_first_token_seconds",
+    help="Time from a message's acceptance by the API to the turn's first text delta.",
+    label=None,
+    bounds=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+TOOL_DURATION = Histogram(
+    name="sandstream_tool_duration_seconds",
+    help="Time one tool call took in the sandbox.",
+    label="tool",
+    bounds=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+HISTOGRAMS = (TURN_DURATION, FIRST_TOKEN, TOOL_DURATION)
+
+# Fields of the counters hash.
+STARTED = "started"
+EVENTS = "events"
+
+
+def finished_field(result: str, reason: str) -> str:
+    return f"finished{_SEP}{result}{_SEP}{reason}"
+
+
+class TurnFigures(msgspec.Struct, kw_only=True):
+    """What one turn adds to the fleet's metrics when it ends."""
+
+    events: int = 0  # events the turn appended before its terminal event
+    duration_seconds: float | None = None
+    first_token_seconds: float | None = None
+    tools: list[tuple[str, float]] = []
+
+
+def record(pipe: Pipeline, result: str, reason: str, figures: TurnFigures) -> None:
+    """Queue a turn's figures on `pipe` (no round trip of its own). `result` is
+    "completed" or "failed"; `reason` the stop reason of a completed turn or the
+    error code of a failed one."""
+    pipe.hincrby(keys.METRICS_COUNTERS, finished_field(result, reason), 1)
+    pipe.hincrby(keys.METRICS_COUNTERS, EVENTS, figures.events + 1)
+    observations: list[tuple[Histogram, str, float]] = []
+    if figures.duration_seconds is not None:
+        observations.append((TURN_DURATION, "", figures.duration_seconds))
+    if figures.first_token_seconds is not None:
+        observations.append((FIRST_TOKEN, "", figures.first_token_seconds))
+    observations.extend((TOOL_DURATION, tool, seconds) for tool, seconds in figures.tools)
+    for hist, label_value, seconds in observations:
+        key = keys.metrics_histogram(hist.name)
+        pipe.hincrby(key, hist.field(label_value, seconds), 1)
+        pipe.hincrby(key, f"{label_value}{_SEP}sum_us", round(seconds * 1_000_000))
+
+
+async def render_fleet(redis: Redis, queue: QueueReport, workers_alive: int) -> str:
+    """The fleet-wide series, in Prometheus' text exposition format."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.METRICS_COUNTERS)
+        for hist in HISTOGRAMS:
+            pipe.hgetall(keys.metrics_histogram(hist.name))
+        counters_raw, *hists_raw = await pipe.execute()
+    counters = {k.decode(): int(v) for k, v in counters_raw.items()}
+    out: list[str] = []
+    queue_label = f'{{queue="{keys.QUEUE}"}}'
+    gauges = (
+        ("sandstream_queue_depth", "Turns queued and waiting for a worker.", queue.queued),
+        ("sandstream_queue_deferred", "Jobs deferred to a later time.", queue.deferred),
+        ("sandstream_queue_in_progress", "Jobs a worker has taken.", queue.in_progress),
+        (
+            "sandstream_queue_oldest_age_seconds",
+            "Age of the oldest queued turn (0 when none waits).",
+            queue.oldest_queued_seconds,
+        ),
+    )
+    for name, text, value in gauges:
+        _header(out, name, text, "gauge")
+        out.append(f"{name}{queue_label} {value}\n")
+    for name, text, value in (
+        ("sandstream_turns_running", "Turns in progress.", queue.running_turns),
+        ("sandstream_workers_alive", "Workers whose heartbeat is fresh.", workers_alive),
+    ):
+        _header(out, name, text, "gauge")
+        out.append(f"{name} {value}\n")
+    _counter(out, "sandstream_turns_started_total", "Turns workers started.", counters, STARTED)
+    _counter(
+        out,
+        "sandstream_events_published_total",
+        "Session events appended to logs and published.",
+        counters,
+        EVENTS,
+    )
+    for result, text in (("completed", "Turns completed"), ("failed", "Turns failed")):
+        name = f"sandstream_turns_{result}_total"
+        _header(out, name, f"{text}, by stop reason or error code.", "counter")
+        prefix = finished_field(result, "")
+        for field, count in sorted(counters.items()):
+            if field.startswith(prefix):
+                out.append(f'{name}{{reason="{_escape(field[len(prefix) :])}"}} {count}\n')
+    for hist, raw in zip(HISTOGRAMS, hists_raw, strict=True):
+        _histogram(out, hist, {k.decode(): int(v) for k, v in raw.items()})
+    return "".join(out)
+
+
+def _header(out: list[str], name: str, text: str, kind: str) -> None:
+    out.append(f"# HELP {name} {text}\n# TYPE {name} {kind}\n")
+
+
+def _counter(out: list[str], name: str, text: str, counters: dict[str, int], field: str) -> None:
+    _header(out, name, text, "counter")
+    out.append(f"{name} {counters.get(field, 0)}\n")
+
+
+def _histogram(out: list[str], hist: Histogram, fields: dict[str, int]) -> None:
+    _header(out, hist.name, hist.help, "histogram")
+    label_values = sorted({field.rsplit(_SEP, 1)[0] for field in fields})
+    if hist.label is None and not label_values:
+        label_values = [""]
+    for value in label_values:
+        label = "" if hist.label is None else f'{hist.label}="{_escape(value)}"'
+        buckets = [fields.get(f"{value}{_SEP}{i}", 0) for i in range(len(hist.bounds) + 1)]
+        for bound, cumulative in zip([*hist.bounds, math.inf], _accumulate(buckets), strict=True):
+            le = "+Inf" if bound == math.inf else repr(float(bound))
+            sep = "," if label else ""
+            out.append(f'{hist.name}_bucket{{{label}{sep}le="{le}"}} {cumulative}\n')
+        braces = f"{{{label}}}" if label else ""
+        total = fields.get(f"{value}{_SEP}sum_us", 0) / 1_000_000
+        out.append(f"{hist.name}_sum{braces} {total}\n")
+        out.append(f"{hist.name}_count{braces} {sum(buckets)}\n")
+
+
+def _accumulate(values: Iterable[int]) -> list[int]:
+    total, out = 0, []
+    for value in values:
+        total += value
+        out.append(total)
+    return out
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
