@@ -27,6 +27,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.services import services_of
 from shared.metrics import MULTIPROC_ENV, render_fleet
@@ -36,6 +38,11 @@ SSE_CONNECTIONS = Gauge(
     "sandstream_sse_connections",
     "SSE streams open on this API (all its processes).",
     multiprocess_mode="livesum",
+)
+
+_REDIS_UP = (
+    "# HELP sandstream_redis_up Whether this API reached Redis for this scrape.\n"
+    "# TYPE sandstream_redis_up gauge\nsandstream_redis_up {}\n"
 )
 
 PROMETHEUS = PrometheusConfig(
@@ -81,7 +88,11 @@ class MetricsController(Controller):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         own = generate_latest(registry)
-        queue = await queue_report(svc.redis)
-        workers = await worker_reports(svc.redis, svc.settings.worker_heartbeat_seconds * 3)
-        fleet = await render_fleet(svc.redis, queue, len(workers))
+        try:
+            queue = await queue_report(svc.redis)
+            workers = await worker_reports(svc.redis, svc.settings.worker_heartbeat_seconds * 3)
+            fleet = _REDIS_UP.format(1) + await render_fleet(svc.redis, queue, len(workers))
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            # The process's own figures still count; the fleet's are in Redis.
+            fleet = _REDIS_UP.format(0)
         return Response(own + fleet.encode(), media_type=CONTENT_TYPE_LATEST)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # What the test suite needs from the system: redis-server (unless REDIS_URL is set),
-# and bubblewrap with prlimit/setpriv for the sandbox tests. Installs Debian's
+# bubblewrap with prlimit/setpriv for the sandbox tests, and the tools that check
+# the deployment files: nginx (the proxy config, run in front of two APIs),
+# promtool (the alert rules) and systemd-analyze (the units). Installs Debian's
 # packages when we may; otherwise says what is missing.
 set -euo pipefail
 missing=()
@@ -9,10 +11,14 @@ if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null 2>&1; then
 fi
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
   exit 0
 fi
 echo "the tests need: ${missing[*]} (install them, or set REDIS_URL for Redis)" >&2

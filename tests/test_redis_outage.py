@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from conftest import Stack
+from conftest import ADMIN_KEY, Stack
 from helpers import StreamReader, free_port, text_message
 
 
@@ -46,6 +46,14 @@ class RedisServer:
             self.proc = None
 
 
+def _metrics(stack: Stack) -> str:
+    response = httpx.get(
+        stack.base_url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    )
+    assert response.status_code == 200
+    return response.text
+
+
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     if not shutil.which("redis-server"):
@@ -56,11 +64,14 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def test_requests_get_503_while_redis_is_down(own_redis: RedisServer, tmp_path: Path) -> None:
-    stack = Stack(own_redis.url, tmp_path / "stack", {})
+    stack = Stack(own_redis.url, tmp_path / "stack", {"SANDSTREAM_RATE_LIMIT_PER_MINUTE": "600"})
     try:
         with stack.client() as client:
             sandbox = client.post("/sandboxes", json={}).json()["id"]
+            assert "sandstream_redis_up 1" in _metrics(stack)
             own_redis.stop()
+            # The scrape still answers, saying what it cannot reach.
+            assert "sandstream_redis_up 0" in _metrics(stack)
             for method, url in [
                 ("GET", f"/sandboxes/{sandbox}"),
                 ("POST", f"/sandboxes/{sandbox}/sessions"),
