@@ -162,6 +162,7 @@ class ResumingReader:
                         if not sse.data or sse.event in {"keepalive", "reconnect"}:
                             continue
                         event = json.loads(sse.data) | {"_event": sse.event}
+                        event["_at"] = time.monotonic()
                         self.events.append(event)
                         if sse.event in TERMINAL:
                             terminals += 1
