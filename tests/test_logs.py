@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,11 @@ def test_json_logs_carry_request_and_turn_context(make_stack: Callable[..., Stac
         )
         assert reply.status_code == 200
         turn_id = reply.json()["turn_id"]
+    # The reply is out once the terminal event is; the worker logs right after.
+    deadline = time.monotonic() + 10
+    while not any(line["msg"] == "turn done" for line in _lines(stack)):
+        assert time.monotonic() < deadline, "the worker never logged the turn's end"
+        time.sleep(0.05)
     lines = _lines(stack)
     assert all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
     queued = [line for line in lines if line["msg"] == "turn queued"]
