@@ -270,14 +270,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument("--streams", default="1000", help="comma-separated stream counts")
+    parser.add_argument(
+        "--only",
+        default="latency,throughput,fanout,idle",
+        help="comma-separated benchmarks to run (latency, throughput, fanout, idle)",
+    )
     args = parser.parse_args()
+    only = set(args.only.split(","))
     sends, clients, seconds, idle = (20, 8, 2.0, 3.0) if args.quick else (200, 64, 10.0, 20.0)
     counts = [int(n) for n in args.streams.split(",")] if not args.quick else [50]
     with private_redis() as url:
-        bench_latency(url, sends)
-        bench_throughput(url, clients, seconds)
-        bench_fanout(url, counts)
-        bench_idle(url, idle)
+        if "latency" in only:
+            bench_latency(url, sends)
+        if "throughput" in only:
+            bench_throughput(url, clients, seconds)
+        if "fanout" in only:
+            bench_fanout(url, counts)
+        if "idle" in only:
+            bench_idle(url, idle)
 
 
 if __name__ == "__main__":

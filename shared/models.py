@@ -101,6 +101,12 @@ class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allowed_tools: list[ToolName]
     max_iterations: Annotated[int, msgspec.Meta(ge=1, le=MAX_ITERATIONS_LIMIT)]
 
+    @property
+    def reads_history(self) -> bool:
+        """Whether its provider is sent the whole conversation each turn. The demo
+        agent answers the turn's own user message alone, so its turns load only that."""
+        return self.provider != "demo"
+
 
 class AgentOverride(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """What a client may set at session creation; omitted fields take the defaults."""

@@ -24,7 +24,8 @@ return {'ok', tostring(tonumber(redis.call('GET', KEYS[3]) or '0'))}
 
 # KEYS: session, lease, messages, metrics counters. ARGV: turn_id, worker_id, ttl_ms.
 # -> {sandbox_id, agent JSON, messages} started | 0 not current (over, reaped,
-#    or started elsewhere)
+#    or started elsewhere). Messages: the whole conversation, or only the turn's
+#    user message when the session's `history` is "last" (the agent reads no more).
 START_TURN = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running'
    or redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1]
@@ -34,8 +35,10 @@ end
 redis.call('HSET', KEYS[1], 'started', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('HINCRBY', KEYS[4], 'started', 1)
-local found = redis.call('HMGET', KEYS[1], 'sandbox_id', 'agent')
-return {found[1], found[2], redis.call('LRANGE', KEYS[3], 0, -1)}
+local found = redis.call('HMGET', KEYS[1], 'sandbox_id', 'agent', 'history')
+local first = 0
+if found[3] == 'last' then first = -1 end
+return {found[1], found[2], redis.call('LRANGE', KEYS[3], first, -1)}
 """
 
 # KEYS: session, lease. ARGV: turn_id, worker_id, ttl_ms.
@@ -51,16 +54,23 @@ return 1
 """
 
 # KEYS: session, seq, log.
-# ARGV: turn_id, event JSON without seq, type, maxlen, channel, log ttl ms.
-# -> seq | 0 when the turn is no longer current (the event is dropped)
-APPEND_EVENT = """
+# ARGV: turn_id, maxlen, channel, log ttl ms, then for each event its type and its
+#       JSON without seq.
+# -> {seq, ...} in order | 0 when the turn is no longer current (nothing appended)
+APPEND_EVENTS = """
 if redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1] then return 0 end
-local seq = redis.call('INCR', KEYS[2])
-local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[2], 2)
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], seq .. '-0', 't', ARGV[3], 'd', data)
-redis.call('PEXPIRE', KEYS[3], ARGV[6])
-redis.call('PUBLISH', ARGV[5], data)
-return seq
+local count = (#ARGV - 4) / 2
+local seq = redis.call('INCRBY', KEYS[2], count) - count
+local seqs = {}
+for i = 5, #ARGV, 2 do
+  seq = seq + 1
+  local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[i + 1], 2)
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], seq .. '-0', 't', ARGV[i], 'd', data)
+  redis.call('PUBLISH', ARGV[3], data)
+  seqs[#seqs + 1] = seq
+end
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+return seqs
 """
 
 # KEYS: session, messages, seq, log, lease.

@@ -55,7 +55,7 @@ class TurnState(msgspec.Struct, kw_only=True):
 class StartedTurn(msgspec.Struct, kw_only=True):
     sandbox_id: str
     agent: AgentConfig | None
-    history: list[Message]
+    history: list[Message]  # the whole conversation, or its last message (START_TURN)
 
 
 class Page(msgspec.Struct):
@@ -75,7 +75,7 @@ class SessionStore:
         self._claim = redis.register_script(scripts.CLAIM_TURN)
         self._start = redis.register_script(scripts.START_TURN)
         self._renew = redis.register_script(scripts.RENEW_LEASE)
-        self._append = redis.register_script(scripts.APPEND_EVENT)
+        self._append = redis.register_script(scripts.APPEND_EVENTS)
         self._finish = redis.register_script(scripts.FINISH_TURN)
         self._flag_interrupt = redis.register_script(scripts.FLAG_INTERRUPT)
 
@@ -142,6 +142,8 @@ class SessionStore:
             "state": "active",
             "metadata": msgspec.json.encode(metadata),
             "agent": msgspec.json.encode(agent),
+            # What START_TURN loads: the whole conversation, or the last message.
+            "history": "all" if agent.reads_history else "last",
             "created_at": now,
             "updated_at": now,
         }
@@ -294,22 +296,17 @@ class SessionStore:
         return bool(await self._flag_interrupt(keys=[keys.session(sid)], args=[turn_id]))
 
     async def append_events(self, sid: str, turn_id: str, events: list[Event]) -> list[int]:
-        """Append events in order, in one round trip; each gets its seq, or 0 when
-        the turn is no longer current (and that event is dropped)."""
-        args_keys = [keys.session(sid), keys.seq(sid), keys.log(sid)]
-        channel = keys.events_channel(sid)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for event in events:
-                args: list[str | bytes | int] = [
-                    turn_id,
-                    encode_event(event),
-                    str(event.__struct_config__.tag),
-                    self.log_max_events,
-                    channel,
-                    self.log_ttl_ms,
-                ]
-                await self._append(keys=args_keys, args=args, client=pipe)
-            return [int(seq) for seq in await pipe.execute()]
+        """Append events in order, in one script call (one round trip, one script
+        run): each gets its seq, or every one 0 when the turn is no longer current
+        (and none is appended)."""
+        if not events:
+            return []
+        args: list[Any] = [turn_id, self.log_max_events, keys.events_channel(sid), self.log_ttl_ms]
+        for event in events:
+            args.append(str(event.__struct_config__.tag))
+            args.append(encode_event(event))
+        seqs = await self._append(keys=[keys.session(sid), keys.seq(sid), keys.log(sid)], args=args)
+        return [int(seq) for seq in seqs] if seqs else [0] * len(events)
 
     async def finish_turn(
         self,

@@ -2,48 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 import redis
-from conftest import ADMIN_KEY, Stack
+from conftest import ADMIN_KEY, RedisServer, Stack
 from helpers import StreamReader, free_port, text_message
-
-
-class RedisServer:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server") or "redis-server"
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--save", "", "--appendonly", "no"],
-            cwd=self.workdir,
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis.from_url(self.url).ping()
-                return
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
 
 
 def _metrics(stack: Stack) -> str:
@@ -52,15 +17,6 @@ def _metrics(stack: Stack) -> str:
     )
     assert response.status_code == 200
     return response.text
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    if not shutil.which("redis-server"):
-        pytest.skip("needs a redis-server binary to stop and restart")
-    server = RedisServer(tmp_path)
-    yield server
-    server.stop()
 
 
 def test_requests_get_503_while_redis_is_down(own_redis: RedisServer, tmp_path: Path) -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
+import msgspec
+from conftest import RedisServer
 from redis.asyncio import Redis
 
 from shared import eventlog
@@ -137,3 +140,58 @@ def test_started_turn_is_orphaned_only_once_its_lease_lapses(redis_url: str) -> 
         assert state is not None and state.state == "active"
 
     run(redis_url, scenario)
+
+
+def test_appends_are_one_round_trip_and_survive_a_script_flush(tmp_path: Path) -> None:
+    """A batch of appends is one EVALSHA, with no SCRIPT EXISTS before it; after
+    the scripts are gone (a restarted Redis), it loads them and goes on."""
+    server = RedisServer(tmp_path)
+    try:
+
+        async def scenario(store: SessionStore) -> list[int]:
+            sandbox = await store.create_sandbox("t", {})
+            session = await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)
+            turn = new_id()
+            await store.claim_turn(session.id, "t", turn, _user(session.id, turn))
+            batch = [_delta(session.id, sandbox.id, turn, str(i)) for i in range(5)]
+            await store.redis.script_flush()
+            seqs = await store.append_events(session.id, turn, batch)
+            before = await store.redis.info("commandstats")
+            for _ in range(10):
+                seqs += await store.append_events(session.id, turn, batch)
+            after = await store.redis.info("commandstats")
+            script = {k: v["calls"] for k, v in after.items() if k.startswith("cmdstat_script")}
+            assert script == {
+                k: v["calls"] for k, v in before.items() if k.startswith("cmdstat_script")
+            }
+            assert after["cmdstat_evalsha"]["calls"] - before["cmdstat_evalsha"]["calls"] == 10
+            return seqs
+
+        assert run(server.url, scenario) == list(range(1, 56))
+    finally:
+        server.stop()
+
+
+def test_a_turn_loads_the_history_its_agent_reads(redis_url: str) -> None:
+    """The demo agent answers the turn's message alone: its turns load that one
+    message, however long the conversation; a model's turns load all of it."""
+
+    async def scenario(store: SessionStore) -> dict[str, list[int]]:
+        sandbox = await store.create_sandbox("t", {})
+        model = msgspec.structs.replace(DEFAULT_AGENT, provider="anthropic", model="m")
+        loaded: dict[str, list[int]] = {}
+        for name, agent in (("demo", DEFAULT_AGENT), ("model", model)):
+            session = await store.create_session("t", sandbox.id, {}, agent)
+            loaded[name] = []
+            for _ in range(3):
+                turn = new_id()
+                await store.claim_turn(session.id, "t", turn, _user(session.id, turn))
+                started = await store.start_turn(session.id, turn, "w", 10_000)
+                assert started is not None and started.history[-1].turn_id == turn
+                loaded[name].append(len(started.history))
+                await store.finish_turn(
+                    session.id, turn, "worker", None, _done(session.id, sandbox.id, turn)
+                )
+        return loaded
+
+    assert run(redis_url, scenario) == {"demo": [1, 1, 1], "model": [1, 2, 3]}
