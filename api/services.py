@@ -14,7 +14,6 @@ from api.hub import EventHub
 from api.problems import Problem, invalid_body, not_found
 from shared import keys
 from shared.models import Sandbox, Session, is_uuid
-from shared.queue import TurnQueue
 from shared.settings import Settings
 from shared.store import SessionStore
 
@@ -29,7 +28,6 @@ class Services:
         self.redis = redis
         self.hub = hub
         self.keyring = keyring  # None when authentication is turned off
-        self.queue = TurnQueue(redis)
         self.store = SessionStore(
             redis,
             log_max_events=settings.log_max_events,

@@ -43,7 +43,7 @@ from shared.models import (
     new_id,
     now_rfc3339,
 )
-from shared.queue import TurnJob
+from shared.queue import TurnJob, queued_job
 
 logger = logging.getLogger("sandstream.api")
 
@@ -153,7 +153,11 @@ class SessionController(Controller):
             try:
                 async with released_on_error(idem):
                     claim = await svc.store.claim_turn(
-                        sid, tenant_of(request), turn_id, user_message
+                        sid,
+                        tenant_of(request),
+                        turn_id,
+                        user_message,
+                        queued_job(TurnJob(session_id=sid, turn_id=turn_id)),
                     )
             finally:
                 try:
@@ -176,7 +180,6 @@ class SessionController(Controller):
                     f"session {sid} is running turn {claim.turn_id}; wait for it or interrupt it",
                     turn_id=claim.turn_id,
                 )
-            await _enqueue(svc, sid, turn_id)
             bind(turn_id=turn_id)
             logger.info("turn queued")
             terminal = None
@@ -228,27 +231,6 @@ async def _replay_send(
     if terminal is None:
         return _accepted(sid, turn_id, first.after)
     return _turn_outcome(terminal)
-
-
-async def _enqueue(svc: Services, sid: str, turn_id: str) -> None:
-    try:
-        await svc.queue.enqueue(TurnJob(session_id=sid, turn_id=turn_id))
-    except Exception:
-        # Never leave a session claimed by a turn that no worker will see.
-        logger.exception("enqueue of turn %s for session %s failed", turn_id, sid)
-        session = await svc.store.turn_state(sid)
-        if session is not None:
-            failed = ev.SessionFailed(
-                session_id=sid,
-                sandbox_id=session.sandbox_id,
-                turn_id=turn_id,
-                message_id=new_id(),
-                created_at=now_rfc3339(),
-                error=ev.ErrorInfo(code="enqueue_failed", message="the turn could not be queued"),
-                stop_reason="error",
-            )
-            await svc.store.finish_turn(sid, turn_id, "unstarted", None, failed)
-        raise Problem(503, "queue_unavailable", "the turn could not be queued; retry") from None
 
 
 async def _end_unstarted(svc: Services, sid: str, sandbox_id: str, turn_id: str) -> bool:

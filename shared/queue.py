@@ -1,9 +1,9 @@
 """The turn queue: arq with a msgspec serializer, plus a wake-up signal.
 
 arq workers find work by polling a sorted set every `poll_delay` (0.5 s by
-default). sandstream publishes on `keys.WAKE_CHANNEL` right after each enqueue;
-workers wait on that channel, so an idle worker starts a turn within
-milliseconds and polls only as a slow fallback.
+default). The script that claims a session for a turn also queues the turn's
+job and publishes on `keys.WAKE_CHANNEL`; workers wait on that channel, so an
+idle worker starts a turn within milliseconds and polls only as a slow fallback.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import expires_extra_ms, job_key_prefix, result_key_prefix
+from arq.constants import expires_extra_ms, job_key_prefix
 from arq.jobs import serialize_job
 
 from shared import keys
@@ -48,53 +48,39 @@ async def connect(redis_url: str) -> ArqRedis:
     )
 
 
-# What `ArqRedis.enqueue_job` does (job record with expiry, then the queue entry,
-# unless the id exists), plus the running index and the wake-up signal, in one
-# round trip instead of four.
-# KEYS: job, result, queue, running. ARGV: job bytes, score ms, expiry ms, wake
-# channel, job id, session id. -> 1 enqueued | 0 the job id exists already
-_ENQUEUE = """
-if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
-redis.call('PSETEX', KEYS[1], ARGV[3], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[5])
-redis.call('SADD', KEYS[4], ARGV[6])
-redis.call('PUBLISH', ARGV[4], ARGV[5])
-return 1
-"""
+class QueuedJob(msgspec.Struct, frozen=True):
+    """A turn's arq job, ready to be written by the claim (`SessionStore.claim_turn`)."""
+
+    job: TurnJob
+    payload: bytes
+    score_ms: int
+
+    def keys(self) -> list[str]:
+        """The job's record, the queue and the running index."""
+        return [job_key_prefix + self.job.turn_id, keys.QUEUE, keys.RUNNING]
+
+    def args(self) -> list[str | bytes | int]:
+        return [
+            self.payload,
+            self.score_ms,
+            expires_extra_ms,
+            keys.WAKE_CHANNEL,
+            self.job.session_id,
+        ]
 
 
-class TurnQueue:
-    def __init__(self, redis: ArqRedis) -> None:
-        self._redis = redis
-        self._enqueue = redis.register_script(_ENQUEUE)
-
-    async def enqueue(self, job: TurnJob) -> bool:
-        now_ms = int(time.time() * 1000)
-        payload = serialize_job(
-            TURN_FUNCTION,
-            (msgspec.to_builtins(job),),
-            {},
-            None,
-            now_ms,
-            serializer=serialize_job_data,
-        )
-        added = await self._enqueue(
-            keys=[
-                job_key_prefix + job.turn_id,
-                result_key_prefix + job.turn_id,
-                keys.QUEUE,
-                keys.RUNNING,
-            ],
-            args=[
-                payload,
-                now_ms,
-                expires_extra_ms,
-                keys.WAKE_CHANNEL,
-                job.turn_id,
-                job.session_id,
-            ],
-        )
-        return bool(added)
+def queued_job(job: TurnJob) -> QueuedJob:
+    """The job as arq's `enqueue_job` writes it (its id is the turn's id), due now."""
+    now_ms = int(time.time() * 1000)
+    payload = serialize_job(
+        TURN_FUNCTION,
+        (msgspec.to_builtins(job),),
+        {},
+        None,
+        now_ms,
+        serializer=serialize_job_data,
+    )
+    return QueuedJob(job, payload, now_ms)
 
 
 async def queue_depth(redis: ArqRedis) -> int:

@@ -1,14 +1,22 @@
 """Lua scripts for the writes that must not half-happen.
 
-Each one touches the keys of a single session (one hash tag), checks the turn it
-acts for is still the session's current turn, and does the whole write at once:
+Each one touches the keys of a single session (one hash tag) and, where a turn
+is queued, started or ended, the queue's and the fleet's shared keys; it checks
+the turn it acts for is still the session's current turn, and does the whole
+write at once:
 a stale worker, a reaper and an interrupt can race without corrupting a session.
 """
 
 from __future__ import annotations
 
-# KEYS: session, messages, seq. ARGV: turn_id, user message JSON, now, now_ms, tenant.
+# KEYS: session, messages, seq[, job, queue, running].
+# ARGV: turn_id, user message JSON, now, now_ms, tenant[, job payload, job score ms,
+#       job expiry ms, wake channel, session id].
 # -> {"ok", latest_seq} | {"running", running_turn_id} | {"missing"} (also: not the tenant's)
+# With the job's keys, a claimed turn is queued in the same step, as arq's
+# `enqueue_job` would (job record with expiry, queue entry), added to the
+# running index, and idle workers are woken: a claimed turn is never left
+# without its job, and the send costs one round trip.
 CLAIM_TURN = """
 if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[5] then return {'missing'} end
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -19,6 +27,12 @@ redis.call('HSET', KEYS[1], 'state', 'running', 'turn_id', ARGV[1], 'updated_at'
            'claimed_ms', ARGV[4])
 redis.call('HDEL', KEYS[1], 'started', 'interrupt')
 redis.call('RPUSH', KEYS[2], ARGV[2])
+if KEYS[4] then
+  redis.call('PSETEX', KEYS[4], ARGV[8], ARGV[6])
+  redis.call('ZADD', KEYS[5], ARGV[7], ARGV[1])
+  redis.call('SADD', KEYS[6], ARGV[10])
+  redis.call('PUBLISH', ARGV[9], ARGV[1])
+end
 return {'ok', tostring(tonumber(redis.call('GET', KEYS[3]) or '0'))}
 """
 

@@ -16,6 +16,7 @@ from shared import keys, metrics, scripts
 from shared.events import Event, SessionCompleted, TerminalEvent, encode_event
 from shared.metrics import TurnFigures
 from shared.models import AgentConfig, Message, Sandbox, Session, new_id, now_rfc3339
+from shared.queue import QueuedJob
 
 FinishMode = Literal["worker", "unstarted", "orphaned"]
 
@@ -236,15 +237,28 @@ class SessionStore:
     # ---- the turn ----------------------------------------------------------
 
     async def claim_turn(
-        self, sid: str, tenant: str, turn_id: str, user_message: Message
+        self,
+        sid: str,
+        tenant: str,
+        turn_id: str,
+        user_message: Message,
+        job: QueuedJob | None = None,
     ) -> ClaimResult:
-        """Make the session the tenant's new turn's, storing the user message; the
-        turn's job (`shared.queue.TurnQueue`) adds it to the running index."""
+        """Make the session the tenant's new turn's, storing the user message, and
+        queue `job` (the turn's) in the same step."""
         now = now_rfc3339()
-        res = await self._claim(
-            keys=[keys.session(sid), keys.messages(sid), keys.seq(sid)],
-            args=[turn_id, msgspec.json.encode(user_message), now, int(time.time() * 1000), tenant],
-        )
+        claim_keys = [keys.session(sid), keys.messages(sid), keys.seq(sid)]
+        args: list[str | bytes | int] = [
+            turn_id,
+            msgspec.json.encode(user_message),
+            now,
+            int(time.time() * 1000),
+            tenant,
+        ]
+        if job is not None:
+            claim_keys += job.keys()
+            args += job.args()
+        res = await self._claim(keys=claim_keys, args=args)
         status = res[0].decode()
         if status == "ok":
             return ClaimResult("ok", turn_id, int(res[1]))
