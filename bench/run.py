@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import redis
 from arq.jobs import Job
 
 from bench.harness import AUTH, percentile, private_redis, service
+from bench.http_load import Connection, prepare
 from bench.sse_clients import bare_sse_server, open_streams
 from shared import keys
 from shared.models import Message, TextBlock, new_id, now_rfc3339
@@ -174,15 +176,27 @@ def bench_latency(redis_url: str, sends: int) -> None:
 
 
 def measure_throughput(bases: list[str], clients: int, seconds: float) -> float:
+    body = json.dumps(MESSAGE).encode()
+
     async def client(index: int, done: list[int], deadline: float) -> None:
         base = bases[index % len(bases)]
         async with httpx.AsyncClient(base_url=base + "/api/v1", timeout=60, headers=AUTH) as c:
             sandbox = (await c.post("/sandboxes", json={})).json()["id"]
             sid = (await c.post(f"/sandboxes/{sandbox}/sessions", json={})).json()["id"]
+        send = prepare(
+            "POST",
+            f"/api/v1/sessions/{sid}/messages",
+            body,
+            {**AUTH, "Content-Type": "application/json"},
+        )
+        connection = await Connection.open(base)
+        try:
             while time.monotonic() < deadline:
-                reply = await c.post(f"/sessions/{sid}/messages", json=MESSAGE)
-                assert reply.status_code == 200, reply.text
+                status, reply = await connection.request(send)
+                assert status == 200, reply
                 done[0] += 1
+        finally:
+            connection.close()
 
     async def run() -> float:
         done = [0]

@@ -1,8 +1,8 @@
 """Fleet-wide turn metrics, held in Redis, rendered in Prometheus' text format.
 
-Workers add to these as each turn ends, in the pipeline that already records the
-turn's outcome (`SessionStore.finish_turn`), and count a turn as started inside
-the script that starts it; every API process renders them at `/metrics` next to
+Workers add to these as each turn ends, in the script that ends it
+(`SessionStore.finish_turn`), and count a turn as started in the script that
+starts it; every API process renders them at `/metrics` next to
 its own per-process HTTP and SSE series.
 
 Why Redis and not a metrics port on each worker: workers open no listening port
@@ -10,7 +10,7 @@ Why Redis and not a metrics port on each worker: workers open no listening port
 in a process manager), a counter survives its worker's restart instead of
 resetting, a worker that dies between two scrapes loses nothing it counted, and
 one scrape of any API replica shows the whole fleet. The cost is a few HINCRBYs
-per turn, pipelined with writes the turn makes anyway. The series are therefore
+per turn inside scripts the turn runs anyway: no round trip of their own. The series are therefore
 the same on every API replica: aggregate them with `max`, not `sum` (the alert
 rules and dashboard in `deploy/` do).
 """
@@ -23,7 +23,6 @@ from collections.abc import Iterable
 
 import msgspec
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 
 from shared import keys
 from shared.ops import QueueReport
@@ -85,12 +84,14 @@ class TurnFigures(msgspec.Struct, kw_only=True):
     tools: list[tuple[str, float]] = []
 
 
-def record(pipe: Pipeline, result: str, reason: str, figures: TurnFigures) -> None:
-    """Queue a turn's figures on `pipe` (no round trip of its own). `result` is
-    "completed" or "failed"; `reason` the stop reason of a completed turn or the
-    error code of a failed one."""
-    pipe.hincrby(keys.METRICS_COUNTERS, finished_field(result, reason), 1)
-    pipe.hincrby(keys.METRICS_COUNTERS, EVENTS, figures.events + 1)
+def increments(result: str, reason: str, figures: TurnFigures) -> list[tuple[str, str, int]]:
+    """What a turn adds to the fleet's counters, as (hash key, field, increment).
+    `result` is "completed" or "failed"; `reason` the stop reason of a completed
+    turn or the error code of a failed one."""
+    out = [
+        (keys.METRICS_COUNTERS, finished_field(result, reason), 1),
+        (keys.METRICS_COUNTERS, EVENTS, figures.events + 1),
+    ]
     observations: list[tuple[Histogram, str, float]] = []
     if figures.duration_seconds is not None:
         observations.append((TURN_DURATION, "", figures.duration_seconds))
@@ -99,8 +100,9 @@ def record(pipe: Pipeline, result: str, reason: str, figures: TurnFigures) -> No
     observations.extend((TOOL_DURATION, tool, seconds) for tool, seconds in figures.tools)
     for hist, label_value, seconds in observations:
         key = keys.metrics_histogram(hist.name)
-        pipe.hincrby(key, hist.field(label_value, seconds), 1)
-        pipe.hincrby(key, f"{label_value}{_SEP}sum_us", round(seconds * 1_000_000))
+        out.append((key, hist.field(label_value, seconds), 1))
+        out.append((key, f"{label_value}{_SEP}sum_us", round(seconds * 1_000_000)))
+    return out
 
 
 async def render_fleet(redis: Redis, queue: QueueReport, workers_alive: int) -> str:

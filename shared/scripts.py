@@ -87,13 +87,18 @@ redis.call('PEXPIRE', KEYS[3], ARGV[4])
 return seqs
 """
 
-# KEYS: session, messages, seq, log, lease.
+# KEYS: session, messages, seq, log, lease, running index, recent durations, then
+#       the counter hashes the turn adds to.
 # ARGV: turn_id, mode, assistant message JSON or '', terminal event JSON without seq,
-#       terminal type, maxlen, channel, now, log ttl ms.
+#       terminal type, maxlen, channel, now, log ttl ms, session id, duration ms or '',
+#       n, then n events still to append before the terminal one (type, JSON without
+#       seq), then per counter: KEYS index, field, increment, expiry seconds or 0.
 # mode "worker": the running worker ends its turn.
 # mode "unstarted": end a turn no worker has picked up (interrupt, queue timeout).
 # mode "orphaned": end a started turn whose worker's lease has lapsed.
-# -> seq of the terminal event | 0 when the condition does not hold
+# -> seq of the terminal event | 0 when the condition does not hold (nothing written)
+# The turn's last events, its end and what ops and metrics count of it are one
+# step and one round trip.
 FINISH_TURN = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running'
    or redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1] then
@@ -108,11 +113,27 @@ redis.call('HSET', KEYS[1], 'state', 'active', 'updated_at', ARGV[8])
 redis.call('HDEL', KEYS[1], 'turn_id', 'started', 'interrupt', 'claimed_ms')
 if ARGV[3] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[3]) end
 redis.call('DEL', KEYS[5])
-local seq = redis.call('INCR', KEYS[3])
-local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[4], 2)
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], seq .. '-0', 't', ARGV[5], 'd', data)
+local n = tonumber(ARGV[12])
+local seq = redis.call('INCRBY', KEYS[3], n + 1) - n - 1
+local function append(event_type, json)
+  seq = seq + 1
+  local data = '{"seq":' .. seq .. ',' .. string.sub(json, 2)
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], seq .. '-0', 't', event_type, 'd', data)
+  redis.call('PUBLISH', ARGV[7], data)
+end
+for i = 13, 12 + 2 * n, 2 do append(ARGV[i], ARGV[i + 1]) end
+append(ARGV[5], ARGV[4])
 redis.call('PEXPIRE', KEYS[4], ARGV[9])
-redis.call('PUBLISH', ARGV[7], data)
+redis.call('SREM', KEYS[6], ARGV[10])
+if ARGV[11] ~= '' then
+  redis.call('LPUSH', KEYS[7], ARGV[11])
+  redis.call('LTRIM', KEYS[7], 0, 999)
+end
+for i = 13 + 2 * n, #ARGV, 4 do
+  local key = KEYS[tonumber(ARGV[i])]
+  redis.call('HINCRBY', key, ARGV[i + 1], ARGV[i + 2])
+  if ARGV[i + 3] ~= '0' then redis.call('EXPIRE', key, ARGV[i + 3]) end
+end
 return seq
 """
 

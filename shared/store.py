@@ -53,6 +53,10 @@ class TurnState(msgspec.Struct, kw_only=True):
     claimed_ms: int
 
 
+# How long a bucket of turn outcomes (`/api/v1/ops/queues`) is kept.
+_OUTCOME_TTL_SECONDS = 2 * 3600
+
+
 class StartedTurn(msgspec.Struct, kw_only=True):
     sandbox_id: str
     agent: AgentConfig | None
@@ -330,55 +334,52 @@ class SessionStore:
         message: Message | None,
         terminal: TerminalEvent,
         figures: TurnFigures | None = None,
+        events: list[Event] | None = None,
     ) -> int:
-        """Store the message, free the session and append the terminal event, atomically;
-        then count the turn for ops (`figures`: what the turn measured, if it ran)."""
-        seq = int(
-            await self._finish(
-                keys=[
-                    keys.session(sid),
-                    keys.messages(sid),
-                    keys.seq(sid),
-                    keys.log(sid),
-                    keys.lease(sid),
-                ],
-                args=[
-                    turn_id,
-                    mode,
-                    b"" if message is None else msgspec.json.encode(message),
-                    encode_event(terminal),
-                    str(terminal.__struct_config__.tag),
-                    self.log_max_events,
-                    keys.events_channel(sid),
-                    now_rfc3339(),
-                    self.log_ttl_ms,
-                ],
-            )
-        )
-        if seq:
-            await self._record_outcome(sid, terminal, figures or TurnFigures())
-        return seq
-
-    async def _record_outcome(
-        self, sid: str, terminal: TerminalEvent, figures: TurnFigures
-    ) -> None:
-        """Off the client's path (the terminal event is out): counters for ops."""
-        bucket = int(time.time()) // keys.STATS_BUCKET_SECONDS
-        outcome = f"{terminal.__struct_config__.tag}:{terminal.stop_reason}"
+        """In one step: append `events` (the turn's last, not yet sent) and then the
+        terminal event, store the message, free the session, and count the turn
+        for ops and metrics (`figures`: what the turn measured, if it ran)."""
+        figures = figures or TurnFigures()
         result, reason = (
             ("completed", str(terminal.stop_reason))
             if isinstance(terminal, SessionCompleted)
             else ("failed", terminal.error.code)
         )
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.srem(keys.RUNNING, sid)
-            pipe.hincrby(keys.turn_outcomes(bucket), outcome, 1)
-            pipe.expire(keys.turn_outcomes(bucket), 2 * 3600)
-            if figures.duration_seconds is not None:
-                pipe.lpush(keys.TURN_DURATIONS, round(figures.duration_seconds * 1000))
-                pipe.ltrim(keys.TURN_DURATIONS, 0, 999)
-            metrics.record(pipe, result, reason, figures)
-            await pipe.execute()
+        bucket = keys.turn_outcomes(int(time.time()) // keys.STATS_BUCKET_SECONDS)
+        outcome = f"{terminal.__struct_config__.tag}:{terminal.stop_reason}"
+        counters = [(bucket, outcome, 1), *metrics.increments(result, reason, figures)]
+        duration = figures.duration_seconds
+        script_keys = [
+            keys.session(sid),
+            keys.messages(sid),
+            keys.seq(sid),
+            keys.log(sid),
+            keys.lease(sid),
+            keys.RUNNING,
+            keys.TURN_DURATIONS,
+        ]
+        args: list[Any] = [
+            turn_id,
+            mode,
+            b"" if message is None else msgspec.json.encode(message),
+            encode_event(terminal),
+            str(terminal.__struct_config__.tag),
+            self.log_max_events,
+            keys.events_channel(sid),
+            now_rfc3339(),
+            self.log_ttl_ms,
+            sid,
+            "" if duration is None else round(duration * 1000),
+            len(events or []),
+        ]
+        for event in events or []:
+            args += [str(event.__struct_config__.tag), encode_event(event)]
+        for key, field, increment in counters:
+            if key not in script_keys:
+                script_keys.append(key)
+            ttl = _OUTCOME_TTL_SECONDS if key == bucket else 0
+            args += [script_keys.index(key) + 1, field, increment, ttl]
+        return int(await self._finish(keys=script_keys, args=args))
 
     async def running_count(self) -> int:
         return int(await self.redis.scard(keys.RUNNING))  # type: ignore[misc]

@@ -1,9 +1,11 @@
 """EventWriter: a turn's events, appended in order, several per Redis round trip.
 
-Each append is a Lua call that assigns the event's seq. Awaiting them one at a
-time costs a round trip per text delta and holds the turn loop back; here one
-writer task sends whatever has piled up as a single pipeline, so order is kept
-(one batch in flight at a time) while the loop goes on producing.
+The append script assigns each event its seq. Awaiting events one at a time
+costs a round trip per text delta and holds the turn loop back; here one writer
+task sends whatever has piled up as one script call, so order is kept (one batch
+in flight at a time) while the loop goes on producing. At the turn's end the
+writer is detached and what it has not sent goes out with the terminal event, in
+the script that ends the turn.
 """
 
 from __future__ import annotations
@@ -37,25 +39,34 @@ class EventWriter:
         self._on_superseded = on_superseded
         self._pending: list[Event] = []
         self._has_work = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._failure: BaseException | None = None
+        self._not_sending = asyncio.Event()
+        self._not_sending.set()
+        self._detached = False
         self._task = asyncio.create_task(self._run())
 
     def put(self, event: Event) -> None:
         """Queue an event. After a failure events are dropped: the turn is being
-        stopped (`on_superseded`), and `flush` reports why."""
+        stopped (`on_superseded`), and `detach` reports why."""
         if self._failure is not None:
             return
+        if self._detached:
+            logger.warning("turn %s: an event after the turn's end was dropped", self._turn_id)
+            return
         self._pending.append(event)
-        self._idle.clear()
         self._has_work.set()
 
-    async def flush(self) -> None:
-        """Return once everything put so far is in the log."""
-        await self._idle.wait()
+    async def detach(self) -> list[Event]:
+        """Stop sending: wait for the batch in flight and hand back the events not
+        sent yet, for the turn's end to append with its terminal event in the same
+        round trip. Raises what made appending fail, if it did."""
+        self._detached = True
+        self._has_work.set()  # let the writer task see it and stop
+        await self._not_sending.wait()
         if self._failure is not None:
             raise self._failure
+        rest, self._pending = self._pending, []
+        return rest
 
     async def close(self) -> None:
         self._task.cancel()
@@ -66,20 +77,22 @@ class EventWriter:
         while True:
             await self._has_work.wait()
             self._has_work.clear()
+            if self._detached:
+                return
             batch, self._pending = self._pending, []
+            self._not_sending.clear()
             try:
                 seqs = await self._store.append_events(self._session_id, self._turn_id, batch)
             except Exception as exc:
                 logger.exception("appending events of turn %s failed", self._turn_id)
                 self._fail(exc)
                 return
+            finally:
+                self._not_sending.set()
             if 0 in seqs:
                 self._fail(TurnSuperseded())
                 return
-            if not self._pending:
-                self._idle.set()
 
     def _fail(self, failure: BaseException) -> None:
         self._failure = failure
-        self._idle.set()
         self._on_superseded()

@@ -293,7 +293,8 @@ class TurnRunner:
 
     async def _complete(self, reason: CompletedReason) -> None:
         self._settle_blocks()
-        if not await self._flushed():
+        rest = await self._detached()
+        if rest is None:
             return
         message = self._message()
         message.stop_reason = reason
@@ -301,14 +302,15 @@ class TurnRunner:
             **self._ids(), message=message, stop_reason=reason, usage=self.usage
         )
         await self.store.finish_turn(
-            self.session_id, self.turn_id, "worker", message, terminal, self._measured()
+            self.session_id, self.turn_id, "worker", message, terminal, self._measured(), rest
         )
 
     async def _fail(
         self, stop_reason: Literal["error", "timeout", "worker_lost"], code: str, text: str
     ) -> None:
         self._settle_blocks()
-        if not await self._flushed():
+        rest = await self._detached()
+        if rest is None:
             return
         message = None
         if self.blocks:
@@ -321,22 +323,22 @@ class TurnRunner:
             message=message,
         )
         await self.store.finish_turn(
-            self.session_id, self.turn_id, "worker", message, terminal, self._measured()
+            self.session_id, self.turn_id, "worker", message, terminal, self._measured(), rest
         )
 
     def _measured(self) -> TurnFigures:
         self._figures.duration_seconds = time.monotonic() - self._started
         return self._figures
 
-    async def _flushed(self) -> bool:
-        """Wait until every event is in the log; False when the turn is no longer ours."""
+    async def _detached(self) -> list[ev.Event] | None:
+        """Stop the writer; the events it has not sent yet, to go out with the
+        terminal event, or None when the turn is no longer ours."""
         assert self._writer is not None
         try:
-            await self._writer.flush()
+            return await self._writer.detach()
         except TurnSuperseded:
             logger.info("turn %s of session %s superseded", self.turn_id, self.session_id)
-            return False
-        return True
+            return None
 
     async def _heartbeat(self, lease_ms: int) -> None:
         period = self.settings.lease_seconds / 3
