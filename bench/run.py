@@ -59,6 +59,35 @@ def new_session(client: httpx.Client) -> str:
 
 
 def measure_sends(base: str, sends: int) -> list[float]:
+    """Blocking sends from the lean keep-alive client (`bench/http_load.py`)."""
+    with httpx.Client(base_url=base + "/api/v1", timeout=30, headers=AUTH) as client:
+        sid = new_session(client)
+    send = prepare(
+        "POST",
+        f"/api/v1/sessions/{sid}/messages",
+        json.dumps(MESSAGE).encode(),
+        {**AUTH, "Content-Type": "application/json"},
+    )
+
+    async def run() -> list[float]:
+        connection = await Connection.open(base)
+        samples = []
+        try:
+            for i in range(sends + 10):
+                started = time.perf_counter()
+                status, reply = await connection.request(send)
+                if i >= 10:
+                    samples.append(time.perf_counter() - started)
+                assert status == 200, reply
+        finally:
+            connection.close()
+        return samples
+
+    return asyncio.run(run())
+
+
+def measure_sends_httpx(base: str, sends: int) -> list[float]:
+    """The same from httpx, for what a common Python client adds on its side."""
     with httpx.Client(base_url=base + "/api/v1", timeout=30, headers=AUTH) as client:
         sid = new_session(client)
         for _ in range(10):
@@ -74,28 +103,34 @@ def measure_sends(base: str, sends: int) -> list[float]:
 
 def measure_naive(base: str, redis_url: str, sends: int) -> list[float]:
     """arq as its documentation has it: the worker polls every 0.5 s and the client
-    waits with `Job.result` (which polls too)."""
+    waits with `Job.result` (which polls too). HTTP from the same lean client."""
+    with httpx.Client(base_url=base + "/api/v1", timeout=30, headers=AUTH) as client:
+        sid = new_session(client)
+    headers = {**AUTH, "Content-Type": "application/json"}
+    send = prepare(
+        "POST", f"/api/v1/sessions/{sid}/messages?wait=0", json.dumps(MESSAGE).encode(), headers
+    )
+    fetch = prepare("GET", f"/api/v1/sessions/{sid}", b"", AUTH)
 
     async def run() -> list[float]:
         pool = await connect(redis_url)
+        connection = await Connection.open(base)
         samples = []
-        async with httpx.AsyncClient(base_url=base + "/api/v1", timeout=30, headers=AUTH) as c:
-            sandbox = (await c.post("/sandboxes", json={})).json()["id"]
-            sid = (await c.post(f"/sandboxes/{sandbox}/sessions", json={})).json()["id"]
-            for _ in range(sends):
-                started = time.perf_counter()
-                reply = await c.post(
-                    f"/sessions/{sid}/messages", params={"wait": "0"}, json=MESSAGE
-                )
-                job = Job(
-                    reply.json()["turn_id"],
-                    pool,
-                    _queue_name=keys.QUEUE,
-                    _deserializer=deserialize_job_data,
-                )
-                await job.result(timeout=30)
-                (await c.get(f"/sessions/{sid}")).json()
-                samples.append(time.perf_counter() - started)
+        for _ in range(sends):
+            started = time.perf_counter()
+            status, reply = await connection.request(send)
+            assert status == 202, reply
+            job = Job(
+                json.loads(reply)["turn_id"],
+                pool,
+                _queue_name=keys.QUEUE,
+                _deserializer=deserialize_job_data,
+            )
+            await job.result(timeout=30)
+            status, _ = await connection.request(fetch)
+            assert status == 200
+            samples.append(time.perf_counter() - started)
+        connection.close()
         await pool.aclose()
         return samples
 
@@ -153,12 +188,14 @@ def bench_latency(redis_url: str, sends: int) -> None:
     floor = measure_floor(redis_url, sends)
     with service(redis_url) as svc:
         ours = measure_sends(svc.base, sends)
+        ours_httpx = measure_sends_httpx(svc.base, sends)
     with service(redis_url, worker_fast_pickup="false") as svc:
         naive = measure_naive(svc.base, redis_url, max(10, sends // 10))
     ours_p50 = percentile(ours, 0.5)
     rows = []
     for name, samples in [
         ("sandstream blocking send", ours),
+        ("the same, client httpx", ours_httpx),
         ("floor: the turn in-process", floor),
         ("naive: arq 0.5 s poll + Job.result", naive),
     ]:
