@@ -162,14 +162,17 @@ class EventHub:
             queues = self._queues.get(channel)
             if not queues:
                 return
-            try:
-                head = decode_head(data)
-            except msgspec.DecodeError:
-                logger.error("undecodable event on %r", channel)
-                return
-            event = live_event(head.seq, head.type, data)
-            for queue in queues:
-                self._offer(queue, event)
+            # One message carries a batch of events, one JSON document a line
+            # (JSON text never holds a raw newline).
+            for line in data.split(b"\n"):
+                try:
+                    head = decode_head(line)
+                except msgspec.DecodeError:
+                    logger.error("undecodable event on %r", channel)
+                    return
+                event = live_event(head.seq, head.type, line)
+                for queue in queues:
+                    self._offer(queue, event)
         elif kind == "subscribe":
             pending = self._pending.get(channel)
             if pending:

@@ -71,19 +71,22 @@ return 1
 # ARGV: turn_id, maxlen, channel, log ttl ms, then for each event its type and its
 #       JSON without seq.
 # -> {seq, ...} in order | 0 when the turn is no longer current (nothing appended)
+# The batch is published as one message: the events' JSON, one a line.
 APPEND_EVENTS = """
 if redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1] then return 0 end
 local count = (#ARGV - 4) / 2
 local seq = redis.call('INCRBY', KEYS[2], count) - count
 local seqs = {}
+local published = {}
 for i = 5, #ARGV, 2 do
   seq = seq + 1
   local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[i + 1], 2)
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], seq .. '-0', 't', ARGV[i], 'd', data)
-  redis.call('PUBLISH', ARGV[3], data)
   seqs[#seqs + 1] = seq
+  published[#published + 1] = data
 end
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
+redis.call('PUBLISH', ARGV[3], table.concat(published, '\\n'))
 return seqs
 """
 
@@ -115,15 +118,17 @@ if ARGV[3] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[3]) end
 redis.call('DEL', KEYS[5])
 local n = tonumber(ARGV[12])
 local seq = redis.call('INCRBY', KEYS[3], n + 1) - n - 1
+local published = {}
 local function append(event_type, json)
   seq = seq + 1
   local data = '{"seq":' .. seq .. ',' .. string.sub(json, 2)
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], seq .. '-0', 't', event_type, 'd', data)
-  redis.call('PUBLISH', ARGV[7], data)
+  published[#published + 1] = data
 end
 for i = 13, 12 + 2 * n, 2 do append(ARGV[i], ARGV[i + 1]) end
 append(ARGV[5], ARGV[4])
 redis.call('PEXPIRE', KEYS[4], ARGV[9])
+redis.call('PUBLISH', ARGV[7], table.concat(published, '\\n'))
 redis.call('SREM', KEYS[6], ARGV[10])
 if ARGV[11] ~= '' then
   redis.call('LPUSH', KEYS[7], ARGV[11])

@@ -16,6 +16,7 @@ from shared import events as ev
 from shared.models import Message, TextBlock, new_id, now_rfc3339
 from shared.settings import Settings
 from shared.store import SessionStore
+from worker.event_writer import EventWriter
 
 T = TypeVar("T")
 DEFAULT_AGENT = Settings().default_agent()
@@ -195,3 +196,37 @@ def test_a_turn_loads_the_history_its_agent_reads(redis_url: str) -> None:
         return loaded
 
     assert run(redis_url, scenario) == {"demo": [1, 1, 1], "model": [1, 2, 3]}
+
+
+def test_a_stopped_writer_leaves_the_last_events_to_the_turns_end(redis_url: str) -> None:
+    """Events go out as they come until the model is done; those after `stop`
+    wait for `detach`, which the turn's end appends with its terminal event."""
+
+    async def scenario(store: SessionStore) -> None:
+        sandbox = await store.create_sandbox("t", {})
+        session = await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)
+        turn = new_id()
+        await store.claim_turn(session.id, "t", turn, _user(session.id, turn))
+        writer = EventWriter(store, session.id, turn, lambda: None)
+        try:
+            writer.put(_delta(session.id, sandbox.id, turn, "a"))
+            writer.put(_delta(session.id, sandbox.id, turn, "b"))
+            await asyncio.sleep(0.1)
+            assert len(await eventlog.read_after(store.redis, session.id, 0)) == 2
+            writer.stop()
+            writer.put(_delta(session.id, sandbox.id, turn, "c"))
+            await asyncio.sleep(0.1)
+            assert len(await eventlog.read_after(store.redis, session.id, 0)) == 2
+            rest = await writer.detach()
+            assert [e.text for e in rest if isinstance(e, ev.TextDelta)] == ["c"]
+            done = _done(session.id, sandbox.id, turn)
+            assert await store.finish_turn(session.id, turn, "worker", None, done, None, rest) == 4
+            logged = await eventlog.read_after(store.redis, session.id, 0)
+            assert [ev.decode_head(e.data).type for e in logged][-2:] == [
+                "text_delta",
+                "session_failed",
+            ]
+        finally:
+            await writer.close()
+
+    run(redis_url, scenario)

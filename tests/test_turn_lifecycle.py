@@ -111,3 +111,24 @@ def test_worker_rejects_malformed_jobs(stack: Stack, client: httpx.Client, paylo
     sandbox = client.post("/sandboxes", json={}).json()["id"]
     sid = client.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"]
     assert client.post(f"/sessions/{sid}/messages", json=text_message("ok?")).status_code == 200
+
+
+def test_jobs_left_waiting_for_a_slot_start_when_one_frees(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """A worker with one slot, three turns queued at once: each starts as the
+    previous ends, not at the next fallback poll (5 s by default)."""
+    stack = make_stack(worker_max_jobs="1")
+    with stack.client() as client:
+        sessions = [new_session(client) for _ in range(3)]
+        started = time.monotonic()
+        for sid in sessions:
+            sent = client.post(
+                f"/sessions/{sid}/messages",
+                params={"wait": "0"},
+                json=text_message("run: sleep 0.3"),
+            )
+            assert sent.status_code == 202
+        for sid in sessions:
+            wait_state(client, sid, "active")
+        assert time.monotonic() - started < 4

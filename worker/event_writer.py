@@ -42,6 +42,7 @@ class EventWriter:
         self._failure: BaseException | None = None
         self._not_sending = asyncio.Event()
         self._not_sending.set()
+        self._stopped = False  # no more batches: the turn's end takes what is left
         self._detached = False
         self._task = asyncio.create_task(self._run())
 
@@ -54,15 +55,22 @@ class EventWriter:
             logger.warning("turn %s: an event after the turn's end was dropped", self._turn_id)
             return
         self._pending.append(event)
-        self._has_work.set()
+        if not self._stopped:
+            self._has_work.set()
+
+    def stop(self) -> None:
+        """Send no more batches: the turn is about to end, and the events still to
+        come go out with its terminal event (`detach`), in one round trip."""
+        self._stopped = True
+        self._has_work.set()  # let the writer task see it and stop
 
     async def detach(self) -> list[Event]:
         """Stop sending: wait for the batch in flight and hand back the events not
         sent yet, for the turn's end to append with its terminal event in the same
         round trip. Raises what made appending fail, if it did."""
-        self._detached = True
-        self._has_work.set()  # let the writer task see it and stop
+        self.stop()
         await self._not_sending.wait()
+        self._detached = True
         if self._failure is not None:
             raise self._failure
         rest, self._pending = self._pending, []
@@ -77,7 +85,7 @@ class EventWriter:
         while True:
             await self._has_work.wait()
             self._has_work.clear()
-            if self._detached:
+            if self._stopped:
                 return
             batch, self._pending = self._pending, []
             self._not_sending.clear()

@@ -3,16 +3,20 @@
 arq finds work by polling its queue (a sorted set) every `poll_delay`. That
 costs an idle worker two commands a second and a queued turn up to half a
 second of waiting. Here the worker holds one pub/sub connection: the API
-publishes on the wake channel after each enqueue, the worker polls at once, and
-the timed poll remains only as a slow fallback (for a missed signal or a
-deferred job). The same connection carries interrupt requests.
+publishes each queued job's id on the wake channel, the worker tries to take that
+job at once (one Lua call; with several workers, one wins), and the timed poll
+remains only as a slow fallback (for a missed signal, a deferred job, or jobs
+left waiting for a free slot). The same connection carries interrupt requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -53,12 +57,21 @@ class FastPickupWorker(Worker):
         self._on_control = on_control
         self._fast_pickup = fast_pickup
         self._wake = asyncio.Event()
+        # Job ids from wake-up signals, taken without polling the queue.
+        self._woken: deque[str] = deque()
+        # A full poll of the queue is due: after a reconnect, or when a slot
+        # frees up while jobs were left waiting for one.
+        self._poll_due = True
+        self._starved = False
         self._take_job: AsyncScript | None = None
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
-        # A slot is free: jobs that waited for one should start now.
-        self._wake.set()
+        if self._starved:
+            # A slot is free: jobs that waited for one should start now.
+            self._starved = False
+            self._poll_due = True
+            self._wake.set()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's `start_jobs`, with the claim of each job as one Lua call."""
@@ -68,6 +81,7 @@ class FastPickupWorker(Worker):
             await self.sem.acquire()
             if self.job_counter >= self.max_jobs:
                 self.sem.release()
+                self._starved = True
                 return
             self.job_counter += 1
             job_id = job_id_b.decode()
@@ -80,8 +94,17 @@ class FastPickupWorker(Worker):
                 self.sem.release()
                 continue
             task = self.loop.create_task(self.run_job(job_id, int(float(score))))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            task.add_done_callback(functools.partial(self._job_done, job_id))
             self.tasks[job_id] = task
+
+    def _job_done(self, job_id: str, task: asyncio.Task[None]) -> None:
+        # Forget the job at once, not at the next poll of the queue: arq's drain
+        # on SIGTERM waits until no job is left in `tasks`.
+        if self.tasks.get(job_id) is task:
+            del self.tasks[job_id]
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("job %s failed", job_id, exc_info=task.exception())
+        self._release_sem_dec_counter_on_complete()
 
     async def main(self) -> None:
         assert self._pool is not None, "FastPickupWorker needs redis_pool"
@@ -91,11 +114,25 @@ class FastPickupWorker(Worker):
             await self.on_startup(self.ctx)
         listener = asyncio.create_task(self._listen())
         try:
+            last_poll = 0.0
             while True:
                 self._wake.clear()
-                await self._poll_iteration()
-                with contextlib.suppress(TimeoutError):
+                # A busy worker, woken all the time, still polls as often as an
+                # idle one: for signals it missed, and arq's own housekeeping.
+                if self._poll_due or time.monotonic() - last_poll > self.poll_delay_s:
+                    self._poll_due = False
+                    self._woken.clear()  # the poll finds them
+                    last_poll = time.monotonic()
+                    await self._poll_iteration()
+                elif self._woken:
+                    woken = [job_id.encode() for job_id in self._woken]
+                    self._woken.clear()
+                    if self.allow_pick_jobs:  # False once stopping (arq's drain)
+                        await self.start_jobs(woken)
+                try:
                     await asyncio.wait_for(self._wake.wait(), self.poll_delay_s)
+                except TimeoutError:
+                    self._poll_due = True
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -111,11 +148,13 @@ class FastPickupWorker(Worker):
             try:
                 await pubsub.subscribe(*channels)
                 # Anything enqueued while we were not listening is found now.
+                self._poll_due = True
                 self._wake.set()
                 async for message in pubsub.listen():
                     if message["type"] != "message":
                         continue
                     if message["channel"] == wake:
+                        self._woken.append(message["data"].decode())
                         self._wake.set()
                     else:
                         self._on_control(message["data"])

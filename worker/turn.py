@@ -200,6 +200,7 @@ class TurnRunner:
                 self.usage.input_tokens += end.usage.input_tokens
                 self.usage.output_tokens += end.usage.output_tokens
             if not calls:
+                self._writer_stop()
                 return "end_turn"
             for index in calls:
                 call = self.blocks[index]
@@ -210,6 +211,7 @@ class TurnRunner:
                     (call.name if call.name in allowed else "unknown", time.monotonic() - began)
                 )
                 self._tool_result(call.id, outcome.content, outcome.is_error)
+        self._writer_stop()
         return "max_iterations"
 
     # ---- blocks and events ------------------------------------------------
@@ -239,6 +241,11 @@ class TurnRunner:
             timestamp=now_rfc3339(),
             turn_id=self.turn_id,
         )
+
+    def _writer_stop(self) -> None:
+        """The model is done: what was not sent yet goes out with the terminal event."""
+        assert self._writer is not None
+        self._writer.stop()
 
     def _emit(self, event: ev.Event) -> None:
         assert self._writer is not None
