@@ -64,6 +64,7 @@ class EventHub:
         self._reader: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
         self.draining = False
 
     @property
@@ -115,12 +116,22 @@ class EventHub:
             await self._wait_confirmed(channel)
             yield queue
         finally:
-            async with self._lock:
-                queues.discard(queue)
-                if not queues and self._queues.get(channel) is queues:
-                    del self._queues[channel]
-                    with contextlib.suppress(RedisConnectionError, OSError):
-                        await self._send("UNSUBSCRIBE", channel)
+            queues.discard(queue)
+            if not queues:
+                # Off the caller's path (a blocking send's reply goes out now);
+                # under the lock, so it stays ordered with newcomers' SUBSCRIBEs.
+                task = asyncio.create_task(self._unsubscribe_if_unused(channel, queues))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    async def _unsubscribe_if_unused(
+        self, channel: bytes, queues: set[asyncio.Queue[QueueItem]]
+    ) -> None:
+        async with self._lock:
+            if not queues and self._queues.get(channel) is queues:
+                del self._queues[channel]
+                with contextlib.suppress(RedisConnectionError, OSError):
+                    await self._send("UNSUBSCRIBE", channel)
 
     async def _wait_confirmed(self, channel: bytes) -> None:
         pending = self._pending.get(channel)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 import uuid
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -23,9 +23,19 @@ MAX_METADATA_BYTES = 16 * 1024
 MAX_METADATA_DEPTH = 5
 
 
+_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
+
+
 def now_rfc3339() -> str:
-    """UTC timestamp, RFC 3339 with millisecond precision and a `Z` suffix."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """UTC timestamp, RFC 3339 with millisecond precision and a `Z` suffix.
+
+    Every event carries one: the date and time are formatted once a second."""
+    now = time.time()
+    second = int(now)
+    if second != _second[0]:
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second[0] = second
+    return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
 
 
 def new_id() -> str:
