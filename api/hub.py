@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Final
@@ -23,7 +24,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared import keys
-from shared.events import decode_head, sse_frame
+from shared.events import decode_head, decode_terminal, sse_frame
 
 logger = logging.getLogger("sandstream.hub")
 
@@ -50,7 +51,6 @@ DRAIN: Final = b"\x00drain"
 TICK: Final = b"\x00tick"
 QueueItem = LiveEvent | bytes
 _QUEUE_SIZE = 1024
-_ANCHOR_CHANNEL = f"{keys.PREFIX}:api:anchor"
 
 
 class EventHub:
@@ -65,6 +65,12 @@ class EventHub:
         self._ready = asyncio.Event()
         self._lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
+        # This process's own channel, always subscribed: the terminal events of
+        # the turns its blocking sends wait for arrive here (`expect_reply`).
+        self.reply_channel = f"{keys.PREFIX}:api:{uuid.uuid4().hex}:replies"
+        self._reply_channel = self.reply_channel.encode()
+        self._replies: dict[str, asyncio.Future[bytes]] = {}
+        self._reply_subscribed = False
         self.draining = False
 
     @property
@@ -147,7 +153,7 @@ class EventHub:
         while True:
             pubsub = self._redis.pubsub()
             try:
-                await pubsub.subscribe(_ANCHOR_CHANNEL)
+                await pubsub.subscribe(self._reply_channel)
                 channels = list(self._queues)
                 if channels:
                     await pubsub.subscribe(*channels)
@@ -163,10 +169,24 @@ class EventHub:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
+    def expect_reply(self, turn_id: str) -> asyncio.Future[bytes]:
+        """A future for the turn's terminal event (JSON) on this process's reply
+        channel; it resolves to RESYNC when replies may have been missed (the
+        connection to Redis was lost), and the caller should check the log."""
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._replies[turn_id] = future
+        return future
+
+    def forget_reply(self, turn_id: str) -> None:
+        self._replies.pop(turn_id, None)
+
     def _dispatch(self, message: dict[str, object]) -> None:
         channel = message["channel"]
         assert isinstance(channel, bytes)
         kind = message["type"]
+        if channel == self._reply_channel:
+            self._dispatch_reply(kind, message["data"])
+            return
         if kind == "message":
             data = message["data"]
             assert isinstance(data, bytes)
@@ -197,6 +217,24 @@ class EventHub:
                 # was missed, so every client refills from the log.
                 for queue in self._queues.get(channel, ()):
                     self._offer(queue, RESYNC)
+
+    def _dispatch_reply(self, kind: object, data: object) -> None:
+        if kind == "message":
+            assert isinstance(data, bytes)
+            try:
+                turn_id = decode_terminal(data).turn_id
+            except msgspec.DecodeError:
+                logger.error("undecodable reply on %r", self.reply_channel)
+                return
+            future = self._replies.get(turn_id)
+            if future is not None and not future.done():
+                future.set_result(data)
+        elif kind == "subscribe":
+            if self._reply_subscribed:  # again, after a reconnect
+                for future in self._replies.values():
+                    if not future.done():
+                        future.set_result(RESYNC)
+            self._reply_subscribed = True
 
     @staticmethod
     def _offer(queue: asyncio.Queue[QueueItem], item: QueueItem) -> None:

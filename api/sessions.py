@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -13,7 +12,7 @@ from redis.exceptions import RedisError
 
 from api.feed import feed
 from api.guard import tenant_of
-from api.hub import LiveEvent, QueueItem
+from api.hub import RESYNC, LiveEvent, QueueItem
 from api.idempotency import IdemRecord, claim_or_replay, released_on_error
 from api.pagination import paged_response
 from api.problems import Problem, not_found
@@ -146,26 +145,19 @@ class SessionController(Controller):
             timestamp=now_rfc3339(),
             turn_id=turn_id,
         )
-        async with contextlib.AsyncExitStack() as stack:
-            # Subscribe while claiming: the subscription is in place before the
-            # job is queued, so no event of the turn can be missed or need replay.
-            subscribed = asyncio.ensure_future(stack.enter_async_context(svc.hub.subscribe(sid)))
-            try:
-                async with released_on_error(idem):
-                    claim = await svc.store.claim_turn(
-                        sid,
-                        tenant_of(request),
-                        turn_id,
-                        user_message,
-                        queued_job(TurnJob(session_id=sid, turn_id=turn_id)),
-                    )
-            finally:
-                try:
-                    queue: asyncio.Queue[QueueItem] | None = await subscribed
-                except (TimeoutError, RedisError, OSError):
-                    # No live feed here; the turn still runs, the reply is a 202.
-                    logger.warning("could not follow session %s live", sid)
-                    queue = None
+        # The worker publishes the turn's terminal event on this process's reply
+        # channel as well (named in the claim): no per-send subscription.
+        reply = svc.hub.expect_reply(turn_id) if wait_limit > 0 else None
+        try:
+            async with released_on_error(idem):
+                claim = await svc.store.claim_turn(
+                    sid,
+                    tenant_of(request),
+                    turn_id,
+                    user_message,
+                    queued_job(TurnJob(session_id=sid, turn_id=turn_id)),
+                    reply_to=svc.hub.reply_channel if reply is not None else "",
+                )
             if idem is not None:
                 if claim.status == "ok":
                     await idem.settle(turn_id, after=claim.latest_seq)
@@ -183,10 +175,12 @@ class SessionController(Controller):
             bind(turn_id=turn_id)
             logger.info("turn queued")
             terminal = None
-            if queue is not None:
-                terminal = await _terminal_on(
-                    svc, sid, queue, turn_id, claim.latest_seq, wait_limit, replay=False
+            if reply is not None:
+                terminal = await _await_reply(
+                    svc, sid, turn_id, reply, claim.latest_seq, wait_limit
                 )
+        finally:
+            svc.hub.forget_reply(turn_id)
         if terminal is None:
             return _accepted(sid, turn_id, claim.latest_seq)
         return _turn_outcome(terminal)
@@ -256,6 +250,41 @@ async def _end_unstarted(svc: Services, sid: str, sandbox_id: str, turn_id: str)
         usage=ev.Usage(),
     )
     return bool(await svc.store.finish_turn(sid, turn_id, "unstarted", message, terminal))
+
+
+async def _await_reply(
+    svc: Services,
+    sid: str,
+    turn_id: str,
+    reply: asyncio.Future[bytes],
+    after: int,
+    limit: float,
+) -> TerminalView | None:
+    """The turn's terminal event off the reply channel; None past the limit. At
+    each keepalive interval without it, and when replies may have been missed,
+    the session's log is read instead: a lost message costs time, not the reply."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while (remaining := deadline - loop.time()) > 0:
+        try:
+            data = await asyncio.wait_for(
+                asyncio.shield(reply), min(remaining, svc.settings.keepalive_seconds)
+            )
+        except TimeoutError:
+            data = RESYNC
+        if data:
+            return decode_terminal(data)
+        try:
+            for logged in await eventlog.read_after(svc.redis, sid, after):
+                if logged.type in TERMINAL_TYPES:
+                    terminal = decode_terminal(logged.data)
+                    if terminal.turn_id == turn_id:
+                        return terminal
+        except (RedisError, OSError):
+            logger.warning("could not read the log of session %s", sid)
+        if reply.done():
+            reply = svc.hub.expect_reply(turn_id)
+    return None
 
 
 async def _wait_for_terminal(

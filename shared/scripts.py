@@ -11,12 +11,13 @@ from __future__ import annotations
 
 # KEYS: session, messages, seq[, job, queue, running].
 # ARGV: turn_id, user message JSON, now, now_ms, tenant[, job payload, job score ms,
-#       job expiry ms, wake channel, session id].
+#       job expiry ms, wake channel, session id, reply channel or ''].
 # -> {"ok", latest_seq} | {"running", running_turn_id} | {"missing"} (also: not the tenant's)
 # With the job's keys, a claimed turn is queued in the same step, as arq's
 # `enqueue_job` would (job record with expiry, queue entry), added to the
 # running index, and idle workers are woken: a claimed turn is never left
-# without its job, and the send costs one round trip.
+# without its job, and the send costs one round trip. A reply channel (of the API
+# process waiting for the turn) gets the terminal event too (FINISH_TURN).
 CLAIM_TURN = """
 if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[5] then return {'missing'} end
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -25,8 +26,9 @@ if state == 'running' then
 end
 redis.call('HSET', KEYS[1], 'state', 'running', 'turn_id', ARGV[1], 'updated_at', ARGV[3],
            'claimed_ms', ARGV[4])
-redis.call('HDEL', KEYS[1], 'started', 'interrupt')
+redis.call('HDEL', KEYS[1], 'started', 'interrupt', 'reply_to')
 redis.call('RPUSH', KEYS[2], ARGV[2])
+if ARGV[11] and ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'reply_to', ARGV[11]) end
 if KEYS[4] then
   redis.call('PSETEX', KEYS[4], ARGV[8], ARGV[6])
   redis.call('ZADD', KEYS[5], ARGV[7], ARGV[1])
@@ -100,6 +102,7 @@ return seqs
 # mode "unstarted": end a turn no worker has picked up (interrupt, queue timeout).
 # mode "orphaned": end a started turn whose worker's lease has lapsed.
 # -> seq of the terminal event | 0 when the condition does not hold (nothing written)
+# The terminal event also goes to the reply channel the claim named, if any.
 # The turn's last events, its end and what ops and metrics count of it are one
 # step and one round trip.
 FINISH_TURN = """
@@ -112,8 +115,9 @@ if ARGV[2] == 'unstarted' and started then return 0 end
 if ARGV[2] == 'orphaned' and ((not started) or redis.call('EXISTS', KEYS[5]) == 1) then
   return 0
 end
+local reply_to = redis.call('HGET', KEYS[1], 'reply_to')
 redis.call('HSET', KEYS[1], 'state', 'active', 'updated_at', ARGV[8])
-redis.call('HDEL', KEYS[1], 'turn_id', 'started', 'interrupt', 'claimed_ms')
+redis.call('HDEL', KEYS[1], 'turn_id', 'started', 'interrupt', 'claimed_ms', 'reply_to')
 if ARGV[3] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[3]) end
 redis.call('DEL', KEYS[5])
 local n = tonumber(ARGV[12])
@@ -129,6 +133,7 @@ for i = 13, 12 + 2 * n, 2 do append(ARGV[i], ARGV[i + 1]) end
 append(ARGV[5], ARGV[4])
 redis.call('PEXPIRE', KEYS[4], ARGV[9])
 redis.call('PUBLISH', ARGV[7], table.concat(published, '\\n'))
+if reply_to then redis.call('PUBLISH', reply_to, published[#published]) end
 redis.call('SREM', KEYS[6], ARGV[10])
 if ARGV[11] ~= '' then
   redis.call('LPUSH', KEYS[7], ARGV[11])

@@ -247,9 +247,11 @@ class SessionStore:
         turn_id: str,
         user_message: Message,
         job: QueuedJob | None = None,
+        reply_to: str = "",
     ) -> ClaimResult:
         """Make the session the tenant's new turn's, storing the user message, and
-        queue `job` (the turn's) in the same step."""
+        queue `job` (the turn's) in the same step. `reply_to`: a pub/sub channel
+        to publish the turn's terminal event on, besides the session's."""
         now = now_rfc3339()
         claim_keys = [keys.session(sid), keys.messages(sid), keys.seq(sid)]
         args: list[str | bytes | int] = [
@@ -261,7 +263,7 @@ class SessionStore:
         ]
         if job is not None:
             claim_keys += job.keys()
-            args += job.args()
+            args += [*job.args(), reply_to]
         res = await self._claim(keys=claim_keys, args=args)
         status = res[0].decode()
         if status == "ok":

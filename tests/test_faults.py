@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,8 @@ from helpers import (
     text_message,
     wait_state,
 )
+
+from shared import keys
 
 
 def test_sigterm_lets_a_short_turn_finish_and_exits_zero(
@@ -227,3 +230,30 @@ def _eventually_reply(client: httpx.Client, sid: str, text: str) -> httpx.Respon
             if time.monotonic() > deadline:
                 raise
         time.sleep(0.2)
+
+
+def test_a_lost_reply_is_found_in_the_log(stack: Stack, client: httpx.Client) -> None:
+    """The worker publishes a turn's end on the waiting API process's reply
+    channel; if that message is lost, the blocking send still answers, from the
+    session's log, within a keepalive interval (1 s here)."""
+    sid = new_session(client)
+    store = redis.Redis.from_url(stack.env["SANDSTREAM_REDIS_URL"])
+    result: dict[str, httpx.Response] = {}
+
+    def send() -> None:
+        result["reply"] = client.post(
+            f"/sessions/{sid}/messages",
+            params={"wait": "10"},
+            json=text_message("run: sleep 0.5"),
+        )
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    deadline = time.monotonic() + 5
+    while not store.hget(keys.session(sid), "reply_to"):
+        assert time.monotonic() < deadline, "the claim named no reply channel"
+        time.sleep(0.01)
+    store.hset(keys.session(sid), "reply_to", "ss:api:nobody:replies")  # lost
+    sender.join(15)
+    assert result["reply"].status_code == 200
+    assert result["reply"].json()["role"] == "assistant"
