@@ -50,7 +50,10 @@ PROMETHEUS = PrometheusConfig(
     prefix="sandstream_http",
     # Label by route template, not by path: one series per route, not per session.
     group_path=True,
-    exclude=["^/metrics$"],
+    # SSE streams are counted by `sandstream_sse_connections`: a request timer
+    # around a stream would measure its whole life, and cost memory and time on
+    # every event of every stream.
+    exclude=["^/metrics$", "^/api/v1/sessions/[^/]+/stream$"],
 )
 
 

@@ -180,8 +180,13 @@ def test_metrics_count_what_happened(make_stack: Callable[..., Stack]) -> None:
         and any(k == "path" and v.endswith("/messages") for k, v in labels)
     }
     assert sum(sends.values()) == 6, sends
-    # Routes are labelled by template, never by a session's id.
+    # Routes are labelled by template, never by a session's id; streams are
+    # counted by the gauge above, not timed as requests.
     assert not any(plain in str(labels) for _, labels in after)
+    assert not any(
+        name.startswith("sandstream_http_") and ("path", "/api/v1/sessions/{sid}/stream") in labels
+        for name, labels in after
+    )
 
 
 def test_metrics_add_up_across_uvicorn_worker_processes(
