@@ -29,6 +29,9 @@ def _server_options(settings: Settings) -> dict[str, Any]:
         "log_level": settings.log_level.lower(),
         "log_config": None,  # uvicorn's lines go through our handler (text or JSON)
         "timeout_graceful_shutdown": 5,
+        # libuv's event loop and a C HTTP parser: less time per request and per event.
+        "loop": "uvloop",
+        "http": "httptools",
         # Longer than a load balancer's idle timeout (often 60 s), so the proxy,
         # not uvicorn, closes idle connections: no request lands on a closing one.
         "timeout_keep_alive": 75,

@@ -12,9 +12,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.auth import mint_stream_token
-from api.feed import Draining, Tick, Truncated, feed
+from api.feed import Cursor, Truncated
 from api.guard import principal_of, tenant_of
-from api.hub import LiveEvent
+from api.hub import DRAIN, TICK, LiveEvent
 from api.metrics import SSE_CONNECTIONS
 from api.problems import Problem
 from api.schemas import StreamToken
@@ -76,23 +76,43 @@ class StreamController(Controller):
 
 
 async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> AsyncIterator[bytes]:
-    # One generator over `feed`, not two: every layer costs each event on every stream.
+    # `api.feed.feed`'s loop, inlined: this is the one generator an event passes
+    # through per stream (each layer costs every event on every stream).
     SSE_CONNECTIONS.inc()
     try:
         async with svc.hub.subscribe(sid) as queue:
             # The body starts at once, so proxies and clients see the stream is
             # open; `retry` tells EventSource how soon to come back if it drops.
             yield f"retry: {RECONNECT_MS}\n: stream open\n\n".encode()
-            async for item in feed(svc.redis, svc.hub, sid, queue, after):
+            if svc.hub.draining:
+                yield _reconnect_frame(sid, "this API process is shutting down")
+                return
+            cursor = Cursor(svc.redis, sid, after)
+            if truncated := await cursor.check_retained():
+                yield _truncated_frame(sid, truncated)
+            for event in await cursor.backfill():
+                yield event.frame
+            while True:
+                item = await queue.get()
                 if isinstance(item, LiveEvent):
-                    yield item.frame
-                elif isinstance(item, Draining):
+                    if item.seq == cursor.last + 1:
+                        cursor.last = item.seq
+                        yield item.frame
+                        continue
+                    if item.seq <= cursor.last:
+                        continue
+                    # A gap: what is missing (and this one) comes from the log.
+                elif item == TICK:
+                    # Quiet for a while: the log too, for a lost last message.
+                    for event in await cursor.backfill():
+                        yield event.frame
+                    yield await _keepalive(svc, sid, sandbox_id)
+                    continue
+                elif item == DRAIN:
                     yield _reconnect_frame(sid, "this API process is shutting down")
                     return
-                elif isinstance(item, Tick):
-                    yield await _keepalive(svc, sid, sandbox_id)
-                elif isinstance(item, Truncated):
-                    yield _truncated_frame(sid, item)
+                for event in await cursor.backfill():
+                    yield event.frame
     except (RedisConnectionError, RedisTimeoutError, OSError):
         # Redis is gone: end the stream and say when to come back; the client
         # resumes from its Last-Event-ID, so nothing is lost.

@@ -47,4 +47,12 @@ async def publish(burst: int = 1, size: int = 0) -> None:
 app = Litestar([stream, publish])
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+    # The same server settings as sandstream's API (api/__main__.py).
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        log_level="warning",
+        loop="uvloop",
+        http="httptools",
+    )

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import sys
 
+import uvloop
+
 from shared.logs import configure_logging
 from shared.ops import local_worker_healthy
 from shared.queue import connect
@@ -49,7 +51,7 @@ def main() -> None:
         print("healthy" if healthy else "unhealthy: no fresh heartbeat from a worker here")
         sys.exit(0 if healthy else 1)
     configure_logging(settings)
-    asyncio.run(_run(settings))
+    uvloop.run(_run(settings))
 
 
 if __name__ == "__main__":
