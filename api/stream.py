@@ -14,7 +14,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from api.auth import mint_stream_token
 from api.feed import Cursor, Truncated
 from api.guard import principal_of, tenant_of
-from api.hub import DRAIN, TICK, LiveEvent
+from api.hub import DRAIN, TICK, LiveEvent, QueueItem
 from api.metrics import SSE_CONNECTIONS
 from api.problems import Problem
 from api.schemas import StreamToken
@@ -92,12 +92,25 @@ async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> Async
                 yield _truncated_frame(sid, truncated)
             for event in await cursor.backfill():
                 yield event.frame
+            pending: QueueItem | None = None
             while True:
-                item = await queue.get()
+                item = await queue.get() if pending is None else pending
+                pending = None
                 if isinstance(item, LiveEvent):
                     if item.seq == cursor.last + 1:
                         cursor.last = item.seq
-                        yield item.frame
+                        frames = item.frame
+                        # What else is queued already goes out in the same write:
+                        # a burst of events costs one send per stream, not one each.
+                        while not queue.empty():
+                            more = queue.get_nowait()
+                            if isinstance(more, LiveEvent) and more.seq == cursor.last + 1:
+                                cursor.last = more.seq
+                                frames += more.frame
+                            else:
+                                pending = more
+                                break
+                        yield frames
                         continue
                     if item.seq <= cursor.last:
                         continue
