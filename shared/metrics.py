@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable
+from itertools import accumulate
 
 import msgspec
 from redis.asyncio import Redis
@@ -171,7 +171,7 @@ def _histogram(out: list[str], hist: Histogram, fields: dict[str, int]) -> None:
     for value in label_values:
         label = "" if hist.label is None else f'{hist.label}="{_escape(value)}"'
         buckets = [fields.get(f"{value}{_SEP}{i}", 0) for i in range(len(hist.bounds) + 1)]
-        for bound, cumulative in zip([*hist.bounds, math.inf], _accumulate(buckets), strict=True):
+        for bound, cumulative in zip([*hist.bounds, math.inf], accumulate(buckets), strict=True):
             le = "+Inf" if bound == math.inf else repr(float(bound))
             sep = "," if label else ""
             out.append(f'{hist.name}_bucket{{{label}{sep}le="{le}"}} {cumulative}\n')
@@ -179,14 +179,6 @@ def _histogram(out: list[str], hist: Histogram, fields: dict[str, int]) -> None:
         total = fields.get(f"{value}{_SEP}sum_us", 0) / 1_000_000
         out.append(f"{hist.name}_sum{braces} {total}\n")
         out.append(f"{hist.name}_count{braces} {sum(buckets)}\n")
-
-
-def _accumulate(values: Iterable[int]) -> list[int]:
-    total, out = 0, []
-    for value in values:
-        total += value
-        out.append(total)
-    return out
 
 
 def _escape(value: str) -> str:
