@@ -38,9 +38,6 @@ class Draining(msgspec.Struct, frozen=True):
     """This API process is shutting down; the client should reconnect elsewhere."""
 
 
-FeedItem = LiveEvent | Truncated | Tick | Draining
-
-
 class Cursor:
     """Where a reader of a session's events is: the last seq it was given."""
 
@@ -82,21 +79,16 @@ async def feed(
     sid: str,
     queue: asyncio.Queue[QueueItem],
     after: int,
-    *,
-    check_retained: bool = True,
-    replay: bool = True,
-) -> AsyncIterator[FeedItem]:
-    """The events after `after` on a subscribed queue. `replay=False` when the
-    subscription is known to predate every event after `after`."""
+) -> AsyncIterator[LiveEvent | Tick | Draining]:
+    """The events after `after` on a subscribed queue: the logged ones first,
+    then live. (A wait on a turn needs no retention check: it starts from a
+    seq it read itself moments before.)"""
     if hub.draining:
         yield Draining()
         return
     cursor = Cursor(redis, sid, after)
-    if check_retained and (truncated := await cursor.check_retained()):
-        yield truncated
-    if replay:
-        for event in await cursor.backfill():
-            yield event
+    for event in await cursor.backfill():
+        yield event
     while True:
         item = await queue.get()
         if isinstance(item, LiveEvent):

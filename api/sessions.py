@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from api.feed import feed
 from api.guard import tenant_of
-from api.hub import RESYNC, LiveEvent, QueueItem
+from api.hub import RESYNC, LiveEvent
 from api.idempotency import IdemRecord, claim_or_replay, released_on_error
 from api.pagination import paged_response
 from api.problems import Problem, not_found
@@ -293,29 +293,15 @@ async def _wait_for_terminal(
     """The turn's terminal event, from the log or as it arrives; None past the limit.
     `after` must be a seq from before the turn ended (the claim's, say)."""
     async with svc.hub.subscribe(sid) as queue:
-        return await _terminal_on(svc, sid, queue, turn_id, after, limit, replay=True)
-
-
-async def _terminal_on(
-    svc: Services,
-    sid: str,
-    queue: asyncio.Queue[QueueItem],
-    turn_id: str,
-    after: int,
-    limit: float,
-    *,
-    replay: bool,
-) -> TerminalView | None:
-    events = feed(svc.redis, svc.hub, sid, queue, after, check_retained=False, replay=replay)
-    try:
-        async with asyncio.timeout(limit):
-            async for item in events:
-                if isinstance(item, LiveEvent) and item.type in TERMINAL_TYPES:
-                    terminal = decode_terminal(item.data)
-                    if terminal.turn_id == turn_id:
-                        return terminal
-    except TimeoutError:
-        return None
+        try:
+            async with asyncio.timeout(limit):
+                async for item in feed(svc.redis, svc.hub, sid, queue, after):
+                    if isinstance(item, LiveEvent) and item.type in TERMINAL_TYPES:
+                        terminal = decode_terminal(item.data)
+                        if terminal.turn_id == turn_id:
+                            return terminal
+        except TimeoutError:
+            return None
     return None
 
 

@@ -38,7 +38,8 @@ end
 return {'ok', tostring(tonumber(redis.call('GET', KEYS[3]) or '0'))}
 """
 
-# KEYS: session, lease, messages, metrics counters. ARGV: turn_id, worker_id, ttl_ms.
+# KEYS: session, lease, messages, metrics counters.
+# ARGV: turn_id, worker_id, ttl_ms, the counter's field for turns started.
 # -> {sandbox_id, agent JSON, messages} started | 0 not current (over, reaped,
 #    or started elsewhere). Messages: the whole conversation, or only the turn's
 #    user message when the session's `history` is "last" (the agent reads no more).
@@ -50,7 +51,7 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'running'
 end
 redis.call('HSET', KEYS[1], 'started', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-redis.call('HINCRBY', KEYS[4], 'started', 1)
+redis.call('HINCRBY', KEYS[4], ARGV[4], 1)
 local found = redis.call('HMGET', KEYS[1], 'sandbox_id', 'agent', 'history')
 local first = 0
 if found[3] == 'last' then first = -1 end

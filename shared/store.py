@@ -295,7 +295,7 @@ class SessionStore:
         """Take the turn and its lease; None when it is not this job's to run."""
         res = await self._start(
             keys=[keys.session(sid), keys.lease(sid), keys.messages(sid), keys.METRICS_COUNTERS],
-            args=[turn_id, worker_id, lease_ms],
+            args=[turn_id, worker_id, lease_ms, metrics.STARTED],
         )
         if not res:
             return None
