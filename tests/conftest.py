@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -139,6 +140,8 @@ class Stack:
         }
         self.procs: list[Proc] = []
         self.api = self._start("api")
+        # API processes by port, so that one can be restarted where it was.
+        self.apis: dict[int, Proc] = {self.port: self.api}
         _wait_for(self._ready, 30, "the API", self.api)
         self.workers = [self.start_worker() for _ in range(workers)]
 
@@ -158,20 +161,30 @@ class Stack:
             headers={"Authorization": f"Bearer {key}"},
         )
 
-    def start_api(self) -> str:
-        """Another API process on its own port; returns its base URL."""
-        port = free_port()
+    def start_api(self, port: int | None = None) -> str:
+        """Another API process on its own port (or on `port`); returns its base URL."""
+        port = port or free_port()
         proc = Proc(
             [sys.executable, "-m", "api"],
             {**self.env, "SANDSTREAM_PORT": str(port)},
             self.workdir / f"api-{len(self.procs)}.log",
         )
         self.procs.append(proc)
+        self.apis[port] = proc
         base = f"http://127.0.0.1:{port}"
         _wait_for(
             lambda: httpx.get(base + "/readyz", timeout=1).status_code == 200, 30, "API", proc
         )
         return base
+
+    def restart_api(self, port: int | None = None) -> None:
+        """Stop the API process on `port` (the first API's by default) as a deploy
+        would, with SIGTERM, and start a new one on the same port."""
+        port = port or self.port
+        self.apis[port].stop()
+        self.start_api(port)
+        if port == self.port:
+            self.api = self.apis[port]
 
     def start_worker(self) -> Proc:
         worker = self._start("worker")
@@ -256,6 +269,43 @@ def make_stack(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Stack]]
     yield make
     for running in started:
         running.stop()
+
+
+@contextmanager
+def nginx_proxy(api_ports: list[int], workdir: Path) -> Iterator[tuple[str, Path]]:
+    """deploy/nginx/nginx.conf in front of the APIs on `api_ports`; only the
+    upstream addresses, the port and the scratch paths differ from the shipped
+    file. Yields the proxy's base URL and its log (error log included)."""
+    port = free_port()
+    conf = (ROOT / "deploy" / "nginx" / "nginx.conf").read_text()
+    upstreams = "\n        ".join(f"server 127.0.0.1:{p} max_fails=0;" for p in api_ports)
+    for old, new in (
+        ("server api:8000 resolve max_fails=0;", upstreams),
+        ("listen 8080;", f"listen 127.0.0.1:{port};"),
+        ("/tmp/", f"{workdir}/"),
+    ):
+        assert old in conf
+        conf = conf.replace(old, new)
+    path = workdir / "nginx.conf"
+    path.write_text(conf)
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+    if nginx is None:
+        pytest.fail("nginx is missing: scripts/ensure-tools.sh installs it")
+    checked = subprocess.run([nginx, "-t", "-c", str(path)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    log_path = workdir / "nginx.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        [nginx, "-c", str(path), "-g", "daemon off;"], stdout=log, stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(lambda: httpx.get(base + "/healthz", timeout=1).status_code == 200, 10, "nginx")
+        yield base, log_path
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
 
 
 class RedisServer:
