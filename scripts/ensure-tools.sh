@@ -2,7 +2,8 @@
 # What the test suite needs from the system: redis-server (unless REDIS_URL is set),
 # bubblewrap with prlimit/setpriv for the sandbox tests, and the tools that check
 # the deployment files: nginx (the proxy config, run in front of two APIs),
-# promtool (the alert rules) and systemd-analyze (the units). Installs Debian's
+# promtool (the alert rules) and systemd-analyze (the units); Chromium for the
+# browser tests (Playwright drives Debian's build; it never downloads its own). Installs Debian's
 # packages when we may; otherwise says what is missing.
 set -euo pipefail
 missing=()
@@ -14,6 +15,7 @@ command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   apt-get update -qq
