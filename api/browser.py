@@ -72,7 +72,8 @@ class GrantController(Controller):
 
     @post("/sessions/{sid:str}/stream-token", status_code=201, opt={"scope": "stream"})
     async def stream_token(self, request: Request[Any, Any, Any], sid: str) -> StreamToken:
-        """A token that opens this session's stream, for reading, and nothing else;
+        """A token that opens this session's stream, for reading, and nothing else
+        (`api.grants`: it opens the stream for minutes and resumes it for hours);
         minted by a tenant key or by a browser credential (then never outliving it)."""
         svc = services_of(request)
         principal = principal_of(request)
@@ -85,11 +86,13 @@ class GrantController(Controller):
             session_id=sid,
             scopes=("stream",),
             key_id=principal.key_id if parent is None else parent.key_id,
-            lifetime=svc.settings.stream_token_seconds,
+            lifetime=svc.settings.stream_grant_seconds,
+            opening=svc.settings.stream_token_seconds,
             not_after=None if parent is None else parent.expires_at,
         )
         return StreamToken(
             token=token,
+            opens_for=max(0, int(grant.opens_until - time.time())),
             expires_in=max(0, int(grant.seconds_left())),
             expires_at=_rfc3339(grant.expires_at),
             stream_url=absolute_url(request, f"/api/v1/sessions/{sid}/stream?token={token}"),

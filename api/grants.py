@@ -4,24 +4,31 @@ A tenant's backend (holding the tenant key) mints, for one session:
 - a **browser credential** (`ssb_…`, sent as `Authorization: Bearer`), whose
   scopes the backend picks among read, stream, send and interrupt: what a page
   that shows one conversation needs, and nothing tenant-wide (no listing, no
-  deletion, no other session);
+  deletion, no other session). It lives `SANDSTREAM_GRANT_SECONDS` (1 h), or as
+  long as the backend asks, up to `SANDSTREAM_GRANT_MAX_SECONDS`.
 - a **stream token** (`sst_…`, passed as `?token=` since `EventSource` cannot
   send headers), which opens that one session's stream for reading and nothing
   else. A browser credential with the `stream` scope may mint one too, so the
   stronger credential never goes into a URL.
 
-Why a stream token lives for hours (`SANDSTREAM_STREAM_TOKEN_SECONDS`, 4 h by
-default): `EventSource` reconnects by itself, with the same URL and a
-`Last-Event-ID`, after every API restart, deploy or network blip, and gives up
-for good on a 401. A token that dies minutes after the page loaded ends the
-page the first time its stream drops after that. What a leaked stream token
-gives is a read-only view of one session until it expires, so it can live long;
-a browser credential can run commands (`send`), so its default life is shorter
-(`SANDSTREAM_GRANT_SECONDS`). A page renews by minting a new token and opening
-the stream again at `?after=<last seq>` before closing the old one: seqs say
-exactly where it was, so nothing is lost or repeated. A token minted by a
-browser credential never outlives it, so renewal chains end where the
-backend's grant ends.
+A stream token has two windows. For `SANDSTREAM_STREAM_TOKEN_SECONDS` (5 min)
+its URL alone opens the stream. After that, until `SANDSTREAM_STREAM_GRANT_SECONDS`
+(4 h), it only resumes it: the request must carry `Last-Event-ID`, as every
+reconnect of an `EventSource` does (a stream opens with an `id:`, so even one
+that dropped before its first event resumes with one). Why: `EventSource`
+reconnects by itself, with the same URL, after every API restart, deploy or
+network blip, and gives up for good on a 401, so a token that dies minutes after
+the page loaded ends the page the first time its stream drops after that. Yet
+tokens leak through URLs (history, logs, a pasted link), and a URL carries no
+header: after its first minutes a leaked URL opens nothing, while the page that
+holds the stream keeps it. Either way a stream token shows one session's events,
+read-only, and an open stream ends when its grant does (`api.reconnect`).
+
+A page renews before the end by minting a new token (through its backend or its
+browser credential) and opening the stream again at `?after=<last seq>` before
+closing the old one: seqs say exactly where it was, so nothing is lost or
+repeated. A token minted by a browser credential never outlives it, so renewal
+chains end where the backend's grant ends.
 
 Redis holds only a token's SHA-256, with the grant's remaining life as TTL, so
 any API replica can check a token and none can leak one.
@@ -57,12 +64,20 @@ class Grant(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str
     session_id: str
     scopes: tuple[Scope, ...]
-    expires_at: float  # seconds since the epoch
     key_id: str
+    # seconds since the epoch: until when the token opens a stream by itself
+    # (without Last-Event-ID), and until when it is good for anything
+    opens_until: float
+    expires_at: float
 
     def permits(self, sid: str | None, scope: str | None) -> bool:
         """Only its own session, and only what its scopes name."""
         return scope is not None and sid == self.session_id and scope in self.scopes
+
+    def opens(self, resuming: bool) -> bool:
+        """Whether it may open its stream now: any time while it lives when the
+        request resumes one (Last-Event-ID), else only in its first window."""
+        return resuming or time.time() < self.opens_until
 
     def seconds_left(self) -> float:
         return self.expires_at - time.time()
@@ -80,11 +95,14 @@ async def mint(
     scopes: tuple[Scope, ...],
     key_id: str,
     lifetime: float,
+    opening: float | None = None,
     not_after: float | None = None,
 ) -> tuple[str, Grant]:
-    """A new token and its grant; `not_after` caps it (a parent grant's end)."""
+    """A new token and its grant: good for `lifetime` seconds, opening its stream
+    without a Last-Event-ID for the first `opening` (all of it when None), and
+    never past `not_after` (a parent grant's end)."""
     now = time.time()
-    expires_at = now + lifetime if not_after is None else min(now + lifetime, not_after)
+    end = now + lifetime if not_after is None else min(now + lifetime, not_after)
     token = TOKEN_PREFIX[kind] + secrets.token_urlsafe(32)
     grant = Grant(
         id=secrets.token_hex(8),
@@ -92,10 +110,11 @@ async def mint(
         tenant=tenant,
         session_id=session_id,
         scopes=scopes,
-        expires_at=expires_at,
         key_id=key_id,
+        opens_until=end if opening is None else min(now + opening, end),
+        expires_at=end,
     )
-    ttl_ms = max(1, int((expires_at - now) * 1000))
+    ttl_ms = max(1, int((end - now) * 1000))
     await redis.set(keys.grant(_digest(token)), msgspec.json.encode(grant), px=ttl_ms)
     return token, grant
 

@@ -103,6 +103,10 @@ async def _principal(
         grant = await grants.redeem(svc.redis, token, "stream")
         if grant is None or grant.session_id != connection.path_params.get("sid"):
             raise _unauthorized("unknown or expired stream token")
+        if not grant.opens("last-event-id" in connection.headers):
+            raise _unauthorized(
+                "this stream token now only resumes its stream (Last-Event-ID); mint a new one"
+            )
         return _granted(grant)
     raise _unauthorized("send `Authorization: Bearer <API key>`")
 

@@ -39,9 +39,12 @@ class InterruptResult(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class StreamToken(msgspec.Struct, kw_only=True):
-    """Opens one session's stream, for reading only, as `?token=` (`api.grants`)."""
+    """Opens one session's stream, for reading only, as `?token=` (`api.grants`):
+    by its URL alone for `opens_for` seconds, and with `Last-Event-ID` (how
+    EventSource reconnects) until it expires."""
 
     token: str
+    opens_for: int
     expires_in: int
     expires_at: str
     stream_url: str

@@ -76,8 +76,9 @@ async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> Async
     try:
         async with svc.hub.subscribe(sid) as queue:
             # The body starts at once, so proxies and clients see the stream is
-            # open; `retry` tells EventSource how soon to come back if it drops.
-            yield f"retry: {RECONNECT_MS}\n: stream open\n\n".encode()
+            # open; `retry` tells EventSource how soon to come back if it drops,
+            # and `id` where from, even if it drops before the first event.
+            yield f"retry: {RECONNECT_MS}\nid: {after}\n: stream open\n\n".encode()
             if svc.hub.draining:
                 yield _reconnect_frame(sid, "this API process is shutting down")
                 return

@@ -34,9 +34,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     api_keys: str = ""
     api_keys_file: str = ""
     admin_keys: str = ""
-    # browsers (api/grants.py, api/browser.py): a stream token outlives restarts
-    # and deploys for hours; a browser credential, which may also send, is shorter.
-    stream_token_seconds: int = 14_400
+    # browsers (api/grants.py, api/browser.py): a stream token opens its stream
+    # for minutes, and resumes it (Last-Event-ID) across restarts for hours.
+    stream_token_seconds: int = 300
+    stream_grant_seconds: int = 14_400
     grant_seconds: int = 3600
     grant_max_seconds: int = 43_200
     stream_connects_per_minute: int = 120
@@ -107,8 +108,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError(f"public_url must be scheme://host[:port], not {self.public_url!r}")
         if not 0 < self.grant_seconds <= self.grant_max_seconds:
             raise ValueError("grant_seconds must be positive and at most grant_max_seconds")
-        if self.stream_token_seconds <= 0:
-            raise ValueError("stream_token_seconds must be positive")
+        if not 0 < self.stream_token_seconds <= self.stream_grant_seconds:
+            raise ValueError(
+                "stream_token_seconds must be positive and at most stream_grant_seconds"
+            )
 
     def cors_origin_list(self) -> list[str]:
         """The origins whose pages may call the API (`*`: any, for development)."""

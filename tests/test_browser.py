@@ -1,0 +1,254 @@
+"""A page on another origin, in a real Chromium, against real API and worker processes.
+
+One browser and one stack for the module: CORS allows the page server's
+origin; stream tokens open their stream by URL for 20 s and resume it for
+3 minutes (short, so the test of a restart after the token's first minute
+fits in the run). The page follows sessions with a bare `EventSource`, as a
+front-end developer would write it, with no reconnect logic of its own.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from browser import FOLLOWER_PAGE, PageServer, chromium, wait_until
+from conftest import ALPHA_KEY, Stack, nginx_proxy
+from helpers import StreamReader, new_session, text_message
+from playwright.sync_api import Browser, Page
+
+OPENS_FOR = 20
+GRANT_LIFETIME = 180
+
+
+@pytest.fixture(scope="module")
+def pages() -> Iterator[dict[str, PageServer]]:
+    allowed, other = PageServer(FOLLOWER_PAGE), PageServer(FOLLOWER_PAGE)
+    yield {"allowed": allowed, "other": other}
+    allowed.close()
+    other.close()
+
+
+@pytest.fixture(scope="module")
+def web(redis_url: str, pages: dict[str, PageServer]) -> Iterator[Stack]:
+    url = redis_url.rsplit("/", 1)[0] + "/14"
+    redis.Redis.from_url(url).flushdb()
+    workdir = Path(tempfile.mkdtemp(prefix="sandstream-browser-"))
+    env = {
+        "SANDSTREAM_CORS_ORIGINS": pages["allowed"].origin,
+        "SANDSTREAM_STREAM_TOKEN_SECONDS": str(OPENS_FOR),
+        "SANDSTREAM_STREAM_GRANT_SECONDS": str(GRANT_LIFETIME),
+        "SANDSTREAM_KEEPALIVE_SECONDS": "2",
+    }
+    running = Stack(url, workdir, env)
+    yield running
+    running.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as launched:
+        yield launched
+
+
+@pytest.fixture
+def client(web: Stack) -> Iterator[httpx.Client]:
+    with web.client() as http:
+        yield http
+
+
+class Veteran:
+    """A page that started following a session when the module began, so that
+    by the last test its stream token is past its first minute."""
+
+    def __init__(self, page: Page, sid: str, minted_at: float) -> None:
+        self.page, self.sid, self.minted_at = page, sid, minted_at
+
+
+@pytest.fixture(scope="module", autouse=True)
+def veteran(web: Stack, browser: Browser, pages: dict[str, PageServer]) -> Iterator[Veteran]:
+    with web.client() as client:
+        sid = new_session(client)
+        minted_at = time.time()
+        stream_url = client.post(f"/sessions/{sid}/stream-token").json()["stream_url"]
+    page = browser.new_page()
+    page.goto(pages["allowed"].origin)
+    page.evaluate("url => follow(url)", stream_url)
+    wait_until(lambda: page.evaluate("opens") >= 1, 10, "the veteran page's stream")
+    yield Veteran(page, sid, minted_at)
+    page.close()
+
+
+def _received(page: Page, event: str | None = None) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = page.evaluate("received")
+    return [e for e in events if event is None or e["event"] == event]
+
+
+def _follow(page: Page, url: str) -> None:
+    page.evaluate("url => follow(url)", url)
+    wait_until(lambda: page.evaluate("opens") >= 1, 10, "the page's stream to open")
+
+
+def _stored_events(client: httpx.Client, sid: str, turns: int) -> list[tuple[int, str]]:
+    replay = StreamReader(client, sid, until=turns, params={"after": "0"}).join()
+    return [(e["seq"], e["_event"]) for e in replay]
+
+
+def _seq_events(page: Page) -> list[tuple[int, str]]:
+    return [(e["data"]["seq"], e["event"]) for e in _received(page) if "seq" in e["data"]]
+
+
+def test_page_on_another_origin_follows_a_tool_turn_live_in_seq_order(
+    web: Stack, client: httpx.Client, browser: Browser, pages: dict[str, PageServer]
+) -> None:
+    sid = new_session(client)
+    minted = client.post(f"/sessions/{sid}/stream-token").json()
+    # Absolute, so the page on another origin uses it as it is.
+    assert minted["stream_url"].startswith(f"{web.base_url}/api/v1/sessions/{sid}/stream?token=")
+    page = browser.new_page()
+    page.goto(pages["allowed"].origin)
+    _follow(page, minted["stream_url"])
+    reply = client.post(f"/sessions/{sid}/messages", json=text_message("run: echo live; sleep 1"))
+    assert reply.status_code == 200, reply.text
+    wait_until(lambda: _received(page, "session_completed"), 15, "the turn's end on the page")
+    events = _received(page)
+    seqs = [e["data"]["seq"] for e in events]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert [e["id"] for e in events] == [str(s) for s in seqs]
+    assert _seq_events(page) == _stored_events(client, sid, 1)
+    started = _received(page, "tool_use_start")[0]["at"]
+    result = _received(page, "tool_result")[0]
+    assert result["data"]["content"] == "live\n"
+    # Live: the tool call was on the page while the command still ran.
+    assert _received(page, "session_completed")[0]["at"] - started > 800
+    page.close()
+
+
+FETCHES = """async ({api, sid, credential}) => {
+  const auth = {Authorization: `Bearer ${credential}`};
+  const out = {};
+  try {
+    const read = await fetch(`${api}/api/v1/sessions/${sid}`, {headers: auth});
+    out.read = {status: read.status, body: await read.json()};
+    const sent = await fetch(`${api}/api/v1/sessions/${sid}/messages`, {
+      method: "POST",
+      headers: {...auth, "Content-Type": "application/json", "Idempotency-Key": "page-1",
+                "X-Request-Id": "from-the-page"},
+      body: JSON.stringify({role: "user", content: [{type: "text", text: "hi from a page"}]}),
+    });
+    out.sent = {status: sent.status, body: await sent.json()};
+    const gone = await fetch(`${api}/api/v1/sessions/${sid}`, {method: "DELETE", headers: auth});
+    out.delete = {status: gone.status, body: await gone.json()};
+    const listed = await fetch(`${api}/api/v1/sandboxes`, {headers: auth});
+    out.list = {status: listed.status, retry: listed.headers.get("retry-after")};
+  } catch (error) {
+    out.error = String(error);
+  }
+  return out;
+}"""
+
+
+def test_page_on_another_origin_calls_the_api_with_a_browser_credential(
+    web: Stack, client: httpx.Client, browser: Browser, pages: dict[str, PageServer]
+) -> None:
+    sid = new_session(client)
+    # The tenant's backend mints the credential; the page never sees the key.
+    grant = client.post(f"/sessions/{sid}/grants").json()
+    assert grant["scopes"] == ["read", "stream", "send", "interrupt"]
+    page = browser.new_page()
+    page.goto(pages["allowed"].origin)
+    args = {"api": web.base_url, "sid": sid, "credential": grant["token"]}
+    out = page.evaluate(FETCHES, args)
+    assert "error" not in out, out
+    assert out["read"]["status"] == 200 and out["read"]["body"]["id"] == sid
+    # The POST needed a preflight (Authorization, Content-Type, Idempotency-Key).
+    assert out["sent"]["status"] == 200
+    assert out["sent"]["body"]["role"] == "assistant"
+    # Nothing beyond the session: the page can read the refusal, it is CORS'd too.
+    assert out["delete"]["status"] == 403 and out["delete"]["body"]["code"] == "outside_grant"
+    assert out["list"]["status"] == 403
+    assert client.get(f"/sessions/{sid}").status_code == 200
+
+    stranger = browser.new_page()
+    stranger.goto(pages["other"].origin)
+    refused = stranger.evaluate(FETCHES, args)
+    assert refused.get("error", "").startswith("TypeError"), refused
+    page.close()
+    stranger.close()
+
+
+def test_rolling_restart_behind_nginx_loses_and_repeats_nothing(
+    web: Stack,
+    client: httpx.Client,
+    browser: Browser,
+    pages: dict[str, PageServer],
+    tmp_path: Path,
+) -> None:
+    second = web.start_api()
+    ports = [web.port, int(second.rsplit(":", 1)[1])]
+    with nginx_proxy(ports, tmp_path) as (base, log):
+        auth = {"Authorization": f"Bearer {ALPHA_KEY}"}
+        with httpx.Client(base_url=base + "/api/v1", headers=auth, timeout=30) as proxied:
+            sid = new_session(proxied)
+            minted = proxied.post(f"/sessions/{sid}/stream-token").json()
+            # Built from the Host the proxy passes on, port included.
+            assert minted["stream_url"].startswith(f"{base}/api/v1/")
+            page = browser.new_page()
+            page.goto(pages["allowed"].origin)
+            _follow(page, minted["stream_url"])
+            # Each replica in turn is stopped (SIGTERM) and started again while a
+            # turn is running, as a rolling deploy does.
+            for done, port in enumerate(ports, start=1):
+                sent = proxied.post(
+                    f"/sessions/{sid}/messages",
+                    params={"wait": "0"},
+                    json=text_message("run: echo step; sleep 1"),
+                )
+                assert sent.status_code == 202, sent.text
+                wait_until(lambda: _received(page, "tool_use_start")[done - 1 :], 15, "a tool")
+                web.restart_api(port)
+                wait_until(
+                    lambda: len(_received(page, "session_completed")) == done, 20, "the turn's end"
+                )
+            last = proxied.post(f"/sessions/{sid}/messages", json=text_message("after the deploy"))
+            assert last.status_code == 200, last.text
+        wait_until(lambda: len(_received(page, "session_completed")) == 3, 15, "the third turn")
+        assert page.evaluate("source.readyState") != 2  # never gave up
+        assert len(_received(page, "reconnect")) >= 1  # its replica told it to go elsewhere
+        assert page.evaluate("opens") >= 2
+        got = _seq_events(page)
+        assert [seq for seq, _ in got] == list(range(1, len(got) + 1))
+        assert got == _stored_events(client, sid, 3)
+        page.close()
+    assert minted["token"] not in log.read_text()
+
+
+def test_page_survives_an_api_restart_after_the_tokens_first_minute(
+    web: Stack, client: httpx.Client, veteran: Veteran
+) -> None:
+    page, sid = veteran.page, veteran.sid
+    # Time itself is what this test is about: the token must be past its
+    # opening window and its first minute, as an old page's is after a deploy.
+    time.sleep(max(0.0, veteran.minted_at + 61 - time.time()))
+    opened = page.evaluate("opens")
+    web.restart_api()
+    wait_until(lambda: page.evaluate("opens") > opened, 20, "the page to reconnect")
+    assert time.time() - veteran.minted_at > 60
+    reply = client.post(f"/sessions/{sid}/messages", json=text_message("run: echo still here"))
+    assert reply.status_code == 200, reply.text
+    wait_until(lambda: _received(page, "session_completed"), 15, "the turn on the old page")
+    assert page.evaluate("source.readyState") == 1
+    assert _received(page, "tool_result")[0]["data"]["content"] == "still here\n"
+    got = _seq_events(page)
+    assert got == _stored_events(client, sid, 1)
+    # The page resumed with the same token; its URL alone no longer opens the stream.
+    url = page.evaluate("source.url")
+    assert httpx.get(url, timeout=10).status_code == 401
