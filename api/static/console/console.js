@@ -449,11 +449,13 @@ function drawChart(samples) {
   const svg = $("chart");
   const ns = "http://www.w3.org/2000/svg";
   const newest = samples[samples.length - 1].at;
+  // The x axis grows with the samples, from one minute up to the whole window.
+  const span = Math.min(WINDOW_MS, Math.max(60000, newest - samples[0].at));
   const top = Math.max(1, ...samples.flatMap((s) => [s.queued, s.running, s.rate]));
   const line = (name) => {
     const points = samples
       .map((s) => {
-        const x = 600 - ((newest - s.at) / WINDOW_MS) * 600;
+        const x = 600 - ((newest - s.at) / span) * 600;
         const y = 170 - (s[name] / top) * 160;
         return `${x.toFixed(1)},${y.toFixed(1)}`;
       })
@@ -463,12 +465,8 @@ function drawChart(samples) {
     polyline.setAttribute("class", name);
     return polyline;
   };
-  const label = document.createElementNS(ns, "text");
-  label.setAttribute("x", "4");
-  label.setAttribute("y", "14");
-  label.setAttribute("font-size", "11");
-  label.textContent = `max ${top.toFixed(top < 10 ? 1 : 0)}`;
-  svg.replaceChildren(line("queued"), line("running"), line("rate"), label);
+  $("chart-top").textContent = `top of the chart: ${top.toFixed(top < 10 ? 1 : 0)}`;
+  svg.replaceChildren(line("queued"), line("running"), line("rate"));
   svg.dataset.samples = String(samples.length);
 }
 
