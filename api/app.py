@@ -19,7 +19,7 @@ from api.guard import authenticate
 from api.hub import EventHub
 from api.metrics import PROMETHEUS, MetricsController, forget_dead_processes
 from api.ops import OpsController
-from api.pages import cors_config, page_routes
+from api.pages import cors_config, cors_for_allowed_origins_only, page_routes
 from api.problems import EXCEPTION_HANDLERS, handle_redis_down
 from api.reconnect import stream_aware
 from api.sandboxes import SandboxController
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await hub.stop()
             await redis.aclose()
 
+    cors = cors_config(settings)
     return Litestar(
         route_handlers=[
             SandboxController,
@@ -66,7 +67,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         middleware=[PROMETHEUS.middleware],
         guards=[authenticate],
         exception_handlers=_exception_handlers(),
-        cors_config=cors_config(settings),
+        cors_config=cors,
+        before_send=cors_for_allowed_origins_only(cors),
         request_max_body_size=settings.max_body_bytes,
         # The OpenAPI document is ours (GET /openapi.json, api/openapi.py).
         openapi_config=None,

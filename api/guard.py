@@ -22,7 +22,8 @@ async def authenticate(
 ) -> None:
     """Routes mark themselves with `opt`: `public`, `admin`, `scope` (what a
     grant must allow there; routes without one refuse grants), `stream_token`
-    (takes `?token=`) and `any_credential` (any key or grant may ask)."""
+    (takes `?token=`), `sse` (an event stream: its own connection budget) and
+    `any_credential` (any key or grant may ask)."""
     opt = handler.opt
     # A preflight (answered by the CORS middleware before this, when CORS is
     # configured) or the automatic OPTIONS handler: no data, never a 401 or 429.
@@ -43,7 +44,7 @@ async def authenticate(
                 f"{grant.session_id} only",
             )
     connection.state.retry_ms = None
-    if opt.get("scope") == "stream":
+    if opt.get("sse"):
         # Stream (re)connections have their own budget, and are never refused (`api.grants`).
         connection.state.retry_ms = await grants.admit_stream(
             svc.redis, principal.key_id, svc.settings.stream_connects_per_minute

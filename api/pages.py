@@ -13,8 +13,10 @@ from typing import Any
 
 from litestar import Response, get
 from litestar.config.cors import CORSConfig
+from litestar.datastructures import Headers, MutableScopeHeaders
 from litestar.response import Redirect
 from litestar.static_files import create_static_files_router
+from litestar.types import BeforeMessageSendHookHandler, Message, Scope
 
 from shared.settings import Settings
 
@@ -50,6 +52,36 @@ def cors_config(settings: Settings) -> CORSConfig | None:
         allow_credentials=False,
         max_age=600,
     )
+
+
+_CORS_HEADERS = (
+    "access-control-allow-headers",
+    "access-control-allow-methods",
+    "access-control-expose-headers",
+)
+
+
+def cors_for_allowed_origins_only(config: CORSConfig | None) -> list[BeforeMessageSendHookHandler]:
+    """Litestar's CORS middleware puts its allow and expose headers on the response
+    to any request with an Origin, allowed or not (only Access-Control-Allow-Origin
+    depends on it). They grant nothing without that one, but a stranger's page
+    should learn nothing of the API's CORS policy either: this hook, which sees
+    each response after the middleware, takes them off again."""
+    if config is None or config.is_allow_all_origins:
+        return []
+
+    async def strip(message: Message, scope: Scope) -> None:
+        if message["type"] != "http.response.start":
+            return
+        origin = Headers.from_scope(scope).get("origin")
+        if origin is None or config.is_origin_allowed(origin):
+            return
+        headers = MutableScopeHeaders.from_message(message)
+        for name in _CORS_HEADERS:
+            if name in headers:
+                del headers[name]
+
+    return [strip]
 
 
 def _secure(response: Response[Any]) -> Response[Any]:

@@ -33,7 +33,7 @@ def _cursor(request: Request[Any, Any, Any], after: str | None) -> str | None:
 class StreamController(Controller):
     path = "/api/v1/sessions"
 
-    @get("/{sid:str}/stream", opt={"scope": "stream", "stream_token": True})
+    @get("/{sid:str}/stream", opt={"scope": "stream", "stream_token": True, "sse": True})
     async def stream(
         self,
         request: Request[Any, Any, Any],

@@ -92,6 +92,10 @@ def _received(page: Page, event: str | None = None) -> list[dict[str, Any]]:
     return [e for e in events if event is None or e["event"] == event]
 
 
+def _wait_count(page: Page, event: str, count: int, timeout: float) -> None:
+    wait_until(lambda: len(_received(page, event)) >= count, timeout, f"{count} {event}")
+
+
 def _follow(page: Page, url: str) -> None:
     page.evaluate("url => follow(url)", url)
     wait_until(lambda: page.evaluate("opens") >= 1, 10, "the page's stream to open")
@@ -213,14 +217,12 @@ def test_rolling_restart_behind_nginx_loses_and_repeats_nothing(
                     json=text_message("run: echo step; sleep 1"),
                 )
                 assert sent.status_code == 202, sent.text
-                wait_until(lambda: _received(page, "tool_use_start")[done - 1 :], 15, "a tool")
+                _wait_count(page, "tool_use_start", done, 15)
                 web.restart_api(port)
-                wait_until(
-                    lambda: len(_received(page, "session_completed")) == done, 20, "the turn's end"
-                )
+                _wait_count(page, "session_completed", done, 20)
             last = proxied.post(f"/sessions/{sid}/messages", json=text_message("after the deploy"))
             assert last.status_code == 200, last.text
-        wait_until(lambda: len(_received(page, "session_completed")) == 3, 15, "the third turn")
+        _wait_count(page, "session_completed", 3, 15)
         assert page.evaluate("source.readyState") != 2  # never gave up
         assert len(_received(page, "reconnect")) >= 1  # its replica told it to go elsewhere
         assert page.evaluate("opens") >= 2

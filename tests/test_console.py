@@ -15,7 +15,7 @@ import redis
 from browser import chromium, screenshot, wait_until
 from conftest import ADMIN_KEY, ALPHA_KEY, Stack
 from helpers import new_session, text_message
-from playwright.sync_api import Browser, Page
+from playwright.sync_api import Browser
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,9 @@ def test_console_ops_panel_charts_queues_and_workers(
 
 def test_docs_render_the_openapi_document_from_local_assets(console: Console) -> None:
     console.page.goto(f"{console.web.base_url}/docs")
-    console.page.wait_for_selector("text=Mint a browser credential for one session (tenant keys only)")
+    console.page.wait_for_selector(
+        "text=Mint a browser credential for one session (tenant keys only)"
+    )
     assert console.page.locator(".opblock").count() >= 15
     screenshot(console.page, "docs")
     assert console.only_same_origin(), console.requests
