@@ -12,7 +12,7 @@ page (401: the credential is no good; 404: no such session) stays an error.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -53,7 +53,8 @@ def stream_aware(
     """The store-unavailable handler, but a browser's stream gets a retry instead of a 503."""
 
     def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-        if wants_event_stream(request) and request.url.path.endswith("/stream"):
+        route = request.scope.get("route_handler")
+        if wants_event_stream(request) and route is not None and route.opt.get("sse"):
             logger.warning("store unreachable; stream client told to come back: %s", exc)
             return come_back_later(
                 request.path_params.get("sid"),
@@ -77,11 +78,11 @@ async def until_expiry(chunks: AsyncIterator[bytes], grant: Grant) -> AsyncItera
                 payload = {
                     "type": "grant_expired",
                     "session_id": grant.session_id,
-                    "detail": "the stream token expired; mint a new one and resume with ?after=",
+                    "detail": "this credential expired; get a new one and resume with ?after=",
                 }
                 yield sse_frame("grant_expired", msgspec.json.encode(payload), None)
                 return
     finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        # Closing the stream's own generator runs its cleanup now, not at GC.
+        if isinstance(chunks, AsyncGenerator):
+            await chunks.aclose()

@@ -40,7 +40,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     stream_grant_seconds: int = 14_400
     grant_seconds: int = 3600
     grant_max_seconds: int = 43_200
-    stream_connects_per_minute: int = 120
+    stream_connects_per_minute: int = 600
     cors_origins: str = ""
     public_url: str = ""
     idempotency_seconds: int = 86_400
