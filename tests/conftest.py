@@ -25,6 +25,8 @@ from fake_llm import FakeLLM
 from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+# Chromium, the page server and the stack of the browser tests.
+pytest_plugins = ("browser",)
 ALPHA_KEY = "alpha-key-0123456789abcdef"
 BETA_KEY = "beta-key-0123456789abcdef"
 ADMIN_KEY = "admin-key-0123456789abcdef"

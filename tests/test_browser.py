@@ -1,62 +1,20 @@
-"""A page on another origin, in a real Chromium, against real API and worker processes.
-
-One browser and one stack for the module: CORS allows the page server's
-origin; stream tokens open their stream by URL for 20 s and resume it for
-3 minutes (short, so the test of a restart after the token's first minute
-fits in the run). The page follows sessions with a bare `EventSource`, as a
-front-end developer would write it, with no reconnect logic of its own.
+"""A page on another origin, in a real Chromium, against real API and worker processes
+(the browser and the stack: tests/browser.py). The page follows sessions with a
+bare `EventSource`, as a front-end developer would write it, with no reconnect
+logic of its own.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import redis
-from browser import FOLLOWER_PAGE, PageServer, chromium, wait_until
+from browser import PageServer, Veteran, received, seq_events, stored_events, wait_until
 from conftest import ALPHA_KEY, Stack, nginx_proxy
-from helpers import StreamReader, new_session, text_message
+from helpers import new_session, text_message
 from playwright.sync_api import Browser, Page
-
-OPENS_FOR = 20
-GRANT_LIFETIME = 180
-
-
-@pytest.fixture(scope="module")
-def pages() -> Iterator[dict[str, PageServer]]:
-    allowed, other = PageServer(FOLLOWER_PAGE), PageServer(FOLLOWER_PAGE)
-    yield {"allowed": allowed, "other": other}
-    allowed.close()
-    other.close()
-
-
-@pytest.fixture(scope="module")
-def web(redis_url: str, pages: dict[str, PageServer]) -> Iterator[Stack]:
-    url = redis_url.rsplit("/", 1)[0] + "/14"
-    redis.Redis.from_url(url).flushdb()
-    workdir = Path(tempfile.mkdtemp(prefix="sandstream-browser-"))
-    env = {
-        "SANDSTREAM_CORS_ORIGINS": pages["allowed"].origin,
-        "SANDSTREAM_STREAM_TOKEN_SECONDS": str(OPENS_FOR),
-        "SANDSTREAM_STREAM_GRANT_SECONDS": str(GRANT_LIFETIME),
-        "SANDSTREAM_KEEPALIVE_SECONDS": "2",
-    }
-    running = Stack(url, workdir, env)
-    yield running
-    running.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as launched:
-        yield launched
 
 
 @pytest.fixture
@@ -65,49 +23,18 @@ def client(web: Stack) -> Iterator[httpx.Client]:
         yield http
 
 
-class Veteran:
-    """A page that started following a session when the module began, so that
-    by the last test its stream token is past its first minute."""
-
-    def __init__(self, page: Page, sid: str, minted_at: float) -> None:
-        self.page, self.sid, self.minted_at = page, sid, minted_at
-
-
 @pytest.fixture(scope="module", autouse=True)
-def veteran(web: Stack, browser: Browser, pages: dict[str, PageServer]) -> Iterator[Veteran]:
-    with web.client() as client:
-        sid = new_session(client)
-        minted_at = time.time()
-        stream_url = client.post(f"/sessions/{sid}/stream-token").json()["stream_url"]
-    page = browser.new_page()
-    page.goto(pages["allowed"].origin)
-    page.evaluate("url => follow(url)", stream_url)
-    wait_until(lambda: page.evaluate("opens") >= 1, 10, "the veteran page's stream")
-    yield Veteran(page, sid, minted_at)
-    page.close()
-
-
-def _received(page: Page, event: str | None = None) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = page.evaluate("received")
-    return [e for e in events if event is None or e["event"] == event]
+def _veteran_starts_now(veteran: Veteran) -> None:
+    """The long-lived page (tests/test_page_lifetime.py) starts with these tests."""
 
 
 def _wait_count(page: Page, event: str, count: int, timeout: float) -> None:
-    wait_until(lambda: len(_received(page, event)) >= count, timeout, f"{count} {event}")
+    wait_until(lambda: len(received(page, event)) >= count, timeout, f"{count} {event}")
 
 
 def _follow(page: Page, url: str) -> None:
     page.evaluate("url => follow(url)", url)
     wait_until(lambda: page.evaluate("opens") >= 1, 10, "the page's stream to open")
-
-
-def _stored_events(client: httpx.Client, sid: str, turns: int) -> list[tuple[int, str]]:
-    replay = StreamReader(client, sid, until=turns, params={"after": "0"}).join()
-    return [(e["seq"], e["_event"]) for e in replay]
-
-
-def _seq_events(page: Page) -> list[tuple[int, str]]:
-    return [(e["data"]["seq"], e["event"]) for e in _received(page) if "seq" in e["data"]]
 
 
 def test_page_on_another_origin_follows_a_tool_turn_live_in_seq_order(
@@ -122,17 +49,17 @@ def test_page_on_another_origin_follows_a_tool_turn_live_in_seq_order(
     _follow(page, minted["stream_url"])
     reply = client.post(f"/sessions/{sid}/messages", json=text_message("run: echo live; sleep 1"))
     assert reply.status_code == 200, reply.text
-    wait_until(lambda: _received(page, "session_completed"), 15, "the turn's end on the page")
-    events = _received(page)
+    wait_until(lambda: received(page, "session_completed"), 15, "the turn's end on the page")
+    events = received(page)
     seqs = [e["data"]["seq"] for e in events]
     assert seqs == list(range(1, len(seqs) + 1))
     assert [e["id"] for e in events] == [str(s) for s in seqs]
-    assert _seq_events(page) == _stored_events(client, sid, 1)
-    started = _received(page, "tool_use_start")[0]["at"]
-    result = _received(page, "tool_result")[0]
+    assert seq_events(page) == stored_events(client, sid, 1)
+    started = received(page, "tool_use_start")[0]["at"]
+    result = received(page, "tool_result")[0]
     assert result["data"]["content"] == "live\n"
     # Live: the tool call was on the page while the command still ran.
-    assert _received(page, "session_completed")[0]["at"] - started > 800
+    assert received(page, "session_completed")[0]["at"] - started > 800
     page.close()
 
 
@@ -224,33 +151,10 @@ def test_rolling_restart_behind_nginx_loses_and_repeats_nothing(
             assert last.status_code == 200, last.text
         _wait_count(page, "session_completed", 3, 15)
         assert page.evaluate("source.readyState") != 2  # never gave up
-        assert len(_received(page, "reconnect")) >= 1  # its replica told it to go elsewhere
+        assert len(received(page, "reconnect")) >= 1  # its replica told it to go elsewhere
         assert page.evaluate("opens") >= 2
-        got = _seq_events(page)
+        got = seq_events(page)
         assert [seq for seq, _ in got] == list(range(1, len(got) + 1))
-        assert got == _stored_events(client, sid, 3)
+        assert got == stored_events(client, sid, 3)
         page.close()
     assert minted["token"] not in log.read_text()
-
-
-def test_page_survives_an_api_restart_after_the_tokens_first_minute(
-    web: Stack, client: httpx.Client, veteran: Veteran
-) -> None:
-    page, sid = veteran.page, veteran.sid
-    # Time itself is what this test is about: the token must be past its
-    # opening window and its first minute, as an old page's is after a deploy.
-    time.sleep(max(0.0, veteran.minted_at + 61 - time.time()))
-    opened = page.evaluate("opens")
-    web.restart_api()
-    wait_until(lambda: page.evaluate("opens") > opened, 20, "the page to reconnect")
-    assert time.time() - veteran.minted_at > 60
-    reply = client.post(f"/sessions/{sid}/messages", json=text_message("run: echo still here"))
-    assert reply.status_code == 200, reply.text
-    wait_until(lambda: _received(page, "session_completed"), 15, "the turn on the old page")
-    assert page.evaluate("source.readyState") == 1
-    assert _received(page, "tool_result")[0]["data"]["content"] == "still here\n"
-    got = _seq_events(page)
-    assert got == _stored_events(client, sid, 1)
-    # The page resumed with the same token; its URL alone no longer opens the stream.
-    url = page.evaluate("source.url")
-    assert httpx.get(url, timeout=10).status_code == 401

@@ -1,38 +1,17 @@
 """The console at /console and the docs at /docs, in a real Chromium, against real
-API and worker processes. Screenshots go to build/screenshots/."""
+API and worker processes (tests/browser.py). Screenshots go to build/screenshots/."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
-from browser import chromium, screenshot, wait_until
+from browser import screenshot, wait_until
 from conftest import ADMIN_KEY, ALPHA_KEY, Stack
 from helpers import new_session, text_message
 from playwright.sync_api import Browser
-
-
-@pytest.fixture(scope="module")
-def web(redis_url: str) -> Iterator[Stack]:
-    url = redis_url.rsplit("/", 1)[0] + "/13"
-    redis.Redis.from_url(url).flushdb()
-    workdir = Path(tempfile.mkdtemp(prefix="sandstream-console-"))
-    running = Stack(url, workdir, {"SANDSTREAM_KEEPALIVE_SECONDS": "2"})
-    yield running
-    running.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as launched:
-        yield launched
 
 
 @pytest.fixture

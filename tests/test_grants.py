@@ -324,3 +324,16 @@ def test_a_browser_stream_is_told_to_come_back_while_the_store_is_down(
     # A client that did not ask for an event stream gets the plain 503.
     plain = httpx.get(f"{stack.base_url}/api/v1/sessions/{sid}/stream", params={"token": token})
     assert plain.status_code == 503
+
+
+def test_stream_tokens_never_reach_the_logs(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(log_level="DEBUG", access_log="true")
+    with stack.client() as client:
+        sid = new_session(client)
+        token = client.post(f"/sessions/{sid}/stream-token").json()["token"]
+    _open_stream(stack.base_url, sid, token)
+    httpx.get(f"{stack.base_url}/api/v1/sessions/{sid}/stream", params={"token": "sst_wrong1234"})
+    stack.api.stop()  # flushes its log
+    log = stack.api.log.read_text()
+    assert "token=[redacted]" in log  # the access log did print those requests
+    assert token not in log and "sst_wrong1234" not in log

@@ -363,7 +363,10 @@ class SessionView {
       }
       return;
     }
-    if (!this.live || this.live.turnId !== event.turn_id) await this.beginTurn(event.turn_id);
+    if (!this.live || this.live.turnId !== event.turn_id) {
+      await this.beginTurn(event.turn_id);
+      if (!this.live) return; // it ended meanwhile: the history has it whole
+    }
     const live = this.live;
     switch (type) {
       case "text_delta":
@@ -396,6 +399,7 @@ class SessionView {
   async beginTurn(turnId) {
     this.live = null;
     await this.refresh(); // brings in the user message that started the turn
+    if (this.done.has(turnId)) return;
     const node = el(
       "div",
       { className: "msg assistant live", dataset: { role: "assistant", turnId } },
