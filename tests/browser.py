@@ -3,10 +3,13 @@ the stack they run against (a pytest plugin, loaded by conftest).
 
 Playwright (from PyPI) drives Debian's `chromium` (scripts/ensure-tools.sh
 installs it); it never downloads a browser of its own. The flags keep Chromium
-off the network it would otherwise call home to. One browser and one stack
-serve every browser test of a run: CORS allows the page server's origin, and
-stream tokens open their stream by URL for 20 s and resume it for 3 minutes
-(short, so that a page past its token's first minute is seen within the run).
+off the network it would otherwise call home to. One stack serves every
+browser test of a run: CORS allows the page server's origin, and stream tokens
+open their stream by URL for 20 s and resume it for 3 minutes (short, so that a
+page past its token's first minute is seen within the run). Each module has
+one browser of its own: Playwright's sync API runs an event
+loop on the main thread while a browser is open, which later tests that use
+`asyncio.run` must not find.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import httpx
 import pytest
 import redis
 from conftest import ROOT, Stack
-from helpers import StreamReader, new_session
+from helpers import StreamReader
 from playwright.sync_api import Browser, Page, sync_playwright
 
 SCREENSHOTS = ROOT / "build" / "screenshots"
@@ -124,12 +127,6 @@ window.follow = (url) => {
 
 
 @pytest.fixture(scope="session")
-def browser() -> Iterator[Browser]:
-    with chromium() as launched:
-        yield launched
-
-
-@pytest.fixture(scope="session")
 def pages() -> Iterator[dict[str, PageServer]]:
     """Two other origins: one the API allows, one it does not."""
     allowed, other = PageServer(FOLLOWER_PAGE), PageServer(FOLLOWER_PAGE)
@@ -155,29 +152,6 @@ def web(redis_url: str, pages: dict[str, PageServer]) -> Iterator[Stack]:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-class Veteran:
-    """A page that started following a session with the first browser test, so
-    that by the time its own test runs its stream token is past its first minute
-    (and through every API restart the tests in between make)."""
-
-    def __init__(self, page: Page, sid: str, minted_at: float) -> None:
-        self.page, self.sid, self.minted_at = page, sid, minted_at
-
-
-@pytest.fixture(scope="session")
-def veteran(web: Stack, browser: Browser, pages: dict[str, PageServer]) -> Iterator[Veteran]:
-    with web.client() as client:
-        sid = new_session(client)
-        minted_at = time.time()
-        stream_url = client.post(f"/sessions/{sid}/stream-token").json()["stream_url"]
-    page = browser.new_page()
-    page.goto(pages["allowed"].origin)
-    page.evaluate("url => follow(url)", stream_url)
-    wait_until(lambda: page.evaluate("opens") >= 1, 10, "the veteran page's stream")
-    yield Veteran(page, sid, minted_at)
-    page.close()
-
-
 def received(page: Page, event: str | None = None) -> list[dict[str, Any]]:
     """What a FOLLOWER_PAGE got, optionally of one event type."""
     events: list[dict[str, Any]] = page.evaluate("received")
@@ -192,3 +166,78 @@ def stored_events(client: httpx.Client, sid: str, turns: int) -> list[tuple[int,
     """The session's log, as (seq, event) pairs, replayed from the start."""
     replay = StreamReader(client, sid, until=turns, params={"after": "0"}).join()
     return [(e["seq"], e["_event"]) for e in replay]
+
+
+class Console:
+    """A console tab; remembers every URL the page asked for."""
+
+    def __init__(self, browser: Browser, web: Stack) -> None:
+        self.web = web
+        self.page = browser.new_page(viewport={"width": 1200, "height": 800})
+        self.requests: list[str] = []
+        self.page.on("request", lambda request: self.requests.append(request.url))
+
+    def sign_in(self, key: str, fragment: str = "") -> None:
+        self.page.goto(f"{self.web.base_url}/console/{fragment}")
+        self.page.fill("#key", key)
+        self.page.click("#signin button[type=submit]")
+        self.page.wait_for_selector("#who:not(:empty)")
+
+    def open_session(self, sid: str) -> None:
+        self.page.evaluate("sid => { location.hash = `#/sessions/${sid}`; }", sid)
+        self.wait_connection("live")
+
+    def wait_connection(self, state: str) -> None:
+        self.page.wait_for_selector(f"body[data-connection={state}]", timeout=20_000)
+
+    def state(self) -> str:
+        return str(self.page.text_content("#state"))
+
+    def transcript(self) -> list[dict[str, Any]]:
+        shown: list[dict[str, Any]] = self.page.evaluate(TRANSCRIPT)
+        return shown
+
+    def seqs(self) -> list[int]:
+        seqs: list[int] = self.page.evaluate("window.sandstreamConsole.view.seqs")
+        return seqs
+
+    def only_same_origin(self) -> bool:
+        return all(url.startswith(self.web.base_url + "/") for url in self.requests)
+
+
+# What the console shows, in the shape of the stored messages.
+TRANSCRIPT = """() => [...document.querySelectorAll("#transcript .msg")].map((m) => ({
+  role: m.dataset.role,
+  live: m.classList.contains("live"),
+  blocks: [...m.querySelectorAll(":scope > .block")].map((b) => {
+    const type = b.dataset.type;
+    const pre = b.querySelector("pre");
+    if (type === "text") return {type, text: b.textContent};
+    if (type === "tool_use") return {type, id: b.dataset.id, name: b.dataset.name,
+                                     input: JSON.parse(pre.textContent || "null")};
+    if (type === "tool_result") return {type, tool_use_id: b.dataset.toolUseId,
+                                        content: pre.textContent,
+                                        is_error: b.dataset.isError === "true"};
+    return {type};
+  }),
+}))"""
+
+
+def stored_transcript(client: httpx.Client, sid: str) -> list[dict[str, Any]]:
+    def block(b: dict[str, Any]) -> dict[str, Any]:
+        if b["type"] == "text":
+            return {"type": "text", "text": b["text"]}
+        if b["type"] == "tool_use":
+            return {"type": "tool_use", "id": b["id"], "name": b["name"], "input": b["input"]}
+        return {
+            "type": "tool_result",
+            "tool_use_id": b["tool_use_id"],
+            "content": b["content"],
+            "is_error": b["is_error"],
+        }
+
+    messages = client.get(f"/sessions/{sid}").json()["messages"]
+    return [
+        {"role": m["role"], "live": False, "blocks": [block(b) for b in m["content"]]}
+        for m in messages
+    ]
