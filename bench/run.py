@@ -25,9 +25,10 @@ from shared import keys
 from shared.models import Message, TextBlock, new_id, now_rfc3339
 from shared.queue import connect, deserialize_job_data
 from shared.settings import Settings
+from shared.sandbox.confinement import Confinement, SandboxSpec
+from shared.sandbox.handle import OpenSandbox
+from shared.sandbox.workspace import prepare_workspace
 from shared.store import SessionStore
-from shared.workspace import create_workspace
-from worker.isolation import Isolation
 from worker.providers.demo import DemoProvider
 from worker.turn import TurnRunner
 
@@ -145,7 +146,9 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
         store = SessionStore(client)
         settings = Settings(sandbox_root=str(Path("/tmp") / "sandstream-bench-floor"))
         sandbox = await store.create_sandbox("bench", {})
-        workspace = create_workspace(settings.sandbox_root, sandbox.id)
+        workspace = prepare_workspace(settings.sandbox_root, sandbox.id, None, None)
+        spec = SandboxSpec(sandbox_id=sandbox.id, workspace=workspace, uid=None, network=False)
+        unconfined = Confinement(kind="none", settings=settings)
         session = await store.create_session("bench", sandbox.id, {}, settings.default_agent())
         samples = []
         for i in range(turns + 10):
@@ -167,8 +170,7 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
                 settings=settings,
                 provider=DemoProvider(),
                 agent=settings.default_agent(),
-                isolation=Isolation(kind="none"),
-                sandbox=(workspace, False),
+                sandbox=OpenSandbox(unconfined, spec, file_timeout=5),
                 worker_id="bench",
                 session_id=session.id,
                 sandbox_id=sandbox.id,

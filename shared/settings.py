@@ -62,6 +62,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     sandbox_memory_bytes: int = 1 << 30
     sandbox_max_processes: int = 256
     sandbox_file_bytes: int = 256 << 20
+    sandbox_cpus: float = 1.0
+    sandbox_disk_bytes: int = 1 << 30
+    sandbox_disk_inodes: int = 100_000
+    sandbox_network_deny: str = ""
     # worker
     worker_max_jobs: int = 20
     worker_drain_seconds: int = 10

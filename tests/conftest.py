@@ -7,6 +7,7 @@ machine's own Redis on 6379 is never touched.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +23,11 @@ import httpx
 import pytest
 import redis
 from fake_llm import FakeLLM
-from helpers import free_port
+from helpers import Box, free_port
+
+from shared.sandbox.confinement import Confinement, SandboxSpec
+from shared.sandbox.workspace import prepare_workspace
+from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ALPHA_KEY = "alpha-key-0123456789abcdef"
@@ -296,3 +302,36 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path)
     yield server
     server.stop()
+
+
+# ---- sandboxes without the service ------------------------------------------------
+
+CONFINEMENT_KINDS = ["none"] + (["bubblewrap"] if shutil.which("bwrap") else [])
+# Uids for sandboxes made by tests, far from any a stack hands out.
+_test_uids = itertools.count(390_000 + os.getpid() % 1000 * 100)
+
+
+@pytest.fixture(scope="session")
+def confinements(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Confinement]]:
+    """Each kind of confinement this machine offers, detected as a worker would."""
+    settings = Settings(sandbox_root=str(tmp_path_factory.mktemp("boxes")))
+    found = {"none": Confinement(kind="none", settings=settings)}
+    if "bubblewrap" in CONFINEMENT_KINDS:
+        found["bubblewrap"] = Confinement.detect(settings, "tests", networks=False)
+    yield found
+    for confinement in found.values():
+        if confinement.cgroups is not None:
+            confinement.cgroups.close()
+
+
+@pytest.fixture(params=CONFINEMENT_KINDS)
+def box(
+    request: pytest.FixtureRequest, tmp_path: Path, confinements: dict[str, Confinement]
+) -> Box:
+    """A fresh sandbox under each kind of confinement (its own uid under bubblewrap)."""
+    confinement = confinements[request.param]
+    sandbox_id = str(uuid.uuid4())
+    uid = next(_test_uids) if confinement.privileged else None
+    workspace = prepare_workspace(str(tmp_path / "root"), sandbox_id, uid, None)
+    spec = SandboxSpec(sandbox_id=sandbox_id, workspace=workspace, uid=uid, network=False)
+    return Box(confinement, spec)
