@@ -24,10 +24,10 @@ from bench.sse_clients import bare_sse_server, open_streams
 from shared import keys
 from shared.models import Message, TextBlock, new_id, now_rfc3339
 from shared.queue import connect, deserialize_job_data
-from shared.settings import Settings
 from shared.sandbox.confinement import Confinement, SandboxSpec
 from shared.sandbox.handle import OpenSandbox
 from shared.sandbox.workspace import prepare_workspace
+from shared.settings import Settings
 from shared.store import SessionStore
 from worker.providers.demo import DemoProvider
 from worker.turn import TurnRunner
