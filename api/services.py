@@ -78,6 +78,8 @@ async def decode_body(request: Request[Any, Any, Any], kind: type[T], *, empty_o
         return msgspec.json.decode(raw, type=kind)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise invalid_body(exc) from None
+    except RecursionError:
+        raise Problem(422, "invalid_body", "the body nests too deeply", field="$") from None
 
 
 def page_limit(limit: int | None, settings: Settings) -> int:

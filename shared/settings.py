@@ -35,6 +35,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     access_log: bool = False
     # HTTP limits
     max_body_bytes: int = 10 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
     send_wait_seconds: float = 300.0
     interrupt_wait_seconds: float = 5.0
     keepalive_seconds: float = 15.0
