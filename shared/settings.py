@@ -18,6 +18,8 @@ PREFIX = "SANDSTREAM_"
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password: str = ""  # when the URL carries none
+    redis_tls_ca_file: str = ""  # verifies a rediss:// server's certificate
     host: str = "127.0.0.1"
     port: int = 8000
     api_workers: int = 1

@@ -265,24 +265,56 @@ def make_stack(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Stack]]
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    """A redis-server of a test's own, optionally requiring a password (given on
+    stdin, as the shipped configurations do) and extra config lines."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        password: str = "",
+        config: str = "",
+        tls_ca: Path | None = None,
+        username: str | None = None,
+    ) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.username = username
+        self.password = password
+        self.config = config
+        self.tls_ca = tls_ca  # TLS only, clients verifying the server with this CA
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
+    def client(self) -> redis.Redis:
+        if self.tls_ca is not None:
+            return redis.Redis(
+                port=self.port,
+                password=self.password or None,
+                ssl=True,
+                ssl_ca_certs=str(self.tls_ca),
+            )
+        return redis.Redis(port=self.port, username=self.username, password=self.password or None)
+
     def start(self) -> None:
         binary = shutil.which("redis-server") or "redis-server"
+        ports = ["port 0", f"tls-port {self.port}"] if self.tls_ca else [f"port {self.port}"]
+        lines = [*ports, "bind 127.0.0.1", 'save ""', "appendonly no"]
+        if self.password and self.username is None:
+            lines.append(f"requirepass {self.password}")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--save", "", "--appendonly", "no"],
+            [binary, "-"],
             cwd=self.workdir,
+            stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
         )
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(("\n".join(lines) + "\n" + self.config).encode())
+        self.proc.stdin.close()
         deadline = time.monotonic() + 10
         while True:
             try:
-                redis.Redis.from_url(self.url).ping()
+                self.client().ping()
                 return
             except redis.ConnectionError:
                 assert time.monotonic() < deadline

@@ -27,7 +27,14 @@ from shared import events as ev
 from shared import keys
 from shared.logs import bound
 from shared.models import is_uuid, new_id, now_rfc3339
-from shared.queue import TURN_FUNCTION, TurnJob, connect, deserialize_job_data, serialize_job_data
+from shared.queue import (
+    TURN_FUNCTION,
+    TurnJob,
+    connect,
+    deserialize_job_data,
+    serialize_job_data,
+    warn_if_unauthenticated,
+)
 from shared.sandbox.confinement import Confinement, SandboxSpec
 from shared.sandbox.handle import OpenSandbox, SandboxRefused
 from shared.sandbox.network import forget_dead_namespaces
@@ -286,12 +293,13 @@ async def run_turn(ctx: dict[str, Any], payload: Any) -> str:
 
 
 async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRuntime]:
-    redis = await connect(settings.redis_url)
+    redis = await connect(settings.redis_url, settings.redis_password, settings.redis_tls_ca_file)
     runtime = WorkerRuntime(redis, settings)
     reaper: list[asyncio.Task[None]] = []
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["runtime"] = runtime
+        warn_if_unauthenticated(settings.redis_url, settings.redis_password, logger)
         reaper.append(asyncio.create_task(runtime.reap_forever()))
         reaper.append(asyncio.create_task(runtime.heartbeat_forever()))
         logger.info(
