@@ -40,13 +40,13 @@ SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 WORKSPACE_MOUNT = "/workspace"
 FILESERVER_MOUNT = "/run/sandstream/fileserver.py"
 # The parts of /etc a shell and common tools need; the rest (service config,
-# keys) stays out of the sandbox.
+# keys, the host's users) stays out of the sandbox. `passwd` and `group` are
+# made for the sandbox: its own user, and no names of the host's.
 _ETC_ENTRIES = (
     "alternatives",
     "bash.bashrc",
     "ca-certificates",
     "ca-certificates.conf",
-    "group",
     "host.conf",
     "hostname",
     "hosts",
@@ -58,7 +58,6 @@ _ETC_ENTRIES = (
     "mime.types",
     "nsswitch.conf",
     "os-release",
-    "passwd",
     "profile",
     "protocols",
     "resolv.conf",
@@ -264,7 +263,9 @@ class Confinement:
             if netns is None:
                 argv.append("--unshare-net")
         argv += ["--die-with-parent", "--new-session"]
-        argv += self._filesystem(spec, netns is not None, file_service)
+        fds: list[int] = []
+        argv += self._filesystem(spec, netns is not None, file_service, fds)
+        argv += _users(uid if uid is not None else os.geteuid(), fds)
         argv += ["--chdir", WORKSPACE_MOUNT, "--clearenv"]
         for name, value in (
             ("PATH", SAFE_PATH),
@@ -273,10 +274,9 @@ class Confinement:
             ("TERM", "dumb"),
         ):
             argv += ["--setenv", name, value]
-        pass_fds: tuple[int, ...] = ()
         if self.seccomp is not None:
-            pass_fds = (_program_fd(self.seccomp),)
-            argv += ["--seccomp", str(pass_fds[0])]
+            fds.append(_data_fd(self.seccomp))
+            argv += ["--seccomp", str(fds[-1])]
         argv.append("--")
         if uid is not None:
             argv += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
@@ -284,9 +284,12 @@ class Confinement:
         if file_service:
             inner = [self.python, "-I", "-S", "-B", FILESERVER_MOUNT, WORKSPACE_MOUNT]
         argv += inner
-        return Launch(argv=argv, env={"PATH": SAFE_PATH}, cwd=spec.workspace, pass_fds=pass_fds)
+        env = {"PATH": SAFE_PATH}
+        return Launch(argv=argv, env=env, cwd=spec.workspace, pass_fds=tuple(fds))
 
-    def _filesystem(self, spec: SandboxSpec, networked: bool, file_service: bool) -> list[str]:
+    def _filesystem(
+        self, spec: SandboxSpec, networked: bool, file_service: bool, fds: list[int]
+    ) -> list[str]:
         argv: list[str] = []
         for directory in _SYSTEM_DIRS:
             path = Path(directory)
@@ -330,11 +333,28 @@ def _directories_to(path: str) -> list[str]:
     return argv
 
 
-def _program_fd(program: bytes) -> int:
-    """A pipe holding the seccomp program, for bubblewrap to read once."""
+def _users(uid: int, fds: list[int]) -> list[str]:
+    """/etc/passwd and /etc/group naming the sandbox's own user (`whoami` works,
+    and nothing of the host's users shows)."""
+    passwd = (
+        "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+        f"sandbox:x:{uid}:{uid}:sandbox:{WORKSPACE_MOUNT}:/bin/bash\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+    )
+    group = f"root:x:0:\nsandbox:x:{uid}:\nnogroup:x:65534:\n"
+    argv: list[str] = []
+    for path, text in (("/etc/passwd", passwd), ("/etc/group", group)):
+        fds.append(_data_fd(text.encode()))
+        argv += ["--perms", "0644", "--ro-bind-data", str(fds[-1]), path]
+    return argv
+
+
+def _data_fd(data: bytes) -> int:
+    """A pipe holding `data` (the seccomp program, a generated file), for
+    bubblewrap to read once."""
     read_end, write_end = os.pipe()
     try:
-        os.write(write_end, program)  # a few hundred bytes: well within a pipe's buffer
+        os.write(write_end, data)  # a few hundred bytes: well within a pipe's buffer
     finally:
         os.close(write_end)
     return read_end
