@@ -18,6 +18,7 @@ import httpx
 import redis
 from arq.jobs import Job
 
+from bench.file_tools import bench_file_tools
 from bench.harness import AUTH, percentile, private_redis, service
 from bench.http_load import Connection, prepare
 from bench.sse_clients import bare_sse_server, open_streams
@@ -319,14 +320,25 @@ def bench_idle(redis_url: str, seconds: float) -> None:
     table(f"4. idle cost, Redis commands/s over {seconds:g} s", ["", "commands/s"], rows)
 
 
+# ---- 5. file tools -----------------------------------------------------------------
+
+
+def bench_files(calls: int) -> None:
+    table(
+        f"5. file tools: {calls} read_file calls of an 8 KiB file, after the first",
+        ["", "first call ms", "p50 ms", "p99 ms"],
+        bench_file_tools(calls),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument("--streams", default="1000", help="comma-separated stream counts")
     parser.add_argument(
         "--only",
-        default="latency,throughput,fanout,idle",
-        help="comma-separated benchmarks to run (latency, throughput, fanout, idle)",
+        default="latency,throughput,fanout,idle,files",
+        help="comma-separated benchmarks to run (latency, throughput, fanout, idle, files)",
     )
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -341,6 +353,8 @@ def main() -> None:
             bench_fanout(url, counts)
         if "idle" in only:
             bench_idle(url, idle)
+    if "files" in only:
+        bench_files(20 if args.quick else 200)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ def test_bench_quick_run_prints_every_table() -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for title in ("1. blocking send", "2. throughput", "3. SSE fan-out", "4. idle cost"):
+    for title in (
+        "1. blocking send",
+        "2. throughput",
+        "3. SSE fan-out",
+        "4. idle cost",
+        "5. file tools",
+    ):
         assert title in result.stdout
     assert "bare Litestar SSE" in result.stdout and "naive: arq" in result.stdout
