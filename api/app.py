@@ -51,6 +51,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             restore()
             await hub.stop()
             await redis.aclose()
+            confinement = app.state.services.confinement
+            if confinement.cgroups is not None:
+                confinement.cgroups.close()
 
     return Litestar(
         route_handlers=[
