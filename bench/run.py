@@ -18,6 +18,7 @@ import httpx
 import redis
 from arq.jobs import Job
 
+from bench import streaming
 from bench.file_tools import bench_file_tools
 from bench.harness import AUTH, percentile, private_redis, service
 from bench.http_load import Connection, prepare
@@ -331,14 +332,30 @@ def bench_files(calls: int) -> None:
     )
 
 
+# ---- 6. streaming at scale ------------------------------------------------------------
+
+
+def bench_stream(redis_url: str, counts: list[int], chunks: int, interval: float) -> None:
+    table(
+        f"6. streaming: N turns at once, each a model stream of {chunks} chunks, one per "
+        f"{interval * 1000:g} ms; 1 API + 1 worker",
+        streaming.HEADER,
+        streaming.bench_streaming(redis_url, counts, ["openai", "anthropic"], chunks, interval),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument("--streams", default="1000", help="comma-separated stream counts")
     parser.add_argument(
         "--only",
-        default="latency,throughput,fanout,idle,files",
-        help="comma-separated benchmarks to run (latency, throughput, fanout, idle, files)",
+        default="latency,throughput,fanout,idle,files,streaming",
+        help="comma-separated benchmarks to run "
+        "(latency, throughput, fanout, idle, files, streaming)",
+    )
+    parser.add_argument(
+        "--turns", default="20,200,500", help="comma-separated concurrent streaming turns"
     )
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -353,6 +370,11 @@ def main() -> None:
             bench_fanout(url, counts)
         if "idle" in only:
             bench_idle(url, idle)
+        if "streaming" in only:
+            if args.quick:
+                bench_stream(url, [10], 20, 0.02)
+            else:
+                bench_stream(url, [int(n) for n in args.turns.split(",")], 100, 0.02)
     if "files" in only:
         bench_files(20 if args.quick else 200)
 

@@ -24,6 +24,10 @@ def test_bench_quick_run_prints_every_table() -> None:
         "3. SSE fan-out",
         "4. idle cost",
         "5. file tools",
+        "6. streaming",
     ):
         assert title in result.stdout
     assert "bare Litestar SSE" in result.stdout and "naive: arq" in result.stdout
+    streaming = result.stdout.split("6. streaming", 1)[1].splitlines()
+    rows = [line for line in streaming if line.startswith("10 turns")]
+    assert len(rows) == 2 and all(line.rstrip().endswith("yes") for line in rows), streaming

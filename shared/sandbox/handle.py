@@ -1,7 +1,7 @@
 """OpenSandbox: a sandbox as one turn uses it, and everything that lives as long.
 
-Opening takes the sandbox's cgroup in this process; the private network (for a
-network sandbox) and the file service start when first needed. Closing ends
+The sandbox's cgroup in this process, its private network (for a network
+sandbox) and its file service are all taken when first needed. Closing ends
 them all, whatever state they are in: a turn's end, an interrupt and a worker
 that fences itself off all close the same way, so nothing of a turn outlives it.
 """
@@ -25,8 +25,6 @@ class OpenSandbox:
         self.confinement = confinement
         self.spec = spec
         self._cgroup: SandboxCgroup | None = None
-        if confinement.kind == "bubblewrap" and confinement.cgroups is not None:
-            self._cgroup = confinement.cgroups.acquire(spec.sandbox_id)
         self._network: PrivateNetwork | None = None
         self._network_lock = asyncio.Lock()
         self.files = FileClient(self._spawn_file_service, timeout=file_timeout)
@@ -38,7 +36,7 @@ class OpenSandbox:
         launch = self.confinement.launch(
             self.spec,
             ["/bin/bash", "-c", command],
-            cgroup=self._cgroup,
+            cgroup=self._joined_cgroup(),
             netns=netns,
             cpu_seconds=max(1, math.ceil(timeout)),
         )
@@ -49,6 +47,13 @@ class OpenSandbox:
         if self.confinement.quota is not None and "Disk quota exceeded" in result.output:
             result.walls.append("disk")
         return result
+
+    def _joined_cgroup(self) -> SandboxCgroup | None:
+        """The sandbox's cgroup, taken on first use (a turn without tools needs none)."""
+        cgroups = self.confinement.cgroups
+        if self._cgroup is None and cgroups is not None and self.confinement.kind == "bubblewrap":
+            self._cgroup = cgroups.acquire(self.spec.sandbox_id)
+        return self._cgroup
 
     async def _network_path(self) -> str | None:
         if not self.spec.network or self.confinement.kind != "bubblewrap":
@@ -62,7 +67,9 @@ class OpenSandbox:
         return self._network.path
 
     async def _spawn_file_service(self) -> asyncio.subprocess.Process:
-        launch = self.confinement.launch(self.spec, [], cgroup=self._cgroup, file_service=True)
+        launch = self.confinement.launch(
+            self.spec, [], cgroup=self._joined_cgroup(), file_service=True
+        )
         return await spawn(
             launch,
             stdin=asyncio.subprocess.PIPE,
