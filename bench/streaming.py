@@ -142,7 +142,10 @@ def measure(redis_url: str, model: str, wire: str, count: int) -> Run:
         ANTHROPIC_BASE_URL=model,
         ANTHROPIC_API_KEY="paced-key",
     )
-    with service(redis_url, worker_max_jobs=str(max(count, 20))) as svc:
+    # The model is the service's default, so its SDK is loaded at start-up, as
+    # in a deployment that uses it.
+    settings = {"provider": wire, "model": "paced", "worker_max_jobs": str(max(count, 20))}
+    with service(redis_url, **settings) as svc:
         with httpx.Client(base_url=svc.base + "/api/v1", headers=AUTH, timeout=60) as client:
             sandbox = client.post("/sandboxes", json={}).json()["id"]
             agent = {"provider": wire, "model": "paced"}

@@ -87,7 +87,7 @@ class WorkerRuntime:
             return False
         agent = started.agent or self.settings.default_agent()
         try:
-            provider = self.providers.get(agent)
+            provider = await self.providers.get(agent)
             spec = await self._sandbox(started.sandbox_id)
         except (ProviderError, SandboxRefused) as exc:
             error = (
@@ -300,6 +300,7 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["runtime"] = runtime
         warn_if_unauthenticated(settings.redis_url, settings.redis_password, logger)
+        await runtime.providers.warm()
         reaper.append(asyncio.create_task(runtime.reap_forever()))
         reaper.append(asyncio.create_task(runtime.heartbeat_forever()))
         logger.info(
