@@ -28,6 +28,7 @@ from worker.providers.base import (
     parse_arguments,
 )
 from worker.providers.sdk import guarded_stream, sse_batches, stream_cut
+from worker.providers.transport import lean_http_client
 from worker.tools import ToolSpec
 
 _STOP_REASONS: dict[str, ModelStop] = {"tool_use": "tool_use", "max_tokens": "max_tokens"}
@@ -144,26 +145,31 @@ class AnthropicProvider:
         self.model = model
         self.max_tokens = settings.max_output_tokens
         self.client = anthropic.AsyncAnthropic(
-            max_retries=settings.provider_max_retries, timeout=settings.provider_timeout_seconds
+            max_retries=settings.provider_max_retries,
+            timeout=settings.provider_timeout_seconds,
+            http_client=lean_http_client(settings.provider_timeout_seconds),
         )
         self._secrets = [os.environ.get("ANTHROPIC_API_KEY", "")]
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
-        params: dict[str, Any] = {
-            "model": self.model,
-            "max_tokens": self.max_tokens,
-            "messages": to_anthropic_messages(request.messages),
-            "stream": True,
-        }
+        body: dict[str, Any] = {"messages": to_anthropic_messages(request.messages)}
         if request.system:
-            params["system"] = request.system
+            body["system"] = request.system
         if request.tools:
-            params["tools"] = to_anthropic_tools(request.tools)
+            body["tools"] = to_anthropic_tools(request.tools)
+        # The conversation goes in `extra_body`, already in the wire format (see
+        # the OpenAI provider: the SDK's transform of it is most of a call's CPU).
         stream = guarded_stream(
             anthropic,
             "Anthropic",
             self._secrets,
-            lambda: self.client.messages.with_streaming_response.create(**params),
+            lambda: self.client.messages.with_streaming_response.create(
+                model=self.model,
+                max_tokens=self.max_tokens,
+                messages=[],
+                stream=True,
+                extra_body=body,
+            ),
             self._read,
         )
         async for item in stream:

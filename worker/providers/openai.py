@@ -29,6 +29,7 @@ from worker.providers.base import (
     parse_arguments,
 )
 from worker.providers.sdk import guarded_stream, sse_batches, stream_cut
+from worker.providers.transport import lean_http_client
 from worker.tools import ToolSpec
 
 _STOP_REASONS: dict[str, ModelStop] = {"tool_calls": "tool_use", "length": "max_tokens"}
@@ -158,25 +159,31 @@ class OpenAIProvider:
         self.model = model
         self.max_tokens = settings.max_output_tokens
         self.client = openai.AsyncOpenAI(
-            max_retries=settings.provider_max_retries, timeout=settings.provider_timeout_seconds
+            max_retries=settings.provider_max_retries,
+            timeout=settings.provider_timeout_seconds,
+            http_client=lean_http_client(settings.provider_timeout_seconds),
         )
         self._secrets = [os.environ.get("OPENAI_API_KEY", "")]
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
-        params: dict[str, Any] = {
-            "model": self.model,
+        body: dict[str, Any] = {
             "messages": to_openai_messages(request.system, request.messages),
             "max_tokens": self.max_tokens,
-            "stream": True,
             "stream_options": {"include_usage": True},
         }
         if request.tools:
-            params["tools"] = to_openai_tools(request.tools)
+            body["tools"] = to_openai_tools(request.tools)
+        # The conversation goes in `extra_body`, already in the wire format: the
+        # SDK would otherwise walk every message and tool schema, against its
+        # TypedDicts, on every model call (most of a call's CPU, growing with
+        # the history) to produce the same JSON.
         stream = guarded_stream(
             openai,
             "OpenAI",
             self._secrets,
-            lambda: self.client.chat.completions.with_streaming_response.create(**params),
+            lambda: self.client.chat.completions.with_streaming_response.create(
+                model=self.model, messages=[], stream=True, extra_body=body
+            ),
             self._read,
         )
         async for item in stream:
