@@ -50,6 +50,15 @@ def wait_state(client: httpx.Client, sid: str, state: str, timeout: float = 15) 
         time.sleep(0.05)
 
 
+def run_in_sandbox(client: httpx.Client, sid: str, command: str) -> dict[str, Any]:
+    """The tool_result of `command`, run by the demo agent in the session's sandbox."""
+    reply = client.post(f"/sessions/{sid}/messages", json=text_message(f"run: {command}"))
+    assert reply.status_code == 200, reply.text
+    result: dict[str, Any] = reply.json()["content"][1]
+    assert result["type"] == "tool_result"
+    return result
+
+
 def run_raw_job(redis_url: str, payload: Any, job_id: str) -> Any:
     """Queue a turn job with any payload, as arq would carry it, and return its result."""
 

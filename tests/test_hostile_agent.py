@@ -34,6 +34,7 @@ from conftest import (
     Stack,
 )
 from fake_llm import FakeLLM, Reply, openai_stream
+from helpers import run_in_sandbox as run
 from helpers import text_message
 
 pytestmark = pytest.mark.skipif(
@@ -106,15 +107,6 @@ def _session(client: httpx.Client, sandbox_id: str, agent: dict[str, Any] | None
     response = client.post(f"/sandboxes/{sandbox_id}/sessions", json=body)
     assert response.status_code == 201, response.text
     return str(response.json()["id"])
-
-
-def run(client: httpx.Client, sid: str, command: str) -> dict[str, Any]:
-    """The tool_result of `command`, run by the demo agent in the session's sandbox."""
-    reply = client.post(f"/sessions/{sid}/messages", json=text_message(f"run: {command}"))
-    assert reply.status_code == 200, reply.text
-    result: dict[str, Any] = reply.json()["content"][1]
-    assert result["type"] == "tool_result"
-    return result
 
 
 def scripted_turn(

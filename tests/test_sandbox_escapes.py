@@ -10,24 +10,14 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 import httpx
 import pytest
 from conftest import ANTHROPIC_TEST_KEY, Stack
-from helpers import text_message
+from helpers import run_in_sandbox as run
 
 pytestmark = pytest.mark.skipif(not shutil.which("bwrap"), reason="needs bubblewrap")
-
-
-def run(client: httpx.Client, sid: str, command: str) -> dict[str, Any]:
-    """The tool_result of `command`, run by the agent in the session's sandbox."""
-    reply = client.post(f"/sessions/{sid}/messages", json=text_message(f"run: {command}"))
-    assert reply.status_code == 200, reply.text
-    result: dict[str, Any] = reply.json()["content"][1]
-    assert result["type"] == "tool_result"
-    return result
 
 
 def test_writes_outside_the_workspace_fail(
