@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
+from api.http_limits import LimitedHttpToolsProtocol
 from shared.logs import configure_logging
 from shared.metrics import MULTIPROC_ENV
 from shared.settings import Settings
@@ -29,9 +30,10 @@ def _server_options(settings: Settings) -> dict[str, Any]:
         "log_level": settings.log_level.lower(),
         "log_config": None,  # uvicorn's lines go through our handler (text or JSON)
         "timeout_graceful_shutdown": 5,
-        # libuv's event loop and a C HTTP parser: less time per request and per event.
+        # libuv's event loop and a C HTTP parser: less time per request and per
+        # event; the parser's input is bounded by `api.http_limits`.
         "loop": "uvloop",
-        "http": "httptools",
+        "http": LimitedHttpToolsProtocol,
         # Longer than a load balancer's idle timeout (often 60 s), so the proxy,
         # not uvicorn, closes idle connections: no request lands on a closing one.
         "timeout_keep_alive": 75,

@@ -27,7 +27,7 @@ from api.services import Services
 from api.sessions import SessionController
 from api.stream import StreamController
 from shared.logs import configure_logging
-from shared.queue import connect
+from shared.queue import connect, warn_if_unauthenticated
 from shared.settings import Settings
 
 logger = logging.getLogger("sandstream.api")
@@ -40,7 +40,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         forget_dead_processes()
-        redis = await connect(settings.redis_url)
+        warn_if_unauthenticated(settings.redis_url, settings.redis_password, logger)
+        redis = await connect(
+            settings.redis_url, settings.redis_password, settings.redis_tls_ca_file
+        )
         hub = EventHub(redis, tick_seconds=settings.keepalive_seconds)
         await hub.start()
         app.state.services = Services(settings, redis, hub, keyring)
@@ -51,6 +54,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             restore()
             await hub.stop()
             await redis.aclose()
+            confinement = app.state.services.confinement
+            if confinement.cgroups is not None:
+                confinement.cgroups.close()
 
     cors = cors_config(settings)
     return Litestar(

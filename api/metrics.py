@@ -33,6 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from api.services import services_of
 from shared.metrics import MULTIPROC_ENV, render_fleet
 from shared.ops import queue_report, worker_reports
+from shared.sandbox.process import process_alive
 
 SSE_CONNECTIONS = Gauge(
     "sandstream_sse_connections",
@@ -65,18 +66,8 @@ def forget_dead_processes() -> None:
         return
     for path in Path(directory).glob("gauge_live*_*.db"):
         pid = int(path.stem.rsplit("_", 1)[1])
-        if pid != os.getpid() and not _alive(pid):
+        if pid != os.getpid() and not process_alive(pid):
             multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class MetricsController(Controller):

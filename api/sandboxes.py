@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from litestar import Controller, Request, Response, delete, get, post
@@ -11,9 +12,22 @@ from api.guard import tenant_of
 from api.idempotency import IdemRecord, claim_or_replay, released_on_error
 from api.pagination import paged_response
 from api.problems import Problem
-from api.services import decode_body, owned_sandbox, page_limit, services_of, stop_turns
+from api.services import (
+    Services,
+    decode_body,
+    owned_sandbox,
+    page_limit,
+    services_of,
+    stop_turns,
+)
 from shared.models import CreateSandbox, Sandbox, check_metadata
-from shared.workspace import create_workspace, delete_workspace
+from shared.sandbox.confinement import SandboxSpec
+from shared.sandbox.files import ClearReply, FileRefused, FileServiceBroken
+from shared.sandbox.handle import OpenSandbox, SandboxRefused
+from shared.sandbox.workspace import prepare_workspace, remove_empty_workspace, workspace_path
+from shared.store import SandboxRecord
+
+logger = logging.getLogger("sandstream.api")
 
 
 class SandboxController(Controller):
@@ -31,7 +45,16 @@ class SandboxController(Controller):
             return await owned_sandbox(svc, idem.resource_id, tenant)
         async with released_on_error(idem):
             sandbox = await svc.store.create_sandbox(tenant, body.metadata, body.network)
-            await asyncio.to_thread(create_workspace, svc.settings.sandbox_root, sandbox.id)
+            record = await svc.store.get_sandbox_record(sandbox.id)
+            assert record is not None
+            await asyncio.get_running_loop().run_in_executor(
+                svc.disk,
+                prepare_workspace,
+                svc.settings.sandbox_root,
+                sandbox.id,
+                record.uid,
+                svc.confinement.quota,
+            )
         if idem is not None:
             await idem.settle(sandbox.id)
         return sandbox
@@ -58,6 +81,28 @@ class SandboxController(Controller):
         svc = services_of(request)
         tenant = tenant_of(request)
         await owned_sandbox(svc, sandbox_id, tenant)
+        record = await svc.store.get_sandbox_record(sandbox_id)
         deleted = await svc.store.delete_sandbox(sandbox_id, tenant)
         await stop_turns(svc, deleted)
-        await asyncio.to_thread(delete_workspace, svc.settings.sandbox_root, sandbox_id)
+        if record is not None:
+            await _empty_workspace(svc, record)
+
+
+async def _empty_workspace(svc: Services, record: SandboxRecord) -> None:
+    """Delete what the workspace holds from inside the sandbox (as its uid), then
+    the workspace itself."""
+    root = svc.settings.sandbox_root
+    workspace = workspace_path(root, record.id)
+    if not workspace.exists():
+        return
+    spec = SandboxSpec(sandbox_id=record.id, workspace=workspace, uid=record.uid, network=False)
+    sandbox = OpenSandbox(svc.confinement, spec, file_timeout=svc.settings.tool_timeout_seconds)
+    try:
+        await sandbox.files.request(ClearReply, "clear")
+    except (FileRefused, FileServiceBroken, SandboxRefused) as exc:
+        logger.warning("emptying the workspace of sandbox %s failed: %s", record.id, exc)
+    finally:
+        await sandbox.close()
+    await asyncio.get_running_loop().run_in_executor(
+        svc.disk, remove_empty_workspace, root, record.id
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import msgspec
@@ -14,6 +15,7 @@ from api.hub import EventHub
 from api.problems import Problem, invalid_body, not_found
 from shared import keys
 from shared.models import Sandbox, Session, is_uuid
+from shared.sandbox.confinement import Confinement
 from shared.settings import Settings
 from shared.store import SessionStore
 
@@ -28,10 +30,14 @@ class Services:
         self.redis = redis
         self.hub = hub
         self.keyring = keyring  # None when authentication is turned off
+        # Workspaces are made ready and emptied with the sandbox's own confinement.
+        self.confinement = Confinement.detect(settings, "api", networks=False)
+        self.disk = ThreadPoolExecutor(2, thread_name_prefix="workspace")
         self.store = SessionStore(
             redis,
             log_max_events=settings.log_max_events,
             log_ttl_seconds=settings.log_ttl_seconds,
+            sandbox_uid_base=settings.sandbox_uid_base,
         )
 
 
@@ -72,6 +78,8 @@ async def decode_body(request: Request[Any, Any, Any], kind: type[T], *, empty_o
         return msgspec.json.decode(raw, type=kind)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise invalid_body(exc) from None
+    except RecursionError:
+        raise Problem(422, "invalid_body", "the body nests too deeply", field="$") from None
 
 
 def page_limit(limit: int | None, settings: Settings) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +23,8 @@ from shared import eventlog
 from shared.events import sse_frame
 from shared.models import now_rfc3339
 
+# A seq as a client may send it: ASCII digits, small enough for Redis's 64-bit ids.
+SEQ = re.compile(r"[0-9]{1,18}")
 # How soon a client should reconnect after a stream ends (SSE `retry:`), in ms.
 RECONNECT_MS = 1000
 
@@ -51,13 +54,13 @@ class StreamController(Controller):
         raw = _cursor(request, after)
         if raw is None:
             start = await eventlog.latest_seq(svc.redis, sid)
-        elif raw.isdigit():
+        elif SEQ.fullmatch(raw):
             start = int(raw)
         else:
             raise Problem(
                 400,
                 "invalid_parameter",
-                "Last-Event-ID and `after` must be a non-negative integer seq",
+                "Last-Event-ID and `after` must be a seq: a non-negative integer below 10^18",
                 field="after",
             )
         events = _events(svc, sid, session.sandbox_id, start)

@@ -18,16 +18,19 @@ import httpx
 import redis
 from arq.jobs import Job
 
+from bench import streaming
+from bench.file_tools import bench_file_tools
 from bench.harness import AUTH, percentile, private_redis, service
 from bench.http_load import Connection, prepare
 from bench.sse_clients import bare_sse_server, open_streams
 from shared import keys
 from shared.models import Message, TextBlock, new_id, now_rfc3339
 from shared.queue import connect, deserialize_job_data
+from shared.sandbox.confinement import Confinement, SandboxSpec
+from shared.sandbox.handle import OpenSandbox
+from shared.sandbox.workspace import prepare_workspace
 from shared.settings import Settings
 from shared.store import SessionStore
-from shared.workspace import create_workspace
-from worker.isolation import Isolation
 from worker.providers.demo import DemoProvider
 from worker.turn import TurnRunner
 
@@ -145,7 +148,9 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
         store = SessionStore(client)
         settings = Settings(sandbox_root=str(Path("/tmp") / "sandstream-bench-floor"))
         sandbox = await store.create_sandbox("bench", {})
-        workspace = create_workspace(settings.sandbox_root, sandbox.id)
+        workspace = prepare_workspace(settings.sandbox_root, sandbox.id, None, None)
+        spec = SandboxSpec(sandbox_id=sandbox.id, workspace=workspace, uid=None, network=False)
+        unconfined = Confinement(kind="none", settings=settings)
         session = await store.create_session("bench", sandbox.id, {}, settings.default_agent())
         samples = []
         for i in range(turns + 10):
@@ -167,8 +172,7 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
                 settings=settings,
                 provider=DemoProvider(),
                 agent=settings.default_agent(),
-                isolation=Isolation(kind="none"),
-                sandbox=(workspace, False),
+                sandbox=OpenSandbox(unconfined, spec, file_timeout=5),
                 worker_id="bench",
                 session_id=session.id,
                 sandbox_id=sandbox.id,
@@ -317,14 +321,41 @@ def bench_idle(redis_url: str, seconds: float) -> None:
     table(f"4. idle cost, Redis commands/s over {seconds:g} s", ["", "commands/s"], rows)
 
 
+# ---- 5. file tools -----------------------------------------------------------------
+
+
+def bench_files(calls: int) -> None:
+    table(
+        f"5. file tools: {calls} read_file calls of an 8 KiB file, after the first",
+        ["", "first call ms", "p50 ms", "p99 ms"],
+        bench_file_tools(calls),
+    )
+
+
+# ---- 6. streaming at scale ------------------------------------------------------------
+
+
+def bench_stream(redis_url: str, counts: list[int], chunks: int, interval: float) -> None:
+    table(
+        f"6. streaming: N turns at once, each a model stream of {chunks} chunks, one per "
+        f"{interval * 1000:g} ms; 1 API + 1 worker",
+        streaming.HEADER,
+        streaming.bench_streaming(redis_url, counts, ["openai", "anthropic"], chunks, interval),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument("--streams", default="1000", help="comma-separated stream counts")
     parser.add_argument(
         "--only",
-        default="latency,throughput,fanout,idle",
-        help="comma-separated benchmarks to run (latency, throughput, fanout, idle)",
+        default="latency,throughput,fanout,idle,files,streaming",
+        help="comma-separated benchmarks to run "
+        "(latency, throughput, fanout, idle, files, streaming)",
+    )
+    parser.add_argument(
+        "--turns", default="20,200,500", help="comma-separated concurrent streaming turns"
     )
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -339,6 +370,13 @@ def main() -> None:
             bench_fanout(url, counts)
         if "idle" in only:
             bench_idle(url, idle)
+        if "streaming" in only:
+            if args.quick:
+                bench_stream(url, [10], 20, 0.02)
+            else:
+                bench_stream(url, [int(n) for n in args.turns.split(",")], 100, 0.02)
+    if "files" in only:
+        bench_files(20 if args.quick else 200)
 
 
 if __name__ == "__main__":

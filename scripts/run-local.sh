@@ -15,10 +15,24 @@ if [ -z "${SANDSTREAM_REDIS_URL:-}" ]; then
     exit 1
   fi
   port=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  export SANDSTREAM_LOCAL_REDIS_PORT=$port
-  export SANDSTREAM_LOCAL_REDIS_DIR=$PWD/.sandstream
-  mkdir -p "$SANDSTREAM_LOCAL_REDIS_DIR"
+  mkdir -p .sandstream
+  # Redis requires a password even here: a password made once for this machine,
+  # kept in .sandstream/ (never on a command line, where `ps` would show it).
+  if [ ! -s .sandstream/redis-password ]; then
+    (umask 077; .venv/bin/python -c 'import secrets; print(secrets.token_hex(24))' > .sandstream/redis-password)
+  fi
+  (umask 077; cat > .sandstream/redis.conf <<CONF
+port $port
+bind 127.0.0.1
+save ""
+appendonly no
+dir $PWD/.sandstream
+requirepass $(cat .sandstream/redis-password)
+CONF
+)
+  export SANDSTREAM_LOCAL_REDIS_CONF=$PWD/.sandstream/redis.conf
   export SANDSTREAM_REDIS_URL=redis://127.0.0.1:$port/0
+  export SANDSTREAM_REDIS_PASSWORD="$(cat .sandstream/redis-password)"
   procfile=Procfile.redis
 fi
 
@@ -43,7 +57,7 @@ fi
 
 base=http://$SANDSTREAM_HOST:$SANDSTREAM_PORT
 cat <<MSG
-sandstream: API on $base (Redis $SANDSTREAM_REDIS_URL, provider ${SANDSTREAM_PROVIDER:-demo})
+sandstream: API on $base (Redis at ${SANDSTREAM_REDIS_URL##*@}, provider ${SANDSTREAM_PROVIDER:-demo})
 API key: $key   (kept in .sandstream/api-key)
 Try it in another terminal:
 

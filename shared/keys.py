@@ -24,6 +24,9 @@ TURN_DURATIONS = f"{PREFIX}:stats:turn-durations"
 STATS_BUCKET_SECONDS = 600
 # Written by the API's /readyz: Redis must take writes for the API to be ready.
 READY_PROBE = f"{PREFIX}:api:ready-probe"
+# Counter: sandboxes given a uid so far; each sandbox's uid is the base plus its
+# value then, so no two sandboxes ever share one.
+SANDBOX_UIDS = f"{PREFIX}:sandbox-uids"
 # Hash: fleet-wide turn counters for Prometheus (`shared.metrics`).
 METRICS_COUNTERS = f"{PREFIX}:metrics:counters"
 

@@ -8,8 +8,10 @@ idle worker starts a turn within milliseconds and polls only as a slow fallback.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 from arq.connections import ArqRedis, RedisSettings, create_pool
@@ -37,10 +39,38 @@ def deserialize_job_data(data: bytes) -> dict[str, Any]:
     return decoded
 
 
-async def connect(redis_url: str) -> ArqRedis:
+def redis_settings(url: str, password: str = "", tls_ca_file: str = "") -> RedisSettings:
+    """Connection settings from `redis://[user:password@]host:port/db` (`rediss://`
+    for TLS, `unix://` for a socket). The password may also come on its own
+    (from a secret store), and a CA file verifies a TLS server's certificate."""
+    settings = RedisSettings.from_dsn(url)
+    parsed = urlsplit(url)
+    # arq hands on the URL's user and password still percent-encoded.
+    settings.username = unquote(parsed.username) if parsed.username else None
+    settings.password = unquote(parsed.password) if parsed.password else (password or None)
+    if settings.ssl and tls_ca_file:
+        settings.ssl_ca_certs = tls_ca_file
+    return settings
+
+
+def warn_if_unauthenticated(url: str, password: str, logger: logging.Logger) -> None:
+    """Say so loudly when Redis is used without a password: anything that can
+    reach it could read and change every session."""
+    parts = urlsplit(url)
+    if parts.password or password or parts.scheme == "unix":
+        return
+    logger.warning(
+        "Redis at %s:%s is used WITHOUT a password; set one (in SANDSTREAM_REDIS_URL or "
+        "SANDSTREAM_REDIS_PASSWORD) anywhere but a development machine",
+        parts.hostname,
+        parts.port or 6379,
+    )
+
+
+async def connect(redis_url: str, password: str = "", tls_ca_file: str = "") -> ArqRedis:
     """A Redis client that is also an arq queue client (bytes replies)."""
     return await create_pool(
-        RedisSettings.from_dsn(redis_url),
+        redis_settings(redis_url, password, tls_ca_file),
         job_serializer=serialize_job_data,
         job_deserializer=deserialize_job_data,
         default_queue_name=keys.QUEUE,

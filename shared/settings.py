@@ -23,6 +23,8 @@ _ORIGIN = re.compile(
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password: str = ""  # when the URL carries none
+    redis_tls_ca_file: str = ""  # verifies a rediss:// server's certificate
     host: str = "127.0.0.1"
     port: int = 8000
     api_workers: int = 1
@@ -48,6 +50,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     access_log: bool = False
     # HTTP limits
     max_body_bytes: int = 10 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
     send_wait_seconds: float = 300.0
     interrupt_wait_seconds: float = 5.0
     keepalive_seconds: float = 15.0
@@ -75,6 +79,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     sandbox_memory_bytes: int = 1 << 30
     sandbox_max_processes: int = 256
     sandbox_file_bytes: int = 256 << 20
+    sandbox_cpus: float = 1.0
+    sandbox_disk_bytes: int = 1 << 30
+    sandbox_disk_inodes: int = 100_000
+    sandbox_network_deny: str = ""
     # worker
     worker_max_jobs: int = 20
     worker_drain_seconds: int = 10

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import WatchError
 
 from shared import keys, metrics, scripts
 from shared.events import Event, SessionCompleted, TerminalEvent, encode_event
@@ -25,9 +26,11 @@ _metadata_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
 class SandboxRecord(Sandbox, kw_only=True):
-    """A sandbox as stored: with the tenant that owns it, which clients never see."""
+    """A sandbox as stored: with the tenant that owns it and the uid its processes
+    run as, which clients never see."""
 
     tenant: str
+    uid: int | None = None  # None only for sandboxes made before uids were allocated
 
     def public(self) -> Sandbox:
         return Sandbox(**{f: getattr(self, f) for f in Sandbox.__struct_fields__})
@@ -70,9 +73,15 @@ class Page(msgspec.Struct):
 
 class SessionStore:
     def __init__(
-        self, redis: Redis, *, log_max_events: int = 10_000, log_ttl_seconds: float = 604_800
+        self,
+        redis: Redis,
+        *,
+        log_max_events: int = 10_000,
+        log_ttl_seconds: float = 604_800,
+        sandbox_uid_base: int = 200_000,
     ) -> None:
         self.redis = redis
+        self.sandbox_uid_base = sandbox_uid_base
         self.log_max_events = log_max_events
         # The log lives this long after its last event; a resume from before
         # what is left gets `log_truncated`, never a silent hole.
@@ -97,6 +106,7 @@ class SessionStore:
             created_at=now,
             updated_at=now,
             tenant=tenant,
+            uid=await self._new_uid(),
         )
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.sandbox(record.id), msgspec.json.encode(record))
@@ -115,6 +125,37 @@ class SessionStore:
         raws = await self.redis.mget([keys.sandbox(i) for i in ids])
         records = [_sandbox_decoder.decode(r) for r in raws if r is not None]
         return [r.public() for r in records if tenant is None or r.tenant == tenant]
+
+    async def get_sandbox_record(self, sandbox_id: str) -> SandboxRecord | None:
+        """The sandbox as stored, given a uid of its own if it had none yet."""
+        key = keys.sandbox(sandbox_id)
+        raw = await self.redis.get(key)
+        if raw is None:
+            return None
+        record = _sandbox_decoder.decode(raw)
+        if record.uid is not None:
+            return record
+        uid = await self._new_uid()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(key)
+                current = await pipe.get(key)
+                if current is None:
+                    return None
+                record = _sandbox_decoder.decode(current)
+                if record.uid is not None:  # another process gave it one first
+                    return record
+                record.uid = uid
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.set(key, msgspec.json.encode(record))
+                await pipe.execute()
+            except WatchError:
+                return await self.get_sandbox_record(sandbox_id)
+        return record
+
+    async def _new_uid(self) -> int:
+        """A uid no sandbox has had before (the counter never goes back)."""
+        return self.sandbox_uid_base + int(await self.redis.incr(keys.SANDBOX_UIDS))
 
     async def list_sandboxes(self, tenant: str, limit: int, cursor: str | None) -> Page:
         return await self._page(keys.tenant_sandboxes(tenant), limit, cursor)

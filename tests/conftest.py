@@ -7,6 +7,7 @@ machine's own Redis on 6379 is never touched.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +24,11 @@ import httpx
 import pytest
 import redis
 from fake_llm import FakeLLM
-from helpers import free_port
+from helpers import Box, free_port
+
+from shared.sandbox.confinement import Confinement, SandboxSpec
+from shared.sandbox.workspace import prepare_workspace
+from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 # Chromium, the page server and the stack of the browser tests.
@@ -311,24 +317,56 @@ def nginx_proxy(api_ports: list[int], workdir: Path) -> Iterator[tuple[str, Path
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    """A redis-server of a test's own, optionally requiring a password (given on
+    stdin, as the shipped configurations do) and extra config lines."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        password: str = "",
+        config: str = "",
+        tls_ca: Path | None = None,
+        username: str | None = None,
+    ) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.username = username
+        self.password = password
+        self.config = config
+        self.tls_ca = tls_ca  # TLS only, clients verifying the server with this CA
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
+    def client(self) -> redis.Redis:
+        if self.tls_ca is not None:
+            return redis.Redis(
+                port=self.port,
+                password=self.password or None,
+                ssl=True,
+                ssl_ca_certs=str(self.tls_ca),
+            )
+        return redis.Redis(port=self.port, username=self.username, password=self.password or None)
+
     def start(self) -> None:
         binary = shutil.which("redis-server") or "redis-server"
+        ports = ["port 0", f"tls-port {self.port}"] if self.tls_ca else [f"port {self.port}"]
+        lines = [*ports, "bind 127.0.0.1", 'save ""', "appendonly no"]
+        if self.password and self.username is None:
+            lines.append(f"requirepass {self.password}")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--save", "", "--appendonly", "no"],
+            [binary, "-"],
             cwd=self.workdir,
+            stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
         )
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(("\n".join(lines) + "\n" + self.config).encode())
+        self.proc.stdin.close()
         deadline = time.monotonic() + 10
         while True:
             try:
-                redis.Redis.from_url(self.url).ping()
+                self.client().ping()
                 return
             except redis.ConnectionError:
                 assert time.monotonic() < deadline
@@ -348,3 +386,36 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path)
     yield server
     server.stop()
+
+
+# ---- sandboxes without the service ------------------------------------------------
+
+CONFINEMENT_KINDS = ["none"] + (["bubblewrap"] if shutil.which("bwrap") else [])
+# Uids for sandboxes made by tests, far from any a stack hands out.
+_test_uids = itertools.count(390_000 + os.getpid() % 1000 * 100)
+
+
+@pytest.fixture(scope="session")
+def confinements(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Confinement]]:
+    """Each kind of confinement this machine offers, detected as a worker would."""
+    settings = Settings(sandbox_root=str(tmp_path_factory.mktemp("boxes")))
+    found = {"none": Confinement(kind="none", settings=settings)}
+    if "bubblewrap" in CONFINEMENT_KINDS:
+        found["bubblewrap"] = Confinement.detect(settings, "tests", networks=False)
+    yield found
+    for confinement in found.values():
+        if confinement.cgroups is not None:
+            confinement.cgroups.close()
+
+
+@pytest.fixture(params=CONFINEMENT_KINDS)
+def box(
+    request: pytest.FixtureRequest, tmp_path: Path, confinements: dict[str, Confinement]
+) -> Box:
+    """A fresh sandbox under each kind of confinement (its own uid under bubblewrap)."""
+    confinement = confinements[request.param]
+    sandbox_id = str(uuid.uuid4())
+    uid = next(_test_uids) if confinement.privileged else None
+    workspace = prepare_workspace(str(tmp_path / "root"), sandbox_id, uid, None)
+    spec = SandboxSpec(sandbox_id=sandbox_id, workspace=workspace, uid=uid, network=False)
+    return Box(confinement, spec)

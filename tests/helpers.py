@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 from arq.jobs import Job
@@ -15,6 +18,11 @@ from httpx_sse import connect_sse
 
 from shared import keys
 from shared.queue import TURN_FUNCTION, connect, deserialize_job_data
+from shared.sandbox.confinement import Confinement, SandboxSpec
+from shared.sandbox.handle import OpenSandbox
+from worker.tools import TOOLS, ToolContext, ToolOutcome, execute_tool
+
+T = TypeVar("T")
 
 TERMINAL = {"session_completed", "session_failed"}
 
@@ -40,6 +48,15 @@ def wait_state(client: httpx.Client, sid: str, state: str, timeout: float = 15) 
             return session
         assert time.monotonic() < deadline, f"session stayed {session['state']}"
         time.sleep(0.05)
+
+
+def run_in_sandbox(client: httpx.Client, sid: str, command: str) -> dict[str, Any]:
+    """The tool_result of `command`, run by the demo agent in the session's sandbox."""
+    reply = client.post(f"/sessions/{sid}/messages", json=text_message(f"run: {command}"))
+    assert reply.status_code == 200, reply.text
+    result: dict[str, Any] = reply.json()["content"][1]
+    assert result["type"] == "tool_result"
+    return result
 
 
 def run_raw_job(redis_url: str, payload: Any, job_id: str) -> Any:
@@ -179,3 +196,54 @@ class ResumingReader:
         self._stop.set()
         assert not self._thread.is_alive(), f"still reading; got {len(self.events)} events"
         return self.events
+
+
+class Box:
+    """A sandbox for tests of the tools and the confinement, without the service.
+
+    Each `call` opens it (as a turn would), runs one coroutine against it and
+    closes it, in an event loop of its own."""
+
+    def __init__(self, confinement: Confinement, spec: SandboxSpec) -> None:
+        self.confinement = confinement
+        self.spec = spec
+
+    @property
+    def workspace(self) -> Path:
+        return self.spec.workspace
+
+    @property
+    def inside(self) -> str:
+        """The workspace as the sandbox's processes see it."""
+        return "/workspace" if self.confinement.kind == "bubblewrap" else str(self.workspace)
+
+    def put(self, rel: str, content: str = "") -> Path:
+        """A file in the workspace as the sandbox's own processes would have made it."""
+        path = self.workspace / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        if self.spec.uid is not None:
+            for made in [path, *path.relative_to(self.workspace).parents][:-1]:
+                os.chown(
+                    self.workspace / made if made != path else path, self.spec.uid, self.spec.uid
+                )
+        return path
+
+    def call(self, work: Callable[[OpenSandbox], Awaitable[T]], *, file_timeout: float = 5) -> T:
+        async def run() -> T:
+            sandbox = OpenSandbox(self.confinement, self.spec, file_timeout=file_timeout)
+            try:
+                return await work(sandbox)
+            finally:
+                await sandbox.close()
+
+        return asyncio.run(run())
+
+    def tool(
+        self, name: str, timeout: float = 5, output_cap: int = 200, **args: Any
+    ) -> ToolOutcome:
+        async def run(sandbox: OpenSandbox) -> ToolOutcome:
+            ctx = ToolContext(sandbox=sandbox, timeout=timeout, output_cap=output_cap)
+            return await execute_tool(ctx, name, args, list(TOOLS))
+
+        return self.call(run)

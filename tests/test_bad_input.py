@@ -180,10 +180,31 @@ def test_bad_wait_parameter_is_400_and_nothing_is_stored(
     assert client.get(f"/sessions/{session_id}").json()["messages"] == []
 
 
-@pytest.mark.parametrize("after", ["-1", "abc", "1.5"])
+@pytest.mark.parametrize("after", ["-1", "abc", "1.5", "\u00b2", "\u0663", "9" * 30, " 1"])
 def test_bad_stream_cursor_is_400(client: httpx.Client, session_id: str, after: str) -> None:
     response = client.get(f"/sessions/{session_id}/stream", params={"after": after})
     _assert_problem(response, 400, "invalid_parameter")
+
+
+def test_huge_last_event_id_is_400(client: httpx.Client, session_id: str) -> None:
+    response = client.get(
+        f"/sessions/{session_id}/stream",
+        headers={"Last-Event-ID": "99999999999999999999999999999"},
+    )
+    _assert_problem(response, 400, "invalid_parameter")
+
+
+@pytest.mark.parametrize("kind", ["object", "array"])
+def test_deeply_nested_body_is_422_not_500(
+    client: httpx.Client, sandbox_id: str, kind: str
+) -> None:
+    opener, closer = (b'{"a":', b"}") if kind == "object" else (b"[", b"]")
+    body = b'{"metadata":{"a":' + opener * 5000 + b"1" + closer * 5000 + b"}}"
+    for url in ("/sandboxes", f"/sandboxes/{sandbox_id}/sessions"):
+        response = client.post(url, content=body)
+        _assert_problem(response, 422, "invalid_body")
+        assert "nest" in response.json()["detail"]
+    assert client.get(f"/sandboxes/{sandbox_id}/sessions").json() == []
 
 
 def test_bad_session_metadata_is_rejected(client: httpx.Client, sandbox_id: str) -> None:

@@ -18,6 +18,16 @@ def test_bench_quick_run_prints_every_table() -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for title in ("1. blocking send", "2. throughput", "3. SSE fan-out", "4. idle cost"):
+    for title in (
+        "1. blocking send",
+        "2. throughput",
+        "3. SSE fan-out",
+        "4. idle cost",
+        "5. file tools",
+        "6. streaming",
+    ):
         assert title in result.stdout
     assert "bare Litestar SSE" in result.stdout and "naive: arq" in result.stdout
+    streaming = result.stdout.split("6. streaming", 1)[1].splitlines()
+    rows = [line for line in streaming if line.startswith("10 turns")]
+    assert len(rows) == 2 and all(line.rstrip().endswith("yes") for line in rows), streaming

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 import yaml
-from conftest import ADMIN_KEY, ALPHA_KEY, ROOT, Stack, _wait_for, nginx_proxy
+from conftest import ADMIN_KEY, ALPHA_KEY, ROOT, RedisServer, Stack, _wait_for, nginx_proxy
 from helpers import ResumingReader, free_port, new_session, text_message
 
 DEPLOY = ROOT / "deploy"
@@ -151,9 +150,7 @@ def _worker_pids(base: str) -> set[int]:
     return {w["pid"] for w in response.json()} if response.status_code == 200 else set()
 
 
-def test_supervisord_config_runs_and_restarts_a_killed_worker(
-    redis_url: str, tmp_path: Path
-) -> None:
+def test_supervisord_config_runs_and_restarts_a_killed_worker(tmp_path: Path) -> None:
     """deploy/supervisor/supervisord.conf as shipped, with this checkout's
     virtualenv and scratch directories in place of /opt, /var and /run."""
     conf = (DEPLOY / "supervisor" / "supervisord.conf").read_text()
@@ -162,18 +159,19 @@ def test_supervisord_config_runs_and_restarts_a_killed_worker(
         ("/var/lib/sandstream", str(tmp_path)),
         ("/var/log/sandstream", str(tmp_path)),
         ("/run/sandstream", str(tmp_path)),
-        ("user=sandstream\n", ""),  # no such user on the machine running the tests
     ):
         assert old in conf
         conf = conf.replace(old, new)
     path = tmp_path / "supervisord.conf"
     path.write_text(conf)
-    url = redis_url.rsplit("/", 1)[0] + "/9"
-    redis.Redis.from_url(url).flushdb()
+    password = "s3cret-for-supervisord"
+    protected = RedisServer(tmp_path, password=password)
+    url = f"redis://127.0.0.1:{protected.port}/0"
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("SANDSTREAM_")},
         "SANDSTREAM_REDIS_URL": url,
+        "SANDSTREAM_REDIS_PASSWORD": password,
         "SANDSTREAM_PORT": str(port),
         "SANDSTREAM_SANDBOX_ROOT": str(tmp_path / "sandboxes"),
         "SANDSTREAM_API_KEYS": f"alpha={ALPHA_KEY}",
@@ -210,6 +208,7 @@ def test_supervisord_config_runs_and_restarts_a_killed_worker(
     finally:
         supervisord.send_signal(signal.SIGTERM)
         supervisord.wait(60)
+        protected.stop()
     assert supervisord.returncode == 0
 
 
@@ -259,6 +258,9 @@ def test_compose_file_wires_the_stack() -> None:
     services = compose["services"]
     redis_service = services["redis"]
     assert redis_service["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    # Redis requires the password, handed over on stdin and to redis-cli.
+    assert "requirepass" in " ".join(redis_service["command"])
+    assert set(redis_service["environment"]) == {"REDIS_PASSWORD", "REDISCLI_AUTH"}
     conf = (DEPLOY / "redis.conf").read_text()
     assert "appendonly yes" in conf
     api, worker, proxy = services["api"], services["worker"], services["proxy"]
@@ -266,6 +268,10 @@ def test_compose_file_wires_the_stack() -> None:
     for service in (api, worker):
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
         assert service["environment"]["SANDSTREAM_REDIS_URL"] == "redis://redis:6379/0"
+        assert service["environment"]["SANDSTREAM_REDIS_PASSWORD"].startswith(
+            "${SANDSTREAM_REDIS_PASSWORD:?"
+        )
+        assert service["privileged"] is True
     drain = int(worker["environment"]["SANDSTREAM_WORKER_DRAIN_SECONDS"])
     assert _seconds(worker["stop_grace_period"]) > drain
     assert "readyz" in " ".join(api["healthcheck"]["test"])

@@ -10,24 +10,14 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 import httpx
 import pytest
 from conftest import ANTHROPIC_TEST_KEY, Stack
-from helpers import text_message
+from helpers import run_in_sandbox as run
 
 pytestmark = pytest.mark.skipif(not shutil.which("bwrap"), reason="needs bubblewrap")
-
-
-def run(client: httpx.Client, sid: str, command: str) -> dict[str, Any]:
-    """The tool_result of `command`, run by the agent in the session's sandbox."""
-    reply = client.post(f"/sessions/{sid}/messages", json=text_message(f"run: {command}"))
-    assert reply.status_code == 200, reply.text
-    result: dict[str, Any] = reply.json()["content"][1]
-    assert result["type"] == "tool_result"
-    return result
 
 
 def test_writes_outside_the_workspace_fail(
@@ -70,43 +60,32 @@ def test_no_network_without_permission(
     assert result["is_error"] is True and "CONNECTED" not in result["content"]
 
 
-def test_network_allowed_sandbox_can_connect(client: httpx.Client, stack: Stack) -> None:
-    sandbox = client.post("/sandboxes", json={"network": True}).json()
-    assert sandbox["network"] is True
-    sid = client.post(f"/sandboxes/{sandbox['id']}/sessions", json={}).json()["id"]
-    result = run(client, sid, f"exec 3<>/dev/tcp/127.0.0.1/{stack.port} && echo CONNECTED")
-    assert result["content"].startswith("CONNECTED")
-
-
-def _sandbox_processes(sandbox_id: str) -> list[str]:
-    from worker.isolation import Isolation
-
-    uid = Isolation(kind="bubblewrap").uid_for(sandbox_id)
-    if uid is None:
-        return []
+def _sandbox_processes(stack: Stack, sandbox_id: str) -> list[str]:
+    uid = (stack.workdir / "sandboxes" / sandbox_id).stat().st_uid
+    assert uid != 0
     out = subprocess.run(["pgrep", "-u", str(uid)], capture_output=True, text=True).stdout
     return out.split()
 
 
 def test_fork_bomb_is_contained_and_cleaned_up(
-    client: httpx.Client, session_id: str, sandbox_id: str
+    client: httpx.Client, session_id: str, sandbox_id: str, stack: Stack
 ) -> None:
     started = time.monotonic()
     result = run(client, session_id, "bomb() { bomb | bomb & }; bomb; sleep 30")
     assert result["is_error"] is True
     assert time.monotonic() - started < 15
     time.sleep(0.5)
-    assert _sandbox_processes(sandbox_id) == []
+    assert _sandbox_processes(stack, sandbox_id) == []
     assert run(client, session_id, "echo still-working")["content"] == "still-working\n"
 
 
 def test_process_ignoring_sigterm_is_killed(
-    client: httpx.Client, session_id: str, sandbox_id: str
+    client: httpx.Client, session_id: str, sandbox_id: str, stack: Stack
 ) -> None:
     result = run(client, session_id, "trap '' TERM; (trap '' TERM; sleep 60) & sleep 60")
     assert result["is_error"] is True and "timed out" in result["content"]
     time.sleep(0.5)
-    assert _sandbox_processes(sandbox_id) == []
+    assert _sandbox_processes(stack, sandbox_id) == []
 
 
 def test_fifty_megabytes_of_output_are_capped(client: httpx.Client, session_id: str) -> None:

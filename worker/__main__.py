@@ -26,7 +26,7 @@ async def _run(settings: Settings) -> None:
 
 
 async def _check(settings: Settings, pid: int | None) -> bool:
-    redis = await connect(settings.redis_url)
+    redis = await connect(settings.redis_url, settings.redis_password, settings.redis_tls_ca_file)
     try:
         return await local_worker_healthy(redis, settings.worker_heartbeat_seconds * 3, pid)
     finally:

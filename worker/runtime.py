@@ -14,8 +14,8 @@ import os
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -27,11 +27,20 @@ from shared import events as ev
 from shared import keys
 from shared.logs import bound
 from shared.models import is_uuid, new_id, now_rfc3339
-from shared.queue import TURN_FUNCTION, TurnJob, connect, deserialize_job_data, serialize_job_data
+from shared.queue import (
+    TURN_FUNCTION,
+    TurnJob,
+    connect,
+    deserialize_job_data,
+    serialize_job_data,
+    warn_if_unauthenticated,
+)
+from shared.sandbox.confinement import Confinement, SandboxSpec
+from shared.sandbox.handle import OpenSandbox, SandboxRefused
+from shared.sandbox.network import forget_dead_namespaces
+from shared.sandbox.workspace import prepare_workspace
 from shared.settings import Settings
 from shared.store import FinishMode, SessionStore
-from shared.workspace import create_workspace
-from worker.isolation import choose_isolation, describe, own_workspace
 from worker.pickup import FastPickupWorker
 from worker.providers import ProviderFactory
 from worker.providers.base import ProviderError
@@ -55,13 +64,17 @@ class WorkerRuntime:
             redis,
             log_max_events=settings.log_max_events,
             log_ttl_seconds=settings.log_ttl_seconds,
+            sandbox_uid_base=settings.sandbox_uid_base,
         )
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.running: dict[str, TurnRunner] = {}
         self.providers = ProviderFactory(settings)
-        self.isolation = choose_isolation(settings)
+        self.confinement = Confinement.detect(settings, "worker")
         self._control_decoder = msgspec.json.Decoder(ControlMessage)
-        self._sandboxes: dict[str, tuple[Path, bool]] = {}
+        self._sandboxes: dict[str, SandboxSpec] = {}
+        # Workspace preparation has threads of its own: nothing a tool does can
+        # take them (tools run in the sandbox, not in this process's threads).
+        self._disk = ThreadPoolExecutor(2, thread_name_prefix="workspace")
 
     async def run_turn(self, job: TurnJob, accepted_at: float | None = None) -> bool:
         """Run the job's turn; False when it is not the session's current turn
@@ -74,20 +87,27 @@ class WorkerRuntime:
             return False
         agent = started.agent or self.settings.default_agent()
         try:
-            provider = self.providers.get(agent)
-        except ProviderError as exc:
-            error = ev.ErrorInfo(code=exc.code, message=exc.message)
+            provider = await self.providers.get(agent)
+            spec = await self._sandbox(started.sandbox_id)
+        except (ProviderError, SandboxRefused) as exc:
+            error = (
+                ev.ErrorInfo(code=exc.code, message=exc.message)
+                if isinstance(exc, ProviderError)
+                else ev.ErrorInfo(code="sandbox_unavailable", message=str(exc))
+            )
             await self._end(
                 job.session_id, started.sandbox_id, job.turn_id, "worker", "error", error
             )
             return True
+        sandbox = OpenSandbox(
+            self.confinement, spec, file_timeout=self.settings.tool_timeout_seconds
+        )
         runner = TurnRunner(
             store=self.store,
             settings=self.settings,
             provider=provider,
             agent=agent,
-            isolation=self.isolation,
-            sandbox=await self._sandbox(started.sandbox_id),
+            sandbox=sandbox,
             worker_id=self.worker_id,
             session_id=job.session_id,
             sandbox_id=started.sandbox_id,
@@ -101,21 +121,37 @@ class WorkerRuntime:
         finally:
             if self.running.get(job.session_id) is runner:
                 del self.running[job.session_id]
+            await sandbox.close()
         return True
 
-    async def _sandbox(self, sandbox_id: str) -> tuple[Path, bool]:
-        """The sandbox's workspace, made and handed to its uid, and whether it may
-        reach the network: once per worker, since sandboxes never change either."""
-        if sandbox_id not in self._sandboxes:
-            record = await self.store.get_sandbox(sandbox_id)
-            workspace = await asyncio.to_thread(self._prepare_workspace, sandbox_id)
-            self._sandboxes[sandbox_id] = (workspace, bool(record and record.network))
-        return self._sandboxes[sandbox_id]
-
-    def _prepare_workspace(self, sandbox_id: str) -> Path:
-        workspace = create_workspace(self.settings.sandbox_root, sandbox_id)
-        own_workspace(self.isolation, workspace, sandbox_id)
-        return workspace
+    async def _sandbox(self, sandbox_id: str) -> SandboxSpec:
+        """The sandbox's workspace, made ready (owned by its uid, under its quota),
+        its uid and whether it may reach the network: once per worker, since none
+        of it changes."""
+        spec = self._sandboxes.get(sandbox_id)
+        if spec is None:
+            record = await self.store.get_sandbox_record(sandbox_id)
+            if record is None:
+                raise SandboxRefused("the session's sandbox no longer exists")
+            try:
+                workspace = await asyncio.get_running_loop().run_in_executor(
+                    self._disk,
+                    prepare_workspace,
+                    self.settings.sandbox_root,
+                    sandbox_id,
+                    record.uid,
+                    self.confinement.quota,
+                )
+            except OSError as exc:
+                logger.exception("preparing the workspace of sandbox %s failed", sandbox_id)
+                raise SandboxRefused(
+                    f"the sandbox's workspace could not be prepared ({exc.strerror})"
+                ) from None
+            spec = SandboxSpec(
+                sandbox_id=sandbox_id, workspace=workspace, uid=record.uid, network=record.network
+            )
+            self._sandboxes[sandbox_id] = spec
+        return spec
 
     def on_control(self, data: bytes) -> None:
         try:
@@ -257,12 +293,14 @@ async def run_turn(ctx: dict[str, Any], payload: Any) -> str:
 
 
 async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRuntime]:
-    redis = await connect(settings.redis_url)
+    redis = await connect(settings.redis_url, settings.redis_password, settings.redis_tls_ca_file)
     runtime = WorkerRuntime(redis, settings)
     reaper: list[asyncio.Task[None]] = []
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["runtime"] = runtime
+        warn_if_unauthenticated(settings.redis_url, settings.redis_password, logger)
+        await runtime.providers.warm()
         reaper.append(asyncio.create_task(runtime.reap_forever()))
         reaper.append(asyncio.create_task(runtime.heartbeat_forever()))
         logger.info(
@@ -271,13 +309,17 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
             settings.provider,
             "on" if settings.worker_fast_pickup else "off",
         )
-        level = logging.INFO if runtime.isolation.kind == "bubblewrap" else logging.WARNING
-        logger.log(level, "sandbox isolation: %s", describe(runtime.isolation))
+        for ok, line in runtime.confinement.describe():
+            logger.log(logging.INFO if ok else logging.WARNING, "sandbox isolation: %s", line)
+        if runtime.confinement.networks is not None:
+            await forget_dead_namespaces()
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         for task in reaper:
             task.cancel()
         await runtime.forget_worker()
+        if runtime.confinement.cgroups is not None:
+            runtime.confinement.cgroups.close()
 
     worker = FastPickupWorker(
         functions=[

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from pathlib import Path
 from typing import Literal
 
 from shared import events as ev
@@ -28,10 +27,10 @@ from shared.models import (
     new_id,
     now_rfc3339,
 )
+from shared.sandbox.handle import OpenSandbox
 from shared.settings import Settings
 from shared.store import SessionStore
 from worker.event_writer import EventWriter, TurnSuperseded
-from worker.isolation import Isolation
 from worker.providers.base import (
     MessageEnd,
     Provider,
@@ -56,8 +55,7 @@ class TurnRunner:
         settings: Settings,
         provider: Provider,
         agent: AgentConfig,
-        isolation: Isolation,
-        sandbox: tuple[Path, bool],
+        sandbox: OpenSandbox,
         worker_id: str,
         session_id: str,
         sandbox_id: str,
@@ -69,8 +67,7 @@ class TurnRunner:
         self.settings = settings
         self.provider = provider
         self.agent = agent
-        self.isolation = isolation
-        self.workspace, self.network = sandbox
+        self.sandbox = sandbox
         self.worker_id = worker_id
         self.session_id = session_id
         self.sandbox_id = sandbox_id
@@ -161,12 +158,9 @@ class TurnRunner:
         allowed: list[str] = list(self.agent.allowed_tools)
         tools = tool_specs(allowed)
         tool_ctx = ToolContext(
-            workspace=self.workspace,
+            sandbox=self.sandbox,
             timeout=self.settings.tool_timeout_seconds,
             output_cap=self.settings.tool_output_bytes,
-            isolation=self.isolation,
-            sandbox_id=self.sandbox_id,
-            network=self.network,
         )
         for _ in range(self.agent.max_iterations):
             current = [self._message()] if self.blocks else []

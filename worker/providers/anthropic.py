@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
+import msgspec
 
 from shared.events import Usage
 from shared.models import ImageBlock, Message, TextBlock, ToolResultBlock, ToolUseBlock
@@ -18,6 +19,7 @@ from shared.settings import Settings
 from worker.providers.base import (
     MessageEnd,
     ModelStop,
+    ProviderError,
     ProviderRequest,
     StreamItem,
     TextChunk,
@@ -25,7 +27,8 @@ from worker.providers.base import (
     ToolCallStart,
     parse_arguments,
 )
-from worker.providers.sdk import guarded_stream, stream_cut
+from worker.providers.sdk import guarded_stream, sse_batches, stream_cut
+from worker.providers.transport import lean_http_client
 from worker.tools import ToolSpec
 
 _STOP_REASONS: dict[str, ModelStop] = {"tool_use": "tool_use", "max_tokens": "max_tokens"}
@@ -97,6 +100,44 @@ def to_anthropic_tools(tools: list[ToolSpec]) -> list[dict[str, Any]]:
     ]
 
 
+class _Block(msgspec.Struct):
+    type: str = ""
+    id: str = ""
+    name: str = ""
+    text: str = ""
+
+
+class _Delta(msgspec.Struct):
+    type: str = ""
+    text: str = ""
+    partial_json: str = ""
+    stop_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+class _Message(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+class _Event(msgspec.Struct):
+    """One Messages stream event: the members read, nothing else."""
+
+    type: str
+    index: int = 0
+    content_block: _Block | None = None
+    delta: _Delta | None = None
+    message: _Message | None = None
+    usage: _Usage | None = None
+    error: dict[str, Any] | None = None
+
+
+_event_decoder = msgspec.json.Decoder(_Event)
+
+
 class AnthropicProvider:
     name = "anthropic"
 
@@ -104,63 +145,88 @@ class AnthropicProvider:
         self.model = model
         self.max_tokens = settings.max_output_tokens
         self.client = anthropic.AsyncAnthropic(
-            max_retries=settings.provider_max_retries, timeout=settings.provider_timeout_seconds
+            max_retries=settings.provider_max_retries,
+            timeout=settings.provider_timeout_seconds,
+            http_client=lean_http_client(settings.provider_timeout_seconds),
         )
         self._secrets = [os.environ.get("ANTHROPIC_API_KEY", "")]
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
-        params: dict[str, Any] = {
-            "model": self.model,
-            "max_tokens": self.max_tokens,
-            "messages": to_anthropic_messages(request.messages),
-            "stream": True,
-        }
+        body: dict[str, Any] = {"messages": to_anthropic_messages(request.messages)}
         if request.system:
-            params["system"] = request.system
+            body["system"] = request.system
         if request.tools:
-            params["tools"] = to_anthropic_tools(request.tools)
+            body["tools"] = to_anthropic_tools(request.tools)
+        # The conversation goes in `extra_body`, already in the wire format (see
+        # the OpenAI provider: the SDK's transform of it is most of a call's CPU).
         stream = guarded_stream(
             anthropic,
             "Anthropic",
             self._secrets,
-            lambda: self.client.messages.create(**params),
+            lambda: self.client.messages.with_streaming_response.create(
+                model=self.model,
+                max_tokens=self.max_tokens,
+                messages=[],
+                stream=True,
+                extra_body=body,
+            ),
             self._read,
         )
         async for item in stream:
             yield item
 
-    async def _read(self, stream: Any) -> AsyncIterator[StreamItem]:
+    async def _read(self, response: Any) -> AsyncIterator[StreamItem]:
         usage = Usage()
         stop_reason: ModelStop = "end_turn"
         calls: dict[int, tuple[str, str, list[str]]] = {}
         finished = False
-        async for event in stream:
-            kind = event.type
-            if kind == "message_start":
-                usage.input_tokens = event.message.usage.input_tokens or 0
-                usage.output_tokens = event.message.usage.output_tokens or 0
-            elif kind == "content_block_start":
-                block = event.content_block
-                if block.type == "tool_use":
-                    calls[event.index] = (block.id, block.name, [])
-                    yield ToolCallStart(block.id, block.name)
-                elif block.type == "text" and block.text:
-                    yield TextChunk(block.text)
-            elif kind == "content_block_delta":
-                delta = event.delta
-                if delta.type == "text_delta":
-                    yield TextChunk(delta.text)
-                elif delta.type == "input_json_delta" and event.index in calls:
-                    calls[event.index][2].append(delta.partial_json)
-            elif kind == "content_block_stop" and event.index in calls:
-                call_id, name, parts = calls.pop(event.index)
-                yield ToolCallReady(call_id, name, parse_arguments("".join(parts)))
-            elif kind == "message_delta":
-                stop_reason = _STOP_REASONS.get(event.delta.stop_reason or "", "end_turn")
-                if event.usage.output_tokens is not None:
-                    usage.output_tokens = event.usage.output_tokens
-            elif kind == "message_stop":
-                finished = True
+        async for batch in sse_batches(response.iter_bytes()):
+            text: list[str] = []  # the text deltas of this read, given as one
+            for data in batch:
+                try:
+                    event = _event_decoder.decode(data)
+                except msgspec.DecodeError:
+                    raise ProviderError(
+                        "provider_protocol", "Anthropic sent an unreadable event"
+                    ) from None
+                kind = event.type
+                if kind == "content_block_delta" and event.delta is not None:
+                    if event.delta.type == "text_delta":
+                        text.append(event.delta.text)
+                    elif event.delta.type == "input_json_delta" and event.index in calls:
+                        calls[event.index][2].append(event.delta.partial_json)
+                    continue
+                if text:
+                    yield TextChunk("".join(text))
+                    text = []
+                if kind == "message_start" and event.message and event.message.usage:
+                    usage.input_tokens = event.message.usage.input_tokens or 0
+                    usage.output_tokens = event.message.usage.output_tokens or 0
+                elif kind == "content_block_start" and event.content_block is not None:
+                    block = event.content_block
+                    if block.type == "tool_use":
+                        calls[event.index] = (block.id, block.name, [])
+                        yield ToolCallStart(block.id, block.name)
+                    elif block.type == "text" and block.text:
+                        text.append(block.text)
+                elif kind == "content_block_stop" and event.index in calls:
+                    call_id, name, parts = calls.pop(event.index)
+                    yield ToolCallReady(call_id, name, parse_arguments("".join(parts)))
+                elif kind == "message_delta":
+                    if event.delta is not None:
+                        stop_reason = _STOP_REASONS.get(event.delta.stop_reason or "", "end_turn")
+                    if event.usage is not None and event.usage.output_tokens is not None:
+                        usage.output_tokens = event.usage.output_tokens
+                elif kind == "message_stop":
+                    finished = True
+                elif kind == "error":
+                    error = event.error or {}
+                    message = str(error.get("message") or "an error occurred mid-stream")
+                    raise anthropic.APIStatusError(
+                        message, response=response.http_response, body={"error": error}
+                    )
+            if text:
+                yield TextChunk("".join(text))
         if not finished:
             raise stream_cut("Anthropic")
         yield MessageEnd(stop_reason, usage)

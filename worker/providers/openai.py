@@ -20,6 +20,7 @@ from shared.settings import Settings
 from worker.providers.base import (
     MessageEnd,
     ModelStop,
+    ProviderError,
     ProviderRequest,
     StreamItem,
     TextChunk,
@@ -27,7 +28,8 @@ from worker.providers.base import (
     ToolCallStart,
     parse_arguments,
 )
-from worker.providers.sdk import guarded_stream, stream_cut
+from worker.providers.sdk import guarded_stream, sse_batches, stream_cut
+from worker.providers.transport import lean_http_client
 from worker.tools import ToolSpec
 
 _STOP_REASONS: dict[str, ModelStop] = {"tool_calls": "tool_use", "length": "max_tokens"}
@@ -113,6 +115,43 @@ def to_openai_tools(tools: list[ToolSpec]) -> list[dict[str, Any]]:
     ]
 
 
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallDelta(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: _Function | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    tool_calls: list[_ToolCallDelta] | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class _Chunk(msgspec.Struct):
+    """One `chat.completion.chunk`: the members read, nothing else."""
+
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    error: dict[str, Any] | None = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_Chunk)
+
+
 class OpenAIProvider:
     name = "openai"
 
@@ -120,57 +159,82 @@ class OpenAIProvider:
         self.model = model
         self.max_tokens = settings.max_output_tokens
         self.client = openai.AsyncOpenAI(
-            max_retries=settings.provider_max_retries, timeout=settings.provider_timeout_seconds
+            max_retries=settings.provider_max_retries,
+            timeout=settings.provider_timeout_seconds,
+            http_client=lean_http_client(settings.provider_timeout_seconds),
         )
         self._secrets = [os.environ.get("OPENAI_API_KEY", "")]
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
-        params: dict[str, Any] = {
-            "model": self.model,
+        body: dict[str, Any] = {
             "messages": to_openai_messages(request.system, request.messages),
             "max_tokens": self.max_tokens,
-            "stream": True,
             "stream_options": {"include_usage": True},
         }
         if request.tools:
-            params["tools"] = to_openai_tools(request.tools)
+            body["tools"] = to_openai_tools(request.tools)
+        # The conversation goes in `extra_body`, already in the wire format: the
+        # SDK would otherwise walk every message and tool schema, against its
+        # TypedDicts, on every model call (most of a call's CPU, growing with
+        # the history) to produce the same JSON.
         stream = guarded_stream(
             openai,
             "OpenAI",
             self._secrets,
-            lambda: self.client.chat.completions.create(**params),
+            lambda: self.client.chat.completions.with_streaming_response.create(
+                model=self.model, messages=[], stream=True, extra_body=body
+            ),
             self._read,
         )
         async for item in stream:
             yield item
 
-    async def _read(self, stream: Any) -> AsyncIterator[StreamItem]:
+    async def _read(self, response: Any) -> AsyncIterator[StreamItem]:
         usage = Usage()
         stop: ModelStop | None = None
         # index -> [id, name, argument pieces]; a call is complete when the next
         # one starts or the response finishes.
         calls: dict[int, tuple[str, str, list[str]]] = {}
         ready: set[int] = set()
-        async for chunk in stream:
-            if chunk.usage is not None:
-                usage.input_tokens = chunk.usage.prompt_tokens or 0
-                usage.output_tokens = chunk.usage.completion_tokens or 0
-            for choice in chunk.choices:
-                delta = choice.delta
-                if delta is not None and delta.content:
-                    yield TextChunk(delta.content)
-                for call in (delta.tool_calls if delta is not None else None) or []:
-                    if call.index not in calls:
-                        for earlier in sorted(set(calls) - ready):
-                            ready.add(earlier)
-                            yield _ready(calls[earlier])
-                        name = call.function.name if call.function else ""
-                        calls[call.index] = (call.id or f"call_{call.index}", name or "", [])
-                        yield ToolCallStart(calls[call.index][0], calls[call.index][1])
-                    if call.function and call.function.arguments:
-                        calls[call.index][2].append(call.function.arguments)
-                if choice.finish_reason:
-                    stop = _STOP_REASONS.get(choice.finish_reason, "end_turn")
+        async for batch in sse_batches(response.iter_bytes()):
+            text: list[str] = []  # the text deltas of this read, given as one
+            for data in batch:
+                if data == b"[DONE]":
+                    break
+                try:
+                    chunk = _chunk_decoder.decode(data)
+                except msgspec.DecodeError:
+                    raise ProviderError(
+                        "provider_protocol", "OpenAI sent an unreadable chunk"
+                    ) from None
+                if chunk.error is not None:
+                    message = str(chunk.error.get("message") or "an error occurred mid-stream")
+                    request = response.http_response.request
+                    raise openai.APIError(message, request, body=chunk.error)
+                if chunk.usage is not None:
+                    usage.input_tokens = chunk.usage.prompt_tokens or 0
+                    usage.output_tokens = chunk.usage.completion_tokens or 0
+                for choice in chunk.choices:
+                    delta = choice.delta
+                    if delta is not None and delta.content:
+                        text.append(delta.content)
+                    for call in (delta.tool_calls if delta is not None else None) or []:
+                        if text:
+                            yield TextChunk("".join(text))
+                            text = []
+                        if call.index not in calls:
+                            for earlier in sorted(set(calls) - ready):
+                                ready.add(earlier)
+                                yield _ready(calls[earlier])
+                            name = call.function.name if call.function else None
+                            calls[call.index] = (call.id or f"call_{call.index}", name or "", [])
+                            yield ToolCallStart(calls[call.index][0], calls[call.index][1])
+                        if call.function and call.function.arguments:
+                            calls[call.index][2].append(call.function.arguments)
+                    if choice.finish_reason:
+                        stop = _STOP_REASONS.get(choice.finish_reason, "end_turn")
+            if text:
+                yield TextChunk("".join(text))
         if stop is None:
             raise stream_cut("OpenAI")
         for index in sorted(set(calls) - ready):

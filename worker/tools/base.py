@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from worker.isolation import Isolation
+from shared.sandbox.handle import OpenSandbox
 
 
 class ToolOutcome(msgspec.Struct, frozen=True):
@@ -25,12 +24,9 @@ class ToolSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ToolContext(msgspec.Struct, frozen=True, kw_only=True):
-    workspace: Path
+    sandbox: OpenSandbox
     timeout: float
     output_cap: int
-    isolation: Isolation
-    sandbox_id: str
-    network: bool = False
 
 
 class Tool(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,14 +49,6 @@ def make_tool(
     body["additionalProperties"] = False
     spec = ToolSpec(name=name, description=description, input_schema=body)
     return Tool(spec=spec, input_type=input_type, run=run)
-
-
-def truncate(text: str, cap: int) -> str:
-    """Cap text at `cap` bytes of UTF-8 with a marker saying how much was cut."""
-    data = text.encode()
-    if len(data) <= cap:
-        return text
-    return data[:cap].decode(errors="ignore") + truncation_marker(len(data) - cap)
 
 
 def truncation_marker(omitted: int) -> str:

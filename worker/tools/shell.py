@@ -6,8 +6,7 @@ from typing import Annotated
 
 import msgspec
 
-from worker.isolation import describe
-from worker.sandbox import run_command
+from shared.sandbox.handle import SandboxRefused
 from worker.tools.base import ToolContext, ToolOutcome, make_tool, truncation_marker
 
 
@@ -18,22 +17,30 @@ class BashInput(msgspec.Struct, forbid_unknown_fields=True):
     ) = None
 
 
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.2f} GiB"
+
+
 async def run_bash(ctx: ToolContext, args: BashInput) -> ToolOutcome:
     timeout = min(args.timeout or ctx.timeout, ctx.timeout)
-    if ctx.isolation.kind == "refused":
-        return ToolOutcome(describe(ctx.isolation), True)
-    result = await run_command(
-        args.command,
-        ctx.workspace,
-        timeout=timeout,
-        output_cap=ctx.output_cap,
-        isolation=ctx.isolation,
-        sandbox_id=ctx.sandbox_id,
-        network=ctx.network,
-    )
+    confinement = ctx.sandbox.confinement
+    if confinement.kind == "refused":
+        return ToolOutcome(confinement.refusal(), True)
+    try:
+        result = await ctx.sandbox.run(args.command, timeout=timeout, output_cap=ctx.output_cap)
+    except SandboxRefused as exc:
+        return ToolOutcome(str(exc), True)
     text = result.output
     if result.omitted_bytes:
         text += truncation_marker(result.omitted_bytes)
+    for wall in result.walls:
+        if wall == "memory":
+            limit = _gib(confinement.memory_bytes)
+            text += f"\n[the sandbox's memory limit ({limit}) was reached: a process was killed]"
+        elif wall == "processes":
+            text += f"\n[the sandbox's process limit ({confinement.max_processes}) was reached]"
+        elif wall == "disk" and confinement.quota is not None:
+            text += f"\n[the sandbox's disk quota ({_gib(confinement.quota.limits.bytes)}) is full]"
     if result.timed_out:
         return ToolOutcome(f"{text}\n[command timed out after {timeout:g} s and was killed]", True)
     if result.exit_code != 0:

@@ -1,7 +1,8 @@
-"""Running a command in a sandbox workspace, confined as `worker.isolation` decides.
+"""Starting confined processes, and running a command to its end.
 
-The command gets its own session and process group, so a timeout or an
-interrupt can kill it together with everything it started. Output is read
+A command gets its own session and process group, so a timeout or an
+interrupt can kill it together with everything it started (under bubblewrap,
+killing bubblewrap ends the sandbox's whole pid namespace). Output is read
 while it runs and capped; what is past the cap is drained and counted, never
 kept, so a command that prints gigabytes cannot fill the worker's memory.
 """
@@ -10,17 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
-from worker.isolation import Isolation, command_argv
-
 _READ_CHUNK = 64 * 1024
 _DRAIN_GRACE = 0.5
+
+
+class Launch(msgspec.Struct, kw_only=True):
+    """How to start one confined process: argv, environment, and the file
+    descriptors it inherits (closed in the parent once it started)."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    pass_fds: tuple[int, ...] = ()
 
 
 class CommandResult(msgspec.Struct, kw_only=True):
@@ -28,11 +37,49 @@ class CommandResult(msgspec.Struct, kw_only=True):
     output: str
     omitted_bytes: int
     timed_out: bool
+    walls: list[str] = msgspec.field(default_factory=list)  # limits it ran into
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def spawn(launch: Launch, **pipes: Any) -> asyncio.subprocess.Process:
+    """Start a confined process in a session of its own; the descriptors it
+    inherits are closed here once it has them."""
+    try:
+        return await asyncio.create_subprocess_exec(
+            *launch.argv,
+            cwd=launch.cwd,
+            env=launch.env,
+            start_new_session=True,
+            pass_fds=launch.pass_fds,
+            **pipes,
+        )
+    finally:
+        for fd in launch.pass_fds:
+            os.close(fd)
+
+
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    """Kill the process and its whole group, and let go of its pipes."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    # With the group dead the pipes close; a process that left the group
+    # could hold them open, so the wait is bounded.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(proc.wait()), _DRAIN_GRACE)
+    # Close our end of the pipes even if something outside the group holds
+    # them; asyncio has no public call for it.
+    transport = getattr(proc, "_transport", None)
+    if transport is not None:
+        transport.close()
 
 
 async def _exited(proc: asyncio.subprocess.Process) -> int:
@@ -67,32 +114,12 @@ async def _exited(proc: asyncio.subprocess.Process) -> int:
     return proc.returncode
 
 
-async def run_command(
-    command: str,
-    workspace: Path,
-    *,
-    timeout: float,
-    output_cap: int,
-    isolation: Isolation,
-    sandbox_id: str,
-    network: bool = False,
-) -> CommandResult:
-    argv, env, cwd = command_argv(
-        isolation,
-        command,
-        workspace,
-        sandbox_id=sandbox_id,
-        network=network,
-        cpu_seconds=max(1, math.ceil(timeout)),
-    )
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        cwd=cwd,
-        env=env,
+async def run_command(launch: Launch, *, timeout: float, output_cap: int) -> CommandResult:
+    proc = await spawn(
+        launch,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True,
     )
     kept = bytearray()
     omitted = 0
@@ -121,16 +148,7 @@ async def run_command(
     finally:
         # Runs on timeout, on interrupt (cancellation) and on normal exit alike:
         # whatever the command started dies with its process group.
-        _kill_group(proc)
-        # With the group dead the pipe closes; a process that left the group
-        # could hold it open, so the wait is bounded.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(proc.wait()), _DRAIN_GRACE)
-        # Close our end of the pipes even if something outside the group holds
-        # them; asyncio has no public call for it.
-        transport = getattr(proc, "_transport", None)
-        if transport is not None:
-            transport.close()
+        await stop(proc)
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader

@@ -1,0 +1,176 @@
+"""The providers' HTTP transport against real local servers: framing, keep-alive,
+a connection the server closed in the pool, timeouts as httpx's exceptions, TLS,
+and the SDK's default transport kept when a proxy is configured."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from worker.providers.transport import StreamTransport, lean_http_client
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def serve(
+    handler: Handler, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[int, list[int]]]:
+    """A server on a free port; yields the port and the count of connections made."""
+    connections: list[int] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0, ssl=tls)
+    async with server:
+        yield server.sockets[0].getsockname()[1], connections
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await reader.readexactly(length)
+
+
+def client(timeout: float = 5) -> httpx2.AsyncClient:
+    return httpx2.AsyncClient(transport=StreamTransport(), timeout=timeout)
+
+
+def test_chunked_and_sized_bodies_and_keep_alive() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            request = await read_request(reader)
+            if b"/chunked" in request:
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                for piece in (b"data: one\n\n", b"data: two\n\n"):
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+                writer.write(b"0\r\n\r\n")
+            else:
+                body = request.split(b"\r\n\r\n", 1)[1]
+                writer.write(b"HTTP/1.1 201 Created\r\ncontent-length: %d\r\n\r\n" % len(body))
+                writer.write(body)
+            await writer.drain()
+
+    async def scenario() -> None:
+        async with serve(handler) as (port, connections), client() as http:
+            base = f"http://127.0.0.1:{port}"
+            async with http.stream("POST", base + "/chunked", json={"a": 1}) as response:
+                assert response.status_code == 200
+                pieces = [piece async for piece in response.aiter_raw()]
+            assert pieces == [b"data: one\n\n", b"data: two\n\n"]
+            echoed = await http.post(base + "/echo", content=b"hello")
+            assert (echoed.status_code, echoed.content) == (201, b"hello")
+            assert len(connections) == 1  # both on one kept-alive connection
+
+    asyncio.run(scenario())
+
+
+def test_a_connection_closed_in_the_pool_is_replaced() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        # ... and close it, as a server's idle timeout would.
+
+    async def scenario() -> None:
+        async with serve(handler) as (port, connections), client() as http:
+            for _ in range(3):
+                assert (await http.get(f"http://127.0.0.1:{port}/")).content == b"ok"
+                await asyncio.sleep(0.05)
+            assert len(connections) == 3
+
+    asyncio.run(scenario())
+
+
+def test_timeouts_and_failures_are_httpx_exceptions() -> None:
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort")
+        await writer.drain()
+
+    async def scenario() -> None:
+        async with (
+            serve(stall) as (port, _),
+            client(timeout=0.3) as http,
+            http.stream("GET", f"http://127.0.0.1:{port}/") as response,
+        ):
+            chunks = response.aiter_raw()
+            assert await anext(chunks) == b"first"
+            with pytest.raises(httpx2.ReadTimeout):
+                await anext(chunks)
+        async with serve(cut) as (port, _), client() as http:
+            with pytest.raises(httpx2.RemoteProtocolError):
+                await http.get(f"http://127.0.0.1:{port}/")
+        async with client() as http:
+            with pytest.raises(httpx2.ConnectError):
+                await http.get("http://127.0.0.1:9/")
+
+    asyncio.run(scenario())
+
+
+def test_tls_with_the_servers_certificate_verified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecure")
+        await writer.drain()
+
+    async def scenario(expect_ok: bool) -> None:
+        async with serve(handler, tls=server_tls) as (port, _), client() as http:
+            if expect_ok:
+                assert (await http.get(f"https://127.0.0.1:{port}/")).content == b"secure"
+            else:
+                with pytest.raises(httpx2.ConnectError):
+                    await http.get(f"https://127.0.0.1:{port}/")
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    asyncio.run(scenario(expect_ok=False))  # not a certificate the system trusts
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    asyncio.run(scenario(expect_ok=True))
+
+
+def test_a_configured_proxy_keeps_the_sdks_own_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert lean_http_client(5) is not None
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    assert lean_http_client(5) is None
