@@ -3,13 +3,13 @@ the stack they run against (a pytest plugin, loaded by conftest).
 
 Playwright (from PyPI) drives Debian's `chromium` (scripts/ensure-tools.sh
 installs it); it never downloads a browser of its own. The flags keep Chromium
-off the network it would otherwise call home to. One stack serves every
-browser test of a run: CORS allows the page server's origin, and stream tokens
-open their stream by URL for 20 s and resume it for 3 minutes (short, so that a
-page past its token's first minute is seen within the run). Each module has
-one browser of its own: Playwright's sync API runs an event
-loop on the main thread while a browser is open, which later tests that use
-`asyncio.run` must not find.
+off the network it would otherwise call home to. A module of browser tests
+gets one stack, stopped with the module: CORS allows the page server's origin,
+and stream tokens open their stream by URL for 20 s and resume it for 3 minutes
+(short, so that a page past its token's first minute is seen within the run).
+The module opens one browser and closes it at its end: Playwright's sync API
+runs an event loop on the main thread while a browser is open, which later
+tests that use `asyncio.run` must not find.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ window.follow = (url) => {
 </script></body></html>"""
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pages() -> Iterator[dict[str, PageServer]]:
     """Two other origins: one the API allows, one it does not."""
     allowed, other = PageServer(FOLLOWER_PAGE), PageServer(FOLLOWER_PAGE)
@@ -135,7 +135,7 @@ def pages() -> Iterator[dict[str, PageServer]]:
     other.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def web(redis_url: str, pages: dict[str, PageServer]) -> Iterator[Stack]:
     url = redis_url.rsplit("/", 1)[0] + "/14"
     redis.Redis.from_url(url).flushdb()
