@@ -26,6 +26,7 @@ import redis
 from fake_llm import FakeLLM
 from helpers import Box, free_port
 
+from shared import keys
 from shared.sandbox.confinement import Confinement, SandboxSpec
 from shared.sandbox.workspace import prepare_workspace
 from shared.settings import Settings
@@ -195,8 +196,26 @@ class Stack:
             self.api = self.apis[port]
 
     def start_worker(self) -> Proc:
+        """A worker, returned once its first heartbeat is in Redis: its signal
+        handlers are in place by then, so a test may SIGTERM it at once, however
+        loaded the machine. Gives up after 15 s, or when the worker exits."""
         worker = self._start("worker")
-        time.sleep(0.3)
+        mark = f":{worker.popen.pid}:"
+        client = redis.Redis.from_url(
+            self.env["SANDSTREAM_REDIS_URL"],
+            password=self.env.get("SANDSTREAM_REDIS_PASSWORD") or None,
+        )
+        deadline = time.monotonic() + 15
+        try:
+            while time.monotonic() < deadline and worker.popen.poll() is None:
+                members = client.zrange(keys.WORKERS, 0, -1)
+                if any(mark in member.decode() for member in members):
+                    break
+                time.sleep(0.05)
+        except redis.RedisError:
+            time.sleep(0.3)  # a Redis this client cannot reach (TLS): the old grace
+        finally:
+            client.close()
         return worker
 
     def _ready(self) -> bool:
