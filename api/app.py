@@ -14,11 +14,14 @@ from typing import Any
 from litestar import Litestar
 
 from api.auth import KeyRing
+from api.browser import GrantController
 from api.guard import authenticate
 from api.hub import EventHub
 from api.metrics import PROMETHEUS, MetricsController, forget_dead_processes
 from api.ops import OpsController
-from api.problems import EXCEPTION_HANDLERS
+from api.pages import cors_config, cors_for_allowed_origins_only, page_routes
+from api.problems import EXCEPTION_HANDLERS, handle_redis_down
+from api.reconnect import stream_aware
 from api.sandboxes import SandboxController
 from api.services import Services
 from api.sessions import SessionController
@@ -55,24 +58,39 @@ def create_app(settings: Settings | None = None) -> Litestar:
             if confinement.cgroups is not None:
                 confinement.cgroups.close()
 
+    cors = cors_config(settings)
     return Litestar(
         route_handlers=[
             SandboxController,
             SessionController,
             StreamController,
+            GrantController,
             OpsController,
             MetricsController,
+            *page_routes(),
         ],
         lifespan=[lifespan],
         middleware=[PROMETHEUS.middleware],
         guards=[authenticate],
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers=_exception_handlers(),
+        cors_config=cors,
+        before_send=cors_for_allowed_origins_only(cors),
         request_max_body_size=settings.max_body_bytes,
         # The OpenAPI document is ours (GET /openapi.json, api/openapi.py).
         openapi_config=None,
         # Logging is configured by `shared.logs` for both processes.
         logging_config=None,
     )
+
+
+def _exception_handlers() -> dict[type[Exception] | int, Any]:
+    """`api.problems`' handlers, except that a browser's stream is told to come
+    back when the store is unreachable (`api.reconnect`): a 503 would end it."""
+    redis_down = stream_aware(handle_redis_down)
+    return {
+        kind: redis_down if handler is handle_redis_down else handler
+        for kind, handler in EXCEPTION_HANDLERS.items()
+    }
 
 
 def _drain_on_stop_signal(hub: EventHub) -> Callable[[], None]:

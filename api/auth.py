@@ -1,9 +1,8 @@
-"""API keys, tenants and stream tokens.
+"""API keys and tenants.
 
-A bearer key (or, on a session's stream only, a short-lived stream token) names
-the tenant whose resources a request may touch. Keys are compared in constant
-time and never logged; logs and Redis see only a key id, a prefix of the key's
-SHA-256.
+A bearer key names the tenant whose resources a request may touch (so does a
+grant, for one session: `api.grants`). Keys are compared in constant time and
+never logged; logs and Redis see only a key id, a prefix of the key's SHA-256.
 """
 
 from __future__ import annotations
@@ -11,13 +10,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import secrets
 from pathlib import Path
 
 import msgspec
-from redis.asyncio import Redis
 
-from shared import keys
+from api.grants import Grant
 from shared.settings import Settings
 
 TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -25,15 +22,13 @@ AUTH_OFF_TENANT = "default"
 
 
 class Principal(msgspec.Struct, frozen=True):
+    """Who is asking. `key_id` names the credential in budgets and logs; `grant`
+    is set when it is a browser credential or stream token, not a key."""
+
     tenant: str
     admin: bool
     key_id: str
-
-
-class StreamGrant(msgspec.Struct, frozen=True):
-    tenant: str
-    session_id: str
-    key_id: str
+    grant: Grant | None = None
 
 
 def key_id(key: str) -> str:
@@ -87,27 +82,3 @@ def _pairs(text: str, source: str, default: str | None = None) -> list[tuple[str
             raise SystemExit(f"{source}: bad entry for {name!r} (names [A-Za-z0-9_.-], keys 16+)")
         pairs.append((name, key))
     return pairs
-
-
-_grant_decoder = msgspec.json.Decoder(StreamGrant)
-
-
-async def mint_stream_token(redis: Redis, principal: Principal, sid: str, ttl: int) -> str:
-    """A token that opens this one session's stream, for clients that cannot send headers.
-
-    Redis holds only the token's digest, with the token's lifetime as TTL, so any
-    API replica can check it.
-    """
-    token = "sst_" + secrets.token_urlsafe(32)
-    grant = StreamGrant(tenant=principal.tenant, session_id=sid, key_id=principal.key_id)
-    await redis.set(keys.stream_token(_digest(token)), msgspec.json.encode(grant), ex=ttl)
-    return token
-
-
-async def redeem_stream_token(redis: Redis, token: str) -> StreamGrant | None:
-    raw = await redis.get(keys.stream_token(_digest(token)))
-    return None if raw is None else _grant_decoder.decode(raw)
-
-
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()

@@ -9,7 +9,8 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from api.auth import AUTH_OFF_TENANT, Principal, redeem_stream_token
+from api import grants
+from api.auth import AUTH_OFF_TENANT, Principal
 from api.problems import Problem
 from api.services import Services, services_of
 from shared import keys
@@ -19,15 +20,36 @@ from shared.logs import bind
 async def authenticate(
     connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
 ) -> None:
-    """Routes mark themselves with `opt`: `public`, `admin`, or `stream_token`."""
+    """Routes mark themselves with `opt`: `public`, `admin`, `scope` (what a
+    grant must allow there; routes without one refuse grants), `stream_token`
+    (takes `?token=`), `sse` (an event stream: its own connection budget) and
+    `any_credential` (any key or grant may ask)."""
     opt = handler.opt
-    if opt.get("public"):
+    # A preflight (answered by the CORS middleware before this, when CORS is
+    # configured) or the automatic OPTIONS handler: no data, never a 401 or 429.
+    if opt.get("public") or connection.scope.get("method") == "OPTIONS":
         return
     svc = services_of(connection)
     principal = await _principal(connection, opt, svc)
     if opt.get("admin") and not principal.admin:
         raise Problem(403, "forbidden", "this endpoint needs an admin key")
-    if not opt.get("admin"):
+    grant = principal.grant
+    if grant is not None and not opt.get("any_credential"):
+        scope = opt.get("scope")
+        if not grant.permits(connection.path_params.get("sid"), scope):
+            raise Problem(
+                403,
+                "outside_grant",
+                f"this credential is for {', '.join(grant.scopes)} on session "
+                f"{grant.session_id} only",
+            )
+    connection.state.retry_ms = None
+    if opt.get("sse"):
+        # Stream (re)connections have their own budget, and are never refused (`api.grants`).
+        connection.state.retry_ms = await grants.admit_stream(
+            svc.redis, principal.key_id, svc.settings.stream_connects_per_minute
+        )
+    elif not opt.get("admin"):
         # Ops endpoints are not limited: a scrape must answer even when Redis,
         # where the windows are counted, does not.
         await _rate_limit(svc, principal)
@@ -68,17 +90,31 @@ async def _principal(
         return Principal(AUTH_OFF_TENANT, True, "auth-off")
     presented = _bearer(connection)
     if presented is not None:
+        if presented.startswith(grants.TOKEN_PREFIX["browser"]):
+            grant = await grants.redeem(svc.redis, presented, "browser")
+            if grant is None:
+                raise _unauthorized("unknown or expired browser credential")
+            return _granted(grant)
         principal = keyring.find(presented)
         if principal is None:
             raise _unauthorized("unknown API key")
         return principal
     token = connection.query_params.get("token")
     if token and opt.get("stream_token"):
-        grant = await redeem_stream_token(svc.redis, token)
+        grant = await grants.redeem(svc.redis, token, "stream")
         if grant is None or grant.session_id != connection.path_params.get("sid"):
             raise _unauthorized("unknown or expired stream token")
-        return Principal(grant.tenant, False, grant.key_id)
+        if not grant.opens("last-event-id" in connection.headers):
+            raise _unauthorized(
+                "this stream token now only resumes its stream (Last-Event-ID); mint a new one"
+            )
+        return _granted(grant)
     raise _unauthorized("send `Authorization: Bearer <API key>`")
+
+
+def _granted(grant: grants.Grant) -> Principal:
+    # Each grant has its own budgets: a page cannot use up its backend's.
+    return Principal(grant.tenant, False, f"grant:{grant.id}", grant)
 
 
 async def _rate_limit(svc: Services, principal: Principal) -> None:

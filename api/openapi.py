@@ -13,6 +13,9 @@ from typing import Any
 import msgspec
 
 from api.schemas import (
+    BrowserGrant,
+    CreateGrant,
+    Credential,
     Health,
     InterruptResult,
     ProblemDetails,
@@ -43,6 +46,9 @@ _TYPES: list[Any] = [
     TurnAccepted,
     InterruptResult,
     StreamToken,
+    CreateGrant,
+    BrowserGrant,
+    Credential,
     Health,
     QueueReport,
     WorkerReport,
@@ -51,13 +57,23 @@ _TYPES: list[Any] = [
 _UUID = {"type": "string", "format": "uuid"}
 _ERRORS = {
     400: "invalid parameter or malformed body",
-    401: "missing or unknown API key",
+    401: "missing or unknown API key (or browser credential, or stream token)",
+    403: "an admin key is needed, or a browser credential does not cover this (`outside_grant`)",
     404: "no such resource (or another tenant's)",
     413: "body over the size limit",
     422: "body does not match the schema; `field` names where",
     429: "rate limited; see Retry-After",
     503: "Redis unreachable",
 }
+
+
+_STREAM_NOTES = (
+    "A browser's request (`Accept: text/event-stream`) is never answered 429 or 503, on "
+    "which EventSource gives up for good: past the credential's stream-connection budget, "
+    "or while the store is unreachable, the stream opens with a `retry:` hint and a "
+    "`reconnect` event, and ends. A stream opened with a stream token ends with a "
+    "`grant_expired` event when the token expires."
+)
 
 
 def _ref(kind: Any) -> dict[str, str]:
@@ -106,12 +122,15 @@ def _operation(
     body_required: bool = True,
     errors: tuple[int, ...] = (),
     public: bool = False,
+    description: str = "",
 ) -> dict[str, Any]:
     operation: dict[str, Any] = {
         "operationId": op_id,
         "summary": summary,
         "parameters": params or [],
     }
+    if description:
+        operation["description"] = description
     if body is not None:
         operation["requestBody"] = {
             "required": body_required,
@@ -137,6 +156,7 @@ _SESSION_OPS = (
     "sendMessage",
     "interruptSession",
     "createStreamToken",
+    "createBrowserGrant",
     "deleteSession",
 )
 
@@ -270,24 +290,53 @@ def build_openapi(version: str) -> dict[str, Any]:
                     _query(
                         "after", {"type": "integer", "minimum": 0}, "replay events after this seq"
                     ),
-                    _query("token", {"type": "string"}, "a stream token, for browsers"),
+                    _query(
+                        "token",
+                        {"type": "string"},
+                        "a stream token, for EventSource: opens the stream by itself for "
+                        "`opens_for` seconds, and resumes it with Last-Event-ID until it expires",
+                    ),
                     {
                         "name": "Last-Event-ID",
                         "in": "header",
                         "required": False,
                         "schema": {"type": "string"},
+                        "description": "resume after this seq (EventSource sends it itself)",
                     },
                 ],
-                errors=(400, 404),
+                errors=(400, 403, 404),
+                description=_STREAM_NOTES,
             ),
         },
         "/api/v1/sessions/{sid}/stream-token": {
             "post": _operation(
                 "createStreamToken",
-                "Mint a short-lived token for this session's stream",
-                {201: _json(_ref(StreamToken), "the token")},
+                "Mint a token that opens and resumes this session's stream, read-only",
+                {201: _json(_ref(StreamToken), "the token, with an absolute stream_url")},
                 params=sid,
-                errors=(404,),
+                errors=(403, 404),
+            ),
+        },
+        "/api/v1/sessions/{sid}/grants": {
+            "post": _operation(
+                "createBrowserGrant",
+                "Mint a browser credential for one session (tenant keys only)",
+                {201: _json(_ref(BrowserGrant), "the credential, for Authorization: Bearer")},
+                params=sid,
+                body=CreateGrant,
+                body_required=False,
+                errors=(403, 404, *body_errors),
+                description=(
+                    "For a tenant's backend: the page it hands this to may read, stream, send "
+                    "to and interrupt this one session (as `scopes` say) and nothing else."
+                ),
+            ),
+        },
+        "/api/v1/whoami": {
+            "get": _operation(
+                "whoami",
+                "What the presented key or browser credential is and may do",
+                {200: _json(_ref(Credential), "the credential")},
             ),
         },
         "/api/v1/ops/queues": {

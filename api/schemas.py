@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
+
+from api.grants import SCOPES, Scope
 
 
 class ProblemDetails(msgspec.Struct, kw_only=True):
@@ -37,9 +39,47 @@ class InterruptResult(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class StreamToken(msgspec.Struct, kw_only=True):
+    """Opens one session's stream, for reading only, as `?token=` (`api.grants`):
+    by its URL alone for `opens_for` seconds, and with `Last-Event-ID` (how
+    EventSource reconnects) until it expires."""
+
     token: str
+    opens_for: int
     expires_in: int
+    expires_at: str
     stream_url: str
+
+
+class CreateGrant(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a tenant's backend asks for when it mints a browser credential."""
+
+    scopes: Annotated[list[Scope], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: list(SCOPES)
+    )
+    expires_in: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class BrowserGrant(msgspec.Struct, kw_only=True):
+    """A browser credential for one session: `Authorization: Bearer <token>`."""
+
+    token: str
+    session_id: str
+    scopes: list[Scope]
+    expires_in: int
+    expires_at: str
+    session_url: str
+    stream_token_url: str
+
+
+class Credential(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What the presented key or browser credential is and may do."""
+
+    kind: Literal["key", "browser"]
+    tenant: str
+    admin: bool
+    session_id: str | None = None
+    scopes: list[Scope] | None = None
+    expires_at: str | None = None
 
 
 class Health(msgspec.Struct, kw_only=True):

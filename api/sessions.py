@@ -10,6 +10,7 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from redis.exceptions import RedisError
 
+from api.browser import absolute_url
 from api.feed import feed
 from api.guard import tenant_of
 from api.hub import RESYNC, LiveEvent
@@ -101,7 +102,7 @@ class SessionController(Controller):
         sessions = await svc.store.get_sessions(page.ids, tenant)
         return paged_response(request, sessions, page.next_cursor)
 
-    @get("/sessions/{sid:str}")
+    @get("/sessions/{sid:str}", opt={"scope": "read"})
     async def get_session(self, request: Request[Any, Any, Any], sid: str) -> SessionWithMessages:
         svc = services_of(request)
         session = await owned_session(svc, sid, tenant_of(request))
@@ -116,7 +117,7 @@ class SessionController(Controller):
             raise not_found("session", sid)
         await stop_turns(svc, [session])
 
-    @post("/sessions/{sid:str}/messages", status_code=200)
+    @post("/sessions/{sid:str}/messages", status_code=200, opt={"scope": "send"})
     async def send_message(
         self, request: Request[Any, Any, Any], sid: str, wait: float | None = None
     ) -> Response[bytes]:
@@ -135,7 +136,7 @@ class SessionController(Controller):
             request, svc, tenant_of(request), f"send:{sid}", await request.body()
         )
         if isinstance(idem, IdemRecord):
-            return await _replay_send(svc, sid, idem, wait_limit)
+            return await _replay_send(request, svc, sid, idem, wait_limit)
         turn_id = new_id()
         user_message = Message(
             id=new_id(),
@@ -182,10 +183,10 @@ class SessionController(Controller):
         finally:
             svc.hub.forget_reply(turn_id)
         if terminal is None:
-            return _accepted(sid, turn_id, claim.latest_seq)
+            return _accepted(request, sid, turn_id, claim.latest_seq)
         return _turn_outcome(terminal)
 
-    @post("/sessions/{sid:str}/interrupt", status_code=200)
+    @post("/sessions/{sid:str}/interrupt", status_code=200, opt={"scope": "interrupt"})
     async def interrupt(self, request: Request[Any, Any, Any], sid: str) -> InterruptResult:
         svc = services_of(request)
         check_id("session", sid)
@@ -214,7 +215,7 @@ class SessionController(Controller):
 
 
 async def _replay_send(
-    svc: Services, sid: str, first: IdemRecord, wait_limit: float
+    request: Request[Any, Any, Any], svc: Services, sid: str, first: IdemRecord, wait_limit: float
 ) -> Response[bytes]:
     """The outcome of the send that first used this Idempotency-Key."""
     turn_id = first.resource_id
@@ -223,7 +224,7 @@ async def _replay_send(
             return Response(content=msgspec.json.encode(message), media_type="application/json")
     terminal = await _wait_for_terminal(svc, sid, turn_id, first.after, wait_limit)
     if terminal is None:
-        return _accepted(sid, turn_id, first.after)
+        return _accepted(request, sid, turn_id, first.after)
     return _turn_outcome(terminal)
 
 
@@ -305,14 +306,16 @@ async def _wait_for_terminal(
     return None
 
 
-def _accepted(sid: str, turn_id: str, after: int) -> Response[bytes]:
+def _accepted(
+    request: Request[Any, Any, Any], sid: str, turn_id: str, after: int
+) -> Response[bytes]:
     body = TurnAccepted(
         session_id=sid,
         turn_id=turn_id,
         state="running",
         detail="the turn is still running; follow it on the stream or read the session",
-        stream_url=f"/api/v1/sessions/{sid}/stream?after={after}",
-        session_url=f"/api/v1/sessions/{sid}",
+        stream_url=absolute_url(request, f"/api/v1/sessions/{sid}/stream?after={after}"),
+        session_url=absolute_url(request, f"/api/v1/sessions/{sid}"),
     )
     return Response(
         content=msgspec.json.encode(body),

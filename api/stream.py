@@ -7,18 +7,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, Response, get
 from litestar.response import Stream
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from api.auth import mint_stream_token
 from api.feed import Cursor, Truncated
 from api.guard import principal_of, tenant_of
 from api.hub import DRAIN, TICK, LiveEvent, QueueItem
 from api.metrics import SSE_CONNECTIONS
 from api.problems import Problem
-from api.schemas import StreamToken
+from api.reconnect import come_back_later, until_expiry
 from api.services import Services, owned_session, services_of
 from shared import eventlog
 from shared.events import sse_frame
@@ -37,15 +36,19 @@ def _cursor(request: Request[Any, Any, Any], after: str | None) -> str | None:
 class StreamController(Controller):
     path = "/api/v1/sessions"
 
-    @get("/{sid:str}/stream", opt={"stream_token": True})
+    @get("/{sid:str}/stream", opt={"scope": "stream", "stream_token": True, "sse": True})
     async def stream(
         self,
         request: Request[Any, Any, Any],
         sid: str,
         after: str | None = None,
         token: str | None = None,
-    ) -> Stream:
+    ) -> Stream | Response[bytes]:
         """SSE. Browsers, which cannot send headers, pass a stream token as `?token=`."""
+        if request.state.retry_ms is not None:
+            return come_back_later(
+                sid, request.state.retry_ms, "too many stream connections with this credential"
+            )
         svc = services_of(request)
         session = await owned_session(svc, sid, tenant_of(request))
         raw = _cursor(request, after)
@@ -60,21 +63,12 @@ class StreamController(Controller):
                 "Last-Event-ID and `after` must be a seq: a non-negative integer below 10^18",
                 field="after",
             )
+        events = _events(svc, sid, session.sandbox_id, start)
+        grant = principal_of(request).grant
         return Stream(
-            _events(svc, sid, session.sandbox_id, start),
+            events if grant is None else until_expiry(events, grant),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-
-    @post("/{sid:str}/stream-token", status_code=201)
-    async def stream_token(self, request: Request[Any, Any, Any], sid: str) -> StreamToken:
-        """A short-lived token that opens this session's stream and nothing else."""
-        svc = services_of(request)
-        await owned_session(svc, sid, tenant_of(request))
-        ttl = svc.settings.stream_token_seconds
-        token = await mint_stream_token(svc.redis, principal_of(request), sid, ttl)
-        return StreamToken(
-            token=token, expires_in=ttl, stream_url=f"/api/v1/sessions/{sid}/stream?token={token}"
         )
 
 
@@ -85,8 +79,9 @@ async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> Async
     try:
         async with svc.hub.subscribe(sid) as queue:
             # The body starts at once, so proxies and clients see the stream is
-            # open; `retry` tells EventSource how soon to come back if it drops.
-            yield f"retry: {RECONNECT_MS}\n: stream open\n\n".encode()
+            # open; `retry` tells EventSource how soon to come back if it drops,
+            # and `id` where from, even if it drops before the first event.
+            yield f"retry: {RECONNECT_MS}\nid: {after}\n: stream open\n\n".encode()
             if svc.hub.draining:
                 yield _reconnect_frame(sid, "this API process is shutting down")
                 return

@@ -3,8 +3,10 @@
 # what confines sandboxes (bubblewrap; prlimit, setpriv, nsenter; slirp4netns and
 # iproute2 for private networks; libseccomp), mkfs.btrfs for the disk-quota tests,
 # and the tools that check the deployment files: nginx (the proxy config, run in
-# front of two APIs), promtool (the alert rules) and systemd-analyze (the units).
-# Installs Debian's packages when we may; otherwise says what is missing.
+# front of two APIs), promtool (the alert rules) and systemd-analyze (the units);
+# Chromium for the browser tests (Playwright drives Debian's build and never
+# downloads its own). Installs Debian's packages when we may; otherwise says what
+# is missing.
 set -euo pipefail
 missing=()
 if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null 2>&1; then
@@ -19,6 +21,7 @@ ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || missing+=(libseccomp2)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   apt-get update -qq

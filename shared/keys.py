@@ -61,9 +61,16 @@ def idempotency(tenant: str, key_digest: str) -> str:
     return f"{PREFIX}:idem:{tenant}:{key_digest}"
 
 
-def stream_token(digest: str) -> str:
-    """A stream token's grant, kept under the token's SHA-256 for its lifetime."""
-    return f"{PREFIX}:stream-token:{digest}"
+def grant(digest: str) -> str:
+    """What a stream token or browser credential allows, kept under the token's
+    SHA-256 (never the token) for its lifetime (`api.grants`)."""
+    return f"{PREFIX}:grant:{digest}"
+
+
+def stream_connects(credential_id: str, minute: int) -> str:
+    """Stream (re)connections of one key or grant in one minute: a budget of their
+    own, apart from the REST requests counted by `rate`."""
+    return f"{PREFIX}:stream-connects:{credential_id}:{minute}"
 
 
 def sandbox(sandbox_id: str) -> str:

@@ -7,6 +7,7 @@ one. Nothing else in the code base reads `os.environ` for service settings.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import msgspec
@@ -14,6 +15,10 @@ import msgspec
 from shared.models import TOOL_NAMES, AgentConfig
 
 PREFIX = "SANDSTREAM_"
+# An origin as browsers send it: no path, no wildcard (Litestar would read `*` as one).
+_ORIGIN = re.compile(
+    r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$"
+)
 
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
@@ -31,7 +36,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     api_keys: str = ""
     api_keys_file: str = ""
     admin_keys: str = ""
+    # browsers (api/grants.py, api/browser.py): a stream token opens its stream
+    # for minutes, and resumes it (Last-Event-ID) across restarts for hours.
     stream_token_seconds: int = 300
+    stream_grant_seconds: int = 14_400
+    grant_seconds: int = 3600
+    grant_max_seconds: int = 43_200
+    stream_connects_per_minute: int = 600
+    cors_origins: str = ""
+    public_url: str = ""
     idempotency_seconds: int = 86_400
     rate_limit_per_minute: int = 600
     access_log: bool = False
@@ -94,6 +107,23 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError(f"provider must be demo, anthropic or openai, not {self.provider!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
+        for origin in self.cors_origin_list():
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(
+                    f"cors_origins: {origin!r} is not an origin (scheme://host[:port]) or *"
+                )
+        if self.public_url and not _ORIGIN.match(self.public_url.rstrip("/")):
+            raise ValueError(f"public_url must be scheme://host[:port], not {self.public_url!r}")
+        if not 0 < self.grant_seconds <= self.grant_max_seconds:
+            raise ValueError("grant_seconds must be positive and at most grant_max_seconds")
+        if not 0 < self.stream_token_seconds <= self.stream_grant_seconds:
+            raise ValueError(
+                "stream_token_seconds must be positive and at most stream_grant_seconds"
+            )
+
+    def cors_origin_list(self) -> list[str]:
+        """The origins whose pages may call the API (`*`: any, for development)."""
+        return [part.strip().rstrip("/") for part in self.cors_origins.split(",") if part.strip()]
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

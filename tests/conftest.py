@@ -17,6 +17,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -25,11 +26,14 @@ import redis
 from fake_llm import FakeLLM
 from helpers import Box, free_port
 
+from shared import keys
 from shared.sandbox.confinement import Confinement, SandboxSpec
 from shared.sandbox.workspace import prepare_workspace
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+# Chromium, the page server and the stack of the browser tests.
+pytest_plugins = ("browser",)
 ALPHA_KEY = "alpha-key-0123456789abcdef"
 BETA_KEY = "beta-key-0123456789abcdef"
 ADMIN_KEY = "admin-key-0123456789abcdef"
@@ -145,6 +149,8 @@ class Stack:
         }
         self.procs: list[Proc] = []
         self.api = self._start("api")
+        # API processes by port, so that one can be restarted where it was.
+        self.apis: dict[int, Proc] = {self.port: self.api}
         _wait_for(self._ready, 30, "the API", self.api)
         self.workers = [self.start_worker() for _ in range(workers)]
 
@@ -164,24 +170,52 @@ class Stack:
             headers={"Authorization": f"Bearer {key}"},
         )
 
-    def start_api(self) -> str:
-        """Another API process on its own port; returns its base URL."""
-        port = free_port()
+    def start_api(self, port: int | None = None) -> str:
+        """Another API process on its own port (or on `port`); returns its base URL."""
+        port = port or free_port()
         proc = Proc(
             [sys.executable, "-m", "api"],
             {**self.env, "SANDSTREAM_PORT": str(port)},
             self.workdir / f"api-{len(self.procs)}.log",
         )
         self.procs.append(proc)
+        self.apis[port] = proc
         base = f"http://127.0.0.1:{port}"
         _wait_for(
             lambda: httpx.get(base + "/readyz", timeout=1).status_code == 200, 30, "API", proc
         )
         return base
 
+    def restart_api(self, port: int | None = None) -> None:
+        """Stop the API process on `port` (the first API's by default) as a deploy
+        would, with SIGTERM, and start a new one on the same port."""
+        port = port or self.port
+        self.apis[port].stop()
+        self.start_api(port)
+        if port == self.port:
+            self.api = self.apis[port]
+
     def start_worker(self) -> Proc:
+        """A worker, returned once its first heartbeat is in Redis: its signal
+        handlers are in place by then, so a test may SIGTERM it at once, however
+        loaded the machine. Gives up after 15 s, or when the worker exits."""
         worker = self._start("worker")
-        time.sleep(0.3)
+        mark = f":{worker.popen.pid}:"
+        client = redis.Redis.from_url(
+            self.env["SANDSTREAM_REDIS_URL"],
+            password=self.env.get("SANDSTREAM_REDIS_PASSWORD") or None,
+        )
+        deadline = time.monotonic() + 15
+        try:
+            while time.monotonic() < deadline and worker.popen.poll() is None:
+                members = client.zrange(keys.WORKERS, 0, -1)
+                if any(mark in member.decode() for member in members):
+                    break
+                time.sleep(0.05)
+        except redis.RedisError:
+            time.sleep(0.3)  # a Redis this client cannot reach (TLS): the old grace
+        finally:
+            client.close()
         return worker
 
     def _ready(self) -> bool:
@@ -262,6 +296,43 @@ def make_stack(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Stack]]
     yield make
     for running in started:
         running.stop()
+
+
+@contextmanager
+def nginx_proxy(api_ports: list[int], workdir: Path) -> Iterator[tuple[str, Path]]:
+    """deploy/nginx/nginx.conf in front of the APIs on `api_ports`; only the
+    upstream addresses, the port and the scratch paths differ from the shipped
+    file. Yields the proxy's base URL and its log (error log included)."""
+    port = free_port()
+    conf = (ROOT / "deploy" / "nginx" / "nginx.conf").read_text()
+    upstreams = "\n        ".join(f"server 127.0.0.1:{p} max_fails=0;" for p in api_ports)
+    for old, new in (
+        ("server api:8000 resolve max_fails=0;", upstreams),
+        ("listen 8080;", f"listen 127.0.0.1:{port};"),
+        ("/tmp/", f"{workdir}/"),
+    ):
+        assert old in conf
+        conf = conf.replace(old, new)
+    path = workdir / "nginx.conf"
+    path.write_text(conf)
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+    if nginx is None:
+        pytest.fail("nginx is missing: scripts/ensure-tools.sh installs it")
+    checked = subprocess.run([nginx, "-t", "-c", str(path)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    log_path = workdir / "nginx.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        [nginx, "-c", str(path), "-g", "daemon off;"], stdout=log, stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(lambda: httpx.get(base + "/healthz", timeout=1).status_code == 200, 10, "nginx")
+        yield base, log_path
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
 
 
 class RedisServer:

@@ -135,7 +135,9 @@ def test_stream_token_opens_that_stream_only(
         )
 
 
-def test_stream_token_expires(make_stack: Callable[..., Stack]) -> None:
+def test_stream_token_url_stops_opening_its_stream_after_its_window(
+    make_stack: Callable[..., Stack],
+) -> None:
     stack = make_stack(stream_token_seconds="1")
     with stack.client() as client:
         sandbox = client.post("/sandboxes", json={}).json()["id"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import ADMIN_KEY, ALPHA_KEY, ROOT, RedisServer, Stack, _wait_for
+from conftest import ADMIN_KEY, ALPHA_KEY, ROOT, RedisServer, Stack, _wait_for, nginx_proxy
 from helpers import ResumingReader, free_port, new_session, text_message
 
 DEPLOY = ROOT / "deploy"
@@ -38,40 +38,12 @@ def _tool(name: str) -> str:
 
 @pytest.fixture
 def proxy(make_stack: Callable[..., Stack], tmp_path: Path) -> Iterator[tuple[Stack, str]]:
-    """deploy/nginx/nginx.conf in front of two API processes; only the upstream
-    addresses, the port and the scratch paths differ from the shipped file."""
+    """deploy/nginx/nginx.conf in front of two API processes (`nginx_proxy`)."""
     stack = make_stack()
     second = stack.start_api()
-    port = free_port()
-    conf = (DEPLOY / "nginx" / "nginx.conf").read_text()
-    upstreams = (
-        f"server 127.0.0.1:{stack.port} max_fails=0;\n"
-        f"        server {second.removeprefix('http://')} max_fails=0;"
-    )
-    for old, new in (
-        ("server api:8000 resolve max_fails=0;", upstreams),
-        ("listen 8080;", f"listen 127.0.0.1:{port};"),
-        ("/tmp/", f"{tmp_path}/"),
-    ):
-        assert old in conf
-        conf = conf.replace(old, new)
-    path = tmp_path / "nginx.conf"
-    path.write_text(conf)
-    nginx = _tool("nginx")
-    checked = subprocess.run([nginx, "-t", "-c", str(path)], capture_output=True, text=True)
-    assert checked.returncode == 0, checked.stderr
-    log = (tmp_path / "nginx.log").open("wb")
-    proc = subprocess.Popen(
-        [nginx, "-c", str(path), "-g", "daemon off;"], stdout=log, stderr=subprocess.STDOUT
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_for(lambda: httpx.get(base + "/healthz", timeout=1).status_code == 200, 10, "nginx")
+    ports = [stack.port, int(second.rsplit(":", 1)[1])]
+    with nginx_proxy(ports, tmp_path) as (base, _log):
         yield stack, base
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
 
 
 def test_proxy_streams_live_and_survives_a_replica_stopping(proxy: tuple[Stack, str]) -> None:
@@ -315,3 +287,29 @@ def test_compose_file_wires_the_stack() -> None:
     nginx = (DEPLOY / "nginx" / "nginx.conf").read_text()
     for directive in ("proxy_buffering off;", "proxy_read_timeout 1h;", "proxy_http_version 1.1;"):
         assert directive in nginx
+
+
+def test_proxy_closes_a_stream_it_cannot_serve_and_logs_no_token(
+    make_stack: Callable[..., Stack], tmp_path: Path
+) -> None:
+    """With no replica up, a stream request gets its connection closed (444), on
+    which EventSource retries, not a 502, on which it gives up for good; and the
+    error log, which quotes request lines, does not quote the stream token."""
+    stack = make_stack()
+    with stack.client() as client:
+        sid = new_session(client)
+        token = client.post(f"/sessions/{sid}/stream-token").json()["token"]
+    with nginx_proxy([stack.port], tmp_path) as (base, log):
+        stack.api.stop()
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.get(
+                f"{base}/api/v1/sessions/{sid}/stream",
+                params={"token": token},
+                headers={"Accept": "text/event-stream"},
+                timeout=10,
+            )
+        # Other requests still get the proxy's 502, and are logged.
+        assert httpx.get(base + "/api/v1/sandboxes", timeout=10).status_code == 502
+    text = log.read_text()
+    assert "/api/v1/sandboxes" in text
+    assert token not in text and "token=" not in text

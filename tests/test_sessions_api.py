@@ -209,7 +209,9 @@ def test_wait_limit_answers_202_and_the_turn_still_completes(
     body = response.json()
     assert body["state"] == "running" and is_uuid(body["turn_id"])
     assert response.headers["location"] == f"/api/v1/sessions/{session_id}"
-    assert body["stream_url"].startswith(f"/api/v1/sessions/{session_id}/stream")
+    # Absolute, so a page on another origin can follow it as it is.
+    api = str(client.base_url).rstrip("/")
+    assert body["stream_url"].startswith(f"{api}/sessions/{session_id}/stream")
 
     deadline = time.monotonic() + 10
     while client.get(f"/sessions/{session_id}").json()["state"] != "active":

@@ -62,7 +62,8 @@ def test_keepalive_has_no_id_and_reports_latest_seq(client: httpx.Client, sessio
     reader.join(10)
     assert len(reader.keepalives) == 2
     for event_id, payload in reader.keepalives:
-        assert event_id == ""
+        # The stream opened with `id: <its cursor>`; a keepalive never moves it.
+        assert event_id == str(latest)
         assert payload["type"] == "keepalive" and payload["latest_seq"] == latest
         assert payload["session_id"] == session_id
 
