@@ -1,4 +1,4 @@
-"""FileClient: talks to the file service running inside a sandbox (`fileserver`).
+"""FileClient: talks to the file service running inside a sandbox (`fileservice`).
 
 The service is one long-lived process per open sandbox, started on the first
 request: a file tool then costs a round trip over a pipe, not a bubblewrap
@@ -31,7 +31,14 @@ T = TypeVar("T", bound=msgspec.Struct)
 
 
 class FileRefused(Exception):
-    """The service refused or failed the request; the message is for the model."""
+    """The service refused or failed the request; the message is for the model (or
+    the API's client); `code` says what kind of refusal it is, `entry` names the
+    archive entry refused."""
+
+    def __init__(self, message: str, code: str = "refused", entry: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.entry = entry
 
 
 class FileServiceBroken(Exception):
@@ -70,6 +77,8 @@ class ClearReply(msgspec.Struct, forbid_unknown_fields=True):
 class _Refusal(msgspec.Struct, forbid_unknown_fields=True):
     ok: bool
     error: str
+    code: str = "refused"
+    entry: str | None = None
 
 
 Spawn = Callable[[], Awaitable[asyncio.subprocess.Process]]
@@ -130,7 +139,9 @@ def _decode(payload: bytes, reply_type: type[T]) -> T:
     try:
         raw = msgspec.json.decode(payload)
         if isinstance(raw, dict) and raw.get("ok") is False:
-            raise FileRefused(msgspec.convert(raw, _Refusal).error[:2000])
+            refusal = msgspec.convert(raw, _Refusal)
+            entry = refusal.entry[:1000] if refusal.entry is not None else None
+            raise FileRefused(refusal.error[:2000], refusal.code[:64], entry)
         return msgspec.convert(raw, reply_type)
     except (msgspec.DecodeError, msgspec.ValidationError):
         raise FileServiceBroken("the sandbox's file service answered out of protocol") from None
