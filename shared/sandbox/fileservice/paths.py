@@ -92,6 +92,21 @@ def open_no_symlinks(dirfd: int, rel: str, flags: int, mode: int = 0o644) -> int
             os.close(current)
 
 
+def open_beneath(dirfd: int, rel: str, flags: int) -> int:
+    """Open `rel` beneath `dirfd`, following links only while they stay beneath
+    it: EXDEV when they lead out, ELOOP when they loop."""
+    flags = _flags(flags)
+    if _have_openat2[0]:
+        try:
+            return _openat2(dirfd, rel, flags, 0, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            _have_openat2[0] = False
+    # Before Linux 5.6 there is no such check; callers' lexical checks stand alone.
+    return os.open(rel, flags, dir_fd=dirfd)
+
+
 class Workspace:
     """The workspace root, held open; paths are opened beneath it."""
 
@@ -177,15 +192,18 @@ def exists(ws: Workspace, rel: str, shown: str) -> bool:
     return True
 
 
-def make_dirs(ws: Workspace, rel: str, shown: str) -> None:
-    """Create the directory `rel` and those above it, one at a time, each beneath the root."""
+def make_dirs(ws: Workspace, rel: str, shown: str) -> list[str]:
+    """Create the directory `rel` and those above it, one at a time, each beneath
+    the root; returns those it created, outermost first."""
     if rel == "." or exists(ws, rel, shown):
-        return
+        return []
+    made: list[str] = []
     done = ""
     for part in rel.split("/"):
         directory = ws.open(done or ".", os.O_RDONLY | os.O_DIRECTORY, shown)
         try:
             os.mkdir(part, 0o755, dir_fd=directory)
+            made.append(os.path.join(done, part) if done else part)
         except FileExistsError:
             pass
         except NotADirectoryError:
@@ -193,13 +211,29 @@ def make_dirs(ws: Workspace, rel: str, shown: str) -> None:
         finally:
             os.close(directory)
         done = os.path.join(done, part) if done else part
+    return made
 
 
-def make_parents(ws: Workspace, rel: str, shown: str) -> None:
-    """Create the directories `rel` needs."""
+def remove_made(ws: Workspace, made: list[str]) -> None:
+    """Undo `make_dirs` after a failure: remove what it created, if still empty."""
+    for rel in reversed(made):
+        parent, name = os.path.split(rel)
+        try:
+            directory = ws.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY, rel)
+        except (OSError, Refused):
+            return
+        try:
+            os.rmdir(name, dir_fd=directory)
+        except OSError:
+            return
+        finally:
+            os.close(directory)
+
+
+def make_parents(ws: Workspace, rel: str, shown: str) -> list[str]:
+    """Create the directories `rel` needs; returns those it created."""
     parent = os.path.dirname(rel)
-    if parent:
-        make_dirs(ws, parent, shown)
+    return make_dirs(ws, parent, shown) if parent else []
 
 
 def read_all(fd: int, limit: int) -> bytes:

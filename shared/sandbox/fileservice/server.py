@@ -11,12 +11,26 @@ from collections.abc import Callable
 from typing import Any
 
 from .frames import Aborted, Frames, ProtocolError, widen_pipe
+from .pack import pack
 from .paths import Refused, Workspace, os_error_reply
+from .snapshot import changes, snapshot
 from .tools import TOOL_OPS
+from .transfer import list_dir, open_file, put, remove
+from .unpack import unpack
 
 Op = Callable[[Workspace, dict[str, Any], Frames], "dict[str, Any] | None"]
 
-OPS: dict[str, Op] = {**TOOL_OPS}
+OPS: dict[str, Op] = {
+    **TOOL_OPS,
+    "put": put,
+    "open": open_file,
+    "ls": list_dir,
+    "rm": remove,
+    "unpack": unpack,
+    "pack": pack,
+    "snapshot": snapshot,
+    "changes": changes,
+}
 
 
 def serve(ws: Workspace, frames: Frames) -> None:

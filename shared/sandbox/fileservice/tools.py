@@ -11,7 +11,6 @@ import functools
 import os
 import shutil
 import stat
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +24,7 @@ from .paths import (
     read_all,
     write_all,
 )
+from .walk import Budget
 
 # ---- the file tools ---------------------------------------------------------------
 
@@ -111,24 +111,6 @@ def edit(ws: Workspace, request: dict[str, Any], frames: Frames) -> dict[str, An
 
 
 # ---- listing and globs -------------------------------------------------------------
-
-
-class Budget:
-    """How much a walk may examine, and for how long."""
-
-    def __init__(self, entries: int, seconds: float) -> None:
-        self.entries = entries
-        self.deadline = time.monotonic() + seconds
-        self.examined = 0
-        self.stopped: str | None = None
-
-    def spend(self) -> bool:
-        self.examined += 1
-        if self.examined > self.entries:
-            self.stopped = f"examined {self.entries} entries"
-        elif self.examined % 256 == 0 and time.monotonic() > self.deadline:
-            self.stopped = "ran out of time"
-        return self.stopped is None
 
 
 def _walk(
