@@ -105,99 +105,118 @@ def _check_preconditions(
     return stat_key(info) if info is not None else None
 
 
-def temporary_file(parent: int) -> tuple[int, str | None]:
-    """An unnamed file in `parent` (or a hidden named one, where O_TMPFILE is
-    not supported), writable by this process only."""
+def temporary_file(directory: int, access: int = os.O_WRONLY) -> tuple[int, str | None]:
+    """An unnamed file in `directory` (or a hidden named one, where O_TMPFILE
+    is not supported), for this process only."""
     try:
-        return os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=parent), None
+        flags = os.O_TMPFILE | access | os.O_CLOEXEC
+        return os.open(".", flags, 0o600, dir_fd=directory), None
     except OSError as exc:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             raise
     name = _TEMPORARY_PREFIX + secrets.token_hex(8)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    return os.open(name, flags, 0o600, dir_fd=parent), name
+    flags = access | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(name, flags, 0o600, dir_fd=directory), name
 
 
-def _commit(fd: int, named: str | None, parent: int, name: str, replace: bool) -> None:
-    """Put the written file at `name`: over what is there, or only if nothing is."""
-    if named is None:
-        named = _TEMPORARY_PREFIX + secrets.token_hex(8)
-        os.link(f"/proc/self/fd/{fd}", named, dst_dir_fd=parent, follow_symlinks=True)
+def _nearest_directory(ws: Workspace, rel: str, shown: str) -> int:
+    """The directory `rel` or, if it does not exist yet, its nearest ancestor that does."""
+    while True:
+        try:
+            return ws.open(rel, os.O_RDONLY | os.O_DIRECTORY, shown)
+        except FileNotFoundError:
+            if rel == ".":
+                raise
+            rel = os.path.dirname(rel) or "."
+        except NotADirectoryError:
+            raise Refused(f"a parent of {shown!r} is not a directory", "not_a_directory") from None
+
+
+def _commit(fd: int, named: str | None, holder: int, parent: int, name: str, replace: bool) -> None:
+    """Put the written file (unnamed, or `named` in the directory `holder`) at
+    `name` in `parent`: over what is there, or only if nothing is."""
+    source, source_dir = named, holder
+    if source is None:
+        source, source_dir = _TEMPORARY_PREFIX + secrets.token_hex(8), parent
+        os.link(f"/proc/self/fd/{fd}", source, dst_dir_fd=parent, follow_symlinks=True)
     try:
         if replace:
-            os.rename(named, name, src_dir_fd=parent, dst_dir_fd=parent)
-            named = None
+            os.rename(source, name, src_dir_fd=source_dir, dst_dir_fd=parent)
+            source = None
         else:
-            os.link(named, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
+            os.link(source, name, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False)
     except FileExistsError:
         raise Refused(f"{name!r} exists (If-None-Match)", "precondition_failed") from None
     except IsADirectoryError:
         raise Refused(f"{name!r} is a directory", "is_a_directory") from None
     finally:
-        if named is not None:
-            os.unlink(named, dir_fd=parent)
+        if source is not None:
+            os.unlink(source, dir_fd=source_dir)
 
 
-def _write(
-    ws: Workspace,
-    rel: str,
-    shown: str,
-    request: dict[str, Any],
-    frames: Frames,
-    checked: list[int] | None,
-) -> tuple[os.stat_result, Any, os.stat_result | None]:
-    """Write the data to come to `rel`; its stat, its hash and what was there before."""
-    conditional = request.get("if_match") is not None or request.get("if_none_match") is not None
-    parent_rel, name = os.path.split(rel)
-    parent = ws.open_dir(parent_rel or ".", parent_rel)
+def _existing(parent: int, name: str, shown: str) -> os.stat_result | None:
+    """What `name` is now in `parent` (not following a link); a directory is refused."""
     try:
-        try:
-            before = os.stat(name, dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            before = None
-        if before is not None and stat.S_ISDIR(before.st_mode):
-            raise Refused(f"{shown!r} is a directory", "is_a_directory")
-        fd, named = temporary_file(parent)
-        try:
-            frames.write_json({"ok": True, "ready": True})
-            digest = hashlib.sha256()
-            for chunk in frames.data_in(int(request["max_bytes"])).chunks():
-                write_all(fd, chunk)
-                digest.update(chunk)
-            if conditional:
-                info, held = _target(ws, rel, shown)
-                if held is not None:
-                    os.close(held)
-                if (stat_key(info) if info is not None else None) != checked:
-                    _check_preconditions(ws, rel, shown, request)  # changed meanwhile
-            keep = before is not None and stat.S_ISREG(before.st_mode)
-            os.fchmod(fd, stat.S_IMODE(before.st_mode) if before and keep else 0o644)
-            replace = request.get("if_none_match") != "*"
-            committing, named = named, None  # _commit removes its name on failure
-            _commit(fd, committing, parent, name, replace)
-            info = os.fstat(fd)
-        finally:
-            os.close(fd)
-            if named is not None:
-                os.unlink(named, dir_fd=parent)
-    finally:
-        os.close(parent)
-    return info, digest, before
+        before = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISDIR(before.st_mode):
+        raise Refused(f"{shown!r} is a directory", "is_a_directory")
+    return before
+
+
+def _receive(fd: int, request: dict[str, Any], frames: Frames) -> Any:
+    frames.write_json({"ok": True, "ready": True})
+    digest = hashlib.sha256()
+    for chunk in frames.data_in(int(request["max_bytes"])).chunks():
+        write_all(fd, chunk)
+        digest.update(chunk)
+    return digest
 
 
 def put(ws: Workspace, request: dict[str, Any], frames: Frames) -> dict[str, Any]:
+    """Write the data to come to a file: it appears whole when all of it came,
+    with its parent directories (which, like the file, are not made before)."""
     shown = str(request["path"])
     rel = ws.relative(shown)
     if rel == ".":
         raise Refused("the workspace root is a directory", "is_a_directory")
     conditional = request.get("if_match") is not None or request.get("if_none_match") is not None
     checked = _check_preconditions(ws, rel, shown, request) if conditional else None
-    made = make_parents(ws, rel, shown)
+    parent_rel, name = os.path.split(rel)
+    holder = _nearest_directory(ws, parent_rel or ".", shown)
     try:
-        info, digest, before = _write(ws, rel, shown, request, frames, checked)
-    except BaseException:
-        remove_made(ws, made)
-        raise
+        fd, named = temporary_file(holder)
+        try:
+            digest = _receive(fd, request, frames)
+            if conditional:
+                info, held = _target(ws, rel, shown)
+                if held is not None:
+                    os.close(held)
+                if (stat_key(info) if info is not None else None) != checked:
+                    _check_preconditions(ws, rel, shown, request)  # changed meanwhile
+            made = make_parents(ws, rel, shown)
+            try:
+                parent = ws.open_dir(parent_rel or ".", shown)
+                try:
+                    before = _existing(parent, name, shown)
+                    regular = before is not None and stat.S_ISREG(before.st_mode)
+                    os.fchmod(fd, stat.S_IMODE(before.st_mode) if before and regular else 0o644)
+                    replace = request.get("if_none_match") != "*"
+                    committing, named = named, None  # _commit removes its name on failure
+                    _commit(fd, committing, holder, parent, name, replace)
+                finally:
+                    os.close(parent)
+            except BaseException:
+                remove_made(ws, made)
+                raise
+            info = os.fstat(fd)
+        finally:
+            os.close(fd)
+            if named is not None:
+                os.unlink(named, dir_fd=holder)
+    finally:
+        os.close(holder)
     return {
         "ok": True,
         "path": rel,

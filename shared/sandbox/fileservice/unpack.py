@@ -167,9 +167,12 @@ def _tar_entry(archive: tarfile.TarFile, member: tarfile.TarInfo, staging: str) 
         raise refuse(name, "is a symlink leading outside the target directory")
     target_parts: tuple[str, ...] = ()
     if member.islnk():
-        target_parts = entry_parts(member.linkname) if member.linkname else ()
+        try:
+            target_parts = entry_parts(member.linkname)
+        except Refused:
+            target_parts = ()
         if not target_parts:
-            raise refuse(name, "is a hard link to nothing")
+            raise refuse(name, f"is a hard link to {member.linkname[:300]!r}, not a file it holds")
     try:
         member = tarfile.data_filter(member, staging)
     except tarfile.FilterError as exc:
@@ -227,7 +230,7 @@ def _zip_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Entry | None:
 def _zip_entries(data: DataIn, dest: int, limits: Limits) -> Iterator[Entry]:
     """A zip file's directory is at its end: it is spooled to an unnamed file in
     the target directory first (the quota counts it) and read from there."""
-    fd, named = temporary_file(dest)
+    fd, named = temporary_file(dest, os.O_RDWR)
     if named is not None:
         os.unlink(named, dir_fd=dest)  # kept open, gone from view
     with os.fdopen(fd, "w+b") as spool:
