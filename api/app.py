@@ -14,6 +14,7 @@ from typing import Any
 from litestar import Litestar
 
 from api.auth import KeyRing
+from api.files import FilesController
 from api.guard import authenticate
 from api.hub import EventHub
 from api.metrics import PROMETHEUS, MetricsController, forget_dead_processes
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
         finally:
             restore()
+            await app.state.services.files.close()
             await hub.stop()
             await redis.aclose()
             confinement = app.state.services.confinement
@@ -58,6 +60,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return Litestar(
         route_handlers=[
             SandboxController,
+            FilesController,
             SessionController,
             StreamController,
             OpsController,
