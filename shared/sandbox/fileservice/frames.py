@@ -27,7 +27,7 @@ HEADER = struct.Struct(">cI")
 JSON, DATA, END, ABORT = b"J", b"D", b"E", b"A"
 MAX_JSON_BYTES = 64 << 20
 MAX_DATA_BYTES = 4 << 20
-CHUNK = 256 << 10
+CHUNK = 1 << 20
 _F_SETPIPE_SZ = 1031
 
 
