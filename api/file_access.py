@@ -93,20 +93,24 @@ class SandboxFiles:
                 sandbox = self._take(spec)
                 try:
                     yield sandbox
-                except BaseException:
-                    await sandbox.close()
-                    raise
-                if sandbox.files.alive and len(self._idle.get(spec.sandbox_id, ())) < (
-                    IDLE_PER_SANDBOX
-                ):
-                    self._idle.setdefault(spec.sandbox_id, []).append((sandbox, time.monotonic()))
-                    self._sweep_later()
-                else:
-                    await sandbox.close()
+                finally:
+                    # Alive means its last conversation ended as the protocol says
+                    # (a refusal too); one left mid-way was stopped by its channel.
+                    await self._keep_or_close(sandbox)
         finally:
             users[0] -= 1
             if not users[0]:
                 del self._slots[spec.sandbox_id]
+
+    async def _keep_or_close(self, sandbox: OpenSandbox) -> None:
+        idle = self._idle.setdefault(sandbox.spec.sandbox_id, [])
+        if sandbox.files.alive and len(idle) < IDLE_PER_SANDBOX:
+            idle.append((sandbox, time.monotonic()))
+            self._sweep_later()
+            return
+        if not idle:
+            del self._idle[sandbox.spec.sandbox_id]
+        await sandbox.close()
 
     def _take(self, spec: SandboxSpec) -> OpenSandbox:
         idle = self._idle.get(spec.sandbox_id)

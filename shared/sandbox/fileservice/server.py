@@ -46,7 +46,7 @@ def serve(ws: Workspace, frames: Frames) -> None:
             reply = os_error_reply(ws, exc)
         except MemoryError:
             reply = Refused("the request needed more memory than the sandbox has", "io").reply()
-        except (KeyError, TypeError, ValueError, zlib.error):
+        except (LookupError, TypeError, ValueError, ArithmeticError, zlib.error):
             reply = {"ok": False, "error": "malformed request", "code": "malformed"}
         # None: the operation wrote its last frame itself (data and its end).
         if reply is not None:

@@ -135,6 +135,13 @@ def link_stays_inside(parts: tuple[str, ...], target: str) -> bool:
     return True
 
 
+def _timestamp(value: float | int | None) -> float | None:
+    """An entry's modification time, if it is one a file can have."""
+    if not value or not 0 < value < 1 << 33:
+        return None
+    return float(value)
+
+
 def _safe_mode(mode: int) -> int:
     """A file's mode as `data_filter` would keep it: owner read-write, execute
     only if the owner had it, no group or other write, no special bits."""
@@ -178,7 +185,7 @@ def _tar_entry(archive: tarfile.TarFile, member: tarfile.TarInfo, staging: str) 
     except tarfile.FilterError as exc:
         reason = _FILTER_REASONS.get(type(exc), "was refused by tarfile's data filter")
         raise refuse(name, reason) from None
-    mtime = float(member.mtime) if member.mtime else None
+    mtime = _timestamp(member.mtime)
     if member.isreg():
         return Entry(
             name,
@@ -211,7 +218,10 @@ def _zip_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Entry | None:
         return None
     mode = info.external_attr >> 16 if info.create_system == _ZIP_UNIX else 0
     kind = stat.S_IFMT(mode)
-    mtime = time.mktime((*info.date_time, 0, 0, -1))
+    try:
+        mtime = _timestamp(time.mktime((*info.date_time, 0, 0, -1)))
+    except (OverflowError, ValueError):
+        mtime = None
     if info.is_dir() or kind == stat.S_IFDIR:
         return Entry(name, parts, "dir")
     if kind == stat.S_IFLNK:
