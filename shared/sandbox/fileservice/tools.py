@@ -9,7 +9,6 @@ from __future__ import annotations
 import fnmatch
 import functools
 import os
-import shutil
 import stat
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -221,6 +220,8 @@ def list_files(ws: Workspace, request: dict[str, Any], frames: Frames) -> dict[s
 
 def clear(ws: Workspace, request: dict[str, Any], frames: Frames) -> dict[str, Any]:
     """Remove everything in the workspace (the sandbox is being deleted)."""
+    import shutil
+
     left = 0
     with os.scandir(ws.fd) as entries:
         names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
@@ -233,12 +234,3 @@ def clear(ws: Workspace, request: dict[str, Any], frames: Frames) -> dict[str, A
         except OSError:
             left += 1
     return {"ok": True, "left": left}
-
-
-TOOL_OPS = {
-    "read_text": read_text,
-    "write_text": write_text,
-    "edit": edit,
-    "list": list_files,
-    "clear": clear,
-}

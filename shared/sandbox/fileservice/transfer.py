@@ -16,7 +16,6 @@ import errno
 import hashlib
 import os
 import secrets
-import shutil
 import stat
 import time
 from typing import Any
@@ -358,6 +357,8 @@ def remove(ws: Workspace, request: dict[str, Any], frames: Frames) -> dict[str, 
         if not stat.S_ISDIR(info.st_mode):
             os.unlink(name, dir_fd=parent)
         elif request.get("recursive"):
+            import shutil
+
             # The descriptor-based rmtree: it never follows a link out of the tree.
             shutil.rmtree(name, dir_fd=parent)
         else:
