@@ -22,7 +22,7 @@ import pytest
 import redis
 from archives import CRAFTED, REPOSITORY, repository_tar, repository_zip
 from conftest import ALPHA_KEY, BETA_KEY, Stack
-from helpers import text_message
+from helpers import run_in_sandbox
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("bwrap") or not shutil.which("mkfs.btrfs"),
@@ -74,11 +74,9 @@ def sandbox(alpha: httpx.Client) -> str:
 
 
 def run(client: httpx.Client, sandbox: str, command: str) -> str:
-    """What `command` prints, run by the demo agent in the sandbox."""
+    """What `command` prints, run by the demo agent in a new session of the sandbox."""
     sid = client.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"]
-    reply = client.post(f"/sessions/{sid}/messages", json=text_message(f"run: {command}"))
-    assert reply.status_code == 200, reply.text
-    return str(reply.json()["content"][1]["content"])
+    return str(run_in_sandbox(client, sid, command)["content"])
 
 
 def _workspace(stack: Stack, sandbox: str) -> Path:
