@@ -19,9 +19,13 @@ import fcntl
 import json
 import os
 import struct
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING
 
 from .paths import Refused
+
+if TYPE_CHECKING:  # typing costs the service's start-up time
+    from typing import Any, BinaryIO
+
 
 HEADER = struct.Struct(">cI")
 JSON, DATA, END, ABORT = b"J", b"D", b"E", b"A"

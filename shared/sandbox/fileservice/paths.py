@@ -12,7 +12,10 @@ import ctypes
 import errno
 import os
 import stat
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # typing costs the service's start-up time
+    from typing import Any
 
 
 class Refused(Exception):

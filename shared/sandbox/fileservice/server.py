@@ -9,18 +9,22 @@ that runs a tool).
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .frames import Aborted, Frames, ProtocolError, widen_pipe
 from .paths import Refused, Workspace, os_error_reply
 
-Op = Callable[[Workspace, dict[str, Any], Frames], "dict[str, Any] | None"]
+if TYPE_CHECKING:  # typing costs the service's start-up time
+    from typing import Any
+
+
+if TYPE_CHECKING:
+    Op = Callable[[Workspace, dict[str, Any], Frames], dict[str, Any] | None]
 
 # request op -> (module, function)
 OPS: dict[str, tuple[str, str]] = {
@@ -42,7 +46,9 @@ OPS: dict[str, tuple[str, str]] = {
 
 def operation(name: str) -> Op:
     module, function = OPS[name]
-    found: Op = getattr(importlib.import_module(f".{module}", __package__), function)
+    qualified = f"{__package__}.{module}"
+    __import__(qualified)  # importlib itself is a few ms of start-up
+    found: Op = getattr(sys.modules[qualified], function)
     return found
 
 

@@ -23,10 +23,14 @@ import struct
 import time
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .frames import Frames
 from .paths import Refused, Workspace
+
+if TYPE_CHECKING:  # typing costs the service's start-up time
+    from typing import Any
+
 
 MAX_DEPTH = 64
 _MAGIC = b"sandstream-snapshot-2\n"

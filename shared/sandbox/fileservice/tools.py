@@ -11,7 +11,7 @@ import functools
 import os
 import stat
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .frames import Frames
 from .paths import (
@@ -24,6 +24,10 @@ from .paths import (
     write_all,
 )
 from .walk import Budget
+
+if TYPE_CHECKING:  # typing costs the service's start-up time
+    from typing import Any
+
 
 # ---- the file tools ---------------------------------------------------------------
 
