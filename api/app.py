@@ -15,6 +15,7 @@ from litestar import Litestar
 
 from api.auth import KeyRing
 from api.browser import GrantController
+from api.files import FilesController
 from api.guard import authenticate
 from api.hub import EventHub
 from api.metrics import PROMETHEUS, MetricsController, forget_dead_processes
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
         finally:
             restore()
+            await app.state.services.files.close()
             await hub.stop()
             await redis.aclose()
             confinement = app.state.services.confinement
@@ -62,6 +64,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return Litestar(
         route_handlers=[
             SandboxController,
+            FilesController,
             SessionController,
             StreamController,
             GrantController,

@@ -23,8 +23,11 @@ from api.schemas import (
     TurnAccepted,
 )
 from shared.models import (
+    ArchiveExtracted,
     CreateSandbox,
     CreateSession,
+    FileEntry,
+    FileWritten,
     Message,
     Sandbox,
     SendMessage,
@@ -35,6 +38,9 @@ from shared.ops import QueueReport, WorkerReport
 
 _REF = "#/components/schemas/{name}"
 _TYPES: list[Any] = [
+    FileEntry,
+    FileWritten,
+    ArchiveExtracted,
     CreateSandbox,
     CreateSession,
     SendMessage,
@@ -60,10 +66,14 @@ _ERRORS = {
     401: "missing or unknown API key (or browser credential, or stream token)",
     403: "an admin key is needed, or a browser credential does not cover this (`outside_grant`)",
     404: "no such resource (or another tenant's)",
+    409: "the path is in the way (a directory where a file is wanted, a directory not empty...)",
+    412: "If-Match or If-None-Match does not hold",
     413: "body over the size limit",
+    416: "the Range cannot be satisfied; Content-Range says the size",
     422: "body does not match the schema; `field` names where",
     429: "rate limited; see Retry-After",
-    503: "Redis unreachable",
+    503: "Redis unreachable, or the sandbox's file service unavailable",
+    507: "the sandbox's disk quota is full",
 }
 
 
@@ -106,10 +116,43 @@ _IDEMPOTENCY = {
     "description": "a retry with the same key and body gets the first request's outcome",
 }
 
+_ARCHIVE_TYPES = ("application/gzip", "application/x-tar", "application/zip")
+_BYTES = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_FILE_PATH = {
+    "name": "path",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1},
+    "description": "relative to the workspace, may hold `/`; NUL and `..` are refused (400)",
+}
+_FILE_HEADERS = {
+    name: {"schema": {"type": "string"}, "description": text}
+    for name, text in (
+        ("ETag", "the file's sha256, quoted (a strong validator)"),
+        ("Content-Length", "bytes in this response"),
+        ("Accept-Ranges", "`bytes`"),
+    )
+}
+
+
+def _header(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": description,
+    }
+
+
 _PAGING = [
     _query("limit", {"type": "integer", "minimum": 1, "maximum": 200}, "page size (50)"),
     _query("cursor", {"type": "string"}, "from the X-Next-Cursor header of the last page"),
 ]
+_RECURSIVE = _query(
+    "recursive", {"type": "boolean"}, "a directory's whole tree (list), or all it holds (delete)"
+)
+_DIRECTORY = _query("path", {"type": "string"}, "a directory relative to the workspace (its root)")
 
 
 def _operation(
@@ -120,6 +163,7 @@ def _operation(
     params: list[dict[str, Any]] | None = None,
     body: Any = None,
     body_required: bool = True,
+    raw_body: str | None = None,
     errors: tuple[int, ...] = (),
     public: bool = False,
     description: str = "",
@@ -136,6 +180,8 @@ def _operation(
             "required": body_required,
             "content": {"application/json": {"schema": _ref(body)}},
         }
+    if raw_body is not None:
+        operation["requestBody"] = {"required": False, "description": raw_body, "content": _BYTES}
     all_responses = {str(status): spec for status, spec in responses.items()}
     codes = set(errors) if public else {401, 429, 503, *errors}
     for status in sorted(codes):
@@ -223,6 +269,111 @@ def build_openapi(version: str) -> dict[str, Any]:
                 {200: _json({"type": "array", "items": _ref(Session)}, "one page")},
                 params=sandbox + _PAGING,
                 errors=(400, 404),
+            ),
+        },
+        "/api/v1/sandboxes/{sandbox_id}/files": {
+            method: _operation(
+                f"{method}WorkspaceRoot",
+                "List the workspace's root directory",
+                {200: _json({"type": "array", "items": _ref(FileEntry)}, "one page")},
+                params=[*sandbox, _RECURSIVE, *_PAGING],
+                errors=(400, 404, 503),
+            )
+            for method in ("get", "head")
+        },
+        "/api/v1/sandboxes/{sandbox_id}/files/{path}": {
+            **{
+                method: _operation(
+                    f"{method}File",
+                    "A file's bytes (Range, ETag), or a directory's entries",
+                    {
+                        200: {
+                            "description": "the file (Content-Type from its name), or for a "
+                            "directory a JSON array of FileEntry",
+                            "headers": _FILE_HEADERS,
+                            "content": {"*/*": {"schema": {}}},
+                        },
+                        206: {
+                            "description": "the byte range asked for; Content-Range says which",
+                            "headers": _FILE_HEADERS,
+                            "content": {"*/*": {"schema": {}}},
+                        },
+                        304: {"description": "If-None-Match holds: the client has this version"},
+                    },
+                    params=[
+                        *sandbox,
+                        _FILE_PATH,
+                        _RECURSIVE,
+                        *_PAGING,
+                        _header("Range", "one byte range, `bytes=first-last`"),
+                        _header("If-Range", "the ETag a Range applies to"),
+                        _header("If-Match", "ETags; 412 unless the file has one of them"),
+                        _header("If-None-Match", "ETags; 304 when the file has one of them"),
+                    ],
+                    errors=(400, 404, 409, 412, 416, 503),
+                )
+                for method in ("get", "head")
+            },
+            "put": _operation(
+                "putFile",
+                "Upload a file (the raw body), its parent directories made as needed",
+                {
+                    200: _json(_ref(FileWritten), "replaced"),
+                    201: _json(_ref(FileWritten), "created"),
+                },
+                params=[
+                    *sandbox,
+                    _FILE_PATH,
+                    _header("If-Match", "ETags; 412 unless the file has one of them"),
+                    _header("If-None-Match", "`*`: 412 if the file exists"),
+                ],
+                raw_body="the file's bytes",
+                errors=(400, 404, 409, 412, 413, 503, 507),
+            ),
+            "delete": _operation(
+                "deleteFile",
+                "Delete a file, a link, or a directory (empty, or with `recursive=true`)",
+                {204: {"description": "deleted"}},
+                params=[*sandbox, _FILE_PATH, _RECURSIVE],
+                errors=(400, 404, 409, 503),
+            ),
+        },
+        "/api/v1/sandboxes/{sandbox_id}/archive": {
+            "put": _operation(
+                "putArchive",
+                "Extract a tar, tar.gz or zip archive (the raw body) into a directory, "
+                "all of it or nothing",
+                {200: _json(_ref(ArchiveExtracted), "extracted")},
+                params=[*sandbox, _DIRECTORY],
+                raw_body="the archive",
+                errors=(400, 404, 409, 413, 422, 503, 507),
+            ),
+            "get": _operation(
+                "getArchive",
+                "A directory of the workspace as an archive, streamed",
+                {
+                    200: {
+                        "description": "the archive",
+                        "content": {
+                            media: {"schema": {"type": "string", "format": "binary"}}
+                            for media in (
+                                "application/gzip",
+                                "application/x-tar",
+                                "application/zip",
+                            )
+                        },
+                    }
+                },
+                params=[
+                    *sandbox,
+                    _DIRECTORY,
+                    _query(
+                        "format",
+                        {"type": "string", "enum": ["tar.gz", "tar", "zip"]},
+                        "the archive's format (tar.gz)",
+                    ),
+                ],
+                errors=(400, 404, 409, 413, 503),
             ),
         },
         "/api/v1/sessions/{sid}": {

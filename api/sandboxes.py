@@ -93,6 +93,7 @@ async def _empty_workspace(svc: Services, record: SandboxRecord) -> None:
     the workspace itself."""
     root = svc.settings.sandbox_root
     workspace = workspace_path(root, record.id)
+    await svc.files.forget(record.id)
     if not workspace.exists():
         return
     spec = SandboxSpec(sandbox_id=record.id, workspace=workspace, uid=record.uid, network=False)

@@ -11,6 +11,7 @@ from litestar import Request
 from litestar.connection import ASGIConnection
 
 from api.auth import KeyRing
+from api.file_access import SandboxFiles
 from api.hub import EventHub
 from api.problems import Problem, invalid_body, not_found
 from shared import keys
@@ -39,6 +40,8 @@ class Services:
             log_ttl_seconds=settings.log_ttl_seconds,
             sandbox_uid_base=settings.sandbox_uid_base,
         )
+        # The files API's way into sandboxes: their file services.
+        self.files = SandboxFiles(settings, self.confinement, self.store, self.disk)
 
 
 def services_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Services:

@@ -59,7 +59,10 @@ def private_redis() -> Iterator[str]:
 
 
 class Service:
-    def __init__(self, bases: list[str], api_pids: list[int], worker_pids: list[int]) -> None:
+    def __init__(
+        self, bases: list[str], api_pids: list[int], worker_pids: list[int], sandbox_root: str = ""
+    ) -> None:
+        self.sandbox_root = sandbox_root
         self.bases = bases
         self.base = bases[0] if bases else ""
         self.api_pids = api_pids
@@ -93,7 +96,7 @@ def service(
         for _ in range(workers):
             procs.append(subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env))
         time.sleep(1.0)
-        yield Service(bases, [p.pid for p in procs[:apis]], [p.pid for p in procs[apis:]])
+        yield Service(bases, [p.pid for p in procs[:apis]], [p.pid for p in procs[apis:]], workdir)
     finally:
         for proc in procs:
             proc.terminate()

@@ -20,6 +20,7 @@ from arq.jobs import Job
 
 from bench import streaming
 from bench.file_tools import bench_file_tools
+from bench.files_api import bench_files_changed, bench_transfers
 from bench.harness import AUTH, percentile, private_redis, service
 from bench.http_load import Connection, prepare
 from bench.sse_clients import bare_sse_server, open_streams
@@ -344,15 +345,31 @@ def bench_stream(redis_url: str, counts: list[int], chunks: int, interval: float
     )
 
 
+# ---- 7. the files API ----------------------------------------------------------------
+
+
+def bench_files_api(redis_url: str, megabytes: int, files: int, runs: int) -> None:
+    table(
+        f"7. files API: one {megabytes} MB file up and down, against cp",
+        ["", "seconds", "MB/s", "API RSS +MB", "worker RSS +MB"],
+        bench_transfers(redis_url, megabytes),
+    )
+    table(
+        f"8. files_changed: a turn's snapshot and comparison, median of {runs}",
+        ["workspace", "snapshot ms", "comparison ms", "snapshot KiB"],
+        bench_files_changed(files, runs),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument("--streams", default="1000", help="comma-separated stream counts")
     parser.add_argument(
         "--only",
-        default="latency,throughput,fanout,idle,files,streaming",
+        default="latency,throughput,fanout,idle,files,streaming,files_api",
         help="comma-separated benchmarks to run "
-        "(latency, throughput, fanout, idle, files, streaming)",
+        "(latency, throughput, fanout, idle, files, streaming, files_api)",
     )
     parser.add_argument(
         "--turns", default="20,200,500", help="comma-separated concurrent streaming turns"
@@ -375,6 +392,11 @@ def main() -> None:
                 bench_stream(url, [10], 20, 0.02)
             else:
                 bench_stream(url, [int(n) for n in args.turns.split(",")], 100, 0.02)
+        if "files_api" in only:
+            if args.quick:
+                bench_files_api(url, 20, 1000, 3)
+            else:
+                bench_files_api(url, 200, 10_000, 10)
     if "files" in only:
         bench_files(20 if args.quick else 200)
 

@@ -1,7 +1,10 @@
-"""`sandstream ops queues|workers [--watch]`: the ops endpoints as tables, for people.
+"""`sandstream`: the service from the command line.
 
-It talks to the API (`--url`, default `SANDSTREAM_URL` or http://127.0.0.1:8000)
-with an admin key (`--key`, default `SANDSTREAM_ADMIN_KEY`).
+`sandstream ops queues|workers [--watch]`: the ops endpoints as tables, for
+people, with an admin key (`--key`, default `SANDSTREAM_ADMIN_KEY`);
+`sandstream files ...` and `sandstream archive ...` (`shared.cli_files`): a
+sandbox's files, with a tenant's key (default `SANDSTREAM_API_KEY`). All talk
+to the API at `--url` (default `SANDSTREAM_URL` or http://127.0.0.1:8000).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import time
 from typing import Any
 
 import httpx
+
+from shared.cli_files import add_commands, main_files
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -79,7 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     ops.add_argument("--url", default=os.environ.get("SANDSTREAM_URL", "http://127.0.0.1:8000"))
     ops.add_argument("--key", default=os.environ.get("SANDSTREAM_ADMIN_KEY", ""))
     ops.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("SANDSTREAM_URL", "http://127.0.0.1:8000"))
+    common.add_argument("--key", default=os.environ.get("SANDSTREAM_API_KEY", ""))
+    add_commands(sub, common)
     args = parser.parse_args(argv)
+    if args.group != "ops":
+        return main_files(args)
     render = render_queues if args.what == "queues" else render_workers
     headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
     with httpx.Client(base_url=args.url.rstrip("/"), headers=headers, timeout=10) as client:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from shared.models import Message, StopReason
+from shared.models import FileChange, Message, StopReason
 
 TERMINAL_TYPES = frozenset({"session_completed", "session_failed"})
 
@@ -63,6 +63,11 @@ class SessionCompleted(_Event, tag="session_completed"):
     message: Message
     stop_reason: Literal["end_turn", "interrupted", "max_iterations"]
     usage: Usage
+    # What the turn created, modified or deleted in the workspace (at most
+    # `FILES_CHANGED_MAX`); `files_changed_truncated` when there was more, or
+    # when the workspace could not be compared whole.
+    files_changed: list[FileChange] = msgspec.field(default_factory=list)
+    files_changed_truncated: bool = False
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True):

@@ -38,6 +38,13 @@ def now_rfc3339() -> str:
     return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
 
 
+def rfc3339_of_ns(nanoseconds: int) -> str:
+    """A file's timestamp (ns since the epoch) as RFC 3339, UTC, millisecond precision."""
+    seconds, rest = divmod(nanoseconds, 1_000_000_000)
+    moment = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{moment}.{rest // 1_000_000:03d}Z"
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 
@@ -86,6 +93,19 @@ ContentBlock = TextBlock | ToolUseBlock | ToolResultBlock | ImageBlock
 UserBlock = TextBlock | ImageBlock
 
 
+FileType = Literal["file", "dir", "symlink"]
+
+
+class FileChange(msgspec.Struct, kw_only=True):
+    """A path a turn created, modified or deleted, as the files API names it;
+    `size` is its size after the change (None when deleted; 0 for a directory)."""
+
+    path: str
+    change: Literal["created", "modified", "deleted"]
+    type: FileType
+    size: int | None
+
+
 class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str
     session_id: str
@@ -94,6 +114,10 @@ class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
     timestamp: str
     turn_id: str | None = None
     stop_reason: StopReason | None = None
+    # On an assistant message that completed: what its turn changed in the
+    # workspace, and whether that list is cut short (see `SessionCompleted`).
+    files_changed: list[FileChange] | None = None
+    files_changed_truncated: bool = False
 
 
 ProviderName = Literal["demo", "anthropic", "openai"]
@@ -157,6 +181,31 @@ class Sandbox(msgspec.Struct, kw_only=True):
     network: bool = False
     created_at: str
     updated_at: str
+
+
+class FileEntry(msgspec.Struct, kw_only=True):
+    """A file, directory or symlink of a sandbox's workspace, as the files API lists it."""
+
+    path: str  # relative to the workspace
+    type: FileType
+    size: int  # bytes (a symlink: its target's length; a directory: 0)
+    modified_at: str
+
+
+class FileWritten(msgspec.Struct, kw_only=True):
+    """The answer to an upload; `sha256` is also the file's ETag."""
+
+    path: str
+    type: Literal["file"]
+    size: int
+    modified_at: str
+    sha256: str
+
+
+class ArchiveExtracted(msgspec.Struct, kw_only=True):
+    path: str  # the directory extracted into
+    entries: int
+    size: int  # bytes written
 
 
 # ---- request bodies -------------------------------------------------------

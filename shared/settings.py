@@ -51,6 +51,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # HTTP limits
     max_body_bytes: int = 10 * 1024 * 1024
     max_header_bytes: int = 64 * 1024
+    # the files API
+    max_upload_bytes: int = 256 << 20
+    archive_max_entries: int = 100_000
+    archive_max_bytes: int = 1 << 30
     max_headers: int = 100
     send_wait_seconds: float = 300.0
     interrupt_wait_seconds: float = 5.0

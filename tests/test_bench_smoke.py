@@ -25,6 +25,8 @@ def test_bench_quick_run_prints_every_table() -> None:
         "4. idle cost",
         "5. file tools",
         "6. streaming",
+        "7. files API",
+        "8. files_changed",
     ):
         assert title in result.stdout
     assert "bare Litestar SSE" in result.stdout and "naive: arq" in result.stdout

@@ -30,6 +30,7 @@ from shared.models import (
 from shared.sandbox.handle import OpenSandbox
 from shared.settings import Settings
 from shared.store import SessionStore
+from worker.changes import WorkspaceChanges
 from worker.event_writer import EventWriter, TurnSuperseded
 from worker.providers.base import (
     MessageEnd,
@@ -87,6 +88,7 @@ class TurnRunner:
         # seconds), and what the turn measured on its way.
         self._accepted_at = accepted_at
         self._figures = TurnFigures()
+        self._changes = WorkspaceChanges(sandbox)
 
     # ---- control -----------------------------------------------------------
 
@@ -173,6 +175,7 @@ class TurnRunner:
                 if isinstance(item, TextChunk):
                     self._text(item.text)
                 elif isinstance(item, ToolCallStart):
+                    self._changes.start()  # before the first tool runs, what is there
                     self._close_text()
                     calls.append(len(self.blocks))
                     self.blocks.append(ToolUseBlock(id=item.id, name=item.name, input={}))
@@ -196,6 +199,7 @@ class TurnRunner:
             if not calls:
                 self._writer_stop()
                 return "end_turn"
+            await self._changes.ready()
             for index in calls:
                 call = self.blocks[index]
                 assert isinstance(call, ToolUseBlock)
@@ -299,8 +303,15 @@ class TurnRunner:
             return
         message = self._message()
         message.stop_reason = reason
+        changed, truncated = await self._changes.collect()
+        message.files_changed, message.files_changed_truncated = changed, truncated
         terminal = ev.SessionCompleted(
-            **self._ids(), message=message, stop_reason=reason, usage=self.usage
+            **self._ids(),
+            message=message,
+            stop_reason=reason,
+            usage=self.usage,
+            files_changed=changed,
+            files_changed_truncated=truncated,
         )
         await self.store.finish_turn(
             self.session_id, self.turn_id, "worker", message, terminal, self._measured(), rest

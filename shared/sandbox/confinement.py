@@ -27,7 +27,7 @@ from typing import Literal
 
 import msgspec
 
-from shared.sandbox import fileserver
+from shared.sandbox import fileservice
 from shared.sandbox.cgroups import CgroupLimits, Cgroups, SandboxCgroup, detect_cgroups
 from shared.sandbox.network import Networks, detect_networks
 from shared.sandbox.process import Launch
@@ -38,7 +38,7 @@ logger = logging.getLogger("sandstream.sandbox")
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 WORKSPACE_MOUNT = "/workspace"
-FILESERVER_MOUNT = "/run/sandstream/fileserver.py"
+FILESERVICE_MOUNT = "/run/sandstream"
 # The parts of /etc a shell and common tools need; the rest (service config,
 # keys, the host's users) stays out of the sandbox. `passwd` and `group` are
 # made for the sandbox: its own user, and no names of the host's.
@@ -232,7 +232,10 @@ class Confinement:
         if self.kind == "none":
             env = {"PATH": SAFE_PATH, "HOME": str(spec.workspace), "LANG": "C.UTF-8"}
             if file_service:
-                inner = [self.python, "-I", "-S", "-B", fileserver.__file__, str(spec.workspace)]
+                inner = [
+                    *(self.python, "-I", "-S", "-B", "-c", fileservice.BOOTSTRAP),
+                    *(os.path.dirname(fileservice.PACKAGE_DIR), str(spec.workspace)),
+                ]
             return Launch(argv=inner, env=env | {"TERM": "dumb"}, cwd=spec.workspace)
         argv: list[str] = []
         if cgroup is not None:
@@ -282,7 +285,8 @@ class Confinement:
             argv += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
             argv += ["--no-new-privs", "--"]
         if file_service:
-            inner = [self.python, "-I", "-S", "-B", FILESERVER_MOUNT, WORKSPACE_MOUNT]
+            inner = [self.python, "-I", "-S", "-B", "-c", fileservice.BOOTSTRAP]
+            inner += [FILESERVICE_MOUNT, WORKSPACE_MOUNT]
         argv += inner
         env = {"PATH": SAFE_PATH}
         return Launch(argv=argv, env=env, cwd=spec.workspace, pass_fds=tuple(fds))
@@ -320,7 +324,7 @@ class Confinement:
                 "--dir",
                 "/run/sandstream",
             ]
-            argv += ["--ro-bind", fileserver.__file__, FILESERVER_MOUNT]
+            argv += ["--ro-bind", fileservice.PACKAGE_DIR, FILESERVICE_MOUNT + "/fileservice"]
         return argv
 
 
