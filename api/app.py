@@ -13,6 +13,7 @@ from typing import Any
 
 from litestar import Litestar
 
+from api.approvals import ApprovalController
 from api.auth import KeyRing
 from api.browser import GrantController
 from api.files import FilesController
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             SandboxController,
             FilesController,
             SessionController,
+            ApprovalController,
             StreamController,
             GrantController,
             OpsController,

@@ -2,10 +2,11 @@
 
 A tenant's backend (holding the tenant key) mints, for one session:
 - a **browser credential** (`ssb_…`, sent as `Authorization: Bearer`), whose
-  scopes the backend picks among read, stream, send and interrupt: what a page
-  that shows one conversation needs, and nothing tenant-wide (no listing, no
-  deletion, no other session). It lives `SANDSTREAM_GRANT_SECONDS` (1 h), or as
-  long as the backend asks, up to `SANDSTREAM_GRANT_MAX_SECONDS`.
+  scopes the backend picks among read, stream, send, interrupt and approve (the
+  last only when asked for): what a page that shows one conversation needs, and
+  nothing tenant-wide (no listing, no deletion, no other session). It lives
+  `SANDSTREAM_GRANT_SECONDS` (1 h), or as long as the backend asks, up to
+  `SANDSTREAM_GRANT_MAX_SECONDS`.
 - a **stream token** (`sst_…`, passed as `?token=` since `EventSource` cannot
   send headers), which opens that one session's stream for reading and nothing
   else. A browser credential with the `stream` scope may mint one too, so the
@@ -47,10 +48,13 @@ from redis.asyncio import Redis
 
 from shared import keys
 
-Scope = Literal["read", "stream", "send", "interrupt"]
-# What a page showing one conversation does; a new per-session action (deciding
-# a tool call's approval, say) is one more scope here and on its route's `opt`.
-SCOPES: tuple[Scope, ...] = ("read", "stream", "send", "interrupt")
+Scope = Literal["read", "stream", "send", "interrupt", "approve"]
+SCOPES: tuple[Scope, ...] = ("read", "stream", "send", "interrupt", "approve")
+# What a page showing one conversation does, and what a grant gets unless its
+# backend names scopes. `approve` (deciding tool calls that wait for a person)
+# is given only when asked for: a page may show a session without being the
+# person who lets its agent run commands. A stream token stays read-only.
+DEFAULT_SCOPES: tuple[Scope, ...] = ("read", "stream", "send", "interrupt")
 Kind = Literal["browser", "stream"]
 TOKEN_PREFIX: dict[Kind, str] = {"browser": "ssb_", "stream": "sst_"}
 

@@ -24,7 +24,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared import keys
-from shared.events import decode_head, decode_terminal, sse_frame
+from shared.events import decode_head, sse_frame
 
 logger = logging.getLogger("sandstream.hub")
 
@@ -222,11 +222,13 @@ class EventHub:
         if kind == "message":
             assert isinstance(data, bytes)
             try:
-                turn_id = decode_terminal(data).turn_id
+                # A terminal event, or the event with which a turn began to
+                # wait for approval (`shared.approvals`).
+                turn_id = decode_head(data).turn_id
             except msgspec.DecodeError:
                 logger.error("undecodable reply on %r", self.reply_channel)
                 return
-            future = self._replies.get(turn_id)
+            future = self._replies.get(turn_id) if turn_id else None
             if future is not None and not future.done():
                 future.set_result(data)
         elif kind == "subscribe":

@@ -6,7 +6,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from api.grants import SCOPES, Scope
+from api.grants import DEFAULT_SCOPES, Scope
+from shared.models import PendingApproval
 
 
 class ProblemDetails(msgspec.Struct, kw_only=True):
@@ -21,14 +22,30 @@ class ProblemDetails(msgspec.Struct, kw_only=True):
 
 
 class TurnAccepted(msgspec.Struct, kw_only=True):
-    """The reply of a send whose wait limit passed before the turn ended."""
+    """The reply of a send whose wait limit passed before the turn ended, or
+    whose turn began to wait for approval of tool calls (`pending_approvals`)."""
 
     session_id: str
     turn_id: str
-    state: Literal["running"]
+    state: Literal["running", "awaiting_approval"]
     detail: str
     stream_url: str
     session_url: str
+    pending_approvals: list[PendingApproval] = msgspec.field(default_factory=list)
+
+
+class ApprovalResult(msgspec.Struct, kw_only=True):
+    """A tool call's decision as recorded; `state` is the session's after it
+    (`running` once no call waits any more and the turn goes on)."""
+
+    session_id: str
+    turn_id: str
+    tool_use_id: str
+    decision: Literal["allow", "deny"]
+    reason: str
+    decided_by: str
+    decided_at: str
+    state: Literal["running", "awaiting_approval"]
 
 
 class InterruptResult(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -54,7 +71,7 @@ class CreateGrant(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """What a tenant's backend asks for when it mints a browser credential."""
 
     scopes: Annotated[list[Scope], msgspec.Meta(min_length=1)] = msgspec.field(
-        default_factory=lambda: list(SCOPES)
+        default_factory=lambda: list(DEFAULT_SCOPES)
     )
     expires_in: Annotated[int, msgspec.Meta(ge=1)] | None = None
 

@@ -10,6 +10,7 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from redis.exceptions import RedisError
 
+from api.approvals import awaiting_problem, awaiting_reply, end_waiting_turn, pending_of
 from api.browser import absolute_url
 from api.feed import feed
 from api.guard import tenant_of
@@ -31,7 +32,7 @@ from api.services import (
 )
 from shared import eventlog
 from shared import events as ev
-from shared.events import TERMINAL_TYPES, TerminalView, decode_terminal
+from shared.events import TERMINAL_TYPES, TerminalView, decode_head, decode_terminal
 from shared.logs import bind
 from shared.models import (
     CreateSession,
@@ -46,6 +47,7 @@ from shared.models import (
 from shared.queue import TurnJob, queued_job
 
 logger = logging.getLogger("sandstream.api")
+APPROVAL_REQUESTED = "tool_approval_requested"
 
 
 class SessionController(Controller):
@@ -107,6 +109,8 @@ class SessionController(Controller):
         svc = services_of(request)
         session = await owned_session(svc, sid, tenant_of(request))
         messages = await svc.store.get_messages(sid)
+        if session.state == "awaiting_approval" and (waiting := await pending_of(svc, sid)):
+            session.pending_approvals = waiting.pending
         return SessionWithMessages(**msgspec.structs.asdict(session), messages=messages)
 
     @delete("/sessions/{sid:str}", status_code=204)
@@ -167,6 +171,9 @@ class SessionController(Controller):
             if claim.status == "missing":
                 raise not_found("session", sid)
             if claim.status == "running":
+                state = await svc.store.turn_state(sid)
+                if state is not None and state.awaiting and state.turn_id:
+                    raise awaiting_problem(sid, state.turn_id)
                 raise Problem(
                     409,
                     "turn_in_progress",
@@ -184,6 +191,8 @@ class SessionController(Controller):
             svc.hub.forget_reply(turn_id)
         if terminal is None:
             return _accepted(request, sid, turn_id, claim.latest_seq)
+        if terminal is AWAITING:
+            return await awaiting_reply(request, svc, sid, turn_id, claim.latest_seq)
         return _turn_outcome(terminal)
 
     @post("/sessions/{sid:str}/interrupt", status_code=200, opt={"scope": "interrupt"})
@@ -197,6 +206,10 @@ class SessionController(Controller):
         if state.state != "running" or state.turn_id is None:
             return InterruptResult(session_id=sid, interrupted=False, state="active")
         turn_id = state.turn_id
+        if state.awaiting and await end_waiting_turn(svc, sid, state.sandbox_id, turn_id):
+            return InterruptResult(
+                session_id=sid, interrupted=True, turn_id=turn_id, state="active"
+            )
         if not state.started and await _end_unstarted(svc, sid, state.sandbox_id, turn_id):
             return InterruptResult(
                 session_id=sid, interrupted=True, turn_id=turn_id, state="active"
@@ -253,6 +266,10 @@ async def _end_unstarted(svc: Services, sid: str, sandbox_id: str, turn_id: str)
     return bool(await svc.store.finish_turn(sid, turn_id, "unstarted", message, terminal))
 
 
+# What `_await_reply` gives for a turn that began to wait for approval.
+AWAITING = TerminalView(seq=0, type="tool_approval_requested", turn_id="", stop_reason="end_turn")
+
+
 async def _await_reply(
     svc: Services,
     sid: str,
@@ -261,9 +278,10 @@ async def _await_reply(
     after: int,
     limit: float,
 ) -> TerminalView | None:
-    """The turn's terminal event off the reply channel; None past the limit. At
-    each keepalive interval without it, and when replies may have been missed,
-    the session's log is read instead: a lost message costs time, not the reply."""
+    """The turn's terminal event off the reply channel (or AWAITING when the
+    turn began to wait for approval); None past the limit. At each keepalive
+    interval without it, and when replies may have been missed, the session's
+    log is read instead: a lost message costs time, not the reply."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
     while (remaining := deadline - loop.time()) > 0:
@@ -274,13 +292,20 @@ async def _await_reply(
         except TimeoutError:
             data = RESYNC
         if data:
+            if decode_head(data).type == APPROVAL_REQUESTED:
+                return AWAITING
             return decode_terminal(data)
         try:
+            awaiting = False
             for logged in await eventlog.read_after(svc.redis, sid, after):
                 if logged.type in TERMINAL_TYPES:
                     terminal = decode_terminal(logged.data)
                     if terminal.turn_id == turn_id:
                         return terminal
+                elif logged.type == APPROVAL_REQUESTED:
+                    awaiting = awaiting or decode_head(logged.data).turn_id == turn_id
+            if awaiting:
+                return AWAITING
         except (RedisError, OSError):
             logger.warning("could not read the log of session %s", sid)
         if reply.done():

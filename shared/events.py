@@ -54,6 +54,23 @@ class ToolResult(_Event, tag="tool_result"):
     is_error: bool
 
 
+class ToolApprovalRequested(_Event, tag="tool_approval_requested"):
+    index: int
+    tool_use_id: str
+    name: str
+    input: dict[str, Any]
+    expires_at: str
+
+
+class ToolApprovalResolved(_Event, tag="tool_approval_resolved"):
+    index: int
+    tool_use_id: str
+    decision: Literal["allow", "deny"]
+    reason: str
+    # The id of the key or grant that decided (never the key), or `timeout`.
+    decided_by: str
+
+
 class Usage(msgspec.Struct, kw_only=True):
     input_tokens: int = 0
     output_tokens: int = 0
@@ -81,7 +98,15 @@ class SessionFailed(_Event, tag="session_failed"):
     message: Message | None = None
 
 
-Event = TextDelta | TextComplete | ToolUseStart | ToolUseComplete | ToolResult
+Event = (
+    TextDelta
+    | TextComplete
+    | ToolUseStart
+    | ToolUseComplete
+    | ToolResult
+    | ToolApprovalRequested
+    | ToolApprovalResolved
+)
 TerminalEvent = SessionCompleted | SessionFailed
 
 

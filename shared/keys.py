@@ -16,6 +16,9 @@ WAKE_CHANNEL = f"{PREFIX}:wake"
 CONTROL_CHANNEL = f"{PREFIX}:control"
 # Session ids with a turn in progress, scanned by the workers' reaper.
 RUNNING = f"{PREFIX}:running"
+# Session ids with a turn awaiting approval, scored by when its undecided calls
+# time out (ms since the epoch), scanned by the workers' reaper.
+APPROVAL_DEADLINES = f"{PREFIX}:approval-deadlines"
 # Worker ids, scored by their last heartbeat (seconds since the epoch).
 WORKERS = f"{PREFIX}:workers"
 # Recent turn durations in ms, newest first, capped.
@@ -107,10 +110,28 @@ def lease(sid: str) -> str:
     return f"{PREFIX}:{{{sid}}}:lease"
 
 
+def suspended(sid: str) -> str:
+    """A turn awaiting approval, as its worker left it (`shared.approvals`)."""
+    return f"{PREFIX}:{{{sid}}}:suspended"
+
+
+def approvals(sid: str) -> str:
+    """Hash: the waiting turn's tool calls by id, each pending or decided."""
+    return f"{PREFIX}:{{{sid}}}:approvals"
+
+
 def events_channel(sid: str) -> str:
     """Pub/sub channel on which the session's events go out live."""
     return f"{PREFIX}:{{{sid}}}:events"
 
 
 def session_keys(sid: str) -> list[str]:
-    return [session(sid), messages(sid), seq(sid), log(sid), lease(sid)]
+    return [
+        session(sid),
+        messages(sid),
+        seq(sid),
+        log(sid),
+        lease(sid),
+        suspended(sid),
+        approvals(sid),
+    ]

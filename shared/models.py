@@ -15,7 +15,7 @@ import msgspec
 
 ImageMediaType = Literal["image/png", "image/jpeg", "image/gif", "image/webp"]
 Role = Literal["user", "assistant"]
-SessionState = Literal["active", "running"]
+SessionState = Literal["active", "running", "awaiting_approval"]
 StopReason = Literal["end_turn", "interrupted", "max_iterations", "error", "timeout", "worker_lost"]
 
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
@@ -125,6 +125,35 @@ ToolName = Literal["bash", "read_file", "write_file", "edit_file", "list_files"]
 TOOL_NAMES: tuple[ToolName, ...] = ("bash", "read_file", "write_file", "edit_file", "list_files")
 MAX_ITERATIONS_LIMIT = 100
 
+# Permissions: what happens when the model calls a tool (`shared.approvals`).
+Verdict = Literal["allow", "ask", "deny"]
+PermissionKey = Literal["*", "bash", "read_file", "write_file", "edit_file", "list_files"]
+CommandPattern = Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
+PatternList = Annotated[list[CommandPattern], msgspec.Meta(max_length=100)]
+MAX_APPROVAL_TIMEOUT_SECONDS = 7 * 86_400
+
+
+class CommandRules(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Rules for `bash` by its command line: glob patterns (`*` any run of
+    characters, `?` one), checked deny, then ask, then allow; a command that
+    matches none is asked about."""
+
+    deny: PatternList = msgspec.field(default_factory=list)
+    ask: PatternList = msgspec.field(default_factory=list)
+    allow: PatternList = msgspec.field(default_factory=list)
+
+
+Permissions = dict[PermissionKey, Verdict | CommandRules]
+
+
+def check_permissions(permissions: Permissions) -> None:
+    """Command rules apply to `bash` alone: other tools have no command line."""
+    for tool, rule in permissions.items():
+        if isinstance(rule, CommandRules) and tool != "bash":
+            raise ValueError(
+                f"permissions.{tool}: command rules apply to bash only; use allow, ask or deny"
+            )
+
 
 class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The agent a session runs: fixed when the session is created, shown on it."""
@@ -134,6 +163,8 @@ class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     system_prompt: Annotated[str, msgspec.Meta(max_length=100_000)]
     allowed_tools: list[ToolName]
     max_iterations: Annotated[int, msgspec.Meta(ge=1, le=MAX_ITERATIONS_LIMIT)]
+    permissions: Permissions = msgspec.field(default_factory=lambda: {"*": "allow"})
+    approval_timeout_seconds: float = 3600.0
 
     @property
     def reads_history(self) -> bool:
@@ -150,6 +181,14 @@ class AgentOverride(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     system_prompt: Annotated[str, msgspec.Meta(max_length=100_000)] | None = None
     allowed_tools: Annotated[list[ToolName], msgspec.Meta(max_length=len(TOOL_NAMES))] | None = None
     max_iterations: Annotated[int, msgspec.Meta(ge=1, le=MAX_ITERATIONS_LIMIT)] | None = None
+    permissions: Permissions | None = None
+    approval_timeout_seconds: (
+        Annotated[float, msgspec.Meta(gt=0, le=MAX_APPROVAL_TIMEOUT_SECONDS)] | None
+    ) = None
+
+    def __post_init__(self) -> None:
+        if self.permissions is not None:
+            check_permissions(self.permissions)
 
     def apply(self, default: AgentConfig) -> AgentConfig:
         """The effective config: this override over the service's defaults."""
@@ -158,6 +197,24 @@ class AgentOverride(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if "provider" in changes and "model" not in changes and self.provider != default.provider:
             effective.model = ""  # the default model belongs to the default provider
         return effective
+
+
+class PendingApproval(msgspec.Struct, kw_only=True):
+    """A tool call waiting for a person's decision, as `tool_approval_requested`
+    announces it; `index` is the call's block in the assistant message."""
+
+    tool_use_id: str
+    name: str
+    input: dict[str, Any]
+    index: int
+    expires_at: str
+
+
+class ApprovalDecision(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The body of a decision on a tool call."""
+
+    decision: Literal["allow", "deny"]
+    reason: Annotated[str, msgspec.Meta(max_length=2000)] = ""
 
 
 class Session(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -169,6 +226,8 @@ class Session(msgspec.Struct, kw_only=True, omit_defaults=True):
     updated_at: str
     agent: AgentConfig | None = None
     turn_id: str | None = None
+    # While the state is `awaiting_approval`: the tool calls not decided yet.
+    pending_approvals: list[PendingApproval] | None = None
 
 
 class SessionWithMessages(Session, kw_only=True):

@@ -12,7 +12,13 @@ from typing import Any
 
 import msgspec
 
-from shared.models import TOOL_NAMES, AgentConfig
+from shared.models import (
+    MAX_APPROVAL_TIMEOUT_SECONDS,
+    TOOL_NAMES,
+    AgentConfig,
+    Permissions,
+    check_permissions,
+)
 
 PREFIX = "SANDSTREAM_"
 # An origin as browsers send it: no path, no wildcard (Litestar would read `*` as one).
@@ -75,6 +81,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     )
     tool_timeout_seconds: float = 120.0
     tool_output_bytes: int = 64 * 1024
+    # approvals (shared/approvals.py): the sessions' default permissions (JSON,
+    # as `agent.permissions`), and how long an undecided tool call waits.
+    tool_permissions: str = '{"*": "allow"}'
+    approval_timeout_seconds: float = 3600.0
     lease_seconds: float = 15.0
     queued_turn_timeout_seconds: float = 3600.0
     # sandbox isolation
@@ -104,7 +114,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             system_prompt=self.system_prompt,
             allowed_tools=list(TOOL_NAMES),
             max_iterations=self.max_iterations,
+            permissions=self.default_permissions(),
+            approval_timeout_seconds=self.approval_timeout_seconds,
         )
+
+    def default_permissions(self) -> Permissions:
+        permissions: Permissions = msgspec.json.decode(self.tool_permissions, type=Permissions)
+        check_permissions(permissions)
+        return permissions
 
     def __post_init__(self) -> None:
         if self.provider not in ("demo", "anthropic", "openai"):
@@ -118,6 +135,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 )
         if self.public_url and not _ORIGIN.match(self.public_url.rstrip("/")):
             raise ValueError(f"public_url must be scheme://host[:port], not {self.public_url!r}")
+        try:
+            self.default_permissions()
+        except (msgspec.DecodeError, ValueError) as exc:
+            raise ValueError(f"tool_permissions: {exc}") from None
+        if not 0 < self.approval_timeout_seconds <= MAX_APPROVAL_TIMEOUT_SECONDS:
+            raise ValueError(
+                f"approval_timeout_seconds must be positive, at most {MAX_APPROVAL_TIMEOUT_SECONDS}"
+            )
         if not 0 < self.grant_seconds <= self.grant_max_seconds:
             raise ValueError("grant_seconds must be positive and at most grant_max_seconds")
         if not 0 < self.stream_token_seconds <= self.stream_grant_seconds:

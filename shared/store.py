@@ -16,7 +16,15 @@ from redis.exceptions import WatchError
 from shared import keys, metrics, scripts
 from shared.events import Event, SessionCompleted, TerminalEvent, encode_event
 from shared.metrics import TurnFigures
-from shared.models import AgentConfig, Message, Sandbox, Session, new_id, now_rfc3339
+from shared.models import (
+    AgentConfig,
+    Message,
+    Sandbox,
+    Session,
+    SessionState,
+    new_id,
+    now_rfc3339,
+)
 from shared.queue import QueuedJob
 
 FinishMode = Literal["worker", "unstarted", "orphaned"]
@@ -54,6 +62,10 @@ class TurnState(msgspec.Struct, kw_only=True):
     turn_id: str | None
     started: bool
     claimed_ms: int
+    # A resumed turn's continuation job (`shared.approvals`); else its job is the turn id.
+    job_id: str | None = None
+    # The turn waits for approval of tool calls.
+    awaiting: bool = False
 
 
 # How long a bucket of turn outcomes (`/api/v1/ops/queues`) is kept.
@@ -223,6 +235,7 @@ class SessionStore:
             "turn_id",
             "agent",
             "tenant",
+            "awaiting",
         ]
         async with self.redis.pipeline(transaction=False) as pipe:
             for sid in sids:
@@ -233,11 +246,14 @@ class SessionStore:
             if row[0] is None or (tenant is not None and row[8] != tenant.encode()):
                 continue
             turn_id = row[6].decode() if row[6] else None
+            state: SessionState = "running" if row[2] == b"running" else "active"
+            if state == "running" and row[9] is not None and row[9] == row[6]:
+                state = "awaiting_approval"
             sessions.append(
                 Session(
                     id=row[0].decode(),
                     sandbox_id=row[1].decode(),
-                    state="running" if row[2] == b"running" else "active",
+                    state=state,
                     metadata=_metadata_decoder.decode(row[3]),
                     created_at=row[4].decode(),
                     updated_at=row[5].decode(),
@@ -263,6 +279,7 @@ class SessionStore:
             pipe.delete(*keys.session_keys(sid))
             pipe.zrem(keys.sandbox_sessions(session.sandbox_id), sid)
             pipe.srem(keys.RUNNING, sid)
+            pipe.zrem(keys.APPROVAL_DEADLINES, sid)
             await pipe.execute()
         return session
 
@@ -316,10 +333,21 @@ class SessionStore:
     async def turn_state(self, sid: str) -> TurnState | None:
         row = await self.redis.hmget(  # type: ignore[misc]
             keys.session(sid),
-            ["sandbox_id", "state", "turn_id", "started", "claimed_ms", "agent", "tenant"],
+            [
+                "sandbox_id",
+                "state",
+                "turn_id",
+                "started",
+                "claimed_ms",
+                "agent",
+                "tenant",
+                "job_id",
+                "awaiting",
+            ],
         )
         if row[0] is None:
             return None
+        job = row[7] or b""
         return TurnState(
             sandbox_id=row[0].decode(),
             state=row[1].decode(),
@@ -328,6 +356,9 @@ class SessionStore:
             claimed_ms=int(row[4] or 0),
             agent=_agent_decoder.decode(row[5]) if row[5] else None,
             tenant=(row[6] or b"").decode(),
+            # Only the current turn's: a former turn's continuation may be named still.
+            job_id=job.decode() if row[2] and job.startswith(row[2] + b":") else None,
+            awaiting=row[8] is not None and row[8] == row[2],
         )
 
     async def start_turn(

@@ -25,6 +25,7 @@ from arq.worker import func
 
 from shared import events as ev
 from shared import keys
+from shared.approvals import ApprovalStore
 from shared.logs import bound
 from shared.models import is_uuid, new_id, now_rfc3339
 from shared.queue import (
@@ -67,6 +68,11 @@ class WorkerRuntime:
             sandbox_uid_base=settings.sandbox_uid_base,
         )
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.approvals = ApprovalStore(
+            redis,
+            log_max_events=settings.log_max_events,
+            log_ttl_seconds=settings.log_ttl_seconds,
+        )
         self.running: dict[str, TurnRunner] = {}
         self.providers = ProviderFactory(settings)
         self.confinement = Confinement.detect(settings, "worker")
@@ -86,6 +92,10 @@ class WorkerRuntime:
             logger.info("job for turn %s: turn not current; skipped", job.turn_id)
             return False
         agent = started.agent or self.settings.default_agent()
+        # A turn that waited for approval: where it stopped, and the decisions.
+        resumed = await self.approvals.take_suspended(job.session_id, job.turn_id)
+        if resumed is not None:
+            await self.approvals.forget(job.session_id)
         try:
             provider = await self.providers.get(agent)
             spec = await self._sandbox(started.sandbox_id)
@@ -114,6 +124,7 @@ class WorkerRuntime:
             turn_id=job.turn_id,
             history=started.history,
             accepted_at=accepted_at,
+            resumed=resumed,
         )
         self.running[job.session_id] = runner
         try:
@@ -203,8 +214,9 @@ class WorkerRuntime:
                 logger.exception("reaper pass failed")
 
     async def reap_once(self) -> int:
-        """End turns whose worker is gone or that no worker picked up in time."""
-        reaped = 0
+        """End turns whose worker is gone or that no worker picked up in time,
+        and deny (as timed out) the tool calls whose approval is overdue."""
+        reaped = await self.approvals.expire_overdue()
         now_ms = time.time() * 1000
         for sid in await self.store.running_sessions():
             state = await self.store.turn_state(sid)
@@ -220,7 +232,7 @@ class WorkerRuntime:
                 done = await self._end(
                     sid, state.sandbox_id, state.turn_id, "orphaned", "worker_lost", lost
                 )
-            elif await self._picked_up_long_ago(state.turn_id):
+            elif await self._picked_up_long_ago(state.job_id or state.turn_id):
                 # A worker took the job but never started the turn: it died in
                 # between. arq would hand the job out again only after an hour.
                 done = await self._end(
@@ -238,12 +250,12 @@ class WorkerRuntime:
             reaped += int(done)
         return reaped
 
-    async def _picked_up_long_ago(self, turn_id: str) -> bool:
+    async def _picked_up_long_ago(self, job_id: str) -> bool:
         """Whether arq marked the turn's job in progress more than a lease ago.
 
         arq sets its in-progress key with a TTL of the job timeout plus 10 s when
         a worker takes the job; what is left of that TTL says how long ago."""
-        ttl_ms = int(await self.store.redis.pttl(in_progress_key_prefix + turn_id))
+        ttl_ms = int(await self.store.redis.pttl(in_progress_key_prefix + job_id))
         if ttl_ms < 0:
             return False
         in_progress_ms = (self.settings.turn_timeout_seconds + JOB_TIMEOUT_EXTRA + 10) * 1000

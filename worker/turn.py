@@ -16,6 +16,7 @@ import time
 from typing import Literal
 
 from shared import events as ev
+from shared.approvals import CallPlan, Resolution, SuspendedTurn, denial_text, rule_for
 from shared.metrics import TurnFigures
 from shared.models import (
     AgentConfig,
@@ -30,6 +31,7 @@ from shared.models import (
 from shared.sandbox.handle import OpenSandbox
 from shared.settings import Settings
 from shared.store import SessionStore
+from worker.approval_wait import suspend_for_approval
 from worker.changes import WorkspaceChanges
 from worker.event_writer import EventWriter, TurnSuperseded
 from worker.providers.base import (
@@ -46,6 +48,8 @@ from worker.tools import ToolContext, execute_tool, tool_specs
 logger = logging.getLogger("sandstream.turn")
 
 CompletedReason = Literal["end_turn", "interrupted", "max_iterations"]
+# The loop also stops when a call waits for a person: the turn is then suspended.
+LoopEnd = CompletedReason | Literal["suspended"]
 
 
 class TurnRunner:
@@ -63,6 +67,7 @@ class TurnRunner:
         turn_id: str,
         history: list[Message],
         accepted_at: float | None = None,
+        resumed: tuple[SuspendedTurn, dict[str, Resolution]] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -81,7 +86,7 @@ class TurnRunner:
         self._text_parts: list[str] = []
         self._interrupted = False
         self._lease_lost = False
-        self._loop_task: asyncio.Task[CompletedReason] | None = None
+        self._loop_task: asyncio.Task[LoopEnd] | None = None
         self._writer: EventWriter | None = None
         self._started = time.monotonic()
         # For the fleet's metrics: when the API accepted the message (epoch
@@ -89,6 +94,14 @@ class TurnRunner:
         self._accepted_at = accepted_at
         self._figures = TurnFigures()
         self._changes = WorkspaceChanges(sandbox)
+        # A turn that waited for approval goes on where it stopped: its message
+        # so far, and the calls of the model's last response, now decided.
+        self._resumed = resumed
+        if resumed is not None:
+            record, _ = resumed
+            self.message_id = record.message_id
+            self.blocks = list(record.blocks)
+            self.usage = record.usage
 
     # ---- control -----------------------------------------------------------
 
@@ -120,7 +133,7 @@ class TurnRunner:
         """Run the loop and end the turn the way the loop ended."""
         self._loop_task = asyncio.create_task(self._loop())
         try:
-            reason: CompletedReason = await asyncio.shield(self._loop_task)
+            reason: LoopEnd = await asyncio.shield(self._loop_task)
         except asyncio.CancelledError:
             if self._loop_task.done() and self._interrupted:
                 reason = "interrupted"
@@ -143,7 +156,8 @@ class TurnRunner:
             logger.exception("turn %s of session %s crashed", self.turn_id, self.session_id)
             await self._fail("error", "internal_error", "the turn failed unexpectedly")
             return
-        await self._complete(reason)
+        if reason != "suspended":
+            await self._complete(reason)
 
     async def _end_on_shutdown(self) -> None:
         assert self._loop_task is not None
@@ -151,11 +165,11 @@ class TurnRunner:
             await self._loop_task
         await self._complete("interrupted")
 
-    async def _loop(self) -> CompletedReason:
+    async def _loop(self) -> LoopEnd:
         async with asyncio.timeout(self.settings.turn_timeout_seconds):
             return await self._iterate()
 
-    async def _iterate(self) -> CompletedReason:
+    async def _iterate(self) -> LoopEnd:
         history = self.history
         allowed: list[str] = list(self.agent.allowed_tools)
         tools = tool_specs(allowed)
@@ -164,7 +178,17 @@ class TurnRunner:
             timeout=self.settings.tool_timeout_seconds,
             output_cap=self.settings.tool_output_bytes,
         )
-        for _ in range(self.agent.max_iterations):
+        first = 0
+        resumed_plan: list[CallPlan] | None = None
+        if self._resumed is not None:
+            record, decided = self._resumed
+            first, resumed_plan = record.iteration, _decided(record.calls, self.blocks, decided)
+        for iteration in range(first, self.agent.max_iterations):
+            if resumed_plan is not None:
+                plan, resumed_plan = resumed_plan, None
+                self._changes.start()
+                await self._run_calls(plan, tool_ctx, allowed)
+                continue
             current = [self._message()] if self.blocks else []
             request = ProviderRequest(
                 system=self.agent.system_prompt, messages=history + current, tools=tools
@@ -199,18 +223,43 @@ class TurnRunner:
             if not calls:
                 self._writer_stop()
                 return "end_turn"
-            await self._changes.ready()
-            for index in calls:
-                call = self.blocks[index]
-                assert isinstance(call, ToolUseBlock)
-                began = time.monotonic()
-                outcome = await execute_tool(tool_ctx, call.name, call.input, allowed)
-                self._figures.tools.append(
-                    (call.name if call.name in allowed else "unknown", time.monotonic() - began)
-                )
-                self._tool_result(call.id, outcome.content, outcome.is_error)
+            plan = self._plan(calls)
+            if any(step.verdict == "ask" for step in plan):
+                await suspend_for_approval(self, iteration, plan)
+                return "suspended"
+            await self._run_calls(plan, tool_ctx, allowed)
         self._writer_stop()
         return "max_iterations"
+
+    def _plan(self, calls: list[int]) -> list[CallPlan]:
+        """What the session's permissions say of each call of the model's response."""
+        plan = []
+        for index in calls:
+            call = self.blocks[index]
+            assert isinstance(call, ToolUseBlock)
+            ruling = rule_for(self.agent.permissions, call.name, call.input)
+            reason = ""
+            if ruling.verdict == "deny":
+                reason = f"[denied by the session's permissions ({ruling.rule})] it did not run"
+            plan.append(CallPlan(index=index, verdict=ruling.verdict, reason=reason))
+        return plan
+
+    async def _run_calls(
+        self, plan: list[CallPlan], tool_ctx: ToolContext, allowed: list[str]
+    ) -> None:
+        await self._changes.ready()
+        for step in plan:
+            call = self.blocks[step.index]
+            assert isinstance(call, ToolUseBlock)
+            if step.verdict != "allow":
+                self._tool_result(call.id, step.reason, True)
+                continue
+            began = time.monotonic()
+            outcome = await execute_tool(tool_ctx, call.name, call.input, allowed)
+            self._figures.tools.append(
+                (call.name if call.name in allowed else "unknown", time.monotonic() - began)
+            )
+            self._tool_result(call.id, outcome.content, outcome.is_error)
 
     # ---- blocks and events ------------------------------------------------
 
@@ -352,6 +401,11 @@ class TurnRunner:
             logger.info("turn %s of session %s superseded", self.turn_id, self.session_id)
             return None
 
+    async def detach_writer(self) -> list[ev.Event] | None:
+        """The events not sent yet, to go out with the turn's suspension; None
+        when the turn is no longer ours."""
+        return await self._detached()
+
     async def _heartbeat(self, lease_ms: int) -> None:
         period = self.settings.lease_seconds / 3
         while True:
@@ -364,3 +418,27 @@ class TurnRunner:
                 return
             if status == 2:
                 self.interrupt()
+
+
+def _decided(
+    calls: list[CallPlan], blocks: list[ContentBlock], decided: dict[str, Resolution]
+) -> list[CallPlan]:
+    """A suspended response's calls with each asked one's decision: run it, or
+    answer it with the denial (a call left undecided is denied)."""
+    plan = []
+    for step in calls:
+        if step.verdict == "ask":
+            block = blocks[step.index]
+            assert isinstance(block, ToolUseBlock)
+            resolution = decided.get(block.id)
+            if resolution is not None and resolution.decision == "allow":
+                step = CallPlan(index=step.index, verdict="allow")
+            else:
+                reason = (
+                    denial_text(resolution)
+                    if resolution
+                    else "[denied: no decision] the tool did not run"
+                )
+                step = CallPlan(index=step.index, verdict="deny", reason=reason)
+        plan.append(step)
+    return plan

@@ -1,7 +1,8 @@
 """The built-in `demo` provider: deterministic, offline, no key.
 
 `run: <command>` makes it call `bash` with the command, then describe the result;
-any other message gets a short reply streamed in several chunks.
+each further line that starts with `run: ` is one more call in the same response.
+Any other message gets a short reply streamed in several chunks.
 """
 
 from __future__ import annotations
@@ -53,13 +54,19 @@ class DemoProvider:
         done = current.content if current else []
         results = [b for b in done if isinstance(b, ToolResultBlock)]
         if user_text.startswith(RUN_PREFIX) and not results:
-            command = user_text[len(RUN_PREFIX) :].split("\n", 1)[0]
-            call_id = "toolu_" + hashlib.sha256(command.encode()).hexdigest()[:20]
-            yield ToolCallStart(call_id, "bash")
-            yield ToolCallReady(call_id, "bash", {"command": command})
+            commands = [
+                line[len(RUN_PREFIX) :]
+                for line in user_text.split("\n")
+                if line.startswith(RUN_PREFIX)
+            ]
+            for position, command in enumerate(commands):
+                digest = hashlib.sha256(f"{position}:{command}".encode()).hexdigest()[:20]
+                call_id = "toolu_" + digest
+                yield ToolCallStart(call_id, "bash")
+                yield ToolCallReady(call_id, "bash", {"command": command})
             yield MessageEnd("tool_use", Usage(input_tokens=len(user_text), output_tokens=1))
             return
-        reply = _describe(results[-1]) if results else _reply_for(user_text)
+        reply = "\n".join(_describe(r) for r in results) if results else _reply_for(user_text)
         words = reply.split(" ")
         for i in range(0, len(words), _CHUNK_WORDS):
             piece = " ".join(words[i : i + _CHUNK_WORDS])

@@ -1,0 +1,410 @@
+"""Approval of tool calls: turns that wait for a person, in Redis, holding no worker.
+
+One stack (an API and a worker with a single job slot) serves most tests; the
+tests that kill processes start their own.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from conftest import (
+    ALPHA_KEY,
+    ANTHROPIC_TEST_KEY,
+    BETA_KEY,
+    OPENAI_TEST_KEY,
+    Stack,
+)
+from fake_llm import FakeLLM, Reply, anthropic_stream, openai_stream
+from helpers import ResumingReader, StreamReader, text_message, wait_state
+
+from shared import keys
+from shared.approvals import command_ruling, rule_for
+from shared.models import CommandRules
+
+ASK_BASH = {"permissions": {"bash": "ask"}}
+
+
+@pytest.fixture(scope="module")
+def one_slot(redis_url: str, fake_llm: FakeLLM) -> Iterator[Stack]:
+    """An API and one worker that runs one job at a time, on a database of their own."""
+    url = redis_url.rsplit("/", 1)[0] + "/9"
+    redis.Redis.from_url(url).flushdb()
+    workdir = Path(tempfile.mkdtemp(prefix="sandstream-approvals-"))
+    env = {
+        "SANDSTREAM_WORKER_MAX_JOBS": "1",
+        "SANDSTREAM_REAPER_INTERVAL_SECONDS": "0.2",
+        "SANDSTREAM_KEEPALIVE_SECONDS": "1",
+        "SANDSTREAM_TOOL_TIMEOUT_SECONDS": "5",
+        "ANTHROPIC_BASE_URL": fake_llm.base_url,
+        "ANTHROPIC_API_KEY": ANTHROPIC_TEST_KEY,
+        "OPENAI_BASE_URL": fake_llm.base_url + "/v1",
+        "OPENAI_API_KEY": OPENAI_TEST_KEY,
+    }
+    running = Stack(url, workdir, env)
+    yield running
+    running.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def api(one_slot: Stack) -> Iterator[httpx.Client]:
+    with one_slot.client() as client:
+        yield client
+
+
+def session_with(client: httpx.Client, agent: dict[str, Any]) -> str:
+    sandbox = client.post("/sandboxes", json={}).json()["id"]
+    created = client.post(f"/sandboxes/{sandbox}/sessions", json={"agent": agent})
+    assert created.status_code == 201, created.text
+    return str(created.json()["id"])
+
+
+def send_until_waiting(client: httpx.Client, sid: str, text: str) -> dict[str, Any]:
+    """Send a message whose turn asks for approval; the 202 it answers with."""
+    reply = client.post(f"/sessions/{sid}/messages", json=text_message(text))
+    assert reply.status_code == 202, reply.text
+    body: dict[str, Any] = reply.json()
+    assert body["state"] == "awaiting_approval"
+    return body
+
+
+def decide(
+    client: httpx.Client, sid: str, call_id: str, decision: str, reason: str = ""
+) -> httpx.Response:
+    return client.post(
+        f"/sessions/{sid}/approvals/{call_id}", json={"decision": decision, "reason": reason}
+    )
+
+
+# ---- the policy, without the service ----------------------------------------------
+
+
+def test_bash_rules_match_by_pattern() -> None:
+    rules = CommandRules(deny=["rm -rf /*"], ask=["rm *", "git push*"], allow=["*"])
+    assert command_ruling(rules, "ls -la").verdict == "allow"
+    assert command_ruling(rules, "rm notes.txt").verdict == "ask"
+    assert command_ruling(rules, "git push origin main").verdict == "ask"
+    assert command_ruling(rules, "git pushy").verdict == "ask"  # a prefix, as written
+    assert command_ruling(rules, "rm -rf /etc").verdict == "deny"
+    # A chained command is asked about when any piece of it is.
+    assert command_ruling(rules, "ls; rm x").verdict == "ask"
+    assert command_ruling(rules, "echo $(rm x)").verdict == "ask"
+    assert command_ruling(rules, "true && rm -rf /home").verdict == "deny"
+    # `?` is one character; everything else is literal (no character classes).
+    assert command_ruling(CommandRules(allow=["ls ?"]), "ls a").verdict == "allow"
+    assert command_ruling(CommandRules(allow=["ls [ab]"]), "ls a").verdict == "ask"
+    assert command_ruling(CommandRules(allow=["ls [ab]"]), "ls [ab]").verdict == "allow"
+    # Allow patterns match the whole line: a chain is not let through by its start.
+    assert command_ruling(CommandRules(allow=["git status*"]), "git status").verdict == "allow"
+    # No rule matched: asked.
+    assert command_ruling(CommandRules(allow=["ls*"]), "make").verdict == "ask"
+
+
+def test_permissions_pick_the_tool_entry_then_the_wildcard() -> None:
+    permissions: Any = {"*": "deny", "read_file": "allow", "bash": CommandRules(allow=["ls"])}
+    assert rule_for(permissions, "read_file", {"path": "x"}).verdict == "allow"
+    assert rule_for(permissions, "write_file", {"path": "x"}).verdict == "deny"
+    assert rule_for(permissions, "bash", {"command": "ls"}).verdict == "allow"
+    assert rule_for(permissions, "bash", {"command": "ls x"}).verdict == "ask"
+    assert rule_for(permissions, "bash", {"no": "command"}).verdict == "ask"
+    assert rule_for({}, "bash", {"command": "ls"}).verdict == "allow"
+
+
+# ---- the flow ---------------------------------------------------------------------
+
+
+def test_ask_waits_without_a_worker_slot_then_allow_runs_the_tool(
+    one_slot: Stack, api: httpx.Client
+) -> None:
+    sid = session_with(api, ASK_BASH)
+    reader = StreamReader(api, sid)
+    waiting = send_until_waiting(api, sid, "run: echo approved-$((6*7))")
+    [pending] = waiting["pending_approvals"]
+    assert pending["name"] == "bash"
+    assert pending["input"] == {"command": "echo approved-$((6*7))"}
+    assert pending["expires_at"].endswith("Z")
+
+    session = api.get(f"/sessions/{sid}").json()
+    assert session["state"] == "awaiting_approval"
+    assert session["pending_approvals"] == [pending]
+    assert session["agent"]["permissions"] == {"bash": "ask"}
+
+    # The one job slot is free: another session's turn runs meanwhile.
+    other = session_with(api, {})
+    done = api.post(f"/sessions/{other}/messages", json=text_message("run: echo meanwhile"))
+    assert done.status_code == 200, done.text
+    assert done.json()["content"][1]["content"] == "meanwhile\n"
+
+    allowed = decide(api, sid, pending["tool_use_id"], "allow")
+    assert allowed.status_code == 200, allowed.text
+    assert allowed.json()["decision"] == "allow"
+    assert allowed.json()["state"] == "running"
+    events = reader.join(15)
+    kinds = [e["_event"] for e in events]
+    assert kinds.index("tool_use_complete") < kinds.index("tool_approval_requested")
+    assert kinds.index("tool_approval_requested") < kinds.index("tool_approval_resolved")
+    assert kinds.index("tool_approval_resolved") < kinds.index("tool_result")
+    resolved = next(e for e in events if e["_event"] == "tool_approval_resolved")
+    assert resolved["decided_by"] and resolved["decided_by"] not in api.headers["authorization"]
+    assert events[-1]["_event"] == "session_completed"
+    content = events[-1]["message"]["content"]
+    assert content[1] == {
+        "type": "tool_result",
+        "tool_use_id": pending["tool_use_id"],
+        "content": "approved-42\n",
+        "is_error": False,
+    }
+    assert "approved-42" in content[-1]["text"]
+    assert [e["seq"] for e in events] == list(range(events[0]["seq"], events[-1]["seq"] + 1))
+    assert wait_state(api, sid, "active")["messages"][-1]["content"] == content
+
+
+def test_deny_gives_the_model_an_error_result_with_the_reason(api: httpx.Client) -> None:
+    sid = session_with(api, ASK_BASH)
+    [pending] = send_until_waiting(api, sid, "run: touch denied.txt")["pending_approvals"]
+    reader = StreamReader(api, sid, params={"after": "0"})
+    denied = decide(api, sid, pending["tool_use_id"], "deny", "not in this workspace")
+    assert denied.status_code == 200, denied.text
+    final = reader.join(15)[-1]
+    assert final["_event"] == "session_completed" and final["stop_reason"] == "end_turn"
+    result = final["message"]["content"][1]
+    assert result["is_error"] is True
+    assert "not in this workspace" in result["content"]
+    assert "failed" in final["message"]["content"][-1]["text"]  # the model saw the error
+    listing = api.get(f"/sandboxes/{api.get(f'/sessions/{sid}').json()['sandbox_id']}/files")
+    assert "denied.txt" not in listing.text
+
+
+def test_deny_policy_never_runs_and_says_so(api: httpx.Client) -> None:
+    sid = session_with(api, {"permissions": {"bash": {"deny": ["rm *"], "allow": ["*"]}}})
+    reply = api.post(f"/sessions/{sid}/messages", json=text_message("run: rm -f x"))
+    assert reply.status_code == 200, reply.text
+    result = reply.json()["content"][1]
+    assert result["is_error"] is True and "bash deny 'rm *'" in result["content"]
+
+
+def test_send_while_waiting_is_409_naming_the_turn(api: httpx.Client) -> None:
+    sid = session_with(api, ASK_BASH)
+    waiting = send_until_waiting(api, sid, "run: echo later")
+    again = api.post(f"/sessions/{sid}/messages", json=text_message("hello?"))
+    assert again.status_code == 409
+    problem = again.json()
+    assert problem["code"] == "turn_in_progress"
+    assert problem["turn_id"] == waiting["turn_id"]
+    assert problem["state"] == "awaiting_approval"
+    assert "awaiting approval" in problem["detail"]
+
+
+def test_decisions_are_checked_and_tenant_scoped(one_slot: Stack, api: httpx.Client) -> None:
+    sid = session_with(api, ASK_BASH)
+    [pending] = send_until_waiting(api, sid, "run: echo a\nrun: echo b")["pending_approvals"][:1]
+    call = pending["tool_use_id"]
+    with one_slot.client(BETA_KEY) as beta:
+        stranger = decide(beta, sid, call, "allow")
+        assert stranger.status_code == 404 and stranger.json()["code"] == "session_not_found"
+    unknown = decide(api, sid, "toolu_nope", "allow")
+    assert unknown.status_code == 404 and unknown.json()["code"] == "approval_not_found"
+    bad = api.post(f"/sessions/{sid}/approvals/{call}", json={"decision": "maybe"})
+    assert bad.status_code == 422 and bad.json()["field"] == "$.decision"
+    extra = api.post(f"/sessions/{sid}/approvals/{call}", json={"decision": "allow", "x": 1})
+    assert extra.status_code == 422 and extra.json()["code"] == "invalid_body"
+    empty = api.post(f"/sessions/{sid}/approvals/{call}", content=b"")
+    assert empty.status_code == 400 and empty.json()["code"] == "empty_body"
+    not_json = api.post(f"/sessions/{sid}/approvals/{call}", content=b"{")
+    assert not_json.status_code == 400 and not_json.json()["code"] == "malformed_json"
+
+    first = decide(api, sid, call, "deny", "no")
+    assert first.status_code == 200 and first.json()["state"] == "awaiting_approval"
+    retry = decide(api, sid, call, "deny", "other words")
+    assert retry.status_code == 200 and retry.json() == first.json()
+    changed = decide(api, sid, call, "allow")
+    assert changed.status_code == 409 and changed.json()["code"] == "approval_conflict"
+    # One call decided, one pending: the session shows only the pending one.
+    session = api.get(f"/sessions/{sid}").json()
+    assert [p["tool_use_id"] for p in session["pending_approvals"]] != [call]
+    assert len(session["pending_approvals"]) == 1
+    api.post(f"/sessions/{sid}/interrupt")
+
+
+@pytest.mark.parametrize(
+    ("agent", "field"),
+    [
+        ({"permissions": {"bash": "maybe"}}, "$.agent.permissions[...]"),
+        ({"permissions": {"rm": "ask"}}, "$.agent.permissions"),
+        ({"permissions": {"read_file": {"ask": ["x"]}}}, "$.agent"),
+        ({"permissions": {"bash": {"ask": [""]}}}, "$.agent.permissions[...].ask[0]"),
+        ({"permissions": {"bash": {"sometimes": ["x"]}}}, "$.agent.permissions[...]"),
+        ({"permissions": ["bash"]}, "$.agent.permissions"),
+        ({"approval_timeout_seconds": 0}, "$.agent.approval_timeout_seconds"),
+    ],
+)
+def test_bad_permissions_are_422_naming_the_field(
+    api: httpx.Client, agent: dict[str, Any], field: str
+) -> None:
+    sandbox = api.post("/sandboxes", json={}).json()["id"]
+    created = api.post(f"/sandboxes/{sandbox}/sessions", json={"agent": agent})
+    assert created.status_code == 422, created.text
+    assert created.json()["code"] == "invalid_body"
+    assert created.json()["field"].startswith(field.split("[")[0])
+
+
+def test_undecided_calls_are_denied_when_they_time_out(api: httpx.Client) -> None:
+    sid = session_with(api, {**ASK_BASH, "approval_timeout_seconds": 0.5})
+    send_until_waiting(api, sid, "run: echo too-late")
+    session = wait_state(api, sid, "active", timeout=10)
+    result = session["messages"][-1]["content"][1]
+    assert result["is_error"] is True and "timed out" in result["content"]
+    resolved = [
+        e for e in _log(api, sid) if e["_event"] == "tool_approval_resolved"
+    ]
+    assert resolved[-1]["decided_by"] == "timeout" and resolved[-1]["reason"] == "timed out"
+
+
+def test_interrupt_while_waiting_ends_the_turn_at_once(api: httpx.Client) -> None:
+    sid = session_with(api, ASK_BASH)
+    send_until_waiting(api, sid, "run: echo never")
+    began = time.monotonic()
+    stopped = api.post(f"/sessions/{sid}/interrupt")
+    took = time.monotonic() - began
+    assert stopped.status_code == 200 and stopped.json()["interrupted"] is True
+    assert stopped.json()["state"] == "active"
+    assert took < 1.0, took
+    message = api.get(f"/sessions/{sid}").json()["messages"][-1]
+    assert message["stop_reason"] == "interrupted"
+    assert message["content"][1]["is_error"] is True
+    assert "interrupted while awaiting approval" in message["content"][1]["content"]
+    # The session takes messages again.
+    assert api.post(f"/sessions/{sid}/messages", json=text_message("hi")).status_code == 200
+
+
+def test_a_grant_decides_only_with_the_approve_scope(api: httpx.Client) -> None:
+    sid = session_with(api, ASK_BASH)
+    [pending] = send_until_waiting(api, sid, "run: echo granted")["pending_approvals"]
+    plain = api.post(f"/sessions/{sid}/grants", json={}).json()
+    assert "approve" not in plain["scopes"]
+    approver = api.post(f"/sessions/{sid}/grants", json={"scopes": ["read", "approve"]}).json()
+    url = f"/sessions/{sid}/approvals/{pending['tool_use_id']}"
+    body = {"decision": "allow"}
+    refused = api.post(url, json=body, headers={"Authorization": f"Bearer {plain['token']}"})
+    assert refused.status_code == 403 and refused.json()["code"] == "outside_grant"
+    allowed = api.post(url, json=body, headers={"Authorization": f"Bearer {approver['token']}"})
+    assert allowed.status_code == 200, allowed.text
+    assert allowed.json()["decided_by"].startswith("grant:")
+    assert wait_state(api, sid, "active")["messages"][-1]["content"][1]["content"] == "granted\n"
+
+
+@pytest.mark.parametrize("wire", ["anthropic", "openai"])
+def test_two_calls_in_one_response_one_allowed_one_denied(
+    api: httpx.Client, fake_llm: FakeLLM, wire: str
+) -> None:
+    model = f"approvals-{wire}-{time.monotonic_ns()}"
+    stream = anthropic_stream if wire == "anthropic" else openai_stream
+    calls = (
+        ("tool", "call_one", "bash", {"command": "echo first"}),
+        ("tool", "call_two", "bash", {"command": "echo second"}),
+    )
+    fake_llm.script(
+        model,
+        Reply(chunks=stream(*calls, stop="tool_use" if wire == "anthropic" else "tool_calls")),
+        Reply(chunks=stream(("text", ["one ran, ", "one did not"]))),
+    )
+    sid = session_with(api, {"provider": wire, "model": model, **ASK_BASH})
+    waiting = send_until_waiting(api, sid, "run both")
+    assert [p["tool_use_id"] for p in waiting["pending_approvals"]] == ["call_one", "call_two"]
+    assert decide(api, sid, "call_two", "deny", "second is not needed").json()["state"] == (
+        "awaiting_approval"
+    )
+    assert decide(api, sid, "call_one", "allow").json()["state"] == "running"
+    message = wait_state(api, sid, "active")["messages"][-1]
+    results = [b for b in message["content"] if b["type"] == "tool_result"]
+    assert results[0] == {
+        "type": "tool_result",
+        "tool_use_id": "call_one",
+        "content": "first\n",
+        "is_error": False,
+    }
+    assert results[1]["is_error"] is True and "second is not needed" in results[1]["content"]
+    # The model was told both outcomes in its own format.
+    second_request = fake_llm.requests[model][1].body
+    sent = str(second_request["messages"])
+    assert "first\\n" in sent and "second is not needed" in sent
+
+
+def _log(api: httpx.Client, sid: str) -> list[dict[str, Any]]:
+    reader = StreamReader(api, sid, params={"after": "0"})
+    return reader.join(10)
+
+
+# ---- restarts -----------------------------------------------------------------------
+
+
+def test_waiting_turns_survive_sigkill_of_every_process(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack(reaper_interval_seconds="0.2")
+    with stack.client() as client:
+        allow_sid = session_with(client, ASK_BASH)
+        deny_sid = session_with(client, ASK_BASH)
+        late_sid = session_with(client, {**ASK_BASH, "approval_timeout_seconds": 1})
+        to_allow = send_until_waiting(client, allow_sid, "run: echo survived")
+        to_deny = send_until_waiting(client, deny_sid, "run: echo refused")
+        send_until_waiting(client, late_sid, "run: echo expired")
+    stack.workers[0].stop(signal.SIGKILL)
+    stack.api.stop(signal.SIGKILL)
+    time.sleep(1.2)  # the third session's deadline passes while nothing runs
+    stack.start_api(stack.port)
+    stack.start_worker()
+    with stack.client() as client:
+        for sid in (allow_sid, deny_sid):
+            assert client.get(f"/sessions/{sid}").json()["state"] == "awaiting_approval"
+        call = to_allow["pending_approvals"][0]["tool_use_id"]
+        assert decide(client, allow_sid, call, "allow").status_code == 200
+        call = to_deny["pending_approvals"][0]["tool_use_id"]
+        assert decide(client, deny_sid, call, "deny", "after the restart").status_code == 200
+        allowed = wait_state(client, allow_sid, "active")["messages"][-1]["content"][1]
+        assert allowed["content"] == "survived\n"
+        denied = wait_state(client, deny_sid, "active")["messages"][-1]["content"][1]
+        assert denied["is_error"] and "after the restart" in denied["content"]
+        late = wait_state(client, late_sid, "active")["messages"][-1]["content"][1]
+        assert late["is_error"] and "timed out" in late["content"]
+
+
+def test_waiting_turn_memory_and_decision_latency(
+    one_slot: Stack, api: httpx.Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Figures for the README: what a waiting turn keeps in Redis, and how soon
+    after a decision its tool starts (p50 over 20 decisions)."""
+    client = redis.Redis.from_url(one_slot.env["SANDSTREAM_REDIS_URL"])
+    latencies = []
+    memory = 0
+    for i in range(20):
+        sid = session_with(api, ASK_BASH)
+        [pending] = send_until_waiting(api, sid, f"run: echo {i}")["pending_approvals"]
+        if i == 0:
+            memory = sum(
+                client.memory_usage(key) or 0 for key in (keys.suspended(sid), keys.approvals(sid))
+            )
+        reader = ResumingReader([one_slot.base_url], ALPHA_KEY, sid, until=1)
+        began = time.monotonic()
+        decide(api, sid, pending["tool_use_id"], "allow")
+        events = reader.join(15)
+        result = next(e for e in events if e["_event"] == "tool_result")
+        assert result["content"] == f"{i}\n"
+        latencies.append(result["_at"] - began)
+    client.close()
+    p50 = statistics.median(latencies) * 1000
+    with capsys.disabled():
+        print(f"\nwaiting turn: {memory} B in Redis; decision to tool result p50 {p50:.1f} ms")
+    assert memory < 16_384
+    assert p50 < 1000

@@ -1,0 +1,89 @@
+"""The turn's side of approvals: write the turn down and leave, holding no slot.
+
+`shared.approvals` says why a waiting turn is kept in Redis rather than in a
+worker; here the runner's state becomes that record.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from shared import events as ev
+from shared.approvals import ApprovalStore, CallPlan, SuspendedTurn
+from shared.models import PendingApproval, ToolUseBlock, now_rfc3339
+
+if TYPE_CHECKING:
+    from worker.turn import TurnRunner
+
+logger = logging.getLogger("sandstream.turn")
+
+
+def _rfc3339(epoch: float) -> str:
+    whole = int(epoch)
+    moment = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{moment}.{int((epoch - whole) * 1000):03d}Z"
+
+
+async def suspend_for_approval(runner: TurnRunner, iteration: int, plan: list[CallPlan]) -> None:
+    """Announce the calls that wait, and suspend the turn in the same step."""
+    rest = await runner.detach_writer()
+    if rest is None:
+        return
+    deadline = time.time() + runner.agent.approval_timeout_seconds
+    expires_at = _rfc3339(deadline)
+    pending = []
+    for step in plan:
+        block = runner.blocks[step.index]
+        if step.verdict == "ask" and isinstance(block, ToolUseBlock):
+            pending.append(
+                PendingApproval(
+                    tool_use_id=block.id,
+                    name=block.name,
+                    input=block.input,
+                    index=step.index,
+                    expires_at=expires_at,
+                )
+            )
+    requests: list[ev.Event] = [
+        ev.ToolApprovalRequested(
+            session_id=runner.session_id,
+            sandbox_id=runner.sandbox_id,
+            turn_id=runner.turn_id,
+            message_id=runner.message_id,
+            created_at=now_rfc3339(),
+            index=p.index,
+            tool_use_id=p.tool_use_id,
+            name=p.name,
+            input=p.input,
+            expires_at=p.expires_at,
+        )
+        for p in pending
+    ]
+    record = SuspendedTurn(
+        turn_id=runner.turn_id,
+        message_id=runner.message_id,
+        iteration=iteration,
+        blocks=list(runner.blocks),
+        usage=runner.usage,
+        calls=plan,
+    )
+    store = runner.store
+    approvals = ApprovalStore(
+        store.redis,
+        log_max_events=store.log_max_events,
+        log_ttl_seconds=store.log_ttl_ms / 1000,
+    )
+    suspended = await approvals.suspend(
+        sid=runner.session_id,
+        worker_id=runner.worker_id,
+        record=record,
+        pending=pending,
+        events=[*rest, *requests],
+        deadline=deadline,
+    )
+    if suspended:
+        logger.info("turn %s awaits approval of %d tool calls", runner.turn_id, len(pending))
+    else:
+        logger.info("turn %s was no longer this worker's; not suspended", runner.turn_id)
