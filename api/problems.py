@@ -79,6 +79,8 @@ def invalid_body(exc: msgspec.ValidationError | msgspec.DecodeError) -> Problem:
     if isinstance(exc, msgspec.ValidationError):
         text = str(exc)
         field = text.rsplit(" - at `", 1)[1].rstrip("`") if " - at `" in text else "$"
+        # A mapping's key: "`key` in `$.path`" names the mapping.
+        field = field.removeprefix("key` in `")
         return Problem(422, "invalid_body", text, field=field)
     return Problem(400, "malformed_json", f"the body is not valid JSON: {exc}")
 
