@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from api.schemas import (
+    ApprovalResult,
     BrowserGrant,
     CreateGrant,
     Credential,
@@ -23,6 +24,7 @@ from api.schemas import (
     TurnAccepted,
 )
 from shared.models import (
+    ApprovalDecision,
     ArchiveExtracted,
     CreateSandbox,
     CreateSession,
@@ -51,6 +53,8 @@ _TYPES: list[Any] = [
     ProblemDetails,
     TurnAccepted,
     InterruptResult,
+    ApprovalDecision,
+    ApprovalResult,
     StreamToken,
     CreateGrant,
     BrowserGrant,
@@ -201,6 +205,7 @@ _SESSION_OPS = (
     "getSession",
     "sendMessage",
     "interruptSession",
+    "decideToolCall",
     "createStreamToken",
     "createBrowserGrant",
     "deleteSession",
@@ -398,9 +403,14 @@ def build_openapi(version: str) -> dict[str, Any]:
                 "Send a user message and wait for the assistant's reply",
                 {
                     200: _json(_ref(Message), "the assistant message of the turn"),
-                    202: _json(_ref(TurnAccepted), "the wait limit passed; the turn goes on"),
+                    202: _json(
+                        _ref(TurnAccepted),
+                        "the wait limit passed, or the turn awaits approval of tool calls "
+                        "(`state`: `awaiting_approval`, with `pending_approvals`)",
+                    ),
                     409: {
-                        "description": "a turn is running",
+                        "description": "a turn is running or awaits approval "
+                        "(`turn_in_progress`, naming it)",
                         "content": {"application/problem+json": {"schema": _ref(ProblemDetails)}},
                     },
                     502: {
@@ -415,6 +425,40 @@ def build_openapi(version: str) -> dict[str, Any]:
                 ],
                 body=SendMessage,
                 errors=(404, *body_errors),
+            ),
+        },
+        "/api/v1/sessions/{sid}/approvals/{tool_use_id}": {
+            "post": _operation(
+                "decideToolCall",
+                "Allow or deny a tool call that awaits approval",
+                {
+                    200: _json(_ref(ApprovalResult), "the decision as recorded"),
+                    409: {
+                        "description": "the call was decided otherwise before "
+                        "(`approval_conflict`)",
+                        "content": {"application/problem+json": {"schema": _ref(ProblemDetails)}},
+                    },
+                },
+                params=[
+                    *sid,
+                    {
+                        "name": "tool_use_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "minLength": 1},
+                        "description": "the call's id, from `tool_approval_requested` or "
+                        "the session's `pending_approvals`",
+                    },
+                ],
+                body=ApprovalDecision,
+                errors=(403, 404, *body_errors),
+                description=(
+                    "The same decision again answers 200 alike (a retry is safe); a call "
+                    "whose turn went on or ended is 404 (`approval_not_found`). When no call "
+                    "is left undecided the turn goes on, on any worker: allowed calls run, "
+                    "denied ones give the model an error result with the reason. A browser "
+                    "credential needs the `approve` scope."
+                ),
             ),
         },
         "/api/v1/sessions/{sid}/interrupt": {

@@ -235,6 +235,9 @@ async def _replay_send(
     for message in await svc.store.get_messages(sid):
         if message.role == "assistant" and message.turn_id == turn_id:
             return Response(content=msgspec.json.encode(message), media_type="application/json")
+    state = await svc.store.turn_state(sid)
+    if state is not None and state.awaiting and state.turn_id == turn_id:
+        return await awaiting_reply(request, svc, sid, turn_id, first.after)
     terminal = await _wait_for_terminal(svc, sid, turn_id, first.after, wait_limit)
     if terminal is None:
         return _accepted(request, sid, turn_id, first.after)

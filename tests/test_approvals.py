@@ -205,6 +205,20 @@ def test_send_while_waiting_is_409_naming_the_turn(api: httpx.Client) -> None:
     assert "awaiting approval" in problem["detail"]
 
 
+def test_a_retried_send_while_waiting_answers_again_that_it_waits(api: httpx.Client) -> None:
+    sid = session_with(api, ASK_BASH)
+    message, key = text_message("run: echo once"), {"Idempotency-Key": f"retry-{sid}"}
+    first = api.post(f"/sessions/{sid}/messages", json=message, headers=key)
+    assert first.status_code == 202, first.text
+    retry = api.post(f"/sessions/{sid}/messages", json=message, headers=key)
+    assert retry.status_code == 202, retry.text
+    assert retry.json()["turn_id"] == first.json()["turn_id"]
+    assert retry.json()["pending_approvals"] == first.json()["pending_approvals"]
+    listed = api.get(f"/sandboxes/{api.get(f'/sessions/{sid}').json()['sandbox_id']}/sessions")
+    assert [s["state"] for s in listed.json()] == ["awaiting_approval"]
+    assert api.delete(f"/sessions/{sid}").status_code == 204
+
+
 def test_decisions_are_checked_and_tenant_scoped(one_slot: Stack, api: httpx.Client) -> None:
     sid = session_with(api, ASK_BASH)
     [pending] = send_until_waiting(api, sid, "run: echo a\nrun: echo b")["pending_approvals"][:1]
