@@ -130,6 +130,11 @@ async def render_fleet(redis: Redis, queue: QueueReport, workers_alive: int) -> 
         out.append(f"{name}{queue_label} {value}\n")
     for name, text, value in (
         ("sandstream_turns_running", "Turns in progress.", queue.running_turns),
+        (
+            "sandstream_turns_awaiting_approval",
+            "Turns suspended until their tool calls are decided.",
+            queue.awaiting_approval,
+        ),
         ("sandstream_workers_alive", "Workers whose heartbeat is fresh.", workers_alive),
     ):
         _header(out, name, text, "gauge")

@@ -24,6 +24,8 @@ class QueueReport(msgspec.Struct, kw_only=True):
     in_progress: int
     oldest_queued_seconds: float
     running_turns: int
+    # Turns suspended until a person decides their tool calls (`shared.approvals`).
+    awaiting_approval: int
     turns_last_hour: dict[str, int]
     turn_duration_ms: dict[str, int]
 
@@ -46,6 +48,7 @@ async def queue_report(redis: Redis) -> QueueReport:
             pipe.exists(in_progress_key_prefix + job_id.decode())
         pipe.zcard(keys.QUEUE)
         pipe.scard(keys.RUNNING)
+        pipe.zcard(keys.APPROVAL_DEADLINES)
         pipe.lrange(keys.TURN_DURATIONS, 0, -1)
         bucket = int(time.time()) // keys.STATS_BUCKET_SECONDS
         buckets = 3600 // keys.STATS_BUCKET_SECONDS
@@ -53,9 +56,9 @@ async def queue_report(redis: Redis) -> QueueReport:
             pipe.hgetall(keys.turn_outcomes(b))
         results = await pipe.execute()
     progress = results[: len(entries)]
-    total, running, durations = results[len(entries) : len(entries) + 3]
+    total, running, awaiting, durations = results[len(entries) : len(entries) + 4]
     outcomes: dict[str, int] = {}
-    for counts in results[len(entries) + 3 :]:
+    for counts in results[len(entries) + 4 :]:
         for name, count in counts.items():
             outcomes[name.decode()] = outcomes.get(name.decode(), 0) + int(count)
     queued_scores = [
@@ -75,6 +78,7 @@ async def queue_report(redis: Redis) -> QueueReport:
         in_progress=in_progress,
         oldest_queued_seconds=round(oldest, 3),
         running_turns=int(running),
+        awaiting_approval=int(awaiting),
         turns_last_hour=outcomes,
         turn_duration_ms=_percentiles(sorted(int(d) for d in durations)),
     )

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import redis
 from conftest import (
+    ADMIN_KEY,
     ANTHROPIC_TEST_KEY,
     BETA_KEY,
     OPENAI_TEST_KEY,
@@ -193,7 +194,7 @@ def test_deny_policy_never_runs_and_says_so(api: httpx.Client) -> None:
     assert result["is_error"] is True and "bash deny 'rm *'" in result["content"]
 
 
-def test_send_while_waiting_is_409_naming_the_turn(api: httpx.Client) -> None:
+def test_send_while_waiting_is_409_naming_the_turn(one_slot: Stack, api: httpx.Client) -> None:
     sid = session_with(api, ASK_BASH)
     waiting = send_until_waiting(api, sid, "run: echo later")
     again = api.post(f"/sessions/{sid}/messages", json=text_message("hello?"))
@@ -203,6 +204,10 @@ def test_send_while_waiting_is_409_naming_the_turn(api: httpx.Client) -> None:
     assert problem["turn_id"] == waiting["turn_id"]
     assert problem["state"] == "awaiting_approval"
     assert "awaiting approval" in problem["detail"]
+    with one_slot.client(ADMIN_KEY) as ops:
+        assert ops.get("/ops/queues").json()[0]["awaiting_approval"] >= 1
+        metrics = httpx.get(one_slot.base_url + "/metrics", headers=ops.headers).text
+        assert "\nsandstream_turns_awaiting_approval " in metrics
 
 
 def test_a_retried_send_while_waiting_answers_again_that_it_waits(api: httpx.Client) -> None:
