@@ -138,6 +138,10 @@ def test_ask_waits_without_a_worker_slot_then_allow_runs_the_tool(
     session = api.get(f"/sessions/{sid}").json()
     assert session["state"] == "awaiting_approval"
     assert session["pending_approvals"] == [pending]
+    # Out of the running index, which the reaper scans for turns whose worker died.
+    store = redis.Redis.from_url(one_slot.env["SANDSTREAM_REDIS_URL"])
+    assert not store.sismember(keys.RUNNING, sid) and not store.exists(keys.lease(sid))
+    store.close()
     assert session["agent"]["permissions"] == {"bash": "ask"}
 
     # The one job slot is free: another session's turn runs meanwhile.
@@ -368,7 +372,9 @@ def _log(api: httpx.Client, sid: str) -> list[dict[str, Any]]:
 def test_waiting_turns_survive_sigkill_of_every_process(
     make_stack: Callable[..., Stack],
 ) -> None:
-    stack = make_stack(reaper_interval_seconds="0.2")
+    # A reaper that looks often and ends queued turns after 1 s must leave
+    # waiting turns alone.
+    stack = make_stack(reaper_interval_seconds="0.2", queued_turn_timeout_seconds="1")
     with stack.client() as client:
         allow_sid = session_with(client, ASK_BASH)
         deny_sid = session_with(client, ASK_BASH)
