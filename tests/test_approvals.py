@@ -31,6 +31,7 @@ from helpers import StreamReader, text_message, wait_state
 from shared import keys
 from shared.approvals import command_ruling, rule_for
 from shared.models import CommandRules
+from shared.settings import Settings
 
 ASK_BASH = {"permissions": {"bash": "ask"}}
 
@@ -121,6 +122,17 @@ def test_permissions_pick_the_tool_entry_then_the_wildcard() -> None:
     assert rule_for({}, "bash", {"command": "ls"}).verdict == "allow"
 
 
+def test_the_service_default_permissions_come_from_settings() -> None:
+    rules = '{"*": "allow", "bash": {"ask": ["rm *"], "allow": ["*"]}}'
+    settings = Settings.from_env({"SANDSTREAM_TOOL_PERMISSIONS": rules})
+    assert settings.default_agent().permissions["bash"] == CommandRules(ask=["rm *"], allow=["*"])
+    for bad in ('{"bash": "maybe"}', '{"read_file": {"ask": ["x"]}}', "not json"):
+        with pytest.raises(SystemExit, match="tool_permissions"):
+            Settings.from_env({"SANDSTREAM_TOOL_PERMISSIONS": bad})
+    with pytest.raises(SystemExit, match="approval_timeout_seconds"):
+        Settings.from_env({"SANDSTREAM_APPROVAL_TIMEOUT_SECONDS": "0"})
+
+
 # ---- the flow ---------------------------------------------------------------------
 
 
@@ -174,13 +186,24 @@ def test_ask_waits_without_a_worker_slot_then_allow_runs_the_tool(
     assert wait_state(api, sid, "active")["messages"][-1]["content"] == content
 
 
-def test_deny_gives_the_model_an_error_result_with_the_reason(api: httpx.Client) -> None:
+def test_deny_gives_the_model_an_error_result_with_the_reason(
+    one_slot: Stack, api: httpx.Client
+) -> None:
     sid = session_with(api, ASK_BASH)
+    before = StreamReader(api, sid)
     [pending] = send_until_waiting(api, sid, "run: touch denied.txt")["pending_approvals"]
-    reader = StreamReader(api, sid, params={"after": "0"})
+    # A client that connects after the request learns of it from the replay.
+    after = StreamReader(api, sid, params={"after": "0"})
+    with one_slot.client(BETA_KEY) as stranger:  # another tenant cannot see or decide it
+        assert stranger.get(f"/sessions/{sid}").status_code == 404
     denied = decide(api, sid, pending["tool_use_id"], "deny", "not in this workspace")
     assert denied.status_code == 200, denied.text
-    final = reader.join(15)[-1]
+    seen = [before.join(15), after.join(15)]
+    for events in seen:
+        kinds = [e["_event"] for e in events]
+        assert "tool_approval_requested" in kinds and "tool_approval_resolved" in kinds
+    assert seen[0] == seen[1]  # the decision shows on every stream, alike
+    final = seen[1][-1]
     assert final["_event"] == "session_completed" and final["stop_reason"] == "end_turn"
     result = final["message"]["content"][1]
     assert result["is_error"] is True
@@ -237,6 +260,11 @@ def test_decisions_are_checked_and_tenant_scoped(one_slot: Stack, api: httpx.Cli
         assert stranger.status_code == 404 and stranger.json()["code"] == "session_not_found"
     unknown = decide(api, sid, "toolu_nope", "allow")
     assert unknown.status_code == 404 and unknown.json()["code"] == "approval_not_found"
+    long_id = decide(api, sid, "x" * 5000, "allow")
+    assert long_id.status_code == 404 and len(long_id.json()["tool_use_id"]) < 300
+    not_a_session = decide(api, "not-a-uuid", call, "allow")
+    assert not_a_session.status_code == 404
+    assert not_a_session.json()["code"] == "session_not_found"
     bad = api.post(f"/sessions/{sid}/approvals/{call}", json={"decision": "maybe"})
     assert bad.status_code == 422 and bad.json()["field"] == "$.decision"
     extra = api.post(f"/sessions/{sid}/approvals/{call}", json={"decision": "allow", "x": 1})
