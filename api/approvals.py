@@ -16,7 +16,7 @@ from api.problems import Problem
 from api.schemas import ApprovalResult, TurnAccepted
 from api.services import Services, check_id, decode_body, owned_session, services_of
 from shared import events as ev
-from shared.approvals import ApprovalStore, Resolution, Waiting
+from shared.approvals import Resolution, Waiting
 from shared.models import (
     ApprovalDecision,
     Message,
@@ -27,14 +27,6 @@ from shared.models import (
 
 # The longest tool_use id accepted in a path; providers' ids are far shorter.
 MAX_TOOL_USE_ID = 200
-
-
-def approval_store(svc: Services) -> ApprovalStore:
-    return ApprovalStore(
-        svc.redis,
-        log_max_events=svc.settings.log_max_events,
-        log_ttl_seconds=svc.settings.log_ttl_seconds,
-    )
 
 
 def _not_found(sid: str, tool_use_id: str) -> Problem:
@@ -64,7 +56,7 @@ class ApprovalController(Controller):
         body = await decode_body(request, ApprovalDecision, empty_ok=False)
         if len(tool_use_id) > MAX_TOOL_USE_ID:
             raise _not_found(sid, tool_use_id[:MAX_TOOL_USE_ID] + "...")
-        store = approval_store(svc)
+        store = svc.approvals
         waiting = await store.waiting(sid)
         if waiting is None:
             raise _not_found(sid, tool_use_id)
@@ -127,7 +119,7 @@ async def awaiting_reply(
     request: Request[Any, Any, Any], svc: Services, sid: str, turn_id: str, after: int
 ) -> Response[bytes]:
     """The blocking send's answer when its turn begins to wait: 202 and the calls."""
-    waiting = await approval_store(svc).waiting(sid)
+    waiting = await svc.approvals.waiting(sid)
     pending = waiting.pending if waiting is not None and waiting.turn_id == turn_id else []
     body = TurnAccepted(
         session_id=sid,
@@ -149,14 +141,14 @@ async def awaiting_reply(
 
 
 async def pending_of(svc: Services, sid: str) -> Waiting | None:
-    return await approval_store(svc).waiting(sid)
+    return await svc.approvals.waiting(sid)
 
 
 async def end_waiting_turn(svc: Services, sid: str, sandbox_id: str, turn_id: str) -> bool:
     """Interrupt a turn that awaits approval, here and at once: its message so
     far is kept, each call that did not run is answered as interrupted. False
     when the turn was resumed by a worker meanwhile (interrupt it as any other)."""
-    store = approval_store(svc)
+    store = svc.approvals
     record = await store.suspended_record(sid, turn_id)
     if record is None:
         return False

@@ -15,6 +15,7 @@ from api.file_access import SandboxFiles
 from api.hub import EventHub
 from api.problems import Problem, invalid_body, not_found
 from shared import keys
+from shared.approvals import ApprovalStore
 from shared.models import Sandbox, Session, is_uuid
 from shared.sandbox.confinement import Confinement
 from shared.settings import Settings
@@ -39,6 +40,11 @@ class Services:
             log_max_events=settings.log_max_events,
             log_ttl_seconds=settings.log_ttl_seconds,
             sandbox_uid_base=settings.sandbox_uid_base,
+        )
+        self.approvals = ApprovalStore(
+            redis,
+            log_max_events=settings.log_max_events,
+            log_ttl_seconds=settings.log_ttl_seconds,
         )
         # The files API's way into sandboxes: their file services.
         self.files = SandboxFiles(settings, self.confinement, self.store, self.disk)

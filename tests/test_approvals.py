@@ -29,8 +29,8 @@ from fake_llm import FakeLLM, Reply, anthropic_stream, openai_stream
 from helpers import StreamReader, text_message, wait_state
 
 from shared import keys
-from shared.approvals import command_ruling, rule_for
 from shared.models import CommandRules
+from shared.permissions import command_ruling, rule_for
 from shared.settings import Settings
 
 ASK_BASH = {"permissions": {"bash": "ask"}}

@@ -16,7 +16,7 @@ import time
 from typing import Literal
 
 from shared import events as ev
-from shared.approvals import CallPlan, Resolution, SuspendedTurn, denial_text, rule_for
+from shared.approvals import CallPlan, Resolution, SuspendedTurn, denial_text
 from shared.metrics import TurnFigures
 from shared.models import (
     AgentConfig,
@@ -28,6 +28,7 @@ from shared.models import (
     new_id,
     now_rfc3339,
 )
+from shared.permissions import rule_for
 from shared.sandbox.handle import OpenSandbox
 from shared.settings import Settings
 from shared.store import SessionStore
