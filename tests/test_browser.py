@@ -267,6 +267,32 @@ def test_console_interrupts_a_running_command(console: Console, client: httpx.Cl
     screenshot(console.page, "console-interrupted")
 
 
+def test_console_decides_a_tool_call_that_awaits_approval(
+    console: Console, client: httpx.Client
+) -> None:
+    sandbox = client.post("/sandboxes", json={}).json()["id"]
+    agent = {"permissions": {"bash": "ask"}}
+    sid = client.post(f"/sandboxes/{sandbox}/sessions", json={"agent": agent}).json()["id"]
+    console.sign_in(ALPHA_KEY)
+    console.open_session(sid)
+    console.page.fill("#message", "run: echo approved in the console")
+    console.page.click("#send")
+    allow = console.page.wait_for_selector(
+        ".msg.live .block.approval button[data-decision=allow]", timeout=15_000
+    )
+    assert console.state() == "awaiting_approval"
+    assert client.get(f"/sessions/{sid}").json()["state"] == "awaiting_approval"
+    screenshot(console.page, "console-awaiting-approval")
+    assert allow is not None
+    allow.click()
+    wait_until(lambda: console.state() == "active", 20, "the approved turn's end")
+    wait_until(lambda: len(console.transcript()) == 2, 10, "two messages")
+    stored = client.get(f"/sessions/{sid}").json()["messages"]
+    assert stored[-1]["content"][1]["content"] == "approved in the console\n"
+    assert console.transcript() == stored_transcript(client, sid)
+    assert _no_gap(console.seqs())
+
+
 def test_console_reconnects_by_itself_after_an_api_restart(
     console: Console, client: httpx.Client, web: Stack
 ) -> None:

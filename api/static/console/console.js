@@ -190,6 +190,33 @@ function genericBlock(type, payload) {
   );
 }
 
+// A tool call that awaits approval, with the buttons that decide it.
+async function approvalDecision(view, event, decision) {
+  const path = `/sessions/${view.sid}/approvals/${encodeURIComponent(event.tool_use_id)}`;
+  const response = await api("POST", path, { decision });
+  if (response.ok) showError(null);
+}
+
+function approvalBlock(event) {
+  return el(
+    "div",
+    { className: "block approval", dataset: { type: "approval", toolUseId: event.tool_use_id } },
+    el("div", {}, `${event.name} awaits approval (until ${event.expires_at})`),
+    pre(JSON.stringify(event.input, null, 2)),
+    el("button", { type: "button", dataset: { decision: "allow" } }, "Allow"),
+    el("button", { type: "button", dataset: { decision: "deny" } }, "Deny"),
+  );
+}
+
+function resolvedBlock(event) {
+  const why = event.reason ? `: ${event.reason}` : "";
+  return el(
+    "div",
+    { className: `block approval ${event.decision}`, dataset: { type: "approval", toolUseId: event.tool_use_id } },
+    `${event.decision === "allow" ? "allowed" : "denied"} by ${event.decided_by}${why}`,
+  );
+}
+
 function renderBlock(block) {
   switch (block.type) {
     case "text":
@@ -253,7 +280,7 @@ class SessionView {
   setState(state) {
     $("state").textContent = state;
     $("state").className = `badge ${state}`;
-    $("send").disabled = state === "running";
+    $("send").disabled = state === "running" || state === "awaiting_approval";
   }
 
   setConnection(state) {
@@ -384,6 +411,24 @@ class SessionView {
       case "tool_result":
         this.place(event.index, toolResultBlock(event.tool_use_id, event.content, event.is_error, true));
         break;
+      case "tool_approval_requested": {
+        const block = approvalBlock(event);
+        for (const button of block.querySelectorAll("button")) {
+          button.onclick = () => approvalDecision(this, event, button.dataset.decision);
+        }
+        live.node.append(block);
+        this.setState("awaiting_approval");
+        break;
+      }
+      case "tool_approval_resolved": {
+        const waiting = [...live.node.querySelectorAll(".block.approval")].find(
+          (node) => node.dataset.toolUseId === event.tool_use_id,
+        );
+        if (waiting) waiting.replaceWith(resolvedBlock(event));
+        else live.node.append(resolvedBlock(event));
+        if (!live.node.querySelector(".block.approval button")) this.setState("running");
+        break;
+      }
       case "session_completed":
       case "session_failed":
         this.done.add(event.turn_id);
