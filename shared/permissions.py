@@ -43,6 +43,14 @@ def rule_for(permissions: Permissions, name: str, tool_input: dict[str, Any]) ->
     return command_ruling(entry, command if isinstance(command, str) else "")
 
 
+def allowed_by_name(permissions: Permissions, name: str) -> bool:
+    """Whether every call of this tool runs without asking, whatever its input."""
+    for key in (name, "*"):
+        if key in permissions:
+            return permissions[key] == "allow"
+    return True
+
+
 def command_ruling(rules: CommandRules, command: str) -> Ruling:
     """deny, then ask, then allow; a command that matches none is asked about.
 

@@ -28,7 +28,7 @@ from shared.models import (
     new_id,
     now_rfc3339,
 )
-from shared.permissions import rule_for
+from shared.permissions import allowed_by_name, rule_for
 from shared.sandbox.handle import OpenSandbox
 from shared.settings import Settings
 from shared.store import SessionStore
@@ -200,7 +200,10 @@ class TurnRunner:
                 if isinstance(item, TextChunk):
                     self._text(item.text)
                 elif isinstance(item, ToolCallStart):
-                    self._changes.start()  # before the first tool runs, what is there
+                    if allowed_by_name(self.agent.permissions, item.name):
+                        # Before the first tool runs, what is there (not for a call
+                        # that may wait: a turn that waits keeps no snapshot).
+                        self._changes.start()
                     self._close_text()
                     calls.append(len(self.blocks))
                     self.blocks.append(ToolUseBlock(id=item.id, name=item.name, input={}))
