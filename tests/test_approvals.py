@@ -221,6 +221,24 @@ def test_deny_policy_never_runs_and_says_so(api: httpx.Client) -> None:
     assert result["is_error"] is True and "bash deny 'rm *'" in result["content"]
 
 
+def test_bash_rules_ask_for_one_call_and_the_response_waits_whole(api: httpx.Client) -> None:
+    rules = {"bash": {"ask": ["rm *"], "allow": ["*"]}, "*": "ask"}
+    sid = session_with(api, {"permissions": rules, "allowed_tools": ["bash"]})
+    waiting = send_until_waiting(api, sid, "run: echo kept\nrun: rm -f nothing")
+    [pending] = waiting["pending_approvals"]
+    assert pending["input"] == {"command": "rm -f nothing"} and pending["index"] == 1
+    assert decide(api, sid, pending["tool_use_id"], "deny").json()["state"] == "running"
+    content = wait_state(api, sid, "active")["messages"][-1]["content"]
+    assert [b["type"] for b in content[:4]] == [
+        "tool_use",
+        "tool_use",
+        "tool_result",
+        "tool_result",
+    ]
+    assert content[2]["content"] == "kept\n" and content[2]["is_error"] is False
+    assert content[3]["is_error"] is True and "denied by the user" in content[3]["content"]
+
+
 def test_send_while_waiting_is_409_naming_the_turn(one_slot: Stack, api: httpx.Client) -> None:
     sid = session_with(api, ASK_BASH)
     waiting = send_until_waiting(api, sid, "run: echo later")

@@ -236,11 +236,16 @@ class TurnRunner:
         return "max_iterations"
 
     def _plan(self, calls: list[int]) -> list[CallPlan]:
-        """What the session's permissions say of each call of the model's response."""
+        """What the session's permissions say of each call of the model's response
+        (a tool the agent does not have is not asked about: it fails as unknown)."""
         plan = []
+        allowed = self.agent.allowed_tools
         for index in calls:
             call = self.blocks[index]
             assert isinstance(call, ToolUseBlock)
+            if call.name not in allowed:
+                plan.append(CallPlan(index=index, verdict="allow"))
+                continue
             ruling = rule_for(self.agent.permissions, call.name, call.input)
             reason = ""
             if ruling.verdict == "deny":
