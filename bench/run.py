@@ -376,7 +376,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     only = set(args.only.split(","))
-    sends, clients, seconds, idle = (20, 8, 2.0, 3.0) if args.quick else (200, 64, 10.0, 20.0)
+    sends, clients, seconds, idle = (20, 8, 1.0, 1.0) if args.quick else (200, 64, 10.0, 20.0)
     counts = [int(n) for n in args.streams.split(",")] if not args.quick else [50]
     with private_redis() as url:
         if "latency" in only:
