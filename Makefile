@@ -4,11 +4,12 @@
 run:
 	scripts/run-local.sh
 
-# The whole test suite, from a clean clone.
+# The whole test suite, from a clean clone: two test files at a time (most
+# tests wait on processes), each file's tests in one pytest process.
 test:
 	scripts/bootstrap.sh
 	scripts/ensure-tools.sh
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -n 2 --dist loadfile
 
 lint:
 	scripts/bootstrap.sh

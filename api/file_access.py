@@ -5,12 +5,11 @@ operation is a conversation with the file service, started under the
 sandbox's confinement (its uid, cgroup, bubblewrap, no network) like the
 agent's own file tools, so the kernel decides what a path reaches.
 
-Starting a service costs a bubblewrap and a Python start (tens of
-milliseconds), so a service that finished its conversation cleanly is kept for
-the next request to the same sandbox, for `IDLE_SECONDS`; one left mid-way (an
-error, a client gone) is stopped. Each request has a service of its own: at
-most `PER_SANDBOX` of one sandbox's requests run at once in this process, the
-rest wait.
+A service that finished its conversation cleanly is kept for the next request
+to the same sandbox (`shared.sandbox.pool`); one left mid-way (an error, a
+client gone) is stopped. Each request has a service of its own: at most
+`PER_SANDBOX` of one sandbox's requests run at once in this process, the rest
+wait.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
@@ -29,6 +27,7 @@ from shared.models import is_uuid
 from shared.sandbox.confinement import Confinement, SandboxSpec
 from shared.sandbox.files import FileRefused, FileServiceBroken
 from shared.sandbox.handle import OpenSandbox, SandboxRefused
+from shared.sandbox.pool import SandboxPool
 from shared.sandbox.workspace import prepare_workspace, workspace_path
 from shared.settings import Settings
 from shared.store import SandboxRecord, SessionStore
@@ -37,7 +36,6 @@ logger = logging.getLogger("sandstream.api")
 
 PER_SANDBOX = 4
 IDLE_PER_SANDBOX = 2
-IDLE_SECONDS = 30.0
 HASHES_KEPT = 4096
 
 
@@ -55,10 +53,14 @@ class SandboxFiles:
         self._store = store
         self._disk = disk
         self._prepared: set[str] = set()
-        self._idle: dict[str, list[tuple[OpenSandbox, float]]] = {}
+        self._pool = SandboxPool(
+            confinement,
+            file_timeout=settings.tool_timeout_seconds,
+            idle_seconds=settings.sandbox_idle_seconds,
+            idle_per_sandbox=IDLE_PER_SANDBOX,
+        )
         self._slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
         self._hashes: OrderedDict[tuple[str, str], KnownHash] = OrderedDict()
-        self._sweeper: asyncio.Task[None] | None = None
 
     async def owned(self, sandbox_id: str, tenant: str) -> SandboxSpec:
         """The tenant's sandbox, its workspace made ready; another tenant's is a 404."""
@@ -90,73 +92,27 @@ class SandboxFiles:
         users[0] += 1
         try:
             async with semaphore:
-                sandbox = self._take(spec)
+                sandbox = self._pool.take(spec)
                 try:
                     yield sandbox
                 finally:
-                    # Alive means its last conversation ended as the protocol says
-                    # (a refusal too); one left mid-way was stopped by its channel.
-                    await self._keep_or_close(sandbox)
+                    await self._pool.give_back(sandbox)
         finally:
             users[0] -= 1
             if not users[0]:
                 del self._slots[spec.sandbox_id]
 
-    async def _keep_or_close(self, sandbox: OpenSandbox) -> None:
-        idle = self._idle.setdefault(sandbox.spec.sandbox_id, [])
-        if sandbox.files.alive and len(idle) < IDLE_PER_SANDBOX:
-            idle.append((sandbox, time.monotonic()))
-            self._sweep_later()
-            return
-        if not idle:
-            del self._idle[sandbox.spec.sandbox_id]
-        await sandbox.close()
-
-    def _take(self, spec: SandboxSpec) -> OpenSandbox:
-        idle = self._idle.get(spec.sandbox_id)
-        if idle:
-            sandbox, _ = idle.pop()
-            if not idle:
-                del self._idle[spec.sandbox_id]
-            return sandbox
-        return OpenSandbox(
-            self._confinement, spec, file_timeout=self._settings.tool_timeout_seconds
-        )
-
-    def _sweep_later(self) -> None:
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.create_task(self._sweep())
-
-    async def _sweep(self) -> None:
-        """Stop services idle for longer than IDLE_SECONDS, until none is left."""
-        while self._idle:
-            await asyncio.sleep(IDLE_SECONDS / 2)
-            now = time.monotonic()
-            for sandbox_id in list(self._idle):
-                kept = []
-                for sandbox, since in self._idle[sandbox_id]:
-                    if now - since > IDLE_SECONDS:
-                        await sandbox.close()
-                    else:
-                        kept.append((sandbox, since))
-                if kept:
-                    self._idle[sandbox_id] = kept
-                else:
-                    del self._idle[sandbox_id]
-
     async def forget(self, sandbox_id: str) -> None:
         """Stop the sandbox's idle services (it is being deleted)."""
-        for sandbox, _ in self._idle.pop(sandbox_id, []):
-            await sandbox.close()
+        await self._pool.forget(sandbox_id)
         self._prepared.discard(sandbox_id)
         for key in [k for k in self._hashes if k[0] == sandbox_id]:
             del self._hashes[key]
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for sandbox_id in list(self._idle):
-            await self.forget(sandbox_id)
+        await self._pool.close()
+        self._prepared.clear()
+        self._hashes.clear()
 
     # ---- hashes of files that did not change -------------------------------------
 

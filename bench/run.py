@@ -13,6 +13,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
@@ -36,6 +37,7 @@ from worker.providers.demo import DemoProvider
 from worker.turn import TurnRunner
 
 MESSAGE = {"role": "user", "content": [{"type": "text", "text": "hello"}]}
+TOOL_MESSAGE = {"role": "user", "content": [{"type": "text", "text": "run: true"}]}
 
 
 def table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -62,14 +64,14 @@ def new_session(client: httpx.Client) -> str:
     return str(client.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"])
 
 
-def measure_sends(base: str, sends: int) -> list[float]:
+def measure_sends(base: str, sends: int, message: dict[str, Any] = MESSAGE) -> list[float]:
     """Blocking sends from the lean keep-alive client (`bench/http_load.py`)."""
     with httpx.Client(base_url=base + "/api/v1", timeout=30, headers=AUTH) as client:
         sid = new_session(client)
     send = prepare(
         "POST",
         f"/api/v1/sessions/{sid}/messages",
-        json.dumps(MESSAGE).encode(),
+        json.dumps(message).encode(),
         {**AUTH, "Content-Type": "application/json"},
     )
 
@@ -194,6 +196,9 @@ def bench_latency(redis_url: str, sends: int) -> None:
     with service(redis_url) as svc:
         ours = measure_sends(svc.base, sends)
         ours_httpx = measure_sends_httpx(svc.base, sends)
+        tool = measure_sends(svc.base, max(10, sends // 4), TOOL_MESSAGE)
+    with service(redis_url, sandbox_idle_seconds="0") as svc:
+        tool_cold = measure_sends(svc.base, max(10, sends // 4), TOOL_MESSAGE)
     with service(redis_url, worker_fast_pickup="false") as svc:
         naive = measure_naive(svc.base, redis_url, max(10, sends // 10))
     ours_p50 = percentile(ours, 0.5)
@@ -203,11 +208,14 @@ def bench_latency(redis_url: str, sends: int) -> None:
         ("the same, client httpx", ours_httpx),
         ("floor: the turn in-process", floor),
         ("naive: arq 0.5 s poll + Job.result", naive),
+        ("a tool turn (run: true), sandbox kept warm", tool),
+        ("the same, sandbox closed after each turn", tool_cold),
     ]:
         p50, p99 = percentile(samples, 0.5), percentile(samples, 0.99)
         rows.append([name, ms(p50), ms(p99), f"{p50 / ours_p50:.2f}x"])
     table(
-        f"1. blocking send, plain demo reply, 1 client, {sends} sends",
+        f"1. blocking send, plain demo reply, 1 client, {sends} sends "
+        f"({max(10, sends // 4)} of the tool turn)",
         ["", "p50 ms", "p99 ms", "p50 vs ours"],
         rows,
     )
@@ -376,7 +384,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     only = set(args.only.split(","))
-    sends, clients, seconds, idle = (20, 8, 2.0, 3.0) if args.quick else (200, 64, 10.0, 20.0)
+    sends, clients, seconds, idle = (20, 8, 1.0, 1.0) if args.quick else (200, 64, 10.0, 20.0)
     counts = [int(n) for n in args.streams.split(",")] if not args.quick else [50]
     with private_redis() as url:
         if "latency" in only:

@@ -97,6 +97,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     sandbox_disk_bytes: int = 1 << 30
     sandbox_disk_inodes: int = 100_000
     sandbox_network_deny: str = ""
+    # how long a sandbox's file service stays warm after a turn or request (0: never)
+    sandbox_idle_seconds: float = 30.0
     # worker
     worker_max_jobs: int = 20
     worker_drain_seconds: int = 10
@@ -128,6 +130,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError(f"provider must be demo, anthropic or openai, not {self.provider!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
+        if self.sandbox_idle_seconds < 0:
+            raise ValueError("sandbox_idle_seconds must not be negative")
         for origin in self.cors_origin_list():
             if origin != "*" and not _ORIGIN.match(origin):
                 raise ValueError(

@@ -32,7 +32,7 @@ from helpers import StreamReader
 from playwright.sync_api import Browser, Page, sync_playwright
 
 SCREENSHOTS = ROOT / "build" / "screenshots"
-OPENS_FOR = 20
+OPENS_FOR = 10
 GRANT_LIFETIME = 180
 CHROMIUM_FLAGS = [
     "--disable-gpu",

@@ -75,7 +75,7 @@ def hostile(redis_url: str, fake_llm: FakeLLM, btrfs_root: Path) -> Iterator[Sta
         "SANDSTREAM_SANDBOX_DISK_BYTES": str(DISK_BYTES),
         "SANDSTREAM_SANDBOX_MEMORY_BYTES": str(MEMORY_BYTES),
         "SANDSTREAM_SANDBOX_MAX_PROCESSES": str(MAX_PROCESSES),
-        "SANDSTREAM_TOOL_TIMEOUT_SECONDS": "60",
+        "SANDSTREAM_TOOL_TIMEOUT_SECONDS": "120",
         "SANDSTREAM_LOG_LEVEL": "INFO",
         "OPENAI_BASE_URL": fake_llm.base_url + "/v1",
         "OPENAI_API_KEY": OPENAI_TEST_KEY,
@@ -170,7 +170,7 @@ import ctypes, os, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
 pairs = [(b"race/x", b"race/y"), (b"race/w", b"race/v"), (b"race/e", b"race/f")]
 open("race/started", "w").close()
-deadline = time.time() + 90
+deadline = time.time() + 110
 swaps = 0
 while time.time() < deadline and not os.path.exists("race/stop"):
     for a, b in pairs:

@@ -1,4 +1,4 @@
-"""Soak: 200 sessions x 5 turns over 2 API and 2 worker processes, one worker killed
+"""Soak: 100 sessions x 4 turns over 2 API and 2 worker processes, one worker killed
 and restarted midway. Every accepted message gets exactly one terminal event, every
 client's seq is gapless, no session is left running."""
 
@@ -16,8 +16,8 @@ import httpx
 from conftest import ALPHA_KEY, Stack
 from httpx_sse import aconnect_sse
 
-SESSIONS = 200
-TURNS = 5
+SESSIONS = 100
+TURNS = 4
 HEADERS = {"Authorization": f"Bearer {ALPHA_KEY}"}
 
 

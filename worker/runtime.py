@@ -37,8 +37,9 @@ from shared.queue import (
     warn_if_unauthenticated,
 )
 from shared.sandbox.confinement import Confinement, SandboxSpec
-from shared.sandbox.handle import OpenSandbox, SandboxRefused
+from shared.sandbox.handle import SandboxRefused
 from shared.sandbox.network import forget_dead_namespaces
+from shared.sandbox.pool import SandboxPool
 from shared.sandbox.workspace import prepare_workspace
 from shared.settings import Settings
 from shared.store import FinishMode, SessionStore
@@ -78,6 +79,14 @@ class WorkerRuntime:
         self.confinement = Confinement.detect(settings, "worker")
         self._control_decoder = msgspec.json.Decoder(ControlMessage)
         self._sandboxes: dict[str, SandboxSpec] = {}
+        # A sandbox's file service, cgroup and network outlive a turn that ended
+        # cleanly, for the sandbox's next turn on this worker.
+        self.pool = SandboxPool(
+            self.confinement,
+            file_timeout=settings.tool_timeout_seconds,
+            idle_seconds=settings.sandbox_idle_seconds,
+            idle_per_sandbox=2,
+        )
         # Workspace preparation has threads of its own: nothing a tool does can
         # take them (tools run in the sandbox, not in this process's threads).
         self._disk = ThreadPoolExecutor(2, thread_name_prefix="workspace")
@@ -109,9 +118,7 @@ class WorkerRuntime:
                 job.session_id, started.sandbox_id, job.turn_id, "worker", "error", error
             )
             return True
-        sandbox = OpenSandbox(
-            self.confinement, spec, file_timeout=self.settings.tool_timeout_seconds
-        )
+        sandbox = self.pool.take(spec)
         runner = TurnRunner(
             store=self.store,
             settings=self.settings,
@@ -132,7 +139,7 @@ class WorkerRuntime:
         finally:
             if self.running.get(job.session_id) is runner:
                 del self.running[job.session_id]
-            await sandbox.close()
+            await self.pool.give_back(sandbox)
         return True
 
     async def _sandbox(self, sandbox_id: str) -> SandboxSpec:
@@ -330,6 +337,7 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
         for task in reaper:
             task.cancel()
         await runtime.forget_worker()
+        await runtime.pool.close()
         if runtime.confinement.cgroups is not None:
             runtime.confinement.cgroups.close()
 

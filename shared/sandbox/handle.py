@@ -2,8 +2,11 @@
 
 The sandbox's cgroup in this process, its private network (for a network
 sandbox) and its file service are all taken when first needed. Closing ends
-them all, whatever state they are in: a turn's end, an interrupt and a worker
-that fences itself off all close the same way, so nothing of a turn outlives it.
+them all, whatever state they are in. A turn's end hands it back to the
+process's `SandboxPool`, which keeps it for the sandbox's next user only when its
+file service sits idle between conversations (no request of the turn is left
+running in it); every other ending (an interrupt mid-request, a worker that
+fences itself off) stops the service, so no operation of a turn outlives it.
 """
 
 from __future__ import annotations
