@@ -166,7 +166,7 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
                 turn_id=turn_id,
             )
             await store.claim_turn(session.id, "bench", turn_id, user)
-            taken = await store.start_turn(session.id, turn_id, "bench", 15_000)
+            taken = await store.start_turn(session.id, turn_id, "bench")
             assert taken is not None
             runner = TurnRunner(
                 store=store,

@@ -68,6 +68,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_output_tokens: int = 4096
     provider_max_retries: int = 2
     provider_timeout_seconds: float = 600.0
+    # A model stream that sends nothing (no response head, or no next byte)
+    # for this long ends the turn with `provider_timeout` (README: Reliability).
+    provider_idle_timeout_seconds: float = 90.0
     turn_timeout_seconds: float = 3600.0
     system_prompt: str = (
         "You are an agent working in a sandbox. Use the tools to inspect and change "
@@ -75,7 +78,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     )
     tool_timeout_seconds: float = 120.0
     tool_output_bytes: int = 64 * 1024
+    # Leases (README: Reliability): a worker renews its turn's lease every third
+    # of `lease_seconds`; a store stall or failover shorter than
+    # `lease_grace_seconds` ends no turn; a worker that could not renew for
+    # lease + grace stops its turn and its tools; the reaper ends a turn whose
+    # lease stood still for lease + grace + a third of the lease.
     lease_seconds: float = 15.0
+    lease_grace_seconds: float = 30.0
+    # Every Redis call of a worker gives up after this long (a partition is then
+    # an error, not a call that never returns).
+    redis_socket_timeout_seconds: float = 5.0
     queued_turn_timeout_seconds: float = 3600.0
     # sandbox isolation
     allow_unisolated: bool = False
@@ -118,6 +130,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 )
         if self.public_url and not _ORIGIN.match(self.public_url.rstrip("/")):
             raise ValueError(f"public_url must be scheme://host[:port], not {self.public_url!r}")
+        if self.lease_seconds <= 0 or self.lease_grace_seconds < 0:
+            raise ValueError("lease_seconds must be positive and lease_grace_seconds not negative")
+        if not 0 < self.redis_socket_timeout_seconds < self.lease_seconds:
+            raise ValueError(
+                "redis_socket_timeout_seconds must be positive and below lease_seconds"
+            )
+        if self.provider_idle_timeout_seconds <= 0:
+            raise ValueError("provider_idle_timeout_seconds must be positive")
         if not 0 < self.grant_seconds <= self.grant_max_seconds:
             raise ValueError("grant_seconds must be positive and at most grant_max_seconds")
         if not 0 < self.stream_token_seconds <= self.stream_grant_seconds:
