@@ -85,8 +85,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # lease stood still for lease + grace + a third of the lease.
     lease_seconds: float = 15.0
     lease_grace_seconds: float = 30.0
-    # Every Redis call of a worker gives up after this long (a partition is then
-    # an error, not a call that never returns).
+    # Every Redis call of a worker gives up after this long, or after a third of
+    # the lease if that is shorter (a partition is then an error, not a call
+    # that never returns).
     redis_socket_timeout_seconds: float = 5.0
     queued_turn_timeout_seconds: float = 3600.0
     # sandbox isolation
@@ -132,10 +133,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError(f"public_url must be scheme://host[:port], not {self.public_url!r}")
         if self.lease_seconds <= 0 or self.lease_grace_seconds < 0:
             raise ValueError("lease_seconds must be positive and lease_grace_seconds not negative")
-        if not 0 < self.redis_socket_timeout_seconds < self.lease_seconds:
-            raise ValueError(
-                "redis_socket_timeout_seconds must be positive and below lease_seconds"
-            )
+        if self.redis_socket_timeout_seconds <= 0:
+            raise ValueError("redis_socket_timeout_seconds must be positive")
         if self.provider_idle_timeout_seconds <= 0:
             raise ValueError("provider_idle_timeout_seconds must be positive")
         if not 0 < self.grant_seconds <= self.grant_max_seconds:
@@ -144,6 +143,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError(
                 "stream_token_seconds must be positive and at most stream_grant_seconds"
             )
+
+    def worker_socket_timeout(self) -> float:
+        return min(self.redis_socket_timeout_seconds, self.lease_seconds / 3)
 
     def cors_origin_list(self) -> list[str]:
         """The origins whose pages may call the API (`*`: any, for development)."""

@@ -237,7 +237,7 @@ class WorkerRuntime:
         """End turns whose worker is gone or that no worker picked up in time."""
         settings = self.settings
         began = time.monotonic()
-        late = 2 * settings.reaper_interval_seconds + settings.redis_socket_timeout_seconds
+        late = 2 * settings.reaper_interval_seconds + settings.worker_socket_timeout()
         if self._last_pass is None or began - self._last_pass > late:
             self._seen.clear()  # this process or the store stalled since the last pass
         reaped = 0
@@ -315,7 +315,7 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
         settings.redis_url,
         settings.redis_password,
         settings.redis_tls_ca_file,
-        socket_timeout=settings.redis_socket_timeout_seconds,
+        socket_timeout=settings.worker_socket_timeout(),
     )
     runtime = WorkerRuntime(redis, settings)
     reaper: list[asyncio.Task[None]] = []
