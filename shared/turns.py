@@ -15,8 +15,11 @@ before it started, lost with its worker, never picked up).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
 
 import msgspec
 from redis.asyncio import Redis
@@ -35,6 +38,7 @@ from shared.metrics import TurnFigures
 from shared.models import AgentConfig, FileChange, Message, new_id, now_rfc3339
 from shared.queue import QueuedJob
 
+T = TypeVar("T")
 FinishMode = Literal["worker", "unstarted", "orphaned"]
 FailedReason = Literal["error", "timeout", "worker_lost"]
 CompletedReason = Literal["end_turn", "interrupted", "max_iterations"]
@@ -57,6 +61,29 @@ def store_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, ResponseError):
         return str(exc).startswith(_UNAVAILABLE_REPLIES)
     return isinstance(exc, RedisError) and "out of memory" in str(exc).lower()
+
+
+async def until_stored(
+    call: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    give_up: Callable[[], bool],
+    logger: logging.Logger,
+) -> T:
+    """`call()`, asked again with backoff (50 ms, doubling to 1 s) while the store
+    cannot take it, until it does or `give_up()`; then the last error is raised.
+    Errors that do not say the store is away are raised at once."""
+    pause = 0.05
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not (store_unavailable(exc) or isinstance(exc, TimeoutError)) or give_up():
+                raise
+            if pause == 0.05:
+                logger.warning("the store refused %s (%r); asking again", what, exc)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 1.0)
 
 
 class ControlMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

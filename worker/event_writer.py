@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from shared.events import Event
 from shared.store import SessionStore
-from shared.turns import store_unavailable
+from shared.turns import until_stored
 
 logger = logging.getLogger("sandstream.turn")
 
@@ -117,23 +117,14 @@ class EventWriter:
             self._appended += len(batch)
 
     async def _append_until_taken(self, batch: list[Event]) -> list[int]:
-        pause = 0.05
-        while True:
-            try:
-                return await self._store.append_events(
-                    self._session_id, self._turn_id, batch, self._appended
-                )
-            except Exception as exc:
-                if not (store_unavailable(exc) or isinstance(exc, TimeoutError)):
-                    raise
-                if pause == 0.05:
-                    logger.warning(
-                        "turn %s: the store refused its events (%s); sending them again",
-                        self._turn_id,
-                        exc,
-                    )
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 1.0)
+        return await until_stored(
+            lambda: self._store.append_events(
+                self._session_id, self._turn_id, batch, self._appended
+            ),
+            what=f"events of turn {self._turn_id}",
+            give_up=lambda: False,  # `abandon` ends the wait
+            logger=logger,
+        )
 
     def _fail(self, failure: BaseException) -> None:
         self._failure = failure

@@ -50,7 +50,7 @@ from shared.sandbox.network import forget_dead_namespaces
 from shared.sandbox.workspace import prepare_workspace
 from shared.settings import Settings
 from shared.store import SessionStore
-from shared.turns import TurnIds, decode_control, failed, store_unavailable
+from shared.turns import TurnIds, decode_control, failed, store_unavailable, until_stored
 from worker.pickup import FastPickupWorker
 from worker.providers import ProviderFactory
 from worker.providers.base import ProviderError
@@ -104,7 +104,14 @@ class WorkerRuntime:
         agent = started.agent or self.settings.default_agent()
         try:
             provider = await self.providers.get(agent)
-            spec = await self._sandbox(started.sandbox_id)
+            # Past the fence deadline the turn may be someone else's: give up.
+            fence_at = leased_at + self.settings.lease_seconds + self.settings.lease_grace_seconds
+            spec = await until_stored(
+                lambda: self._sandbox(started.sandbox_id),
+                what=f"the sandbox of turn {job.turn_id}",
+                give_up=lambda: time.monotonic() > fence_at,
+                logger=logger,
+            )
         except (ProviderError, SandboxRefused) as exc:
             error = (
                 ev.ErrorInfo(code=exc.code, message=exc.message)

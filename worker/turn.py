@@ -43,6 +43,7 @@ from shared.turns import (
     completed,
     failed,
     store_unavailable,
+    until_stored,
 )
 from worker.changes import WorkspaceChanges
 from worker.event_writer import EventWriter, TurnSuperseded
@@ -345,30 +346,24 @@ class TurnRunner:
             time.monotonic() + settings.lease_seconds + settings.lease_grace_seconds,
         )
         figures = self._measured()
-        pause = 0.05
-        while True:
-            try:
-                await self.store.finish_turn(
+        try:
+            await until_stored(
+                lambda: self.store.finish_turn(
                     self.session_id, self.turn_id, "worker", message, terminal, figures, rest
-                )
-                return
-            except Exception as exc:
-                if not (store_unavailable(exc) or isinstance(exc, TimeoutError)):
-                    raise
-                if self._lease_lost or time.monotonic() + pause > deadline:
-                    logger.error(
-                        "turn %s of session %s: its end could not be stored (%s)",
-                        self.turn_id,
-                        self.session_id,
-                        exc,
-                    )
-                    return
-                if pause == 0.05:
-                    logger.warning(
-                        "turn %s: the store refused its end (%s); retrying", self.turn_id, exc
-                    )
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 1.0)
+                ),
+                what=f"the end of turn {self.turn_id}",
+                give_up=lambda: self._lease_lost or time.monotonic() > deadline,
+                logger=logger,
+            )
+        except Exception as exc:
+            if not (store_unavailable(exc) or isinstance(exc, TimeoutError)):
+                raise
+            logger.error(
+                "turn %s of session %s: its end could not be stored (%r)",
+                self.turn_id,
+                self.session_id,
+                exc,
+            )
 
     def _measured(self) -> TurnFigures:
         self._figures.duration_seconds = time.monotonic() - self._started
