@@ -21,10 +21,13 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from arq.jobs import serialize_result
 from conftest import Proc, RedisServer, Stack
 from helpers import free_port, new_session, text_message, wait_state
+from redis.exceptions import OutOfMemoryError
 
 from shared import keys
+from shared.queue import deserialize_job_data, serialize_job_data
 
 # lease 1 s, grace 3 s: a worker fences after 4 s without a renewal, a reaper
 # ends a turn whose lease stood still for 4.33 s.
@@ -250,3 +253,25 @@ def test_a_turn_that_ends_while_redis_is_full_is_stored_complete(
         assert "the store refused the end of turn" in worker_log
     finally:
         stack.stop()
+
+
+def test_a_job_that_raised_a_store_error_gets_its_result_stored() -> None:
+    """arq stores a failed job's exception as its result; it must encode."""
+    encoded = serialize_result(
+        "run_turn",
+        ({},),
+        {},
+        1,
+        0,
+        False,
+        OutOfMemoryError("OOM command not allowed"),
+        0,
+        1,
+        "job",
+        keys.QUEUE,
+        "job",
+        serializer=serialize_job_data,
+    )
+    assert encoded is not None
+    result = deserialize_job_data(encoded)["r"]
+    assert result == "OutOfMemoryError: OOM command not allowed"

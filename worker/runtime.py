@@ -212,8 +212,11 @@ class WorkerRuntime:
                     pipe.zadd(keys.WORKERS, {self.worker_id: now})
                     pipe.zremrangebyscore(keys.WORKERS, 0, now - 3600)
                     await pipe.execute()
-            except Exception:
-                logger.exception("worker heartbeat failed")
+            except Exception as exc:
+                if store_unavailable(exc) or isinstance(exc, TimeoutError):
+                    logger.warning("worker heartbeat failed: %r", exc)
+                else:
+                    logger.exception("worker heartbeat failed")
             await asyncio.sleep(interval)
 
     async def forget_worker(self) -> None:
