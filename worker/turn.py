@@ -88,6 +88,12 @@ class TurnRunner:
         self.turn_id = turn_id
         self.history = history  # the session's messages, this turn's user message last
         self.message_id = new_id()
+        self._turn_ids = TurnIds(
+            session_id=session_id,
+            sandbox_id=sandbox_id,
+            turn_id=turn_id,
+            message_id=self.message_id,
+        )
         self.blocks: list[ContentBlock] = []
         self.usage = ev.Usage()
         self._text_index: int | None = None
@@ -230,16 +236,8 @@ class TurnRunner:
 
     # ---- blocks and events ------------------------------------------------
 
-    def _turn_ids(self) -> TurnIds:
-        return TurnIds(
-            session_id=self.session_id,
-            sandbox_id=self.sandbox_id,
-            turn_id=self.turn_id,
-            message_id=self.message_id,
-        )
-
     def _ids(self) -> dict[str, str]:
-        return self._turn_ids().stamped()
+        return self._turn_ids.stamped()
 
     def _call_index(self, calls: list[int], call_id: str) -> int:
         for index in calls:
@@ -322,7 +320,7 @@ class TurnRunner:
         message = self._message()
         changed, truncated = await self._changes.collect()
         message.files_changed, message.files_changed_truncated = changed, truncated
-        terminal = completed(self._turn_ids(), message, reason, self.usage, changed, truncated)
+        terminal = completed(self._turn_ids, message, reason, self.usage, changed, truncated)
         await self._store_end(message, terminal, rest)
 
     async def _fail(self, stop_reason: FailedReason, code: str, text: str) -> None:
@@ -331,7 +329,7 @@ class TurnRunner:
         if rest is None:
             return
         message = self._message() if self.blocks else None
-        terminal = failed(self._turn_ids(), stop_reason, code, text, message)
+        terminal = failed(self._turn_ids, stop_reason, code, text, message)
         await self._store_end(message, terminal, rest)
 
     async def _store_end(
