@@ -102,15 +102,11 @@ def log(sid: str) -> str:
     return f"{PREFIX}:{{{sid}}}:log"
 
 
-def lease(sid: str) -> str:
-    """Set by the worker running the session's turn, with a TTL it keeps renewing."""
-    return f"{PREFIX}:{{{sid}}}:lease"
-
-
 def events_channel(sid: str) -> str:
     """Pub/sub channel on which the session's events go out live."""
     return f"{PREFIX}:{{{sid}}}:events"
 
 
 def session_keys(sid: str) -> list[str]:
-    return [session(sid), messages(sid), seq(sid), log(sid), lease(sid)]
+    # A turn's lease is held in the session's hash (`started`, `lease_epoch`).
+    return [session(sid), messages(sid), seq(sid), log(sid)]
