@@ -48,6 +48,13 @@ def _started_by(store: redis.Redis, sid: str, timeout: float = 15) -> str:
     return str(worker.decode())
 
 
+def _wait_for_event(store: redis.Redis, sid: str, event_type: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(f[b"t"] == event_type.encode() for _, f in store.xrange(keys.log(sid))):
+        assert time.monotonic() < deadline, f"no {event_type} event"
+        time.sleep(0.02)
+
+
 def _send(client: httpx.Client, sid: str, command: str) -> str:
     accepted = client.post(
         f"/sessions/{sid}/messages", params={"wait": "0"}, json=text_message(f"run: {command}")
@@ -197,6 +204,7 @@ def test_a_partitioned_worker_kills_its_tool_before_the_session_moves_on(
             marker = stack.workdir / "sandboxes" / sandbox / "marker"
             _send(client, sid, "sleep 4; touch marker")
             assert f":{cut_off.popen.pid}:" in _started_by(store, sid)
+            _wait_for_event(store, sid, "tool_use_complete")  # the command runs now
             proxy.cut()
             cut_at = time.monotonic()
             stack.start_worker()  # reaches Redis directly; its reaper watches the lease
