@@ -258,7 +258,8 @@ def test_a_turn_that_ends_while_redis_is_full_is_stored_complete(
         assert [b["type"] for b in reply["content"]] == ["tool_use", "tool_result", "text"]
         assert reply["content"][1]["content"] == "stored\n"
         worker_log = "".join(p.log.read_text() for p in stack.workers)
-        assert "the store refused the end of turn" in worker_log
+        # The turn met the full store (its last events or its end were refused).
+        assert "the store refused" in worker_log
     finally:
         stack.stop()
 
