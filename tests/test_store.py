@@ -8,14 +8,19 @@ from pathlib import Path
 from typing import TypeVar
 
 import msgspec
+import pytest
 from conftest import RedisServer
 from redis.asyncio import Redis
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import eventlog
 from shared import events as ev
 from shared.models import Message, TextBlock, new_id, now_rfc3339
 from shared.settings import Settings
 from shared.store import SessionStore
+from shared.turns import store_unavailable
 from worker.event_writer import EventWriter
 
 T = TypeVar("T")
@@ -251,3 +256,20 @@ def test_a_stopped_writer_leaves_the_last_events_to_the_turns_end(redis_url: str
             await writer.close()
 
     run(redis_url, scenario)
+
+
+@pytest.mark.parametrize(
+    ("error", "unavailable"),
+    [
+        (OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'"), True),
+        (ReadOnlyError("READONLY You can't write against a read only replica."), True),
+        (BusyLoadingError("LOADING Redis is loading the dataset in memory"), True),
+        (ResponseError("BUSY Redis is busy running a script."), True),
+        (RedisConnectionError("Connection refused"), True),
+        (RedisTimeoutError("Timeout reading from 127.0.0.1:6379"), True),
+        (ResponseError("ERR Error running script: attempt to index a nil value"), False),
+        (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
+    ],
+)
+def test_store_errors_that_a_turn_waits_out(error: Exception, unavailable: bool) -> None:
+    assert store_unavailable(error) is unavailable
