@@ -20,6 +20,7 @@ from shared.models import Sandbox, Session, is_uuid
 from shared.sandbox.confinement import Confinement
 from shared.settings import Settings
 from shared.store import SessionStore
+from shared.turns import ControlMessage, encode_control
 
 T = TypeVar("T")
 
@@ -112,5 +113,5 @@ async def stop_turns(svc: Services, sessions: list[Session]) -> None:
 
 
 async def publish_interrupt(svc: Services, sid: str, turn_id: str) -> None:
-    control = msgspec.json.encode({"session_id": sid, "turn_id": turn_id})
+    control = encode_control(ControlMessage(session_id=sid, turn_id=turn_id))
     await svc.redis.publish(keys.CONTROL_CHANNEL, control)

@@ -246,27 +246,7 @@ async def _replay_send(
 
 async def _end_unstarted(svc: Services, sid: str, sandbox_id: str, turn_id: str) -> bool:
     """Interrupt a turn no worker has started yet, right here."""
-    message_id = new_id()
-    message = Message(
-        id=message_id,
-        session_id=sid,
-        role="assistant",
-        content=[],
-        timestamp=now_rfc3339(),
-        turn_id=turn_id,
-        stop_reason="interrupted",
-    )
-    terminal = ev.SessionCompleted(
-        session_id=sid,
-        sandbox_id=sandbox_id,
-        turn_id=turn_id,
-        message_id=message_id,
-        created_at=now_rfc3339(),
-        message=message,
-        stop_reason="interrupted",
-        usage=ev.Usage(),
-    )
-    return bool(await svc.store.finish_turn(sid, turn_id, "unstarted", message, terminal))
+    return await svc.store.interrupt_unstarted(sid, sandbox_id, turn_id)
 
 
 # What `_await_reply` gives for a turn that began to wait for approval.

@@ -168,7 +168,8 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
                 turn_id=turn_id,
             )
             await store.claim_turn(session.id, "bench", turn_id, user)
-            taken = await store.start_turn(session.id, turn_id, "bench", 15_000)
+            leased_at = time.monotonic()
+            taken = await store.start_turn(session.id, turn_id, "bench")
             assert taken is not None
             runner = TurnRunner(
                 store=store,
@@ -182,7 +183,7 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
                 turn_id=turn_id,
                 history=taken.history,
             )
-            await runner.run(15_000)
+            await runner.run(leased_at)
             if i >= 10:
                 samples.append(time.perf_counter() - started)
         await client.aclose()

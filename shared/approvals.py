@@ -102,7 +102,7 @@ local function append_all(list, seq_key, log_key, maxlen, ttl_ms, channel)
 end
 """
 
-# KEYS: session, lease, seq, log, suspended, approvals, running index, deadlines.
+# KEYS: session, seq, log, suspended, approvals, running index, deadlines.
 # ARGV[1]: msgpack of SuspendArgs.
 # -> 1 suspended | 0 the turn is not this worker's any more (nothing written)
 # The turn's last events, its record and its leaving the running index and the
@@ -114,18 +114,18 @@ SUSPEND = (
 local a = cmsgpack.unpack(ARGV[1])
 if redis.call('HGET', KEYS[1], 'state') ~= 'running'
    or redis.call('HGET', KEYS[1], 'turn_id') ~= a.turn_id
-   or redis.call('GET', KEYS[2]) ~= a.worker_id then
+   or redis.call('HGET', KEYS[1], 'started') ~= a.worker_id then
   return 0
 end
 redis.call('HSET', KEYS[1], 'awaiting', a.turn_id, 'updated_at', a.now)
-redis.call('HDEL', KEYS[1], 'started')
-redis.call('DEL', KEYS[2], KEYS[6])
-redis.call('SET', KEYS[5], a.record)
-redis.call('HSET', KEYS[6], 'message_id', a.message_id)
-for _, p in ipairs(a.pending) do redis.call('HSET', KEYS[6], p[1], p[2]) end
-redis.call('SREM', KEYS[7], a.session_id)
-redis.call('ZADD', KEYS[8], a.deadline_ms, a.session_id)
-local last = append_all(a.events, KEYS[3], KEYS[4], a.maxlen, a.ttl_ms, a.channel)
+redis.call('HDEL', KEYS[1], 'started', 'lease_epoch', 'appended', 'appended_seq')
+redis.call('DEL', KEYS[5])
+redis.call('SET', KEYS[4], a.record)
+redis.call('HSET', KEYS[5], 'message_id', a.message_id)
+for _, p in ipairs(a.pending) do redis.call('HSET', KEYS[5], p[1], p[2]) end
+redis.call('SREM', KEYS[6], a.session_id)
+redis.call('ZADD', KEYS[7], a.deadline_ms, a.session_id)
+local last = append_all(a.events, KEYS[2], KEYS[3], a.maxlen, a.ttl_ms, a.channel)
 local reply_to = redis.call('HGET', KEYS[1], 'reply_to')
 if reply_to and last then redis.call('PUBLISH', reply_to, last) end
 return 1
@@ -271,7 +271,6 @@ class ApprovalStore:
         )
         script_keys = [
             keys.session(sid),
-            keys.lease(sid),
             keys.seq(sid),
             keys.log(sid),
             keys.suspended(sid),

@@ -105,11 +105,6 @@ def log(sid: str) -> str:
     return f"{PREFIX}:{{{sid}}}:log"
 
 
-def lease(sid: str) -> str:
-    """Set by the worker running the session's turn, with a TTL it keeps renewing."""
-    return f"{PREFIX}:{{{sid}}}:lease"
-
-
 def suspended(sid: str) -> str:
     """A turn awaiting approval, as its worker left it (`shared.approvals`)."""
     return f"{PREFIX}:{{{sid}}}:suspended"
@@ -126,12 +121,5 @@ def events_channel(sid: str) -> str:
 
 
 def session_keys(sid: str) -> list[str]:
-    return [
-        session(sid),
-        messages(sid),
-        seq(sid),
-        log(sid),
-        lease(sid),
-        suspended(sid),
-        approvals(sid),
-    ]
+    # A turn's lease is held in the session's hash (`started`, `lease_epoch`).
+    return [session(sid), messages(sid), seq(sid), log(sid), suspended(sid), approvals(sid)]

@@ -30,8 +30,19 @@ class TurnJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     turn_id: str
 
 
+def _encode_unknown(value: Any) -> Any:
+    """A job that raised has its exception as its result: stored as its text
+    (arq would otherwise fail to store the result at all)."""
+    if isinstance(value, BaseException):
+        return f"{type(value).__name__}: {value}"
+    raise NotImplementedError(f"cannot encode {type(value).__name__}")
+
+
+_job_encoder = msgspec.msgpack.Encoder(enc_hook=_encode_unknown)
+
+
 def serialize_job_data(data: dict[str, Any]) -> bytes:
-    return msgspec.msgpack.encode(data)
+    return _job_encoder.encode(data)
 
 
 def deserialize_job_data(data: bytes) -> dict[str, Any]:
@@ -67,15 +78,33 @@ def warn_if_unauthenticated(url: str, password: str, logger: logging.Logger) -> 
     )
 
 
-async def connect(redis_url: str, password: str = "", tls_ca_file: str = "") -> ArqRedis:
-    """A Redis client that is also an arq queue client (bytes replies)."""
-    return await create_pool(
+async def connect(
+    redis_url: str,
+    password: str = "",
+    tls_ca_file: str = "",
+    *,
+    socket_timeout: float | None = None,
+) -> ArqRedis:
+    """A Redis client that is also an arq queue client (bytes replies).
+
+    With `socket_timeout`, every call on it (arq's own included) gives up after
+    that long instead of waiting for a reply that a partition would never bring.
+    """
+    pool = await create_pool(
         redis_settings(redis_url, password, tls_ca_file),
         job_serializer=serialize_job_data,
         job_deserializer=deserialize_job_data,
         default_queue_name=keys.QUEUE,
         retry=2,
     )
+    if socket_timeout is not None:
+        # arq's settings have no socket timeout: set it on the pool, and let go
+        # of the connection its first ping made without one.
+        connections = pool.connection_pool
+        connections.connection_kwargs["socket_timeout"] = socket_timeout
+        await connections.disconnect()
+        connections.reset()  # type: ignore[no-untyped-call]
+    return pool
 
 
 class QueuedJob(msgspec.Struct, frozen=True):

@@ -26,7 +26,8 @@ if state == 'running' then
 end
 redis.call('HSET', KEYS[1], 'state', 'running', 'turn_id', ARGV[1], 'updated_at', ARGV[3],
            'claimed_ms', ARGV[4])
-redis.call('HDEL', KEYS[1], 'started', 'interrupt', 'reply_to')
+redis.call('HDEL', KEYS[1], 'started', 'interrupt', 'reply_to', 'lease_epoch', 'appended',
+           'appended_seq')
 redis.call('RPUSH', KEYS[2], ARGV[2])
 if ARGV[11] and ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'reply_to', ARGV[11]) end
 if KEYS[4] then
@@ -38,112 +39,130 @@ end
 return {'ok', tostring(tonumber(redis.call('GET', KEYS[3]) or '0'))}
 """
 
-# KEYS: session, lease, messages, metrics counters.
-# ARGV: turn_id, worker_id, ttl_ms, the counter's field for turns started.
+# KEYS: session, messages, metrics counters.
+# ARGV: turn_id, worker_id, the counter's field for turns started.
 # -> {sandbox_id, agent JSON, messages} started | 0 not current (over, reaped,
 #    or started elsewhere). Messages: the whole conversation, or only the turn's
 #    user message when the session's `history` is "last" (the agent reads no more).
+# The lease is the pair (`started`: the worker, `lease_epoch`), kept in the
+# session's hash with no expiry: it is the worker's renewals that keep it, as
+# the reapers see it move, not a TTL on Redis's clock (README: Reliability).
 START_TURN = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running'
    or redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1]
    or redis.call('HGET', KEYS[1], 'started') then
   return 0
 end
-redis.call('HSET', KEYS[1], 'started', ARGV[2])
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-redis.call('HINCRBY', KEYS[4], ARGV[4], 1)
+redis.call('HSET', KEYS[1], 'started', ARGV[2], 'lease_epoch', 1)
+redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
 local found = redis.call('HMGET', KEYS[1], 'sandbox_id', 'agent', 'history')
 local first = 0
 if found[3] == 'last' then first = -1 end
-return {found[1], found[2], redis.call('LRANGE', KEYS[3], first, -1)}
+return {found[1], found[2], redis.call('LRANGE', KEYS[2], first, -1)}
 """
 
-# KEYS: session, lease. ARGV: turn_id, worker_id, ttl_ms.
-# -> 1 renewed | 2 renewed, interrupt requested | 0 lease lost or turn over
-RENEW_LEASE = """
-if redis.call('GET', KEYS[2]) ~= ARGV[2]
-   or redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1] then
+# KEYS: session. ARGV: turn_id, worker_id.
+# -> 1 renewed | 2 renewed, interrupt requested | 0 the turn is no longer this worker's
+# Allowed when Redis is out of memory: bumping an existing counter takes none,
+# and a full store must not cost a healthy turn its lease.
+RENEW_LEASE = """#!lua flags=allow-oom
+if redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1]
+   or redis.call('HGET', KEYS[1], 'started') ~= ARGV[2] then
   return 0
 end
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'lease_epoch', 1)
 if redis.call('HGET', KEYS[1], 'interrupt') == ARGV[1] then return 2 end
 return 1
 """
 
 # KEYS: session, seq, log.
-# ARGV: turn_id, maxlen, channel, log ttl ms, then for each event its type and its
-#       JSON without seq.
+# ARGV: turn_id, maxlen, channel, log ttl ms, events of the turn appended before
+#       this batch ('' when the caller does not count), then for each event its
+#       type and its JSON without seq.
 # -> {seq, ...} in order | 0 when the turn is no longer current (nothing appended)
-# The batch is published as one message: the events' JSON, one a line.
+# The batch is published as one message: the events' JSON, one a line. With a
+# count, a batch whose reply was lost (a timeout) and that is sent again is not
+# appended twice: its seqs are answered again.
 APPEND_EVENTS = """
 if redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1] then return 0 end
-local count = (#ARGV - 4) / 2
+local count = (#ARGV - 5) / 2
+local before = tonumber(redis.call('HGET', KEYS[1], 'appended') or '0')
+if ARGV[5] ~= '' and before ~= tonumber(ARGV[5]) then
+  if before ~= tonumber(ARGV[5]) + count then
+    return redis.error_reply('ERR events of turn ' .. ARGV[1] .. ' appended out of order')
+  end
+  local last = tonumber(redis.call('HGET', KEYS[1], 'appended_seq'))
+  local again = {}
+  for i = last - count + 1, last do again[#again + 1] = i end
+  return again
+end
 local seq = redis.call('INCRBY', KEYS[2], count) - count
 local seqs = {}
 local published = {}
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   seq = seq + 1
   local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[i + 1], 2)
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], seq .. '-0', 't', ARGV[i], 'd', data)
   seqs[#seqs + 1] = seq
   published[#published + 1] = data
 end
+redis.call('HSET', KEYS[1], 'appended', before + count, 'appended_seq', seq)
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
 redis.call('PUBLISH', ARGV[3], table.concat(published, '\\n'))
 return seqs
 """
 
-# KEYS: session, messages, seq, log, lease, running index, recent durations, then
-#       the counter hashes the turn adds to.
-# ARGV: turn_id, mode, assistant message JSON or '', terminal event JSON without seq,
-#       terminal type, maxlen, channel, now, log ttl ms, session id, duration ms or '',
-#       n, then n events still to append before the terminal one (type, JSON without
-#       seq), then per counter: KEYS index, field, increment, expiry seconds or 0.
+# KEYS: session, messages, seq, log, running index, recent durations, then the
+#       counter hashes the turn adds to.
+# ARGV: one JSON document, `shared.turns.FinishArgs` (named members, no slots to count).
 # mode "worker": the running worker ends its turn.
 # mode "unstarted": end a turn no worker has picked up (interrupt, queue timeout).
-# mode "orphaned": end a started turn whose worker's lease has lapsed.
+# mode "orphaned": end a started turn whose lease epoch still is `epoch`: the
+#   reaper saw it stand still long enough (a renewal since cancels this).
 # -> seq of the terminal event | 0 when the condition does not hold (nothing written)
 # The terminal event also goes to the reply channel the claim named, if any.
 # The turn's last events, its end and what ops and metrics count of it are one
 # step and one round trip.
 FINISH_TURN = """
+local a = cjson.decode(ARGV[1])
 if redis.call('HGET', KEYS[1], 'state') ~= 'running'
-   or redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1] then
+   or redis.call('HGET', KEYS[1], 'turn_id') ~= a.turn_id then
   return 0
 end
 local started = redis.call('HGET', KEYS[1], 'started')
-if ARGV[2] == 'unstarted' and started then return 0 end
-if ARGV[2] == 'orphaned' and ((not started) or redis.call('EXISTS', KEYS[5]) == 1) then
+if a.mode == 'unstarted' and started then return 0 end
+if a.mode == 'orphaned' and ((not started)
+   or tonumber(redis.call('HGET', KEYS[1], 'lease_epoch') or '0') ~= a.epoch) then
   return 0
 end
 local reply_to = redis.call('HGET', KEYS[1], 'reply_to')
-redis.call('HSET', KEYS[1], 'state', 'active', 'updated_at', ARGV[8])
-redis.call('HDEL', KEYS[1], 'turn_id', 'started', 'interrupt', 'claimed_ms', 'reply_to')
-if ARGV[3] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[3]) end
-redis.call('DEL', KEYS[5])
-local n = tonumber(ARGV[12])
+redis.call('HSET', KEYS[1], 'state', 'active', 'updated_at', a.now)
+redis.call('HDEL', KEYS[1], 'turn_id', 'started', 'interrupt', 'claimed_ms', 'reply_to',
+           'lease_epoch', 'appended', 'appended_seq')
+if a.message ~= '' then redis.call('RPUSH', KEYS[2], a.message) end
+local n = #a.events
 local seq = redis.call('INCRBY', KEYS[3], n + 1) - n - 1
 local published = {}
 local function append(event_type, json)
   seq = seq + 1
   local data = '{"seq":' .. seq .. ',' .. string.sub(json, 2)
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], seq .. '-0', 't', event_type, 'd', data)
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', a.maxlen, seq .. '-0', 't', event_type, 'd', data)
   published[#published + 1] = data
 end
-for i = 13, 12 + 2 * n, 2 do append(ARGV[i], ARGV[i + 1]) end
-append(ARGV[5], ARGV[4])
-redis.call('PEXPIRE', KEYS[4], ARGV[9])
-redis.call('PUBLISH', ARGV[7], table.concat(published, '\\n'))
+for _, event in ipairs(a.events) do append(event[1], event[2]) end
+append(a.terminal_type, a.terminal)
+redis.call('PEXPIRE', KEYS[4], a.log_ttl_ms)
+redis.call('PUBLISH', a.channel, table.concat(published, '\\n'))
 if reply_to then redis.call('PUBLISH', reply_to, published[#published]) end
-redis.call('SREM', KEYS[6], ARGV[10])
-if ARGV[11] ~= '' then
-  redis.call('LPUSH', KEYS[7], ARGV[11])
-  redis.call('LTRIM', KEYS[7], 0, 999)
+redis.call('SREM', KEYS[5], a.session_id)
+if a.duration_ms >= 0 then
+  redis.call('LPUSH', KEYS[6], a.duration_ms)
+  redis.call('LTRIM', KEYS[6], 0, 999)
 end
-for i = 13 + 2 * n, #ARGV, 4 do
-  local key = KEYS[tonumber(ARGV[i])]
-  redis.call('HINCRBY', key, ARGV[i + 1], ARGV[i + 2])
-  if ARGV[i + 3] ~= '0' then redis.call('EXPIRE', key, ARGV[i + 3]) end
+for _, counter in ipairs(a.counters) do
+  local key = KEYS[counter.key]
+  redis.call('HINCRBY', key, counter.field, counter.by)
+  if counter.ttl > 0 then redis.call('EXPIRE', key, counter.ttl) end
 end
 return seq
 """

@@ -74,6 +74,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_output_tokens: int = 4096
     provider_max_retries: int = 2
     provider_timeout_seconds: float = 600.0
+    # A model stream that sends nothing (no response head, or no next byte)
+    # for this long ends the turn with `provider_timeout` (README: Reliability).
+    provider_idle_timeout_seconds: float = 90.0
     turn_timeout_seconds: float = 3600.0
     system_prompt: str = (
         "You are an agent working in a sandbox. Use the tools to inspect and change "
@@ -85,7 +88,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # as `agent.permissions`), and how long an undecided tool call waits.
     tool_permissions: str = '{"*": "allow"}'
     approval_timeout_seconds: float = 3600.0
+    # Leases (README: Reliability): a worker renews its turn's lease every third
+    # of `lease_seconds`; a store stall or failover shorter than
+    # `lease_grace_seconds` ends no turn; a worker that could not renew for
+    # lease + grace stops its turn and its tools; the reaper ends a turn whose
+    # lease stood still for lease + grace + a third of the lease.
     lease_seconds: float = 15.0
+    lease_grace_seconds: float = 30.0
+    # Every Redis call of a worker gives up after this long, or after a third of
+    # the lease if that is shorter (a partition is then an error, not a call
+    # that never returns).
+    redis_socket_timeout_seconds: float = 5.0
     queued_turn_timeout_seconds: float = 3600.0
     # sandbox isolation
     allow_unisolated: bool = False
@@ -147,12 +160,21 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError(
                 f"approval_timeout_seconds must be positive, at most {MAX_APPROVAL_TIMEOUT_SECONDS}"
             )
+        if self.lease_seconds <= 0 or self.lease_grace_seconds < 0:
+            raise ValueError("lease_seconds must be positive and lease_grace_seconds not negative")
+        if self.redis_socket_timeout_seconds <= 0:
+            raise ValueError("redis_socket_timeout_seconds must be positive")
+        if self.provider_idle_timeout_seconds <= 0:
+            raise ValueError("provider_idle_timeout_seconds must be positive")
         if not 0 < self.grant_seconds <= self.grant_max_seconds:
             raise ValueError("grant_seconds must be positive and at most grant_max_seconds")
         if not 0 < self.stream_token_seconds <= self.stream_grant_seconds:
             raise ValueError(
                 "stream_token_seconds must be positive and at most stream_grant_seconds"
             )
+
+    def worker_socket_timeout(self) -> float:
+        return min(self.redis_socket_timeout_seconds, self.lease_seconds / 3)
 
     def cors_origin_list(self) -> list[str]:
         """The origins whose pages may call the API (`*`: any, for development)."""

@@ -1,4 +1,5 @@
-"""SessionStore: sandboxes, sessions, messages and the turn lifecycle in Redis.
+"""SessionStore: sandboxes, sessions and messages in Redis, and (from
+`shared.turns`) the turn lifecycle.
 
 The API and the workers share it; all multi-step writes go through the Lua
 scripts of `shared.scripts`.
@@ -7,15 +8,13 @@ scripts of `shared.scripts`.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from shared import keys, metrics, scripts
-from shared.events import Event, SessionCompleted, TerminalEvent, encode_event
-from shared.metrics import TurnFigures
+from shared import keys
 from shared.models import (
     AgentConfig,
     Message,
@@ -25,9 +24,9 @@ from shared.models import (
     new_id,
     now_rfc3339,
 )
-from shared.queue import QueuedJob
+from shared.turns import ClaimResult, FinishMode, StartedTurn, TurnLifecycle, TurnState
 
-FinishMode = Literal["worker", "unstarted", "orphaned"]
+__all__ = ["ClaimResult", "FinishMode", "SandboxRecord", "SessionStore", "StartedTurn", "TurnState"]
 
 _message_decoder = msgspec.json.Decoder(Message)
 _metadata_decoder = msgspec.json.Decoder(dict[str, Any])
@@ -48,42 +47,14 @@ _sandbox_decoder = msgspec.json.Decoder(SandboxRecord)
 _agent_decoder = msgspec.json.Decoder(AgentConfig)
 
 
-class ClaimResult(msgspec.Struct):
-    status: Literal["ok", "running", "missing"]
-    turn_id: str | None = None
-    latest_seq: int = 0
-
-
-class TurnState(msgspec.Struct, kw_only=True):
-    sandbox_id: str
-    tenant: str
-    agent: AgentConfig | None
-    state: str
-    turn_id: str | None
-    started: bool
-    claimed_ms: int
-    # A resumed turn's continuation job (`shared.approvals`); else its job is the turn id.
-    job_id: str | None = None
-    # The turn waits for approval of tool calls.
-    awaiting: bool = False
-
-
-# How long a bucket of turn outcomes (`/api/v1/ops/queues`) is kept.
-_OUTCOME_TTL_SECONDS = 2 * 3600
-
-
-class StartedTurn(msgspec.Struct, kw_only=True):
-    sandbox_id: str
-    agent: AgentConfig | None
-    history: list[Message]  # the whole conversation, or its last message (START_TURN)
-
-
 class Page(msgspec.Struct):
     ids: list[str]
     next_cursor: str | None
 
 
-class SessionStore:
+class SessionStore(TurnLifecycle):
+    """Sandboxes, sessions and messages; the turn's steps come from `TurnLifecycle`."""
+
     def __init__(
         self,
         redis: Redis,
@@ -92,18 +63,8 @@ class SessionStore:
         log_ttl_seconds: float = 604_800,
         sandbox_uid_base: int = 200_000,
     ) -> None:
-        self.redis = redis
+        super().__init__(redis, log_max_events=log_max_events, log_ttl_seconds=log_ttl_seconds)
         self.sandbox_uid_base = sandbox_uid_base
-        self.log_max_events = log_max_events
-        # The log lives this long after its last event; a resume from before
-        # what is left gets `log_truncated`, never a silent hole.
-        self.log_ttl_ms = int(log_ttl_seconds * 1000)
-        self._claim = redis.register_script(scripts.CLAIM_TURN)
-        self._start = redis.register_script(scripts.START_TURN)
-        self._renew = redis.register_script(scripts.RENEW_LEASE)
-        self._append = redis.register_script(scripts.APPEND_EVENTS)
-        self._finish = redis.register_script(scripts.FINISH_TURN)
-        self._flag_interrupt = redis.register_script(scripts.FLAG_INTERRUPT)
 
     # ---- sandboxes ---------------------------------------------------------
 
@@ -295,171 +256,3 @@ class SessionStore:
         more = len(ids) > limit
         ids = ids[:limit]
         return Page(ids=ids, next_cursor=ids[-1] if more and ids else None)
-
-    # ---- the turn ----------------------------------------------------------
-
-    async def claim_turn(
-        self,
-        sid: str,
-        tenant: str,
-        turn_id: str,
-        user_message: Message,
-        job: QueuedJob | None = None,
-        reply_to: str = "",
-    ) -> ClaimResult:
-        """Make the session the tenant's new turn's, storing the user message, and
-        queue `job` (the turn's) in the same step. `reply_to`: a pub/sub channel
-        to publish the turn's terminal event on, besides the session's."""
-        now = now_rfc3339()
-        claim_keys = [keys.session(sid), keys.messages(sid), keys.seq(sid)]
-        args: list[str | bytes | int] = [
-            turn_id,
-            msgspec.json.encode(user_message),
-            now,
-            int(time.time() * 1000),
-            tenant,
-        ]
-        if job is not None:
-            claim_keys += job.keys()
-            args += [*job.args(), reply_to]
-        res = await self._claim(keys=claim_keys, args=args)
-        status = res[0].decode()
-        if status == "ok":
-            return ClaimResult("ok", turn_id, int(res[1]))
-        if status == "running":
-            return ClaimResult("running", res[1].decode())
-        return ClaimResult("missing")
-
-    async def turn_state(self, sid: str) -> TurnState | None:
-        row = await self.redis.hmget(  # type: ignore[misc]
-            keys.session(sid),
-            [
-                "sandbox_id",
-                "state",
-                "turn_id",
-                "started",
-                "claimed_ms",
-                "agent",
-                "tenant",
-                "job_id",
-                "awaiting",
-            ],
-        )
-        if row[0] is None:
-            return None
-        job = row[7] or b""
-        return TurnState(
-            sandbox_id=row[0].decode(),
-            state=row[1].decode(),
-            turn_id=row[2].decode() if row[2] else None,
-            started=row[3] is not None,
-            claimed_ms=int(row[4] or 0),
-            agent=_agent_decoder.decode(row[5]) if row[5] else None,
-            tenant=(row[6] or b"").decode(),
-            # Only the current turn's: a former turn's continuation may be named still.
-            job_id=job.decode() if row[2] and job.startswith(row[2] + b":") else None,
-            awaiting=row[8] is not None and row[8] == row[2],
-        )
-
-    async def start_turn(
-        self, sid: str, turn_id: str, worker_id: str, lease_ms: int
-    ) -> StartedTurn | None:
-        """Take the turn and its lease; None when it is not this job's to run."""
-        res = await self._start(
-            keys=[keys.session(sid), keys.lease(sid), keys.messages(sid), keys.METRICS_COUNTERS],
-            args=[turn_id, worker_id, lease_ms, metrics.STARTED],
-        )
-        if not res:
-            return None
-        return StartedTurn(
-            sandbox_id=res[0].decode(),
-            agent=_agent_decoder.decode(res[1]) if res[1] else None,
-            history=[_message_decoder.decode(m) for m in res[2]],
-        )
-
-    async def renew_lease(self, sid: str, turn_id: str, worker_id: str, lease_ms: int) -> int:
-        return int(
-            await self._renew(
-                keys=[keys.session(sid), keys.lease(sid)], args=[turn_id, worker_id, lease_ms]
-            )
-        )
-
-    async def flag_interrupt(self, sid: str, turn_id: str) -> bool:
-        return bool(await self._flag_interrupt(keys=[keys.session(sid)], args=[turn_id]))
-
-    async def append_events(self, sid: str, turn_id: str, events: list[Event]) -> list[int]:
-        """Append events in order, in one script call (one round trip, one script
-        run): each gets its seq, or every one 0 when the turn is no longer current
-        (and none is appended)."""
-        if not events:
-            return []
-        args: list[Any] = [turn_id, self.log_max_events, keys.events_channel(sid), self.log_ttl_ms]
-        for event in events:
-            args.append(str(event.__struct_config__.tag))
-            args.append(encode_event(event))
-        seqs = await self._append(keys=[keys.session(sid), keys.seq(sid), keys.log(sid)], args=args)
-        return [int(seq) for seq in seqs] if seqs else [0] * len(events)
-
-    async def finish_turn(
-        self,
-        sid: str,
-        turn_id: str,
-        mode: FinishMode,
-        message: Message | None,
-        terminal: TerminalEvent,
-        figures: TurnFigures | None = None,
-        events: list[Event] | None = None,
-    ) -> int:
-        """In one step: append `events` (the turn's last, not yet sent) and then the
-        terminal event, store the message, free the session, and count the turn
-        for ops and metrics (`figures`: what the turn measured, if it ran)."""
-        figures = figures or TurnFigures()
-        result, reason = (
-            ("completed", str(terminal.stop_reason))
-            if isinstance(terminal, SessionCompleted)
-            else ("failed", terminal.error.code)
-        )
-        bucket = keys.turn_outcomes(int(time.time()) // keys.STATS_BUCKET_SECONDS)
-        outcome = f"{terminal.__struct_config__.tag}:{terminal.stop_reason}"
-        counters = [(bucket, outcome, 1), *metrics.increments(result, reason, figures)]
-        duration = figures.duration_seconds
-        script_keys = [
-            keys.session(sid),
-            keys.messages(sid),
-            keys.seq(sid),
-            keys.log(sid),
-            keys.lease(sid),
-            keys.RUNNING,
-            keys.TURN_DURATIONS,
-        ]
-        args: list[Any] = [
-            turn_id,
-            mode,
-            b"" if message is None else msgspec.json.encode(message),
-            encode_event(terminal),
-            str(terminal.__struct_config__.tag),
-            self.log_max_events,
-            keys.events_channel(sid),
-            now_rfc3339(),
-            self.log_ttl_ms,
-            sid,
-            "" if duration is None else round(duration * 1000),
-            len(events or []),
-        ]
-        for event in events or []:
-            args += [str(event.__struct_config__.tag), encode_event(event)]
-        for key, field, increment in counters:
-            if key not in script_keys:
-                script_keys.append(key)
-            ttl = _OUTCOME_TTL_SECONDS if key == bucket else 0
-            args += [script_keys.index(key) + 1, field, increment, ttl]
-        return int(await self._finish(keys=script_keys, args=args))
-
-    async def running_count(self) -> int:
-        return int(await self.redis.scard(keys.RUNNING))  # type: ignore[misc]
-
-    async def running_sessions(self) -> list[str]:
-        return [s.decode() for s in await self.redis.smembers(keys.RUNNING)]  # type: ignore[misc]
-
-    async def forget_running(self, sid: str) -> None:
-        await self.redis.srem(keys.RUNNING, sid)  # type: ignore[misc]

@@ -30,6 +30,10 @@ class Reply:
     delay: float = 0.0
     cut: bool = False  # drop the connection after the chunks instead of ending cleanly
     error: Json | None = None
+    # A stalled model: wait this long (or until the client leaves) before the
+    # response head, or after the chunks before ending the body.
+    head_stall: float = 0.0
+    body_stall: float = 0.0
 
 
 @dataclass
@@ -109,6 +113,10 @@ class FakeLLM:
                     self.disconnects[model].append(time.monotonic())
 
         watcher = asyncio.create_task(watch_disconnect())
+        if reply.head_stall:
+            await asyncio.wait([watcher], timeout=reply.head_stall)
+            if watcher.done():
+                return
         await send(
             {
                 "type": "http.response.start",
@@ -123,6 +131,10 @@ class FakeLLM:
                 if watcher.done():
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if reply.body_stall:
+                await asyncio.wait([watcher], timeout=reply.body_stall)
+                if watcher.done():
+                    return
             if reply.cut:
                 raise ConnectionAbortedError("scripted cut")  # uvicorn drops the connection
             await send({"type": "http.response.body", "body": b""})

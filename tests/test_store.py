@@ -8,14 +8,19 @@ from pathlib import Path
 from typing import TypeVar
 
 import msgspec
+import pytest
 from conftest import RedisServer
 from redis.asyncio import Redis
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import eventlog
 from shared import events as ev
 from shared.models import Message, TextBlock, new_id, now_rfc3339
 from shared.settings import Settings
 from shared.store import SessionStore
+from shared.turns import store_unavailable
 from worker.event_writer import EventWriter
 
 T = TypeVar("T")
@@ -123,24 +128,45 @@ def test_a_stale_turn_can_neither_append_nor_finish(redis_url: str) -> None:
     run(redis_url, scenario)
 
 
-def test_started_turn_is_orphaned_only_once_its_lease_lapses(redis_url: str) -> None:
+def test_started_turn_is_orphaned_only_at_the_lease_epoch_seen_standing_still(
+    redis_url: str,
+) -> None:
     async def scenario(store: SessionStore) -> None:
         sandbox = await store.create_sandbox("t", {})
         sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
         turn = new_id()
         await store.claim_turn(sid, "t", turn, _user(sid, turn))
-        assert await store.start_turn(sid, turn, "w1", 200)
-        assert not await store.start_turn(sid, turn, "w2", 200)  # no second worker
+        assert await store.start_turn(sid, turn, "w1")
+        assert not await store.start_turn(sid, turn, "w2")  # no second worker
         done = _done(sid, sandbox.id, turn)
         assert await store.finish_turn(sid, turn, "unstarted", None, done) == 0
-        assert await store.finish_turn(sid, turn, "orphaned", None, done) == 0
-        await asyncio.sleep(0.3)
-        assert await store.renew_lease(sid, turn, "w1", 200) == 0
-        assert await store.finish_turn(sid, turn, "orphaned", None, done) > 0
+        state = await store.turn_state(sid)
+        assert state is not None and state.lease_epoch == 1
+        assert await store.renew_lease(sid, turn, "w2") == 0  # not w2's lease
+        assert await store.renew_lease(sid, turn, "w1") == 1
+        # A reaper that saw epoch 1 stand still is too late: the lease moved.
+        assert await store.finish_turn(sid, turn, "orphaned", None, done, epoch=1) == 0
+        assert await store.finish_turn(sid, turn, "orphaned", None, done, epoch=2) > 0
+        assert await store.renew_lease(sid, turn, "w1") == 0
         state = await store.turn_state(sid)
         assert state is not None and state.state == "active"
 
     run(redis_url, scenario)
+
+
+def test_a_batch_sent_again_after_a_lost_reply_is_appended_once(redis_url: str) -> None:
+    async def scenario(store: SessionStore) -> list[int]:
+        sandbox = await store.create_sandbox("t", {})
+        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
+        turn = new_id()
+        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        first = [_delta(sid, sandbox.id, turn, "a"), _delta(sid, sandbox.id, turn, "b")]
+        assert await store.append_events(sid, turn, first, 0) == [1, 2]
+        assert await store.append_events(sid, turn, first, 0) == [1, 2]  # the same batch again
+        assert await store.append_events(sid, turn, first[:1], 2) == [3]
+        return [e.seq for e in await eventlog.read_after(store.redis, sid, 0)]
+
+    assert run(redis_url, scenario) == [1, 2, 3]
 
 
 def test_appends_are_one_round_trip_and_survive_a_script_flush(tmp_path: Path) -> None:
@@ -187,7 +213,7 @@ def test_a_turn_loads_the_history_its_agent_reads(redis_url: str) -> None:
             for _ in range(3):
                 turn = new_id()
                 await store.claim_turn(session.id, "t", turn, _user(session.id, turn))
-                started = await store.start_turn(session.id, turn, "w", 10_000)
+                started = await store.start_turn(session.id, turn, "w")
                 assert started is not None and started.history[-1].turn_id == turn
                 loaded[name].append(len(started.history))
                 await store.finish_turn(
@@ -230,3 +256,20 @@ def test_a_stopped_writer_leaves_the_last_events_to_the_turns_end(redis_url: str
             await writer.close()
 
     run(redis_url, scenario)
+
+
+@pytest.mark.parametrize(
+    ("error", "unavailable"),
+    [
+        (OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'"), True),
+        (ReadOnlyError("READONLY You can't write against a read only replica."), True),
+        (BusyLoadingError("LOADING Redis is loading the dataset in memory"), True),
+        (ResponseError("BUSY Redis is busy running a script."), True),
+        (RedisConnectionError("Connection refused"), True),
+        (RedisTimeoutError("Timeout reading from 127.0.0.1:6379"), True),
+        (ResponseError("ERR Error running script: attempt to index a nil value"), False),
+        (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
+    ],
+)
+def test_store_errors_that_a_turn_waits_out(error: Exception, unavailable: bool) -> None:
+    assert store_unavailable(error) is unavailable

@@ -19,7 +19,9 @@ def _api(stack: Stack) -> httpx.Client:
 
 
 def test_killed_worker_ends_the_turn_with_worker_lost(make_stack: Callable[..., Stack]) -> None:
-    stack = make_stack(lease_seconds="1.5", reaper_interval_seconds="0.5")
+    stack = make_stack(
+        lease_seconds="1.5", lease_grace_seconds="0.5", reaper_interval_seconds="0.5"
+    )
     with _api(stack) as client:
         sid = new_session(client)
         reader = StreamReader(client, sid)

@@ -26,7 +26,12 @@ async def _run(settings: Settings) -> None:
 
 
 async def _check(settings: Settings, pid: int | None) -> bool:
-    redis = await connect(settings.redis_url, settings.redis_password, settings.redis_tls_ca_file)
+    redis = await connect(
+        settings.redis_url,
+        settings.redis_password,
+        settings.redis_tls_ca_file,
+        socket_timeout=settings.worker_socket_timeout(),
+    )
     try:
         return await local_worker_healthy(redis, settings.worker_heartbeat_seconds * 3, pid)
     finally:

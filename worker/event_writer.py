@@ -6,6 +6,11 @@ task sends whatever has piled up as one script call, so order is kept (one batch
 in flight at a time) while the loop goes on producing. At the turn's end the
 writer is detached and what it has not sent goes out with the terminal event, in
 the script that ends the turn.
+
+A store that cannot take a batch now (down, stalled, out of memory) costs the
+turn time, not its events: the batch is sent again, with backoff, until it is
+taken. The turn's lease decides how long that may last (`TurnRunner`), and a
+batch sent again after a lost reply is not appended twice (APPEND_EVENTS).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Callable
 
 from shared.events import Event
 from shared.store import SessionStore
+from shared.turns import until_stored
 
 logger = logging.getLogger("sandstream.turn")
 
@@ -44,6 +50,7 @@ class EventWriter:
         self._not_sending.set()
         self._stopped = False  # no more batches: the turn's end takes what is left
         self._detached = False
+        self._appended = 0  # events of the turn in the log so far
         self._task = asyncio.create_task(self._run())
 
     def put(self, event: Event) -> None:
@@ -76,6 +83,13 @@ class EventWriter:
         rest, self._pending = self._pending, []
         return rest
 
+    def abandon(self) -> None:
+        """The turn is no longer this worker's: stop sending, even mid-retry."""
+        if self._failure is None:
+            self._failure = TurnSuperseded()
+        self._task.cancel()
+        self._not_sending.set()
+
     async def close(self) -> None:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -90,7 +104,7 @@ class EventWriter:
             batch, self._pending = self._pending, []
             self._not_sending.clear()
             try:
-                seqs = await self._store.append_events(self._session_id, self._turn_id, batch)
+                seqs = await self._append_until_taken(batch)
             except Exception as exc:
                 logger.exception("appending events of turn %s failed", self._turn_id)
                 self._fail(exc)
@@ -100,6 +114,17 @@ class EventWriter:
             if 0 in seqs:
                 self._fail(TurnSuperseded())
                 return
+            self._appended += len(batch)
+
+    async def _append_until_taken(self, batch: list[Event]) -> list[int]:
+        return await until_stored(
+            lambda: self._store.append_events(
+                self._session_id, self._turn_id, batch, self._appended
+            ),
+            what=f"events of turn {self._turn_id}",
+            give_up=lambda: False,  # `abandon` ends the wait
+            logger=logger,
+        )
 
     def _fail(self, failure: BaseException) -> None:
         self._failure = failure

@@ -25,7 +25,7 @@ from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from shared import keys
 
@@ -85,10 +85,15 @@ class FastPickupWorker(Worker):
                 return
             self.job_counter += 1
             job_id = job_id_b.decode()
-            score = await self._take_job(
-                keys=[in_progress_key_prefix + job_id, self.queue_name],
-                args=[job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000)],
-            )
+            try:
+                score = await self._take_job(
+                    keys=[in_progress_key_prefix + job_id, self.queue_name],
+                    args=[job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000)],
+                )
+            except BaseException:
+                self.job_counter -= 1
+                self.sem.release()
+                raise
             if not score:  # started elsewhere, finished, or deferred
                 self.job_counter -= 1
                 self.sem.release()
@@ -119,16 +124,24 @@ class FastPickupWorker(Worker):
                 self._wake.clear()
                 # A busy worker, woken all the time, still polls as often as an
                 # idle one: for signals it missed, and arq's own housekeeping.
-                if self._poll_due or time.monotonic() - last_poll > self.poll_delay_s:
-                    self._poll_due = False
-                    self._woken.clear()  # the poll finds them
-                    last_poll = time.monotonic()
-                    await self._poll_iteration()
-                elif self._woken:
-                    woken = [job_id.encode() for job_id in self._woken]
-                    self._woken.clear()
-                    if self.allow_pick_jobs:  # False once stopping (arq's drain)
-                        await self.start_jobs(woken)
+                try:
+                    if self._poll_due or time.monotonic() - last_poll > self.poll_delay_s:
+                        self._poll_due = False
+                        self._woken.clear()  # the poll finds them
+                        last_poll = time.monotonic()
+                        await self._poll_iteration()
+                    elif self._woken:
+                        woken = [job_id.encode() for job_id in self._woken]
+                        self._woken.clear()
+                        if self.allow_pick_jobs:  # False once stopping (arq's drain)
+                            await self.start_jobs(woken)
+                except (RedisError, OSError) as exc:
+                    # The store is away or slow (every call has a timeout): the
+                    # worker stays, and polls again once it answers.
+                    logger.warning("worker could not poll the queue (%r)", exc)
+                    self._poll_due = True
+                    await asyncio.sleep(min(1.0, self.poll_delay_s))
+                    continue
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.poll_delay_s)
                 except TimeoutError:
@@ -150,15 +163,18 @@ class FastPickupWorker(Worker):
                 # Anything enqueued while we were not listening is found now.
                 self._poll_due = True
                 self._wake.set()
-                async for message in pubsub.listen():
-                    if message["type"] != "message":
+                while True:
+                    # A bounded wait: the connection has a socket timeout, which
+                    # an idle subscriber must not mistake for a lost store.
+                    message = await pubsub.get_message(timeout=self.poll_delay_s)
+                    if message is None or message["type"] != "message":
                         continue
                     if message["channel"] == wake:
                         self._woken.append(message["data"].decode())
                         self._wake.set()
                     else:
                         self._on_control(message["data"])
-            except (RedisConnectionError, OSError) as exc:
+            except (RedisError, OSError) as exc:
                 logger.warning("worker pub/sub connection lost (%s); reconnecting", exc)
                 await asyncio.sleep(1.0)
             finally:

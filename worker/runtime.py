@@ -4,6 +4,15 @@ The reaper is what keeps a session from staying `running` forever: a turn whose
 worker died stops renewing its lease, and any worker's reaper then ends it with
 `session_failed{stop_reason: worker_lost}`. Turns are never retried, since their
 tools may already have had side effects.
+
+A lease is measured by the workers' own clocks, not by a TTL on Redis's: each
+reaper remembers the lease epoch it saw for each started turn and since when,
+and ends a turn only once that epoch stood still, across passes that all
+reached the store, for lease + grace + a third of the lease. A pass that failed,
+or came late (this process or the store stalled), forgets what it saw: a stall
+or failover of the store, or a pause of this process, is never counted against
+a turn. The turn's own worker fences itself a third of a lease before that
+(`worker.turn`), so a lost turn's tools are dead before the session moves on.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 from arq.connections import ArqRedis
@@ -42,7 +51,8 @@ from shared.sandbox.network import forget_dead_namespaces
 from shared.sandbox.pool import SandboxPool
 from shared.sandbox.workspace import prepare_workspace
 from shared.settings import Settings
-from shared.store import FinishMode, SessionStore
+from shared.store import SessionStore
+from shared.turns import TurnIds, decode_control, failed, store_unavailable, until_stored
 from worker.pickup import FastPickupWorker
 from worker.providers import ProviderFactory
 from worker.providers.base import ProviderError
@@ -54,9 +64,12 @@ logger = logging.getLogger("sandstream.worker")
 JOB_TIMEOUT_EXTRA = 60
 
 
-class ControlMessage(msgspec.Struct, frozen=True):
-    session_id: str
+class _Seen(msgspec.Struct):
+    """A started turn's lease as a reaper saw it: since when (monotonic) at this epoch."""
+
     turn_id: str
+    epoch: int
+    since: float
 
 
 class WorkerRuntime:
@@ -77,7 +90,10 @@ class WorkerRuntime:
         self.running: dict[str, TurnRunner] = {}
         self.providers = ProviderFactory(settings)
         self.confinement = Confinement.detect(settings, "worker")
-        self._control_decoder = msgspec.json.Decoder(ControlMessage)
+        # The reaper's memory of leases, and when its last pass that reached
+        # the store ended.
+        self._seen: dict[str, _Seen] = {}
+        self._last_pass: float | None = None
         self._sandboxes: dict[str, SandboxSpec] = {}
         # A sandbox's file service, cgroup and network outlive a turn that ended
         # cleanly, for the sandbox's next turn on this worker.
@@ -95,8 +111,8 @@ class WorkerRuntime:
         """Run the job's turn; False when it is not the session's current turn
         (finished, reaped or interrupted already: a redelivered job does nothing).
         `accepted_at`: when the API queued it (epoch seconds), for the metrics."""
-        lease_ms = int(self.settings.lease_seconds * 1000)
-        started = await self.store.start_turn(job.session_id, job.turn_id, self.worker_id, lease_ms)
+        leased_at = time.monotonic()
+        started = await self.store.start_turn(job.session_id, job.turn_id, self.worker_id)
         if started is None:
             logger.info("job for turn %s: turn not current; skipped", job.turn_id)
             return False
@@ -107,16 +123,28 @@ class WorkerRuntime:
             await self.approvals.forget(job.session_id)
         try:
             provider = await self.providers.get(agent)
-            spec = await self._sandbox(started.sandbox_id)
+            # Past the fence deadline the turn may be someone else's: give up.
+            fence_at = leased_at + self.settings.lease_seconds + self.settings.lease_grace_seconds
+            spec = await until_stored(
+                lambda: self._sandbox(started.sandbox_id),
+                what=f"the sandbox of turn {job.turn_id}",
+                give_up=lambda: time.monotonic() > fence_at,
+                logger=logger,
+            )
         except (ProviderError, SandboxRefused) as exc:
             error = (
                 ev.ErrorInfo(code=exc.code, message=exc.message)
                 if isinstance(exc, ProviderError)
                 else ev.ErrorInfo(code="sandbox_unavailable", message=str(exc))
             )
-            await self._end(
-                job.session_id, started.sandbox_id, job.turn_id, "worker", "error", error
+            ids = TurnIds(
+                session_id=job.session_id,
+                sandbox_id=started.sandbox_id,
+                turn_id=job.turn_id,
+                message_id=new_id(),
             )
+            terminal = failed(ids, "error", error.code, error.message)
+            await self.store.finish_turn(job.session_id, job.turn_id, "worker", None, terminal)
             return True
         sandbox = self.pool.take(spec)
         runner = TurnRunner(
@@ -135,7 +163,7 @@ class WorkerRuntime:
         )
         self.running[job.session_id] = runner
         try:
-            await runner.run(lease_ms)
+            await runner.run(leased_at)
         finally:
             if self.running.get(job.session_id) is runner:
                 del self.running[job.session_id]
@@ -173,7 +201,7 @@ class WorkerRuntime:
 
     def on_control(self, data: bytes) -> None:
         try:
-            msg = self._control_decoder.decode(data)
+            msg = decode_control(data)
         except msgspec.DecodeError:
             logger.warning("ignored a malformed control message")
             return
@@ -202,8 +230,11 @@ class WorkerRuntime:
                     pipe.zadd(keys.WORKERS, {self.worker_id: now})
                     pipe.zremrangebyscore(keys.WORKERS, 0, now - 3600)
                     await pipe.execute()
-            except Exception:
-                logger.exception("worker heartbeat failed")
+            except Exception as exc:
+                if store_unavailable(exc) or isinstance(exc, TimeoutError):
+                    logger.warning("worker heartbeat failed: %r", exc)
+                else:
+                    logger.exception("worker heartbeat failed")
             await asyncio.sleep(interval)
 
     async def forget_worker(self) -> None:
@@ -217,48 +248,68 @@ class WorkerRuntime:
             await asyncio.sleep(self.settings.reaper_interval_seconds)
             try:
                 await self.reap_once()
-            except Exception:
-                logger.exception("reaper pass failed")
+            except Exception as exc:
+                # What was seen before a pass that failed proves nothing after it.
+                self._seen.clear()
+                if store_unavailable(exc) or isinstance(exc, TimeoutError):
+                    logger.warning("reaper pass failed: %r", exc)
+                else:
+                    logger.exception("reaper pass failed")
+
+    def lost_after(self) -> float:
+        """How long a started turn's lease must stand still before it is ended."""
+        lease = self.settings.lease_seconds
+        return lease + self.settings.lease_grace_seconds + lease / 3
 
     async def reap_once(self) -> int:
         """End turns whose worker is gone or that no worker picked up in time,
         and deny (as timed out) the tool calls whose approval is overdue."""
+        settings = self.settings
+        began = time.monotonic()
+        late = 2 * settings.reaper_interval_seconds + settings.worker_socket_timeout()
+        if self._last_pass is None or began - self._last_pass > late:
+            self._seen.clear()  # this process or the store stalled since the last pass
         reaped = await self.approvals.expire_overdue()
         now_ms = time.time() * 1000
-        for sid in await self.store.running_sessions():
+        running = await self.store.running_sessions()
+        for sid in set(self._seen) - set(running):
+            del self._seen[sid]
+        for sid in running:
             state = await self.store.turn_state(sid)
+            seen_at = time.monotonic()
             if state is None or state.state != "running" or state.turn_id is None:
                 await self.store.forget_running(sid)
                 continue
-            lost = ev.ErrorInfo(
-                code="worker_lost", message="the worker running this turn stopped responding"
-            )
             if state.started:
-                if await self.store.redis.exists(keys.lease(sid)):
+                seen = self._seen.get(sid)
+                if seen is None or (seen.turn_id, seen.epoch) != (state.turn_id, state.lease_epoch):
+                    self._seen[sid] = _Seen(state.turn_id, state.lease_epoch, seen_at)
                     continue
-                done = await self._end(
-                    sid, state.sandbox_id, state.turn_id, "orphaned", "worker_lost", lost
+                if seen_at - seen.since < self.lost_after():
+                    continue
+                del self._seen[sid]
+                done = await self.store.end_orphaned(
+                    sid, state.sandbox_id, state.turn_id, state.lease_epoch
                 )
             elif await self._picked_up_long_ago(state.job_id or state.turn_id):
                 # A worker took the job but never started the turn: it died in
                 # between. arq would hand the job out again only after an hour.
-                done = await self._end(
-                    sid, state.sandbox_id, state.turn_id, "unstarted", "worker_lost", lost
-                )
-            elif now_ms - state.claimed_ms > self.settings.queued_turn_timeout_seconds * 1000:
-                late = ev.ErrorInfo(
-                    code="queue_timeout", message="no worker picked this turn up in time"
-                )
-                done = await self._end(
-                    sid, state.sandbox_id, state.turn_id, "unstarted", "timeout", late
+                done = await self.store.end_unstarted(sid, state.sandbox_id, state.turn_id, "lost")
+            elif now_ms - state.claimed_ms > settings.queued_turn_timeout_seconds * 1000:
+                done = await self.store.end_unstarted(
+                    sid, state.sandbox_id, state.turn_id, "queue_timeout"
                 )
             else:
                 continue
+            if done:
+                logger.warning("turn %s of session %s ended by the reaper", state.turn_id, sid)
             reaped += int(done)
+        self._last_pass = time.monotonic()
         return reaped
 
     async def _picked_up_long_ago(self, job_id: str) -> bool:
-        """Whether arq marked the turn's job in progress more than a lease ago.
+        """Whether arq marked the turn's job in progress longer ago than a lease may
+        stand still.
 
         arq sets its in-progress key with a TTL of the job timeout plus 10 s when
         a worker takes the job; what is left of that TTL says how long ago."""
@@ -266,30 +317,7 @@ class WorkerRuntime:
         if ttl_ms < 0:
             return False
         in_progress_ms = (self.settings.turn_timeout_seconds + JOB_TIMEOUT_EXTRA + 10) * 1000
-        return in_progress_ms - ttl_ms > self.settings.lease_seconds * 1000
-
-    async def _end(
-        self,
-        sid: str,
-        sandbox_id: str,
-        turn_id: str,
-        mode: FinishMode,
-        stop: Literal["error", "timeout", "worker_lost"],
-        error: ev.ErrorInfo,
-    ) -> bool:
-        terminal = ev.SessionFailed(
-            session_id=sid,
-            sandbox_id=sandbox_id,
-            turn_id=turn_id,
-            message_id=new_id(),
-            created_at=now_rfc3339(),
-            error=error,
-            stop_reason=stop,
-        )
-        seq = await self.store.finish_turn(sid, turn_id, mode, None, terminal)
-        if seq:
-            logger.warning("turn %s of session %s ended: %s", turn_id, sid, error.message)
-        return bool(seq)
+        return in_progress_ms - ttl_ms > self.lost_after() * 1000
 
 
 async def run_turn(ctx: dict[str, Any], payload: Any) -> str:
@@ -312,7 +340,12 @@ async def run_turn(ctx: dict[str, Any], payload: Any) -> str:
 
 
 async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRuntime]:
-    redis = await connect(settings.redis_url, settings.redis_password, settings.redis_tls_ca_file)
+    redis = await connect(
+        settings.redis_url,
+        settings.redis_password,
+        settings.redis_tls_ca_file,
+        socket_timeout=settings.worker_socket_timeout(),
+    )
     runtime = WorkerRuntime(redis, settings)
     reaper: list[asyncio.Task[None]] = []
 

@@ -5,6 +5,13 @@ tool calls in the sandbox, feeds the results back and goes on until the model
 ends its turn or the iteration bound is reached. Every event is appended to the
 session log as it happens; the assistant message, the session's return to
 `active` and the terminal event are written in one atomic step at the end.
+
+The turn holds a lease (README: Reliability). It renews it every third of
+`lease_seconds`; when no renewal got through for `lease_seconds +
+lease_grace_seconds` by this process's own clock, the turn fences itself: it
+stops, and its tool's process group is killed, before any reaper may end the
+turn and let the session move on. A store that refuses the turn's end (full,
+down) is asked again, with backoff, while the lease holds.
 """
 
 from __future__ import annotations
@@ -32,6 +39,15 @@ from shared.permissions import allowed_by_name, rule_for
 from shared.sandbox.handle import OpenSandbox
 from shared.settings import Settings
 from shared.store import SessionStore
+from shared.turns import (
+    CompletedReason,
+    FailedReason,
+    TurnIds,
+    completed,
+    failed,
+    store_unavailable,
+    until_stored,
+)
 from worker.approval_wait import suspend_for_approval
 from worker.changes import WorkspaceChanges
 from worker.event_writer import EventWriter, TurnSuperseded
@@ -48,7 +64,6 @@ from worker.tools import ToolContext, execute_tool, tool_specs
 
 logger = logging.getLogger("sandstream.turn")
 
-CompletedReason = Literal["end_turn", "interrupted", "max_iterations"]
 # The loop also stops when a call waits for a person: the turn is then suspended.
 LoopEnd = CompletedReason | Literal["suspended"]
 
@@ -80,7 +95,14 @@ class TurnRunner:
         self.sandbox_id = sandbox_id
         self.turn_id = turn_id
         self.history = history  # the session's messages, this turn's user message last
-        self.message_id = new_id()
+        # A turn that waited for approval goes on with the message it had begun.
+        self.message_id = resumed[0].message_id if resumed is not None else new_id()
+        self._turn_ids = TurnIds(
+            session_id=session_id,
+            sandbox_id=sandbox_id,
+            turn_id=turn_id,
+            message_id=self.message_id,
+        )
         self.blocks: list[ContentBlock] = []
         self.usage = ev.Usage()
         self._text_index: int | None = None
@@ -100,7 +122,6 @@ class TurnRunner:
         self._resumed = resumed
         if resumed is not None:
             record, _ = resumed
-            self.message_id = record.message_id
             self.blocks = list(record.blocks)
             self.usage = record.usage
 
@@ -115,15 +136,18 @@ class TurnRunner:
         """Stop without ending the turn: it is no longer ours to end (lease lost,
         session deleted, turn reaped)."""
         self._lease_lost = True
+        if self._writer is not None:
+            self._writer.abandon()
         if self._loop_task is not None:
             self._loop_task.cancel()
 
     # ---- the turn ----------------------------------------------------------
 
-    async def run(self, lease_ms: int) -> None:
-        """Run the turn, whose lease the caller took (`SessionStore.start_turn`), to its end."""
+    async def run(self, leased_at: float) -> None:
+        """Run the turn, whose lease the caller took (`SessionStore.start_turn`,
+        sent at `leased_at` on the monotonic clock), to its end."""
         self._writer = EventWriter(self.store, self.session_id, self.turn_id, self._stop_quietly)
-        heartbeat = asyncio.create_task(self._heartbeat(lease_ms))
+        heartbeat = asyncio.create_task(self._keep_lease(leased_at))
         try:
             await self._drive()
         finally:
@@ -273,13 +297,7 @@ class TurnRunner:
     # ---- blocks and events ------------------------------------------------
 
     def _ids(self) -> dict[str, str]:
-        return {
-            "session_id": self.session_id,
-            "sandbox_id": self.sandbox_id,
-            "turn_id": self.turn_id,
-            "message_id": self.message_id,
-            "created_at": now_rfc3339(),
-        }
+        return self._turn_ids.stamped()
 
     def _call_index(self, calls: list[int], call_id: str) -> int:
         for index in calls:
@@ -360,41 +378,50 @@ class TurnRunner:
         if rest is None:
             return
         message = self._message()
-        message.stop_reason = reason
         changed, truncated = await self._changes.collect()
         message.files_changed, message.files_changed_truncated = changed, truncated
-        terminal = ev.SessionCompleted(
-            **self._ids(),
-            message=message,
-            stop_reason=reason,
-            usage=self.usage,
-            files_changed=changed,
-            files_changed_truncated=truncated,
-        )
-        await self.store.finish_turn(
-            self.session_id, self.turn_id, "worker", message, terminal, self._measured(), rest
-        )
+        terminal = completed(self._turn_ids, message, reason, self.usage, changed, truncated)
+        await self._store_end(message, terminal, rest)
 
-    async def _fail(
-        self, stop_reason: Literal["error", "timeout", "worker_lost"], code: str, text: str
-    ) -> None:
+    async def _fail(self, stop_reason: FailedReason, code: str, text: str) -> None:
         self._settle_blocks()
         rest = await self._detached()
         if rest is None:
             return
-        message = None
-        if self.blocks:
-            message = self._message()
-            message.stop_reason = stop_reason
-        terminal = ev.SessionFailed(
-            **self._ids(),
-            error=ev.ErrorInfo(code=code, message=text),
-            stop_reason=stop_reason,
-            message=message,
+        message = self._message() if self.blocks else None
+        terminal = failed(self._turn_ids, stop_reason, code, text, message)
+        await self._store_end(message, terminal, rest)
+
+    async def _store_end(
+        self, message: Message | None, terminal: ev.TerminalEvent, rest: list[ev.Event]
+    ) -> None:
+        """Store the turn's end, asking again (with backoff) while the store cannot
+        take it, the lease holds and the turn's time lasts: a turn that finished
+        is stored as finished."""
+        settings = self.settings
+        deadline = max(
+            self._started + settings.turn_timeout_seconds,
+            time.monotonic() + settings.lease_seconds + settings.lease_grace_seconds,
         )
-        await self.store.finish_turn(
-            self.session_id, self.turn_id, "worker", message, terminal, self._measured(), rest
-        )
+        figures = self._measured()
+        try:
+            await until_stored(
+                lambda: self.store.finish_turn(
+                    self.session_id, self.turn_id, "worker", message, terminal, figures, rest
+                ),
+                what=f"the end of turn {self.turn_id}",
+                give_up=lambda: self._lease_lost or time.monotonic() > deadline,
+                logger=logger,
+            )
+        except Exception as exc:
+            if not (store_unavailable(exc) or isinstance(exc, TimeoutError)):
+                raise
+            logger.error(
+                "turn %s of session %s: its end could not be stored (%r)",
+                self.turn_id,
+                self.session_id,
+                exc,
+            )
 
     def _measured(self) -> TurnFigures:
         self._figures.duration_seconds = time.monotonic() - self._started
@@ -415,18 +442,48 @@ class TurnRunner:
         when the turn is no longer ours."""
         return await self._detached()
 
-    async def _heartbeat(self, lease_ms: int) -> None:
-        period = self.settings.lease_seconds / 3
+    async def _keep_lease(self, renewed_at: float) -> None:
+        """Renew the lease; fence the turn when no renewal got through in time.
+
+        `renewed_at` is when the last renewal that got through was *sent*: the
+        store applied it later, so no reaper can have seen the lease stand still
+        for longer than this process has (README: Reliability)."""
+        settings = self.settings
+        period = settings.lease_seconds / 3
+        fence_after = settings.lease_seconds + settings.lease_grace_seconds
+        pause = period
         while True:
-            await asyncio.sleep(period)
-            status = await self.store.renew_lease(
-                self.session_id, self.turn_id, self.worker_id, lease_ms
-            )
+            deadline = renewed_at + fence_after
+            await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+            sent = time.monotonic()
+            if sent >= deadline:
+                self._fence(sent - renewed_at)
+                return
+            try:
+                async with asyncio.timeout(deadline - sent):
+                    status = await self.store.renew_lease(
+                        self.session_id, self.turn_id, self.worker_id
+                    )
+            except Exception as exc:  # the store is away: try again, faster
+                if pause == period:
+                    logger.warning("turn %s: lease renewal failed (%r)", self.turn_id, exc)
+                pause = min(period, 0.5)
+                continue
             if status == 0:
                 self._stop_quietly()
                 return
+            renewed_at, pause = sent, period
             if status == 2:
                 self.interrupt()
+
+    def _fence(self, silent_for: float) -> None:
+        logger.error(
+            "turn %s of session %s: no lease renewal for %.2f s; stopping it and its tools",
+            self.turn_id,
+            self.session_id,
+            silent_for,
+        )
+        self._stop_quietly()
 
 
 def _decided(

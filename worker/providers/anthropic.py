@@ -28,7 +28,7 @@ from worker.providers.base import (
     parse_arguments,
 )
 from worker.providers.sdk import guarded_stream, sse_batches, stream_cut
-from worker.providers.transport import lean_http_client
+from worker.providers.transport import lean_http_client, model_timeouts
 from worker.tools import ToolSpec
 
 _STOP_REASONS: dict[str, ModelStop] = {"tool_use": "tool_use", "max_tokens": "max_tokens"}
@@ -146,8 +146,8 @@ class AnthropicProvider:
         self.max_tokens = settings.max_output_tokens
         self.client = anthropic.AsyncAnthropic(
             max_retries=settings.provider_max_retries,
-            timeout=settings.provider_timeout_seconds,
-            http_client=lean_http_client(settings.provider_timeout_seconds),
+            timeout=model_timeouts(settings),
+            http_client=lean_http_client(model_timeouts(settings)),
         )
         self._secrets = [os.environ.get("ANTHROPIC_API_KEY", "")]
 

@@ -66,21 +66,22 @@ def classify(sdk: ModuleType, provider: str, exc: Exception, secrets: list[str])
     return ProviderError("provider_error", f"{where}: {detail}")
 
 
-def _transport_errors() -> tuple[type[Exception], ...]:
-    """Connection failures mid-stream, which the SDKs let through unwrapped.
-
-    Older SDK releases sit on httpx, newer ones on its fork httpx2.
-    """
+def _httpx_errors(name: str) -> tuple[type[Exception], ...]:
+    """One exception class of httpx and of httpx2, whichever are installed: the
+    SDKs let connection failures mid-stream through unwrapped, and older SDK
+    releases sit on httpx, newer ones on its fork httpx2."""
     found: list[type[Exception]] = []
-    for name in ("httpx", "httpx2"):
+    for module in ("httpx", "httpx2"):
         try:
-            found.append(importlib.import_module(name).TransportError)
+            found.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
             continue
     return tuple(found)
 
 
-TRANSPORT_ERRORS = _transport_errors()
+TRANSPORT_ERRORS = _httpx_errors("TransportError")
+# Reads that waited past the idle timeout (a subset of the transport errors).
+TIMEOUT_ERRORS = _httpx_errors("TimeoutException")
 
 
 def stream_cut(provider: str) -> ProviderError:
@@ -108,6 +109,11 @@ async def guarded_stream(
                 yield item
     except sdk.APIError as exc:
         raise classify(sdk, provider, exc, secrets) from None
+    except TIMEOUT_ERRORS:
+        # A read that waited past the idle timeout: the stream stalled.
+        raise ProviderError(
+            "provider_timeout", f"{provider} sent nothing within the idle timeout"
+        ) from None
     except TRANSPORT_ERRORS:
         raise stream_cut(provider) from None
 

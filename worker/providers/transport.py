@@ -24,6 +24,8 @@ from typing import Any
 
 import httpx2
 
+from shared.settings import Settings
+
 _MAX_HEAD_BYTES = 64 * 1024
 _READ_SIZE = 64 * 1024
 _PROXY_VARIABLES = (
@@ -317,7 +319,16 @@ class StreamTransport(httpx2.AsyncBaseTransport):
         self._idle.clear()
 
 
-def lean_http_client(timeout: float) -> httpx2.AsyncClient | None:
+def model_timeouts(settings: Settings) -> httpx2.Timeout:
+    """The model call's timeouts: connecting, the response's head and every next
+    read each get `provider_idle_timeout_seconds` (a stalled model is found out
+    that soon), sending the request and waiting for a pooled connection get
+    `provider_timeout_seconds`."""
+    idle = settings.provider_idle_timeout_seconds
+    return httpx2.Timeout(settings.provider_timeout_seconds, connect=idle, read=idle)
+
+
+def lean_http_client(timeout: httpx2.Timeout) -> httpx2.AsyncClient | None:
     """An httpx client on `StreamTransport` for an SDK, or None (keep the SDK's
     default) when the environment names a proxy, which this transport does not speak."""
     if any(os.environ.get(n) or os.environ.get(n.lower()) for n in _PROXY_VARIABLES):

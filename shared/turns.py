@@ -1,0 +1,451 @@
+"""The turn lifecycle in Redis, and the terminal events of every way a turn ends.
+
+A turn is claimed (API: user message stored, job queued), started (a worker
+takes it and its lease), renewed (the worker's heartbeat, which also reads the
+interrupt flag), appended to (its events, in order) and finished (message,
+terminal event and the session's return to `active`, in one step). Each step is
+one Lua script of `shared.scripts` that first checks the turn is still the
+session's current one, so a stale worker, a reaper and an interrupt can race
+without corrupting a session.
+
+The terminal events are built here and nowhere else: `completed` and `failed`
+for a turn that ran, and the endings decided from outside the turn (interrupted
+before it started, lost with its worker, never picked up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import (
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared import events as ev
+from shared import keys, metrics, scripts
+from shared.metrics import TurnFigures
+from shared.models import AgentConfig, FileChange, Message, new_id, now_rfc3339
+from shared.queue import QueuedJob
+
+T = TypeVar("T")
+FinishMode = Literal["worker", "unstarted", "orphaned"]
+FailedReason = Literal["error", "timeout", "worker_lost"]
+CompletedReason = Literal["end_turn", "interrupted", "max_iterations"]
+
+# How long a bucket of turn outcomes (`/api/v1/ops/queues`) is kept.
+_OUTCOME_TTL_SECONDS = 2 * 3600
+# Replies of a store that is there but cannot take this write now.
+_UNAVAILABLE_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+_message_decoder = msgspec.json.Decoder(Message)
+_agent_decoder = msgspec.json.Decoder(AgentConfig)
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Whether a Redis error says the store cannot take a call now (down, slow,
+    full, read-only, loading, busy) rather than that the call was wrong: what
+    the turn waits out and retries."""
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | OutOfMemoryError | ReadOnlyError):
+        return True
+    if isinstance(exc, ResponseError):
+        return str(exc).startswith(_UNAVAILABLE_REPLIES)
+    return isinstance(exc, RedisError) and "out of memory" in str(exc).lower()
+
+
+async def until_stored(
+    call: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    give_up: Callable[[], bool],
+    logger: logging.Logger,
+) -> T:
+    """`call()`, asked again with backoff (50 ms, doubling to 1 s) while the store
+    cannot take it, until it does or `give_up()`; then the last error is raised.
+    Errors that do not say the store is away are raised at once."""
+    pause = 0.05
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not (store_unavailable(exc) or isinstance(exc, TimeoutError)) or give_up():
+                raise
+            if pause == 0.05:
+                logger.warning("the store refused %s (%r); asking again", what, exc)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 1.0)
+
+
+class ControlMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the API publishes on `keys.CONTROL_CHANNEL` to interrupt a turn;
+    the worker running it stops it."""
+
+    session_id: str
+    turn_id: str
+
+
+_control_encoder = msgspec.json.Encoder()
+_control_decoder = msgspec.json.Decoder(ControlMessage)
+
+
+def encode_control(message: ControlMessage) -> bytes:
+    return _control_encoder.encode(message)
+
+
+def decode_control(data: bytes) -> ControlMessage:
+    return _control_decoder.decode(data)
+
+
+class ClaimResult(msgspec.Struct):
+    status: Literal["ok", "running", "missing"]
+    turn_id: str | None = None
+    latest_seq: int = 0
+
+
+class TurnState(msgspec.Struct, kw_only=True):
+    sandbox_id: str
+    tenant: str
+    agent: AgentConfig | None
+    state: str
+    turn_id: str | None
+    started: bool
+    claimed_ms: int
+    lease_epoch: int = 0  # moves at every renewal of a started turn's lease
+    # A resumed turn's continuation job (`shared.approvals`); else its job is the turn id.
+    job_id: str | None = None
+    # The turn waits for approval of tool calls.
+    awaiting: bool = False
+
+
+class StartedTurn(msgspec.Struct, kw_only=True):
+    sandbox_id: str
+    agent: AgentConfig | None
+    history: list[Message]  # the whole conversation, or its last message (START_TURN)
+
+
+class _Counter(msgspec.Struct):
+    key: int  # 1-based index into the script's KEYS
+    field: str
+    by: int
+    ttl: int  # seconds, 0: none
+
+
+class FinishArgs(msgspec.Struct, kw_only=True):
+    """The one argument of FINISH_TURN (decoded there with cjson)."""
+
+    turn_id: str
+    mode: FinishMode
+    message: str  # the assistant message's JSON, or ''
+    terminal: str  # the terminal event's JSON without seq
+    terminal_type: str
+    maxlen: int
+    channel: str
+    now: str
+    log_ttl_ms: int
+    session_id: str
+    duration_ms: int  # -1: not measured
+    epoch: int  # "orphaned": the lease epoch seen standing still
+    events: list[tuple[str, str]]  # (type, JSON without seq), before the terminal one
+    counters: list[_Counter]
+
+
+_finish_encoder = msgspec.json.Encoder()
+
+
+# ---- the terminal events ------------------------------------------------------
+
+
+class TurnIds(msgspec.Struct, frozen=True, kw_only=True):
+    """What every event of one turn names."""
+
+    session_id: str
+    sandbox_id: str
+    turn_id: str
+    message_id: str
+
+    def stamped(self) -> dict[str, str]:
+        return {**msgspec.structs.asdict(self), "created_at": now_rfc3339()}
+
+
+def completed(
+    ids: TurnIds,
+    message: Message,
+    reason: CompletedReason,
+    usage: ev.Usage,
+    files_changed: list[FileChange] | None = None,
+    files_changed_truncated: bool = False,
+) -> ev.SessionCompleted:
+    message.stop_reason = reason
+    return ev.SessionCompleted(
+        **ids.stamped(),
+        message=message,
+        stop_reason=reason,
+        usage=usage,
+        files_changed=files_changed or [],
+        files_changed_truncated=files_changed_truncated,
+    )
+
+
+def failed(
+    ids: TurnIds, reason: FailedReason, code: str, text: str, message: Message | None = None
+) -> ev.SessionFailed:
+    if message is not None:
+        message.stop_reason = reason
+    return ev.SessionFailed(
+        **ids.stamped(),
+        error=ev.ErrorInfo(code=code, message=text),
+        stop_reason=reason,
+        message=message,
+    )
+
+
+def _outside_ids(sid: str, sandbox_id: str, turn_id: str) -> TurnIds:
+    return TurnIds(session_id=sid, sandbox_id=sandbox_id, turn_id=turn_id, message_id=new_id())
+
+
+LOST_TEXT = "the worker running this turn stopped responding"
+
+
+class TurnLifecycle:
+    """The turn's steps in Redis; `SessionStore` is one (with sandboxes and sessions)."""
+
+    def __init__(
+        self, redis: Redis, *, log_max_events: int = 10_000, log_ttl_seconds: float = 604_800
+    ) -> None:
+        self.redis = redis
+        self.log_max_events = log_max_events
+        # The log lives this long after its last event; a resume from before
+        # what is left gets `log_truncated`, never a silent hole.
+        self.log_ttl_ms = int(log_ttl_seconds * 1000)
+        self._claim = redis.register_script(scripts.CLAIM_TURN)
+        self._start = redis.register_script(scripts.START_TURN)
+        self._renew = redis.register_script(scripts.RENEW_LEASE)
+        self._append = redis.register_script(scripts.APPEND_EVENTS)
+        self._finish = redis.register_script(scripts.FINISH_TURN)
+        self._flag_interrupt = redis.register_script(scripts.FLAG_INTERRUPT)
+
+    async def claim_turn(
+        self,
+        sid: str,
+        tenant: str,
+        turn_id: str,
+        user_message: Message,
+        job: QueuedJob | None = None,
+        reply_to: str = "",
+    ) -> ClaimResult:
+        """Make the session the tenant's new turn's, storing the user message, and
+        queue `job` (the turn's) in the same step. `reply_to`: a pub/sub channel
+        to publish the turn's terminal event on, besides the session's."""
+        now = now_rfc3339()
+        claim_keys = [keys.session(sid), keys.messages(sid), keys.seq(sid)]
+        args: list[str | bytes | int] = [
+            turn_id,
+            msgspec.json.encode(user_message),
+            now,
+            int(time.time() * 1000),
+            tenant,
+        ]
+        if job is not None:
+            claim_keys += job.keys()
+            args += [*job.args(), reply_to]
+        res = await self._claim(keys=claim_keys, args=args)
+        status = res[0].decode()
+        if status == "ok":
+            return ClaimResult("ok", turn_id, int(res[1]))
+        if status == "running":
+            return ClaimResult("running", res[1].decode())
+        return ClaimResult("missing")
+
+    async def turn_state(self, sid: str) -> TurnState | None:
+        row = await self.redis.hmget(  # type: ignore[misc]
+            keys.session(sid),
+            [
+                "sandbox_id",
+                "state",
+                "turn_id",
+                "started",
+                "claimed_ms",
+                "agent",
+                "tenant",
+                "lease_epoch",
+                "job_id",
+                "awaiting",
+            ],
+        )
+        if row[0] is None:
+            return None
+        job = row[8] or b""
+        return TurnState(
+            sandbox_id=row[0].decode(),
+            state=row[1].decode(),
+            turn_id=row[2].decode() if row[2] else None,
+            started=row[3] is not None,
+            claimed_ms=int(row[4] or 0),
+            agent=_agent_decoder.decode(row[5]) if row[5] else None,
+            tenant=(row[6] or b"").decode(),
+            lease_epoch=int(row[7] or 0),
+            # Only the current turn's: a former turn's continuation may be named still.
+            job_id=job.decode() if row[2] and job.startswith(row[2] + b":") else None,
+            awaiting=row[9] is not None and row[9] == row[2],
+        )
+
+    async def start_turn(self, sid: str, turn_id: str, worker_id: str) -> StartedTurn | None:
+        """Take the turn and its lease; None when it is not this job's to run."""
+        res = await self._start(
+            keys=[keys.session(sid), keys.messages(sid), keys.METRICS_COUNTERS],
+            args=[turn_id, worker_id, metrics.STARTED],
+        )
+        if not res:
+            return None
+        return StartedTurn(
+            sandbox_id=res[0].decode(),
+            agent=_agent_decoder.decode(res[1]) if res[1] else None,
+            history=[_message_decoder.decode(m) for m in res[2]],
+        )
+
+    async def renew_lease(self, sid: str, turn_id: str, worker_id: str) -> int:
+        """1 renewed, 2 renewed and an interrupt is asked for, 0 the turn is not ours."""
+        return int(await self._renew(keys=[keys.session(sid)], args=[turn_id, worker_id]))
+
+    async def flag_interrupt(self, sid: str, turn_id: str) -> bool:
+        return bool(await self._flag_interrupt(keys=[keys.session(sid)], args=[turn_id]))
+
+    async def append_events(
+        self, sid: str, turn_id: str, events: list[ev.Event], appended_before: int | None = None
+    ) -> list[int]:
+        """Append events in order, in one script call (one round trip, one script
+        run): each gets its seq, or every one 0 when the turn is no longer current
+        (and none is appended). With `appended_before` (the turn's events
+        appended so far), sending a batch again after a lost reply appends
+        nothing twice."""
+        if not events:
+            return []
+        args: list[Any] = [
+            turn_id,
+            self.log_max_events,
+            keys.events_channel(sid),
+            self.log_ttl_ms,
+            "" if appended_before is None else appended_before,
+        ]
+        for event in events:
+            args.append(str(event.__struct_config__.tag))
+            args.append(ev.encode_event(event))
+        seqs = await self._append(keys=[keys.session(sid), keys.seq(sid), keys.log(sid)], args=args)
+        return [int(seq) for seq in seqs] if seqs else [0] * len(events)
+
+    async def finish_turn(
+        self,
+        sid: str,
+        turn_id: str,
+        mode: FinishMode,
+        message: Message | None,
+        terminal: ev.TerminalEvent,
+        figures: TurnFigures | None = None,
+        events: list[ev.Event] | None = None,
+        epoch: int = 0,
+    ) -> int:
+        """In one step: append `events` (the turn's last, not yet sent) and then the
+        terminal event, store the message, free the session, and count the turn
+        for ops and metrics (`figures`: what the turn measured, if it ran)."""
+        figures = figures or TurnFigures()
+        result, reason = (
+            ("completed", str(terminal.stop_reason))
+            if isinstance(terminal, ev.SessionCompleted)
+            else ("failed", terminal.error.code)
+        )
+        bucket = keys.turn_outcomes(int(time.time()) // keys.STATS_BUCKET_SECONDS)
+        outcome = f"{terminal.__struct_config__.tag}:{terminal.stop_reason}"
+        script_keys = [
+            keys.session(sid),
+            keys.messages(sid),
+            keys.seq(sid),
+            keys.log(sid),
+            keys.RUNNING,
+            keys.TURN_DURATIONS,
+        ]
+        counters = []
+        for key, field, increment in [
+            (bucket, outcome, 1),
+            *metrics.increments(result, reason, figures),
+        ]:
+            if key not in script_keys:
+                script_keys.append(key)
+            ttl = _OUTCOME_TTL_SECONDS if key == bucket else 0
+            counters.append(_Counter(script_keys.index(key) + 1, field, increment, ttl))
+        duration = figures.duration_seconds
+        args = FinishArgs(
+            turn_id=turn_id,
+            mode=mode,
+            message="" if message is None else msgspec.json.encode(message).decode(),
+            terminal=ev.encode_event(terminal).decode(),
+            terminal_type=str(terminal.__struct_config__.tag),
+            maxlen=self.log_max_events,
+            channel=keys.events_channel(sid),
+            now=now_rfc3339(),
+            log_ttl_ms=self.log_ttl_ms,
+            session_id=sid,
+            duration_ms=-1 if duration is None else round(duration * 1000),
+            epoch=epoch,
+            events=[
+                (str(e.__struct_config__.tag), ev.encode_event(e).decode()) for e in events or []
+            ],
+            counters=counters,
+        )
+        return int(await self._finish(keys=script_keys, args=[_finish_encoder.encode(args)]))
+
+    # ---- endings decided from outside the turn --------------------------------
+
+    async def interrupt_unstarted(self, sid: str, sandbox_id: str, turn_id: str) -> bool:
+        """End a turn no worker has started yet as interrupted, with an empty reply."""
+        ids = _outside_ids(sid, sandbox_id, turn_id)
+        message = Message(
+            id=ids.message_id,
+            session_id=sid,
+            role="assistant",
+            content=[],
+            timestamp=now_rfc3339(),
+            turn_id=turn_id,
+        )
+        terminal = completed(ids, message, "interrupted", ev.Usage())
+        return bool(await self.finish_turn(sid, turn_id, "unstarted", message, terminal))
+
+    async def end_orphaned(self, sid: str, sandbox_id: str, turn_id: str, epoch: int) -> bool:
+        """End a started turn whose lease stood still at `epoch`: its worker is gone."""
+        terminal = failed(
+            _outside_ids(sid, sandbox_id, turn_id), "worker_lost", "worker_lost", LOST_TEXT
+        )
+        return bool(await self.finish_turn(sid, turn_id, "orphaned", None, terminal, epoch=epoch))
+
+    async def end_unstarted(
+        self, sid: str, sandbox_id: str, turn_id: str, why: Literal["lost", "queue_timeout"]
+    ) -> bool:
+        """End a turn that never started: its worker died between taking the job
+        and starting it, or no worker took it in time."""
+        ids = _outside_ids(sid, sandbox_id, turn_id)
+        if why == "lost":
+            terminal = failed(ids, "worker_lost", "worker_lost", LOST_TEXT)
+        else:
+            text = "no worker picked this turn up in time"
+            terminal = failed(ids, "timeout", "queue_timeout", text)
+        return bool(await self.finish_turn(sid, turn_id, "unstarted", None, terminal))
+
+    # ---- the running index --------------------------------------------------
+
+    async def running_count(self) -> int:
+        return int(await self.redis.scard(keys.RUNNING))  # type: ignore[misc]
+
+    async def running_sessions(self) -> list[str]:
+        return [s.decode() for s in await self.redis.smembers(keys.RUNNING)]  # type: ignore[misc]
+
+    async def forget_running(self, sid: str) -> None:
+        await self.redis.srem(keys.RUNNING, sid)  # type: ignore[misc]

@@ -1,0 +1,286 @@
+"""Leases that measure the worker, not Redis: stalls, pauses, partitions and a full store.
+
+Real Redis, API and worker processes. Leases are short here (1 s, grace 3 s or
+1 s) so each case runs in seconds; README (Reliability) gives the argument with
+the defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from arq.jobs import serialize_result
+from conftest import Proc, RedisServer, Stack
+from helpers import free_port, new_session, text_message, wait_state
+from redis.exceptions import OutOfMemoryError
+
+from shared import keys
+from shared.queue import deserialize_job_data, serialize_job_data
+
+# lease 1 s, grace 3 s: a worker fences after 4 s without a renewal, a reaper
+# ends a turn whose lease stood still for 4.33 s.
+RIDE_OUT = {
+    "SANDSTREAM_LEASE_SECONDS": "1",
+    "SANDSTREAM_LEASE_GRACE_SECONDS": "3",
+    "SANDSTREAM_REAPER_INTERVAL_SECONDS": "0.2",
+    "SANDSTREAM_REDIS_SOCKET_TIMEOUT_SECONDS": "0.3",
+}
+
+
+def _started_by(store: redis.Redis, sid: str, timeout: float = 15) -> str:
+    """The id of the worker that started the session's turn, once one has."""
+    deadline = time.monotonic() + timeout
+    while not (worker := store.hget(keys.session(sid), "started")):
+        assert time.monotonic() < deadline, "no worker started the turn"
+        time.sleep(0.02)
+    return str(worker.decode())
+
+
+def _wait_for_event(store: redis.Redis, sid: str, event_type: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(f[b"t"] == event_type.encode() for _, f in store.xrange(keys.log(sid))):
+        assert time.monotonic() < deadline, f"no {event_type} event"
+        time.sleep(0.02)
+
+
+def _send(client: httpx.Client, sid: str, command: str) -> str:
+    accepted = client.post(
+        f"/sessions/{sid}/messages", params={"wait": "0"}, json=text_message(f"run: {command}")
+    )
+    assert accepted.status_code == 202, accepted.text
+    return str(accepted.json()["turn_id"])
+
+
+def _reply(client: httpx.Client, sid: str, timeout: float = 15) -> dict[str, Any]:
+    message: dict[str, Any] = wait_state(client, sid, "active", timeout)["messages"][-1]
+    return message
+
+
+def _stop_for(pid: int, seconds: float) -> None:
+    """SIGSTOP the process for `seconds`, then SIGCONT it (also on failure)."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_redis_stall_longer_than_the_lease_ends_no_turn(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    stack = Stack(own_redis.url, tmp_path / "stack", RIDE_OUT)
+    try:
+        store = own_redis.client()
+        with stack.client() as client:
+            sid = new_session(client)
+            _send(client, sid, "sleep 2.5; echo survived")
+            _started_by(store, sid)
+            assert own_redis.proc is not None
+            stall = 2.0  # twice the lease; Redis's clock runs on meanwhile
+            _stop_for(own_redis.proc.pid, stall)
+            reply = _reply(client, sid)
+        print(
+            f"Redis stopped {stall:.1f} s with a 1 s lease: the turn ended {reply['stop_reason']}"
+        )
+        assert reply["stop_reason"] == "end_turn"
+        assert reply["content"][1]["content"] == "survived\n"
+    finally:
+        stack.stop()
+
+
+def test_a_worker_paused_past_its_lease_resumes_its_turn(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack(workers=2, env=RIDE_OUT)
+    store = redis.Redis.from_url(stack.env["SANDSTREAM_REDIS_URL"])
+    with stack.client() as client:
+        sid = new_session(client)
+        _send(client, sid, "sleep 2.5; echo resumed")
+        pid = int(_started_by(store, sid).split(":")[1])
+        assert pid in [w.popen.pid for w in stack.workers]
+        pause = 2.0  # twice the lease; the other worker's reaper runs throughout
+        _stop_for(pid, pause)
+        reply = _reply(client, sid)
+    print(f"worker stopped {pause:.1f} s with a 1 s lease: the turn ended {reply['stop_reason']}")
+    assert reply["stop_reason"] == "end_turn"
+    assert reply["content"][1]["content"] == "resumed\n"
+
+
+class PausableProxy:
+    """A TCP proxy to Redis on loopback that can stop passing bytes both ways,
+    as a network partition would (connections stay open, nothing arrives)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.port = free_port()
+        self._target = target_port
+        self._loop = asyncio.new_event_loop()
+        self._flowing = asyncio.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(5)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._flowing.set()
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        )
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.close()
+
+    async def _shutdown(self) -> None:
+        self._server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop.stop()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
+        await asyncio.gather(
+            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+        )
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                await self._flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    def cut(self) -> None:
+        self._loop.call_soon_threadsafe(self._flowing.clear)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+        self._thread.join(5)
+
+
+def test_a_partitioned_worker_kills_its_tool_before_the_session_moves_on(
+    make_stack: Callable[..., Stack],
+) -> None:
+    # lease 1 s, grace 1 s: the cut-off worker fences 2 s after its last
+    # renewal, the other worker's reaper may end the turn 2.33 s after it saw
+    # that renewal.
+    settings = {**RIDE_OUT, "SANDSTREAM_LEASE_GRACE_SECONDS": "1"}
+    stack = make_stack(workers=0, env=settings)
+    url = stack.env["SANDSTREAM_REDIS_URL"]
+    host_port, db = url.rsplit("/", 1)
+    proxy = PausableProxy(int(host_port.rsplit(":", 1)[1]))
+    cut_off = Proc(
+        [sys.executable, "-m", "worker"],
+        {**stack.env, "SANDSTREAM_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/{db}"},
+        stack.workdir / "worker-partitioned.log",
+    )
+    store = redis.Redis.from_url(url)
+    try:
+        deadline = time.monotonic() + 15
+        while not any(
+            f":{cut_off.popen.pid}:".encode() in w for w in store.zrange(keys.WORKERS, 0, -1)
+        ):
+            assert time.monotonic() < deadline and cut_off.popen.poll() is None
+            time.sleep(0.05)
+        with stack.client() as client:
+            sid = new_session(client)
+            sandbox = client.get(f"/sessions/{sid}").json()["sandbox_id"]
+            marker = stack.workdir / "sandboxes" / sandbox / "marker"
+            _send(client, sid, "sleep 4; touch marker")
+            assert f":{cut_off.popen.pid}:" in _started_by(store, sid)
+            _wait_for_event(store, sid, "tool_use_complete")  # the command runs now
+            proxy.cut()
+            cut_at = time.monotonic()
+            stack.start_worker()  # reaches Redis directly; its reaper watches the lease
+            wait_state(client, sid, "active", timeout=20)
+            reaped_after = time.monotonic() - cut_at
+            _, fields = store.xrevrange(keys.log(sid), count=1)[0]
+            lost = json.loads(fields[b"d"])
+            assert (lost["type"], lost["stop_reason"]) == ("session_failed", "worker_lost"), lost
+            # The session's next turn runs, on the worker that reaches Redis.
+            reply = client.post(f"/sessions/{sid}/messages", json=text_message("run: ls -a"))
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["stop_reason"] == "end_turn"
+            assert "marker" not in reply.json()["content"][1]["content"]
+            # Well past the moment the lost command would have touched it.
+            time.sleep(max(0.0, cut_at + 5.5 - time.monotonic()))
+            assert not marker.exists(), "the lost turn's command ran on after the cut"
+        log = cut_off.log.read_text()
+        assert "no lease renewal for" in log
+        fenced_after = float(log.split("no lease renewal for ", 1)[1].split(" s", 1)[0])
+        print(
+            f"partition: the cut-off worker fenced {fenced_after:.2f} s after its last renewal; "
+            f"the turn was reaped {reaped_after:.2f} s after the cut"
+        )
+    finally:
+        cut_off.stop(signal.SIGKILL)
+        proxy.stop()
+
+
+def test_a_turn_that_ends_while_redis_is_full_is_stored_complete(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    stack = Stack(own_redis.url, tmp_path / "stack", RIDE_OUT)
+    try:
+        store = own_redis.client()
+        with stack.client() as client:
+            sid = new_session(client)
+            turn_id = _send(client, sid, "sleep 1; echo stored")
+            _started_by(store, sid)
+            store.config_set("maxmemory", 1)  # noeviction: every write that needs memory fails
+            full_at = time.monotonic()
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                store.set("probe", "x")
+            time.sleep(2.5)  # the tool ends after 1 s: the turn's end meets a full store
+            assert store.hget(keys.session(sid), "state") == b"running"
+            store.config_set("maxmemory", 0)
+            full_for = time.monotonic() - full_at
+            reply = _reply(client, sid)
+        print(f"Redis full for {full_for:.1f} s: the turn was stored {reply['stop_reason']}")
+        assert reply["stop_reason"] == "end_turn"
+        assert reply["turn_id"] == turn_id
+        assert [b["type"] for b in reply["content"]] == ["tool_use", "tool_result", "text"]
+        assert reply["content"][1]["content"] == "stored\n"
+        worker_log = "".join(p.log.read_text() for p in stack.workers)
+        # The turn met the full store (its last events or its end were refused).
+        assert "the store refused" in worker_log
+    finally:
+        stack.stop()
+
+
+def test_a_job_that_raised_a_store_error_gets_its_result_stored() -> None:
+    """arq stores a failed job's exception as its result; it must encode."""
+    encoded = serialize_result(
+        "run_turn",
+        ({},),
+        {},
+        1,
+        0,
+        False,
+        OutOfMemoryError("OOM command not allowed"),
+        0,
+        1,
+        "job",
+        keys.QUEUE,
+        "job",
+        serializer=serialize_job_data,
+    )
+    assert encoded is not None
+    result = deserialize_job_data(encoded)["r"]
+    assert result == "OutOfMemoryError: OOM command not allowed"
