@@ -152,7 +152,8 @@ def test_ask_waits_without_a_worker_slot_then_allow_runs_the_tool(
     assert session["pending_approvals"] == [pending]
     # Out of the running index, which the reaper scans for turns whose worker died.
     store = redis.Redis.from_url(one_slot.env["SANDSTREAM_REDIS_URL"])
-    assert not store.sismember(keys.RUNNING, sid) and not store.exists(keys.lease(sid))
+    assert not store.sismember(keys.RUNNING, sid)
+    assert store.hmget(keys.session(sid), ["started", "lease_epoch"]) == [None, None]  # no lease
     store.close()
     assert session["agent"]["permissions"] == {"bash": "ask"}
 
