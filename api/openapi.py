@@ -232,7 +232,8 @@ def build_openapi(version: str) -> dict[str, Any]:
                 params=[_IDEMPOTENCY],
                 body=CreateSandbox,
                 body_required=False,
-                errors=body_errors,
+                # 404: a retry whose Idempotency-Key made a sandbox deleted since.
+                errors=(404, *body_errors),
             ),
             "get": _operation(
                 "listSandboxes",
