@@ -32,6 +32,7 @@ from shared.sandbox.handle import OpenSandbox
 from shared.sandbox.workspace import prepare_workspace
 from shared.settings import Settings
 from shared.store import SessionStore
+from worker.event_writer import EventWriter
 from worker.providers.demo import DemoProvider
 from worker.turn import TurnRunner
 
@@ -153,6 +154,7 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
         spec = SandboxSpec(sandbox_id=sandbox.id, workspace=workspace, uid=None, network=False)
         unconfined = Confinement(kind="none", settings=settings)
         session = await store.create_session("bench", sandbox.id, {}, settings.default_agent())
+        writer = EventWriter(store)
         samples = []
         for i in range(turns + 10):
             started = time.perf_counter()
@@ -170,6 +172,7 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
             assert taken is not None
             runner = TurnRunner(
                 store=store,
+                writer=writer,
                 settings=settings,
                 provider=DemoProvider(),
                 agent=settings.default_agent(),
@@ -183,6 +186,7 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
             await runner.run(15_000)
             if i >= 10:
                 samples.append(time.perf_counter() - started)
+        await writer.close()
         await client.aclose()
         return samples
 

@@ -70,27 +70,50 @@ if redis.call('HGET', KEYS[1], 'interrupt') == ARGV[1] then return 2 end
 return 1
 """
 
-# KEYS: session, seq, log.
-# ARGV: turn_id, maxlen, channel, log ttl ms, then for each event its type and its
-#       JSON without seq.
-# -> {seq, ...} in order | 0 when the turn is no longer current (nothing appended)
-# The batch is published as one message: the events' JSON, one a line.
+# KEYS: for each turn of the batch, in order, its session, seq and log keys.
+# ARGV: maxlen, log ttl ms, the batch (msgpack, `shared.store.TurnAppend` per
+#       turn: turn_id, channel, whether it is the turn's first append, then for
+#       each event its type and its JSON without seq).
+# -> per turn, the seq of its first event | 0 when the turn is no longer current
+#    (none of its events is appended)
+# One call carries the pending events of every turn a worker runs, so the
+# script's own cost, the round trip and the seq counters (read once, written
+# once) are paid per call rather than per turn; what stays per turn is the
+# fence, one XADD per event and one PUBLISH of its events, one JSON a line.
+# The log's expiry is set on a turn's first append (the turn's end renews it).
+# The keys of many sessions in one script: sandstream runs on one primary.
 APPEND_EVENTS = """
-if redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1] then return 0 end
-local count = (#ARGV - 4) / 2
-local seq = redis.call('INCRBY', KEYS[2], count) - count
-local seqs = {}
-local published = {}
-for i = 5, #ARGV, 2 do
-  seq = seq + 1
-  local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[i + 1], 2)
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], seq .. '-0', 't', ARGV[i], 'd', data)
-  seqs[#seqs + 1] = seq
-  published[#published + 1] = data
+local batch = cmsgpack.unpack(ARGV[3])
+local seq_keys = {}
+for i = 1, #batch do seq_keys[i] = KEYS[3 * i - 1] end
+local seqs = redis.call('MGET', unpack(seq_keys))
+local firsts = {}
+local written = {}
+for i = 1, #batch do
+  local turn = batch[i]
+  local k = 3 * i - 2
+  if redis.call('HGET', KEYS[k], 'turn_id') == turn[1] then
+    local seq = tonumber(seqs[i]) or 0
+    firsts[i] = seq + 1
+    local events = turn[4]
+    local published = {}
+    for j = 1, #events, 2 do
+      seq = seq + 1
+      local data = '{"seq":' .. seq .. ',' .. string.sub(events[j + 1], 2)
+      redis.call('XADD', KEYS[k + 2], 'MAXLEN', '~', ARGV[1], seq .. '-0',
+                 't', events[j], 'd', data)
+      published[#published + 1] = data
+    end
+    if turn[3] then redis.call('PEXPIRE', KEYS[k + 2], ARGV[2]) end
+    redis.call('PUBLISH', turn[2], table.concat(published, '\\n'))
+    written[#written + 1] = KEYS[k + 1]
+    written[#written + 1] = seq
+  else
+    firsts[i] = 0
+  end
 end
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
-redis.call('PUBLISH', ARGV[3], table.concat(published, '\\n'))
-return seqs
+if #written > 0 then redis.call('MSET', unpack(written)) end
+return firsts
 """
 
 # KEYS: session, messages, seq, log, lease, running index, recent durations, then

@@ -14,7 +14,17 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from shared import keys, metrics, scripts
-from shared.events import Event, SessionCompleted, TerminalEvent, encode_event
+from shared.events import (
+    Event,
+    SessionCompleted,
+    TerminalEvent,
+    TextComplete,
+    TextDelta,
+    ToolResult,
+    ToolUseComplete,
+    ToolUseStart,
+    encode_event,
+)
 from shared.metrics import TurnFigures
 from shared.models import AgentConfig, Message, Sandbox, Session, new_id, now_rfc3339
 from shared.queue import QueuedJob
@@ -64,6 +74,34 @@ class StartedTurn(msgspec.Struct, kw_only=True):
     sandbox_id: str
     agent: AgentConfig | None
     history: list[Message]  # the whole conversation, or its last message (START_TURN)
+
+
+class TurnAppend(msgspec.Struct):
+    """Events of one turn to append; `first`: the turn's first append (the log's
+    expiry is set then)."""
+
+    session_id: str
+    turn_id: str
+    events: list[Event]
+    first: bool = False
+
+
+class _AppendWire(msgspec.Struct, array_like=True):
+    """A turn's part of the append script's argument (`scripts.APPEND_EVENTS`)."""
+
+    turn_id: str
+    channel: str
+    first: bool
+    # type, JSON without seq, type, JSON, ...: text, since the script's msgpack
+    # decoder (Redis's cmsgpack) knows no binary type.
+    events: list[str]
+
+
+_append_encoder = msgspec.msgpack.Encoder()
+_EVENT_TYPES = {
+    cls: str(cls.__struct_config__.tag)
+    for cls in (TextDelta, TextComplete, ToolUseStart, ToolUseComplete, ToolResult)
+}
 
 
 class Page(msgspec.Struct):
@@ -357,17 +395,34 @@ class SessionStore:
         return bool(await self._flag_interrupt(keys=[keys.session(sid)], args=[turn_id]))
 
     async def append_events(self, sid: str, turn_id: str, events: list[Event]) -> list[int]:
-        """Append events in order, in one script call (one round trip, one script
-        run): each gets its seq, or every one 0 when the turn is no longer current
-        (and none is appended)."""
+        """Append one turn's events in order, in one script call: each gets its
+        seq, or every one 0 when the turn is no longer current (and none is
+        appended)."""
         if not events:
             return []
-        args: list[Any] = [turn_id, self.log_max_events, keys.events_channel(sid), self.log_ttl_ms]
-        for event in events:
-            args.append(str(event.__struct_config__.tag))
-            args.append(encode_event(event))
-        seqs = await self._append(keys=[keys.session(sid), keys.seq(sid), keys.log(sid)], args=args)
-        return [int(seq) for seq in seqs] if seqs else [0] * len(events)
+        [first] = await self.append_batch([TurnAppend(sid, turn_id, events, first=True)])
+        return list(range(first, first + len(events))) if first else [0] * len(events)
+
+    async def append_batch(self, turns: list[TurnAppend]) -> list[int]:
+        """Append the events of several turns (each with at least one event, each
+        turn once) in one script call; per turn, the seq of its first event, or 0
+        when it is no longer current (none of its events appended)."""
+        script_keys: list[str] = []
+        wire: list[_AppendWire] = []
+        for turn in turns:
+            sid = turn.session_id
+            script_keys += [keys.session(sid), keys.seq(sid), keys.log(sid)]
+            events: list[str] = []
+            for event in turn.events:
+                events.append(_EVENT_TYPES[type(event)])
+                events.append(encode_event(event).decode())
+            wire.append(_AppendWire(turn.turn_id, keys.events_channel(sid), turn.first, events))
+        args: list[int | bytes] = [
+            self.log_max_events,
+            self.log_ttl_ms,
+            _append_encoder.encode(wire),
+        ]
+        return [int(first) for first in await self._append(keys=script_keys, args=args)]
 
     async def finish_turn(
         self,

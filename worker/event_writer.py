@@ -1,11 +1,16 @@
-"""EventWriter: a turn's events, appended in order, several per Redis round trip.
+"""EventWriter: the events of every turn a worker runs, appended in order, all
+turns' pending events in one Redis call.
 
-The append script assigns each event its seq. Awaiting events one at a time
-costs a round trip per text delta and holds the turn loop back; here one writer
-task sends whatever has piled up as one script call, so order is kept (one batch
-in flight at a time) while the loop goes on producing. At the turn's end the
-writer is detached and what it has not sent goes out with the terminal event, in
-the script that ends the turn.
+The append script assigns each event its seq. A call per event, or per turn,
+would cost Redis a script run, a round trip and its bookkeeping per text delta
+with hundreds of turns streaming at once; here one writer task per worker sends
+whatever every turn has piled up as one script call, so order is kept (one call
+in flight at a time) while the turns go on producing. Text deltas of one block
+that pile up behind a call in flight are joined into one event: the text and
+its order are what clients get either way, and a lagging writer catches up
+instead of falling further behind. At a turn's end its part is detached and
+what was not sent goes out with the terminal event, in the script that ends
+the turn.
 """
 
 from __future__ import annotations
@@ -15,36 +20,53 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from shared.events import Event
-from shared.store import SessionStore
+from shared.events import Event, TextDelta
+from shared.store import SessionStore, TurnAppend
 
 logger = logging.getLogger("sandstream.turn")
+
+# Turns per script call: bounds the call's arguments (Lua's `unpack` of the
+# keys) and how long one call holds Redis.
+MAX_TURNS_PER_CALL = 500
 
 
 class TurnSuperseded(Exception):
     """The turn is no longer the session's current one (deleted, reaped)."""
 
 
-class EventWriter:
+class TurnEvents:
+    """One turn's events on their way to the session log."""
+
+    __slots__ = (
+        "_detached",
+        "_failure",
+        "_on_superseded",
+        "_stopped",
+        "_writer",
+        "first",
+        "in_flight",
+        "pending",
+        "session_id",
+        "turn_id",
+    )
+
     def __init__(
         self,
-        store: SessionStore,
+        writer: EventWriter,
         session_id: str,
         turn_id: str,
         on_superseded: Callable[[], None],
     ) -> None:
-        self._store = store
-        self._session_id = session_id
-        self._turn_id = turn_id
+        self._writer = writer
+        self.session_id = session_id
+        self.turn_id = turn_id
         self._on_superseded = on_superseded
-        self._pending: list[Event] = []
-        self._has_work = asyncio.Event()
+        self.pending: list[Event] = []
+        self.in_flight = False
+        self.first = True  # no append of this turn sent yet
         self._failure: BaseException | None = None
-        self._not_sending = asyncio.Event()
-        self._not_sending.set()
-        self._stopped = False  # no more batches: the turn's end takes what is left
+        self._stopped = False  # no more sending: the turn's end takes what is left
         self._detached = False
-        self._task = asyncio.create_task(self._run())
 
     def put(self, event: Event) -> None:
         """Queue an event. After a failure events are dropped: the turn is being
@@ -52,55 +74,143 @@ class EventWriter:
         if self._failure is not None:
             return
         if self._detached:
-            logger.warning("turn %s: an event after the turn's end was dropped", self._turn_id)
+            logger.warning("turn %s: an event after the turn's end was dropped", self.turn_id)
             return
-        self._pending.append(event)
+        pending = self.pending
+        if pending and type(event) is TextDelta and self._writer.sending:
+            last = pending[-1]
+            if type(last) is TextDelta and last.index == event.index:
+                last.text += event.text  # not sent yet: the pending list is never in flight
+                return
+        pending.append(event)
         if not self._stopped:
-            self._has_work.set()
+            self._writer.ready(self)
 
     def stop(self) -> None:
-        """Send no more batches: the turn is about to end, and the events still to
-        come go out with its terminal event (`detach`), in one round trip."""
+        """Send no more: the turn is about to end, and the events still to come go
+        out with its terminal event (`detach`), in one round trip."""
         self._stopped = True
-        self._has_work.set()  # let the writer task see it and stop
+        self._writer.unready(self)
 
     async def detach(self) -> list[Event]:
-        """Stop sending: wait for the batch in flight and hand back the events not
-        sent yet, for the turn's end to append with its terminal event in the same
-        round trip. Raises what made appending fail, if it did."""
+        """Stop sending: wait for a call carrying this turn's events, and hand back
+        the events not sent yet, for the turn's end to append with its terminal
+        event in the same round trip. Raises what made appending fail, if it did."""
         self.stop()
-        await self._not_sending.wait()
+        while self.in_flight:
+            await self._writer.call_done()
         self._detached = True
         if self._failure is not None:
             raise self._failure
-        rest, self._pending = self._pending, []
+        rest, self.pending = self.pending, []
         return rest
 
+    def close(self) -> None:
+        """The turn is over: whatever it has not sent is dropped."""
+        self.stop()
+        self._detached = True
+        self.pending = []
+
+    def sent(self, first_seq: int) -> None:
+        self.in_flight = False
+        self.first = False
+        if first_seq == 0:
+            self.failed(TurnSuperseded())
+
+    def failed(self, failure: BaseException) -> None:
+        self.in_flight = False
+        if self._failure is None:
+            self._failure = failure
+            self.pending = []
+            self._on_superseded()
+
+
+class EventWriter:
+    """The worker's one writer of turn events (see the module's docstring)."""
+
+    def __init__(self, store: SessionStore) -> None:
+        self._store = store
+        self._ready: dict[TurnEvents, None] = {}  # turns with events to send, in order
+        self._has_work = asyncio.Event()
+        self._call: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def open(self, session_id: str, turn_id: str, on_superseded: Callable[[], None]) -> TurnEvents:
+        """A turn's events; `on_superseded` is called if the turn turns out not to
+        be the session's current one, or appending fails."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        return TurnEvents(self, session_id, turn_id, on_superseded)
+
+    @property
+    def sending(self) -> bool:
+        """A call is in flight: what is queued now waits for it to end."""
+        return self._call is not None
+
+    def ready(self, turn: TurnEvents) -> None:
+        if turn not in self._ready:
+            self._ready[turn] = None
+            self._has_work.set()
+
+    def unready(self, turn: TurnEvents) -> None:
+        self._ready.pop(turn, None)
+
+    async def call_done(self) -> None:
+        """Wait for the call in flight, if any, to end."""
+        if self._call is not None:
+            await asyncio.shield(self._call)
+
+    async def flushed(self) -> None:
+        """Wait until every event queued so far (of turns not stopped) is sent."""
+        while self._ready or self._call is not None:
+            if self._call is not None:
+                await asyncio.shield(self._call)
+            else:
+                await asyncio.sleep(0)  # the writer task takes them next
+
     async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._has_work.wait()
             self._has_work.clear()
-            if self._stopped:
-                return
-            batch, self._pending = self._pending, []
-            self._not_sending.clear()
+            turns: list[TurnEvents] = []
+            batch: list[TurnAppend] = []
+            for turn in self._ready:
+                turns.append(turn)
+                batch.append(TurnAppend(turn.session_id, turn.turn_id, turn.pending, turn.first))
+                turn.pending = []
+                turn.in_flight = True
+                if len(turns) == MAX_TURNS_PER_CALL:
+                    break
+            for turn in turns:
+                del self._ready[turn]
+            if self._ready:
+                self._has_work.set()
+            self._call = call = loop.create_future()
             try:
-                seqs = await self._store.append_events(self._session_id, self._turn_id, batch)
+                firsts = await self._store.append_batch(batch)
             except Exception as exc:
-                logger.exception("appending events of turn %s failed", self._turn_id)
-                self._fail(exc)
-                return
+                logger.exception(
+                    "appending events of %d turns failed (turns %s)",
+                    len(turns),
+                    ", ".join(t.turn_id for t in turns[:5]),
+                )
+                for turn in turns:
+                    turn.failed(exc)
+            except BaseException:
+                for turn in turns:
+                    turn.failed(RuntimeError("the worker's event writer stopped"))
+                raise
+            else:
+                for turn, first in zip(turns, firsts, strict=True):
+                    turn.sent(first)
             finally:
-                self._not_sending.set()
-            if 0 in seqs:
-                self._fail(TurnSuperseded())
-                return
-
-    def _fail(self, failure: BaseException) -> None:
-        self._failure = failure
-        self._on_superseded()
+                self._call = None
+                call.set_result(None)

@@ -41,6 +41,7 @@ from shared.sandbox.network import forget_dead_namespaces
 from shared.sandbox.workspace import prepare_workspace
 from shared.settings import Settings
 from shared.store import FinishMode, SessionStore
+from worker.event_writer import EventWriter
 from worker.pickup import FastPickupWorker
 from worker.providers import ProviderFactory
 from worker.providers.base import ProviderError
@@ -68,6 +69,7 @@ class WorkerRuntime:
         )
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.running: dict[str, TurnRunner] = {}
+        self.events = EventWriter(self.store)
         self.providers = ProviderFactory(settings)
         self.confinement = Confinement.detect(settings, "worker")
         self._control_decoder = msgspec.json.Decoder(ControlMessage)
@@ -104,6 +106,7 @@ class WorkerRuntime:
         )
         runner = TurnRunner(
             store=self.store,
+            writer=self.events,
             settings=self.settings,
             provider=provider,
             agent=agent,
@@ -317,6 +320,7 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         for task in reaper:
             task.cancel()
+        await runtime.events.close()  # the turns are over: arq awaited them
         await runtime.forget_worker()
         if runtime.confinement.cgroups is not None:
             runtime.confinement.cgroups.close()

@@ -31,7 +31,7 @@ from shared.sandbox.handle import OpenSandbox
 from shared.settings import Settings
 from shared.store import SessionStore
 from worker.changes import WorkspaceChanges
-from worker.event_writer import EventWriter, TurnSuperseded
+from worker.event_writer import EventWriter, TurnEvents, TurnSuperseded
 from worker.providers.base import (
     MessageEnd,
     Provider,
@@ -53,6 +53,7 @@ class TurnRunner:
         self,
         *,
         store: SessionStore,
+        writer: EventWriter,
         settings: Settings,
         provider: Provider,
         agent: AgentConfig,
@@ -65,6 +66,7 @@ class TurnRunner:
         accepted_at: float | None = None,
     ) -> None:
         self.store = store
+        self.writer = writer
         self.settings = settings
         self.provider = provider
         self.agent = agent
@@ -82,7 +84,7 @@ class TurnRunner:
         self._interrupted = False
         self._lease_lost = False
         self._loop_task: asyncio.Task[CompletedReason] | None = None
-        self._writer: EventWriter | None = None
+        self._writer: TurnEvents | None = None
         self._started = time.monotonic()
         # For the fleet's metrics: when the API accepted the message (epoch
         # seconds), and what the turn measured on its way.
@@ -108,13 +110,13 @@ class TurnRunner:
 
     async def run(self, lease_ms: int) -> None:
         """Run the turn, whose lease the caller took (`SessionStore.start_turn`), to its end."""
-        self._writer = EventWriter(self.store, self.session_id, self.turn_id, self._stop_quietly)
+        self._writer = self.writer.open(self.session_id, self.turn_id, self._stop_quietly)
         heartbeat = asyncio.create_task(self._heartbeat(lease_ms))
         try:
             await self._drive()
         finally:
             heartbeat.cancel()
-            await self._writer.close()
+            self._writer.close()
 
     async def _drive(self) -> None:
         """Run the loop and end the turn the way the loop ended."""
