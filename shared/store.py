@@ -86,18 +86,6 @@ class TurnAppend(msgspec.Struct):
     first: bool = False
 
 
-class _AppendWire(msgspec.Struct, array_like=True):
-    """A turn's part of the append script's argument (`scripts.APPEND_EVENTS`)."""
-
-    turn_id: str
-    channel: str
-    first: bool
-    # type, JSON without seq, type, JSON, ...: text, since the script's msgpack
-    # decoder (Redis's cmsgpack) knows no binary type.
-    events: list[str]
-
-
-_append_encoder = msgspec.msgpack.Encoder()
 _EVENT_TYPES = {
     cls: str(cls.__struct_config__.tag)
     for cls in (TextDelta, TextComplete, ToolUseStart, ToolUseComplete, ToolResult)
@@ -407,21 +395,22 @@ class SessionStore:
         """Append the events of several turns (each with at least one event, each
         turn once) in one script call; per turn, the seq of its first event, or 0
         when it is no longer current (none of its events appended)."""
+        if not turns:
+            return []
         script_keys: list[str] = []
-        wire: list[_AppendWire] = []
+        args: list[int | str | bytes | memoryview] = [self.log_max_events, self.log_ttl_ms]
         for turn in turns:
             sid = turn.session_id
             script_keys += [keys.session(sid), keys.seq(sid), keys.log(sid)]
-            events: list[str] = []
+            args += [
+                turn.turn_id,
+                keys.events_channel(sid),
+                "1" if turn.first else "",
+                len(turn.events),
+            ]
             for event in turn.events:
-                events.append(_EVENT_TYPES[type(event)])
-                events.append(encode_event(event).decode())
-            wire.append(_AppendWire(turn.turn_id, keys.events_channel(sid), turn.first, events))
-        args: list[int | bytes] = [
-            self.log_max_events,
-            self.log_ttl_ms,
-            _append_encoder.encode(wire),
-        ]
+                args.append(_EVENT_TYPES[type(event)])
+                args.append(memoryview(encode_event(event))[1:])
         return [int(first) for first in await self._append(keys=script_keys, args=args)]
 
     async def finish_turn(

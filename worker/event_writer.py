@@ -193,6 +193,8 @@ class EventWriter:
                 del self._ready[turn]
             if self._ready:
                 self._has_work.set()
+            if not turns:  # the turns that were ready stopped before this call
+                continue
             self._call = call = loop.create_future()
             try:
                 firsts = await self._store.append_batch(batch)
