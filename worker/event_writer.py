@@ -5,7 +5,8 @@ The append script assigns each event its seq. A call per event, or per turn,
 would cost Redis a script run, a round trip and its bookkeeping per text delta
 with hundreds of turns streaming at once; here one writer task per worker sends
 whatever every turn has piled up as one script call, so order is kept (one call
-in flight at a time) while the turns go on producing. Text deltas of one block
+in flight at a time) while the turns go on producing; a busy writer starts its
+calls a couple of milliseconds apart, so each carries many turns' events. Text deltas of one block
 that pile up behind a call in flight are joined into one event: the text and
 its order are what clients get either way, and a lagging writer catches up
 instead of falling further behind. At a turn's end its part is detached and
@@ -28,6 +29,12 @@ logger = logging.getLogger("sandstream.turn")
 # Turns per script call: bounds the call's arguments (Lua's `unpack` of the
 # keys) and how long one call holds Redis.
 MAX_TURNS_PER_CALL = 500
+# Calls start at least this far apart. A writer that has been idle sends at
+# once; a busy one gathers its turns' events for this long, so a call carries
+# tens of turns (the script's fixed cost, about 20 µs of Redis CPU, and the
+# round trip are then a small share of each event's) for about 1 ms of added
+# latency on average (bench/README.md, "Streaming at scale").
+MIN_CALL_INTERVAL = 0.002
 
 
 class TurnSuperseded(Exception):
@@ -128,8 +135,9 @@ class TurnEvents:
 class EventWriter:
     """The worker's one writer of turn events (see the module's docstring)."""
 
-    def __init__(self, store: SessionStore) -> None:
+    def __init__(self, store: SessionStore, min_interval: float = MIN_CALL_INTERVAL) -> None:
         self._store = store
+        self._min_interval = min_interval
         self._ready: dict[TurnEvents, None] = {}  # turns with events to send, in order
         self._has_work = asyncio.Event()
         self._call: asyncio.Future[None] | None = None
@@ -177,8 +185,13 @@ class EventWriter:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        started = 0.0
         while True:
             await self._has_work.wait()
+            wait = started + self._min_interval - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            started = loop.time()
             self._has_work.clear()
             turns: list[TurnEvents] = []
             batch: list[TurnAppend] = []
