@@ -398,7 +398,7 @@ class SessionStore:
         if not turns:
             return []
         script_keys: list[str] = []
-        args: list[int | str | bytes | memoryview] = [self.log_max_events, self.log_ttl_ms]
+        args: list[int | str | bytes] = [self.log_max_events, self.log_ttl_ms]
         for turn in turns:
             sid = turn.session_id
             script_keys += [keys.session(sid), keys.seq(sid), keys.log(sid)]
@@ -410,7 +410,9 @@ class SessionStore:
             ]
             for event in turn.events:
                 args.append(_EVENT_TYPES[type(event)])
-                args.append(memoryview(encode_event(event))[1:])
+                # A copy, not a memoryview: redis-py sends each memoryview as a
+                # buffer of its own, and the packed call as one.
+                args.append(encode_event(event)[1:])
         return [int(first) for first in await self._append(keys=script_keys, args=args)]
 
     async def finish_turn(
