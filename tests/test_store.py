@@ -299,3 +299,36 @@ def test_text_deltas_of_a_block_waiting_to_be_sent_are_joined(redis_url: str) ->
         return [(d.index, d.text) for d in decoded]
 
     assert run(redis_url, scenario) == [(0, "He"), (0, "llo, world"), (1, "!")]
+
+
+def test_a_turn_that_stops_before_its_events_are_taken_sends_none_of_them(
+    redis_url: str,
+) -> None:
+    """Events queued and then left to the turn's end (`stop`) before the writer
+    took them are not sent: they come back at detach, and the call the writer
+    makes next carries only the other turn's."""
+
+    async def scenario(store: SessionStore) -> None:
+        sandbox = await store.create_sandbox("t", {})
+        turns = []
+        for _ in range(2):
+            sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
+            turn = new_id()
+            await store.claim_turn(sid, "t", turn, _user(sid, turn))
+            turns.append((sid, turn))
+        events = EventWriter(store)
+        stopping, going = (events.open(sid, turn, lambda: None) for sid, turn in turns)
+        before = await store.redis.info("commandstats")
+        stopping.put(_delta(turns[0][0], sandbox.id, turns[0][1], "a"))
+        stopping.stop()
+        going.put(_delta(turns[1][0], sandbox.id, turns[1][1], "b"))
+        await events.flushed()
+        rest = await stopping.detach()
+        after = await store.redis.info("commandstats")
+        await events.close()
+        assert [e.text for e in rest if isinstance(e, ev.TextDelta)] == ["a"]
+        assert after["cmdstat_evalsha"]["calls"] - before["cmdstat_evalsha"]["calls"] == 1
+        assert await eventlog.read_after(store.redis, turns[0][0], 0) == []
+        assert len(await eventlog.read_after(store.redis, turns[1][0], 0)) == 1
+
+    run(redis_url, scenario)
