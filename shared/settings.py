@@ -88,7 +88,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     sandbox_disk_inodes: int = 100_000
     sandbox_network_deny: str = ""
     # worker
-    worker_max_jobs: int = 20
+    # What one worker process sustains of turns streaming from a model (50
+    # chunks/s each) within 1.2x the model's pace (bench/README.md, streaming).
+    worker_max_jobs: int = 200
     worker_drain_seconds: int = 10
     worker_fallback_poll_seconds: float = 5.0
     worker_fast_pickup: bool = True
