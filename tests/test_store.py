@@ -332,3 +332,30 @@ def test_a_turn_that_stops_before_its_events_are_taken_sends_none_of_them(
         assert len(await eventlog.read_after(store.redis, turns[1][0], 0)) == 1
 
     run(redis_url, scenario)
+
+
+def test_text_deltas_within_the_text_window_go_out_as_one_after_the_first(
+    redis_url: str,
+) -> None:
+    """With a text window, a turn's first delta goes out at once; those that come
+    within the window after it wait for it to pass and go out joined."""
+
+    async def scenario(store: SessionStore) -> list[str]:
+        sandbox = await store.create_sandbox("t", {})
+        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
+        turn = new_id()
+        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        events = EventWriter(store, text_window=0.3)
+        part = events.open(sid, turn, lambda: None)
+        part.put(_delta(sid, sandbox.id, turn, "first"))
+        await events.flushed()
+        for text in ("se", "co", "nd"):
+            part.put(_delta(sid, sandbox.id, turn, text))
+        await events.flushed()
+        assert len(await eventlog.read_after(store.redis, sid, 0)) == 1  # held
+        while len(logged := await eventlog.read_after(store.redis, sid, 0)) < 2:
+            await asyncio.sleep(0.01)
+        await events.close()
+        return [msgspec.json.decode(e.data, type=ev.TextDelta).text for e in logged]
+
+    assert run(redis_url, scenario) == ["first", "second"]

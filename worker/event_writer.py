@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Callable
 
 from shared.events import Event, TextDelta
@@ -47,6 +48,7 @@ class TurnEvents:
     __slots__ = (
         "_detached",
         "_failure",
+        "_held",
         "_on_superseded",
         "_stopped",
         "_writer",
@@ -54,6 +56,7 @@ class TurnEvents:
         "in_flight",
         "pending",
         "session_id",
+        "taken_at",
         "turn_id",
     )
 
@@ -74,6 +77,8 @@ class TurnEvents:
         self._failure: BaseException | None = None
         self._stopped = False  # no more sending: the turn's end takes what is left
         self._detached = False
+        self.taken_at = -math.inf  # when a call last took this turn's events (loop time)
+        self._held = False  # text deltas wait for the text window (`EventWriter`)
 
     def put(self, event: Event) -> None:
         """Queue an event. After a failure events are dropped: the turn is being
@@ -84,14 +89,31 @@ class TurnEvents:
             logger.warning("turn %s: an event after the turn's end was dropped", self.turn_id)
             return
         pending = self.pending
-        if pending and type(event) is TextDelta and self._writer.sending:
+        writer = self._writer
+        text = isinstance(event, TextDelta)
+        if isinstance(event, TextDelta) and pending and (self._held or writer.sending):
             last = pending[-1]
-            if type(last) is TextDelta and last.index == event.index:
+            if isinstance(last, TextDelta) and last.index == event.index:
                 last.text += event.text  # not sent yet: the pending list is never in flight
                 return
         pending.append(event)
-        if not self._stopped:
-            self._writer.ready(self)
+        if self._stopped:
+            return
+        if text and writer.text_window:
+            due = self.taken_at + writer.text_window
+            if due > writer.loop.time():
+                if not self._held:
+                    self._held = True
+                    writer.loop.call_at(due, self._release)
+                return
+        self._held = False
+        writer.ready(self)
+
+    def _release(self) -> None:
+        if self._held:
+            self._held = False
+            if self.pending and not self._stopped:
+                self._writer.ready(self)
 
     def stop(self) -> None:
         """Send no more: the turn is about to end, and the events still to come go
@@ -135,9 +157,19 @@ class TurnEvents:
 class EventWriter:
     """The worker's one writer of turn events (see the module's docstring)."""
 
-    def __init__(self, store: SessionStore, min_interval: float = MIN_CALL_INTERVAL) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        min_interval: float = MIN_CALL_INTERVAL,
+        text_window: float = 0.0,
+    ) -> None:
         self._store = store
         self._min_interval = min_interval
+        # A turn's text deltas go out at most once per window (seconds): those that
+        # come sooner are joined into one event. The first after a quiet spell goes
+        # at once. 0: every delta as soon as a call can take it.
+        self.text_window = text_window
+        self.loop = asyncio.get_running_loop()
         self._ready: dict[TurnEvents, None] = {}  # turns with events to send, in order
         self._has_work = asyncio.Event()
         self._call: asyncio.Future[None] | None = None
@@ -195,7 +227,9 @@ class EventWriter:
             self._has_work.clear()
             turns: list[TurnEvents] = []
             batch: list[TurnAppend] = []
+            now = loop.time()
             for turn in self._ready:
+                turn.taken_at = now
                 turns.append(turn)
                 batch.append(TurnAppend(turn.session_id, turn.turn_id, turn.pending, turn.first))
                 turn.pending = []

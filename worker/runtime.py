@@ -69,7 +69,7 @@ class WorkerRuntime:
         )
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.running: dict[str, TurnRunner] = {}
-        self.events = EventWriter(self.store)
+        self.events = EventWriter(self.store, text_window=settings.text_delta_window_ms / 1000)
         self.providers = ProviderFactory(settings)
         self.confinement = Confinement.detect(settings, "worker")
         self._control_decoder = msgspec.json.Decoder(ControlMessage)
