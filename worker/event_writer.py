@@ -5,13 +5,17 @@ The append script assigns each event its seq. A call per event, or per turn,
 would cost Redis a script run, a round trip and its bookkeeping per text delta
 with hundreds of turns streaming at once; here one writer task per worker sends
 whatever every turn has piled up as one script call, so order is kept (one call
-in flight at a time) while the turns go on producing; a busy writer starts its
-calls a couple of milliseconds apart, so each carries many turns' events. Text deltas of one block
-that pile up behind a call in flight are joined into one event: the text and
-its order are what clients get either way, and a lagging writer catches up
-instead of falling further behind. At a turn's end its part is detached and
-what was not sent goes out with the terminal event, in the script that ends
-the turn.
+in flight at a time) while the turns go on producing. A busy writer starts its
+calls a couple of milliseconds apart, so each carries many turns' events.
+
+Text deltas of one block that pile up behind a call in flight are joined into
+one event: the text and its order are what clients get either way, and a
+lagging writer catches up instead of falling further behind. With a text window
+(`SANDSTREAM_TEXT_DELTA_WINDOW_MS`) a turn's deltas also wait out the window
+after each send and go out joined: fewer events for Redis and the API, for some
+delay after a turn's first token (which never waits). At a turn's end its part
+is detached and what was not sent goes out with the terminal event, in the
+script that ends the turn.
 """
 
 from __future__ import annotations
@@ -201,7 +205,8 @@ class EventWriter:
             await asyncio.shield(self._call)
 
     async def flushed(self) -> None:
-        """Wait until every event queued so far (of turns not stopped) is sent."""
+        """Wait until the events queued so far are sent (but those of stopped
+        turns, and those waiting out the text window)."""
         while self._ready or self._call is not None:
             if self._call is not None:
                 await asyncio.shield(self._call)
@@ -227,9 +232,8 @@ class EventWriter:
             self._has_work.clear()
             turns: list[TurnEvents] = []
             batch: list[TurnAppend] = []
-            now = loop.time()
             for turn in self._ready:
-                turn.taken_at = now
+                turn.taken_at = started
                 turns.append(turn)
                 batch.append(TurnAppend(turn.session_id, turn.turn_id, turn.pending, turn.first))
                 turn.pending = []
