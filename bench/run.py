@@ -20,6 +20,8 @@ import redis
 from arq.jobs import Job
 
 from bench import streaming
+from bench.appends import HEADER as APPENDS_HEADER
+from bench.appends import bench_appends
 from bench.file_tools import bench_file_tools
 from bench.files_api import bench_files_changed, bench_transfers
 from bench.harness import AUTH, percentile, private_redis, service
@@ -33,6 +35,7 @@ from shared.sandbox.handle import OpenSandbox
 from shared.sandbox.workspace import prepare_workspace
 from shared.settings import Settings
 from shared.store import SessionStore
+from worker.event_writer import EventWriter
 from worker.providers.demo import DemoProvider
 from worker.turn import TurnRunner
 
@@ -155,6 +158,7 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
         spec = SandboxSpec(sandbox_id=sandbox.id, workspace=workspace, uid=None, network=False)
         unconfined = Confinement(kind="none", settings=settings)
         session = await store.create_session("bench", sandbox.id, {}, settings.default_agent())
+        writer = EventWriter(store)
         samples = []
         for i in range(turns + 10):
             started = time.perf_counter()
@@ -173,6 +177,7 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
             assert taken is not None
             runner = TurnRunner(
                 store=store,
+                writer=writer,
                 settings=settings,
                 provider=DemoProvider(),
                 agent=settings.default_agent(),
@@ -186,6 +191,7 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
             await runner.run(leased_at)
             if i >= 10:
                 samples.append(time.perf_counter() - started)
+        await writer.close()
         await client.aclose()
         return samples
 
@@ -354,6 +360,14 @@ def bench_stream(redis_url: str, counts: list[int], chunks: int, interval: float
     )
 
 
+def bench_append_path(redis_url: str, count: int, rounds: int) -> None:
+    table(
+        f"6b. the append path: {count} turns, one text delta each per round, {rounds} rounds",
+        APPENDS_HEADER,
+        bench_appends(redis_url, count, rounds),
+    )
+
+
 # ---- 7. the files API ----------------------------------------------------------------
 
 
@@ -376,9 +390,9 @@ def main() -> None:
     parser.add_argument("--streams", default="1000", help="comma-separated stream counts")
     parser.add_argument(
         "--only",
-        default="latency,throughput,fanout,idle,files,streaming,files_api",
+        default="latency,throughput,fanout,idle,files,streaming,appends,files_api",
         help="comma-separated benchmarks to run "
-        "(latency, throughput, fanout, idle, files, streaming, files_api)",
+        "(latency, throughput, fanout, idle, files, streaming, appends, files_api)",
     )
     parser.add_argument(
         "--turns", default="20,200,500", help="comma-separated concurrent streaming turns"
@@ -401,6 +415,8 @@ def main() -> None:
                 bench_stream(url, [10], 20, 0.02)
             else:
                 bench_stream(url, [int(n) for n in args.turns.split(",")], 100, 0.02)
+        if "appends" in only:
+            bench_append_path(url, *((20, 10) if args.quick else (200, 100)))
         if "files_api" in only:
             if args.quick:
                 bench_files_api(url, 20, 1000, 3)

@@ -102,7 +102,7 @@ local function append_all(list, seq_key, log_key, maxlen, ttl_ms, channel)
 end
 """
 
-# KEYS: session, seq, log, suspended, approvals, running index, deadlines.
+# KEYS: session, seq, log, suspended, approvals, running index, deadlines, appended.
 # ARGV[1]: msgpack of SuspendArgs.
 # -> 1 suspended | 0 the turn is not this worker's any more (nothing written)
 # The turn's last events, its record and its leaving the running index and the
@@ -118,8 +118,9 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'running'
   return 0
 end
 redis.call('HSET', KEYS[1], 'awaiting', a.turn_id, 'updated_at', a.now)
-redis.call('HDEL', KEYS[1], 'started', 'lease_epoch', 'appended', 'appended_seq')
-redis.call('DEL', KEYS[5])
+redis.call('HDEL', KEYS[1], 'started', 'lease_epoch')
+-- the resumed turn's writer counts its appends from none
+redis.call('DEL', KEYS[5], KEYS[8])
 redis.call('SET', KEYS[4], a.record)
 redis.call('HSET', KEYS[5], 'message_id', a.message_id)
 for _, p in ipairs(a.pending) do redis.call('HSET', KEYS[5], p[1], p[2]) end
@@ -277,6 +278,7 @@ class ApprovalStore:
             keys.approvals(sid),
             keys.RUNNING,
             keys.APPROVAL_DEADLINES,
+            keys.appended(sid),
         ]
         return bool(await self._suspend(keys=script_keys, args=[msgspec.msgpack.encode(args)]))
 

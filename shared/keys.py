@@ -105,6 +105,12 @@ def log(sid: str) -> str:
     return f"{PREFIX}:{{{sid}}}:log"
 
 
+def appended(sid: str) -> str:
+    """`<turn_id> <events> <last seq>`: how many of its turn's events the worker's
+    appends put in the log, so that one sent again is not appended twice."""
+    return f"{PREFIX}:{{{sid}}}:appended"
+
+
 def suspended(sid: str) -> str:
     """A turn awaiting approval, as its worker left it (`shared.approvals`)."""
     return f"{PREFIX}:{{{sid}}}:suspended"
@@ -122,4 +128,12 @@ def events_channel(sid: str) -> str:
 
 def session_keys(sid: str) -> list[str]:
     # A turn's lease is held in the session's hash (`started`, `lease_epoch`).
-    return [session(sid), messages(sid), seq(sid), log(sid), suspended(sid), approvals(sid)]
+    return [
+        session(sid),
+        messages(sid),
+        seq(sid),
+        log(sid),
+        appended(sid),
+        suspended(sid),
+        approvals(sid),
+    ]

@@ -26,8 +26,7 @@ if state == 'running' then
 end
 redis.call('HSET', KEYS[1], 'state', 'running', 'turn_id', ARGV[1], 'updated_at', ARGV[3],
            'claimed_ms', ARGV[4])
-redis.call('HDEL', KEYS[1], 'started', 'interrupt', 'reply_to', 'lease_epoch', 'appended',
-           'appended_seq')
+redis.call('HDEL', KEYS[1], 'started', 'interrupt', 'reply_to', 'lease_epoch')
 redis.call('RPUSH', KEYS[2], ARGV[2])
 if ARGV[11] and ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'reply_to', ARGV[11]) end
 if KEYS[4] then
@@ -75,41 +74,86 @@ if redis.call('HGET', KEYS[1], 'interrupt') == ARGV[1] then return 2 end
 return 1
 """
 
-# KEYS: session, seq, log.
-# ARGV: turn_id, maxlen, channel, log ttl ms, events of the turn appended before
-#       this batch ('' when the caller does not count), then for each event its
-#       type and its JSON without seq.
-# -> {seq, ...} in order | 0 when the turn is no longer current (nothing appended)
-# The batch is published as one message: the events' JSON, one a line. With a
-# count, a batch whose reply was lost (a timeout) and that is sent again is not
-# appended twice: its seqs are answered again.
+# KEYS: for each turn of the batch, in order, its session, seq, log and appended keys.
+# ARGV: maxlen, log ttl ms, then for each turn: turn_id, channel, '1' on the
+#       turn's first append (the log's expiry is set then; the turn's end renews
+#       it) or '', its number of events n, how many of its events the worker
+#       counts in the log already ('' when it does not count), then n times
+#       the event's type and its JSON without seq and without its opening brace.
+# -> per turn, the seq of its first event | 0 when the turn is no longer current
+#    (none of its events is appended) | -1 when the worker's count does not match
+#    the log's (nothing appended)
+# One call carries the pending events of every turn a worker runs, so the
+# script's own cost, the round trip and the counters (read once, written once)
+# are paid per call rather than per turn; what stays per turn is the fence, one
+# XADD per event and one PUBLISH of its events, one JSON a line. The appended
+# key (`<turn_id> <events> <last seq>`) makes a call that is sent again after a
+# lost reply harmless: a turn whose events are in already gets its seqs again.
+# The arguments are flat rather than one encoded struct because this is the
+# script that runs for every token: decoding a struct in Lua (cmsgpack) cost
+# Redis about 1.3 µs more per event. The keys of many sessions in one script:
+# sandstream runs on one primary.
 APPEND_EVENTS = """
-if redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1] then return 0 end
-local count = (#ARGV - 5) / 2
-local before = tonumber(redis.call('HGET', KEYS[1], 'appended') or '0')
-if ARGV[5] ~= '' and before ~= tonumber(ARGV[5]) then
-  if before ~= tonumber(ARGV[5]) + count then
-    return redis.error_reply('ERR events of turn ' .. ARGV[1] .. ' appended out of order')
+local call = redis.call
+local batch = {}
+local a = 3
+while a <= #ARGV do
+  local n = tonumber(ARGV[a + 3])
+  batch[#batch + 1] = {ARGV[a], ARGV[a + 1], ARGV[a + 2] == '1', a + 5, a + 4 + 2 * n, n,
+                       tonumber(ARGV[a + 4])}
+  a = a + 5 + 2 * n
+end
+local counter_keys = {}
+for i = 1, #batch do
+  counter_keys[2 * i - 1] = KEYS[4 * i - 2]
+  counter_keys[2 * i] = KEYS[4 * i]
+end
+local counters = call('MGET', unpack(counter_keys))
+local firsts = {}
+local written = {}
+local maxlen = ARGV[1]
+for i = 1, #batch do
+  local turn = batch[i]
+  local k = 4 * i - 3
+  if call('HGET', KEYS[k], 'turn_id') == turn[1] then
+    local before, last = 0, 0
+    local mark = counters[2 * i]
+    if mark then
+      local t, c, l = string.match(mark, '^(%S+) (%d+) (%d+)$')
+      if t == turn[1] then before, last = tonumber(c), tonumber(l) end
+    end
+    if turn[7] == nil or before == turn[7] then
+      local seq = tonumber(counters[2 * i - 1]) or 0
+      firsts[i] = seq + 1
+      local log = KEYS[k + 2]
+      local data
+      local published = {}
+      for j = turn[4], turn[5], 2 do
+        seq = seq + 1
+        data = '{"seq":' .. seq .. ',' .. ARGV[j + 1]
+        call('XADD', log, 'MAXLEN', '~', maxlen, seq .. '-0', 't', ARGV[j], 'd', data)
+        published[#published + 1] = data
+      end
+      if turn[3] then call('PEXPIRE', log, ARGV[2]) end
+      if #published > 1 then data = table.concat(published, '\\n') end
+      call('PUBLISH', turn[2], data)
+      written[#written + 1] = KEYS[k + 1]
+      written[#written + 1] = seq
+      if turn[7] ~= nil then
+        written[#written + 1] = KEYS[k + 3]
+        written[#written + 1] = turn[1] .. ' ' .. (before + turn[6]) .. ' ' .. seq
+      end
+    elseif before == turn[7] + turn[6] then
+      firsts[i] = last - turn[6] + 1
+    else
+      firsts[i] = -1
+    end
+  else
+    firsts[i] = 0
   end
-  local last = tonumber(redis.call('HGET', KEYS[1], 'appended_seq'))
-  local again = {}
-  for i = last - count + 1, last do again[#again + 1] = i end
-  return again
 end
-local seq = redis.call('INCRBY', KEYS[2], count) - count
-local seqs = {}
-local published = {}
-for i = 6, #ARGV, 2 do
-  seq = seq + 1
-  local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[i + 1], 2)
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], seq .. '-0', 't', ARGV[i], 'd', data)
-  seqs[#seqs + 1] = seq
-  published[#published + 1] = data
-end
-redis.call('HSET', KEYS[1], 'appended', before + count, 'appended_seq', seq)
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
-redis.call('PUBLISH', ARGV[3], table.concat(published, '\\n'))
-return seqs
+if #written > 0 then call('MSET', unpack(written)) end
+return firsts
 """
 
 # KEYS: session, messages, seq, log, running index, recent durations, then the
@@ -138,7 +182,7 @@ end
 local reply_to = redis.call('HGET', KEYS[1], 'reply_to')
 redis.call('HSET', KEYS[1], 'state', 'active', 'updated_at', a.now)
 redis.call('HDEL', KEYS[1], 'turn_id', 'started', 'interrupt', 'claimed_ms', 'reply_to',
-           'lease_epoch', 'appended', 'appended_seq')
+           'lease_epoch')
 if a.message ~= '' then redis.call('RPUSH', KEYS[2], a.message) end
 local n = #a.events
 local seq = redis.call('INCRBY', KEYS[3], n + 1) - n - 1

@@ -113,8 +113,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # how long a sandbox's file service stays warm after a turn or request (0: never)
     sandbox_idle_seconds: float = 30.0
     # worker
-    worker_max_jobs: int = 20
+    # What one worker process sustains of turns streaming from a model (50
+    # chunks/s each) within 1.2x the model's pace (bench/README.md, streaming).
+    worker_max_jobs: int = 200
     worker_drain_seconds: int = 10
+    # A turn's text deltas go out at most once per this many ms, those arriving
+    # sooner joined into one event: fewer, larger events for Redis and the API
+    # at the price of up to this much delay after the first. 0: each at once.
+    text_delta_window_ms: float = 0.0
     worker_fallback_poll_seconds: float = 5.0
     worker_fast_pickup: bool = True
     reaper_interval_seconds: float = 5.0

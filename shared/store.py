@@ -24,9 +24,24 @@ from shared.models import (
     new_id,
     now_rfc3339,
 )
-from shared.turns import ClaimResult, FinishMode, StartedTurn, TurnLifecycle, TurnState
+from shared.turns import (
+    ClaimResult,
+    FinishMode,
+    StartedTurn,
+    TurnAppend,
+    TurnLifecycle,
+    TurnState,
+)
 
-__all__ = ["ClaimResult", "FinishMode", "SandboxRecord", "SessionStore", "StartedTurn", "TurnState"]
+__all__ = [
+    "ClaimResult",
+    "FinishMode",
+    "SandboxRecord",
+    "SessionStore",
+    "StartedTurn",
+    "TurnAppend",
+    "TurnState",
+]
 
 _message_decoder = msgspec.json.Decoder(Message)
 _metadata_decoder = msgspec.json.Decoder(dict[str, Any])

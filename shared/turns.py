@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import msgspec
 from redis.asyncio import Redis
@@ -125,6 +125,31 @@ class TurnState(msgspec.Struct, kw_only=True):
     job_id: str | None = None
     # The turn waits for approval of tool calls.
     awaiting: bool = False
+
+
+class TurnAppend(msgspec.Struct):
+    """Events of one turn to append; `first`: the turn's first append (the log's
+    expiry is set then); `appended_before`: its events in the log already."""
+
+    session_id: str
+    turn_id: str
+    events: list[ev.Event]
+    first: bool = False
+    appended_before: int | None = None  # None: the caller does not count
+
+
+_EVENT_TYPES = {
+    cls: str(cls.__struct_config__.tag)
+    for cls in (
+        ev.TextDelta,
+        ev.TextComplete,
+        ev.ToolUseStart,
+        ev.ToolUseComplete,
+        ev.ToolResult,
+        ev.ToolApprovalRequested,
+        ev.ToolApprovalResolved,
+    )
+}
 
 
 class StartedTurn(msgspec.Struct, kw_only=True):
@@ -323,25 +348,45 @@ class TurnLifecycle:
     async def append_events(
         self, sid: str, turn_id: str, events: list[ev.Event], appended_before: int | None = None
     ) -> list[int]:
-        """Append events in order, in one script call (one round trip, one script
-        run): each gets its seq, or every one 0 when the turn is no longer current
-        (and none is appended). With `appended_before` (the turn's events
-        appended so far), sending a batch again after a lost reply appends
-        nothing twice."""
+        """Append one turn's events in order, in one script call: each gets its
+        seq, or every one 0 when the turn is no longer current (and none is
+        appended). With `appended_before` (the turn's events appended so far),
+        sending a batch again after a lost reply appends nothing twice."""
         if not events:
             return []
-        args: list[Any] = [
-            turn_id,
-            self.log_max_events,
-            keys.events_channel(sid),
-            self.log_ttl_ms,
-            "" if appended_before is None else appended_before,
-        ]
-        for event in events:
-            args.append(str(event.__struct_config__.tag))
-            args.append(ev.encode_event(event))
-        seqs = await self._append(keys=[keys.session(sid), keys.seq(sid), keys.log(sid)], args=args)
-        return [int(seq) for seq in seqs] if seqs else [0] * len(events)
+        [first] = await self.append_batch(
+            [TurnAppend(sid, turn_id, events, not appended_before, appended_before)]
+        )
+        if first < 0:
+            raise RuntimeError(f"events of turn {turn_id} appended out of order")
+        return list(range(first, first + len(events))) if first else [0] * len(events)
+
+    async def append_batch(self, turns: list[TurnAppend]) -> list[int]:
+        """Append the events of several turns (each with at least one event, each
+        turn once) in one script call; per turn, the seq of its first event, 0
+        when it is no longer current, -1 when `appended_before` does not match
+        the log (none of its events appended either way). Sent again after a lost
+        reply, a turn's events already in are not appended twice."""
+        if not turns:
+            return []
+        script_keys: list[str] = []
+        args: list[int | str | bytes] = [self.log_max_events, self.log_ttl_ms]
+        for turn in turns:
+            sid = turn.session_id
+            script_keys += [keys.session(sid), keys.seq(sid), keys.log(sid), keys.appended(sid)]
+            args += [
+                turn.turn_id,
+                keys.events_channel(sid),
+                "1" if turn.first else "",
+                len(turn.events),
+                "" if turn.appended_before is None else turn.appended_before,
+            ]
+            for event in turn.events:
+                args.append(_EVENT_TYPES[type(event)])
+                # A copy, not a memoryview: redis-py sends each memoryview as a
+                # buffer of its own, and the packed call as one.
+                args.append(ev.encode_event(event)[1:])
+        return [int(first) for first in await self._append(keys=script_keys, args=args)]
 
     async def finish_turn(
         self,

@@ -25,6 +25,7 @@ def test_bench_quick_run_prints_every_table() -> None:
         "4. idle cost",
         "5. file tools",
         "6. streaming",
+        "6b. the append path",
         "7. files API",
         "8. files_changed",
     ):

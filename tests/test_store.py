@@ -49,14 +49,14 @@ def _user(sid: str, turn_id: str) -> Message:
     )
 
 
-def _delta(sid: str, sandbox_id: str, turn_id: str, text: str) -> ev.TextDelta:
+def _delta(sid: str, sandbox_id: str, turn_id: str, text: str, index: int = 0) -> ev.TextDelta:
     return ev.TextDelta(
         session_id=sid,
         sandbox_id=sandbox_id,
         turn_id=turn_id,
         message_id="m",
         created_at=now_rfc3339(),
-        index=0,
+        index=index,
         text=text,
     )
 
@@ -233,10 +233,11 @@ def test_a_stopped_writer_leaves_the_last_events_to_the_turns_end(redis_url: str
         session = await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)
         turn = new_id()
         await store.claim_turn(session.id, "t", turn, _user(session.id, turn))
-        writer = EventWriter(store, session.id, turn, lambda: None)
+        events = EventWriter(store)
+        writer = events.open(session.id, turn, lambda: None)
         try:
             writer.put(_delta(session.id, sandbox.id, turn, "a"))
-            writer.put(_delta(session.id, sandbox.id, turn, "b"))
+            writer.put(_delta(session.id, sandbox.id, turn, "b", index=1))
             await asyncio.sleep(0.1)
             assert len(await eventlog.read_after(store.redis, session.id, 0)) == 2
             writer.stop()
@@ -253,7 +254,8 @@ def test_a_stopped_writer_leaves_the_last_events_to_the_turns_end(redis_url: str
                 "session_failed",
             ]
         finally:
-            await writer.close()
+            writer.close()
+            await events.close()
 
     run(redis_url, scenario)
 
@@ -273,3 +275,130 @@ def test_a_stopped_writer_leaves_the_last_events_to_the_turns_end(redis_url: str
 )
 def test_store_errors_that_a_turn_waits_out(error: Exception, unavailable: bool) -> None:
     assert store_unavailable(error) is unavailable
+
+
+def test_the_writer_sends_all_turns_events_in_one_call_and_refuses_a_stale_turn(
+    redis_url: str,
+) -> None:
+    """The pending events of every turn go out in one script call; a turn that is
+    no longer current gets none of its events written and is told so, while the
+    others in the same call are appended."""
+
+    async def scenario(store: SessionStore) -> None:
+        sandbox = await store.create_sandbox("t", {})
+        turns: list[tuple[str, str]] = []
+        for _ in range(3):
+            sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
+            turn = new_id()
+            await store.claim_turn(sid, "t", turn, _user(sid, turn))
+            turns.append((sid, turn))
+        stale_sid, stale_turn = turns[1]
+        done = _done(stale_sid, sandbox.id, stale_turn)
+        assert await store.finish_turn(stale_sid, stale_turn, "unstarted", None, done)
+        superseded: list[str] = []
+        events = EventWriter(store)
+        parts = [events.open(sid, turn, lambda t=turn: superseded.append(t)) for sid, turn in turns]
+        before = await store.redis.info("commandstats")
+        for part, (sid, turn) in zip(parts, turns, strict=True):
+            part.put(_delta(sid, sandbox.id, turn, "a"))
+            part.put(_delta(sid, sandbox.id, turn, "b", index=1))
+        await events.flushed()
+        after = await store.redis.info("commandstats")
+        await events.close()
+        assert after["cmdstat_evalsha"]["calls"] - before["cmdstat_evalsha"]["calls"] == 1
+        assert superseded == [stale_turn]
+        for sid, turn in turns:
+            logged = await eventlog.read_after(store.redis, sid, 0)
+            if turn == stale_turn:
+                assert [e.type for e in logged] == ["session_failed"]
+            else:
+                assert [e.seq for e in logged] == [1, 2]
+                assert [ev.decode_head(e.data).seq for e in logged] == [1, 2]
+
+    run(redis_url, scenario)
+
+
+def test_text_deltas_of_a_block_waiting_to_be_sent_are_joined(redis_url: str) -> None:
+    """Deltas that pile up while a call is in flight go out as one, in order, with
+    the exact text; a delta of another block is not joined to them."""
+
+    async def scenario(store: SessionStore) -> list[tuple[int, str]]:
+        sandbox = await store.create_sandbox("t", {})
+        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
+        turn = new_id()
+        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        events = EventWriter(store)
+        part = events.open(sid, turn, lambda: None)
+        part.put(_delta(sid, sandbox.id, turn, "He"))
+        while not events.sending:
+            await asyncio.sleep(0)
+        for text in ("llo", ", ", "world"):
+            part.put(_delta(sid, sandbox.id, turn, text))
+        part.put(_delta(sid, sandbox.id, turn, "!", index=1))
+        await events.flushed()
+        await events.close()
+        logged = await eventlog.read_after(store.redis, sid, 0)
+        decoded = [msgspec.json.decode(e.data, type=ev.TextDelta) for e in logged]
+        return [(d.index, d.text) for d in decoded]
+
+    assert run(redis_url, scenario) == [(0, "He"), (0, "llo, world"), (1, "!")]
+
+
+def test_a_turn_that_stops_before_its_events_are_taken_sends_none_of_them(
+    redis_url: str,
+) -> None:
+    """Events queued and then left to the turn's end (`stop`) before the writer
+    took them are not sent: they come back at detach, and the call the writer
+    makes next carries only the other turn's."""
+
+    async def scenario(store: SessionStore) -> None:
+        sandbox = await store.create_sandbox("t", {})
+        turns = []
+        for _ in range(2):
+            sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
+            turn = new_id()
+            await store.claim_turn(sid, "t", turn, _user(sid, turn))
+            turns.append((sid, turn))
+        events = EventWriter(store)
+        stopping, going = (events.open(sid, turn, lambda: None) for sid, turn in turns)
+        before = await store.redis.info("commandstats")
+        stopping.put(_delta(turns[0][0], sandbox.id, turns[0][1], "a"))
+        stopping.stop()
+        going.put(_delta(turns[1][0], sandbox.id, turns[1][1], "b"))
+        await events.flushed()
+        rest = await stopping.detach()
+        after = await store.redis.info("commandstats")
+        await events.close()
+        assert [e.text for e in rest if isinstance(e, ev.TextDelta)] == ["a"]
+        assert after["cmdstat_evalsha"]["calls"] - before["cmdstat_evalsha"]["calls"] == 1
+        assert await eventlog.read_after(store.redis, turns[0][0], 0) == []
+        assert len(await eventlog.read_after(store.redis, turns[1][0], 0)) == 1
+
+    run(redis_url, scenario)
+
+
+def test_text_deltas_within_the_text_window_go_out_as_one_after_the_first(
+    redis_url: str,
+) -> None:
+    """With a text window, a turn's first delta goes out at once; those that come
+    within the window after it wait for it to pass and go out joined."""
+
+    async def scenario(store: SessionStore) -> list[str]:
+        sandbox = await store.create_sandbox("t", {})
+        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
+        turn = new_id()
+        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        events = EventWriter(store, text_window=0.3)
+        part = events.open(sid, turn, lambda: None)
+        part.put(_delta(sid, sandbox.id, turn, "first"))
+        await events.flushed()
+        for text in ("se", "co", "nd"):
+            part.put(_delta(sid, sandbox.id, turn, text))
+        await events.flushed()
+        assert len(await eventlog.read_after(store.redis, sid, 0)) == 1  # held
+        while len(logged := await eventlog.read_after(store.redis, sid, 0)) < 2:
+            await asyncio.sleep(0.01)
+        await events.close()
+        return [msgspec.json.decode(e.data, type=ev.TextDelta).text for e in logged]
+
+    assert run(redis_url, scenario) == ["first", "second"]

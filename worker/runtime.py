@@ -53,6 +53,7 @@ from shared.sandbox.workspace import prepare_workspace
 from shared.settings import Settings
 from shared.store import SessionStore
 from shared.turns import TurnIds, decode_control, failed, store_unavailable, until_stored
+from worker.event_writer import EventWriter
 from worker.pickup import FastPickupWorker
 from worker.providers import ProviderFactory
 from worker.providers.base import ProviderError
@@ -88,6 +89,7 @@ class WorkerRuntime:
             log_ttl_seconds=settings.log_ttl_seconds,
         )
         self.running: dict[str, TurnRunner] = {}
+        self.events = EventWriter(self.store, text_window=settings.text_delta_window_ms / 1000)
         self.providers = ProviderFactory(settings)
         self.confinement = Confinement.detect(settings, "worker")
         # The reaper's memory of leases, and when its last pass that reached
@@ -149,6 +151,7 @@ class WorkerRuntime:
         sandbox = self.pool.take(spec)
         runner = TurnRunner(
             store=self.store,
+            writer=self.events,
             settings=self.settings,
             provider=provider,
             agent=agent,
@@ -369,6 +372,7 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         for task in reaper:
             task.cancel()
+        await runtime.events.close()  # the turns are over: arq awaited them
         await runtime.forget_worker()
         await runtime.pool.close()
         if runtime.confinement.cgroups is not None:

@@ -50,7 +50,7 @@ from shared.turns import (
 )
 from worker.approval_wait import suspend_for_approval
 from worker.changes import WorkspaceChanges
-from worker.event_writer import EventWriter, TurnSuperseded
+from worker.event_writer import EventWriter, TurnEvents, TurnSuperseded
 from worker.providers.base import (
     MessageEnd,
     Provider,
@@ -73,6 +73,7 @@ class TurnRunner:
         self,
         *,
         store: SessionStore,
+        writer: EventWriter,
         settings: Settings,
         provider: Provider,
         agent: AgentConfig,
@@ -86,6 +87,7 @@ class TurnRunner:
         resumed: tuple[SuspendedTurn, dict[str, Resolution]] | None = None,
     ) -> None:
         self.store = store
+        self.writer = writer
         self.settings = settings
         self.provider = provider
         self.agent = agent
@@ -110,7 +112,7 @@ class TurnRunner:
         self._interrupted = False
         self._lease_lost = False
         self._loop_task: asyncio.Task[LoopEnd] | None = None
-        self._writer: EventWriter | None = None
+        self._writer: TurnEvents | None = None
         self._started = time.monotonic()
         # For the fleet's metrics: when the API accepted the message (epoch
         # seconds), and what the turn measured on its way.
@@ -146,13 +148,13 @@ class TurnRunner:
     async def run(self, leased_at: float) -> None:
         """Run the turn, whose lease the caller took (`SessionStore.start_turn`,
         sent at `leased_at` on the monotonic clock), to its end."""
-        self._writer = EventWriter(self.store, self.session_id, self.turn_id, self._stop_quietly)
+        self._writer = self.writer.open(self.session_id, self.turn_id, self._stop_quietly)
         heartbeat = asyncio.create_task(self._keep_lease(leased_at))
         try:
             await self._drive()
         finally:
             heartbeat.cancel()
-            await self._writer.close()
+            self._writer.close()
 
     async def _drive(self) -> None:
         """Run the loop and end the turn the way the loop ended."""
