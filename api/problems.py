@@ -10,6 +10,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 logger = logging.getLogger("sandstream.api")
@@ -107,9 +108,38 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
     return response
 
 
+# How soon a client should retry when the store cannot serve it, in seconds.
+STORE_RETRY_AFTER_SECONDS = 2
+# What a Redis that is fine but cannot serve now says: out of memory, a replica
+# (after a failover), loading its data, busy with a script, no primary.
+_UNAVAILABLE_REPLIES = ("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN")
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Whether a Redis error says the store cannot serve now (retry later), as
+    opposed to a command it rejects (a bug). A script's refused write arrives
+    wrapped ("Error running script ...: OOM command not allowed ...")."""
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | ConnectionRefusedError):
+        return True
+    if isinstance(exc, ResponseError):
+        text = str(exc)
+        if text.startswith(_UNAVAILABLE_REPLIES):
+            return True
+        return "Error running script" in text and any(
+            f": {reply} " in text or f"-{reply} " in text for reply in _UNAVAILABLE_REPLIES
+        )
+    return False
+
+
 def handle_redis_down(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    logger.error("Redis unreachable during %s %s: %s", request.method, request.url.path, exc)
-    return problem_response(503, "store_unavailable", "the store is unreachable; retry shortly")
+    if not store_unavailable(exc):
+        return handle_internal(request, exc)
+    logger.error("store unavailable during %s %s: %s", request.method, request.url.path, exc)
+    response = problem_response(
+        503, "store_unavailable", "the store cannot serve this now; retry shortly"
+    )
+    response.headers["Retry-After"] = str(STORE_RETRY_AFTER_SECONDS)
+    return response
 
 
 def handle_internal(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -120,8 +150,7 @@ def handle_internal(request: Request[Any, Any, Any], exc: Exception) -> Response
 EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
     Problem: handle_problem,
     HTTPException: handle_http_exception,
-    RedisConnectionError: handle_redis_down,
-    RedisTimeoutError: handle_redis_down,
+    RedisError: handle_redis_down,
     ConnectionRefusedError: handle_redis_down,
     Exception: handle_internal,
 }

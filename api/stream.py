@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-import msgspec
 from litestar import Controller, Request, Response, get
 from litestar.response import Stream
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from litestar.response.base import ASGIResponse
+from litestar.response.streaming import ASGIStreamingResponse
+from litestar.types import Message, Receive, Scope, Send
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from api.feed import Cursor, Truncated
+from api.feed import Cursor
 from api.guard import principal_of, tenant_of
-from api.hub import DRAIN, TICK, LiveEvent, QueueItem
+from api.hub import DELETED, DRAIN, TICK, EventHub, LiveEvent, QueueItem
+from api.memory import trim_soon
 from api.metrics import SSE_CONNECTIONS
 from api.problems import Problem
 from api.reconnect import come_back_later, until_expiry
-from api.services import Services, owned_session, services_of
+from api.services import owned_session, services_of
 from shared import eventlog
-from shared.events import sse_frame
+from shared.events import Keepalive, LogTruncated, Reconnect, SessionDeleted, notice_frame
 from shared.models import now_rfc3339
+
+logger = logging.getLogger("sandstream.api")
 
 # A seq as a client may send it: ASCII digits, small enough for Redis's 64-bit ids.
 SEQ = re.compile(r"[0-9]{1,18}")
@@ -63,33 +71,37 @@ class StreamController(Controller):
                 "Last-Event-ID and `after` must be a seq: a non-negative integer below 10^18",
                 field="after",
             )
-        events = _events(svc, sid, session.sandbox_id, start)
+        events = session_events(svc.redis, svc.hub, sid, session.sandbox_id, start)
         grant = principal_of(request).grant
-        return Stream(
+        return EventStream(
             events if grant is None else until_expiry(events, grant),
+            sid=sid,
+            write_timeout=svc.settings.stream_write_timeout_seconds,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
 
-async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> AsyncIterator[bytes]:
-    # `api.feed.feed`'s loop, inlined: this is the one generator an event passes
+async def session_events(
+    redis: Redis, hub: EventHub, sid: str, sandbox_id: str, after: int
+) -> AsyncIterator[bytes]:
+    """The stream's body: the events after `after`, from the log and then live,
+    with the stream's own notices in between (`api.feed` says how)."""
+    # `api.feed`'s loop, inlined: this is the one generator a live event passes
     # through per stream (each layer costs every event on every stream).
     SSE_CONNECTIONS.inc()
     try:
-        async with svc.hub.subscribe(sid) as queue:
+        async with hub.subscribe(sid) as queue:
             # The body starts at once, so proxies and clients see the stream is
             # open; `retry` tells EventSource how soon to come back if it drops,
             # and `id` where from, even if it drops before the first event.
             yield f"retry: {RECONNECT_MS}\nid: {after}\n: stream open\n\n".encode()
-            if svc.hub.draining:
+            if hub.draining:
                 yield _reconnect_frame(sid, "this API process is shutting down")
                 return
-            cursor = Cursor(svc.redis, sid, after)
-            if truncated := await cursor.check_retained():
-                yield _truncated_frame(sid, truncated)
-            for event in await cursor.backfill():
-                yield event.frame
+            cursor = Cursor(redis, sid, after)
+            async for frame in _refill(cursor, sid):
+                yield frame
             pending: QueueItem | None = None
             while True:
                 item = await queue.get() if pending is None else pending
@@ -115,47 +127,106 @@ async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> Async
                     # A gap: what is missing (and this one) comes from the log.
                 elif item == TICK:
                     # Quiet for a while: the log too, for a lost last message.
-                    for event in await cursor.backfill():
-                        yield event.frame
-                    yield await _keepalive(svc, sid, sandbox_id)
+                    async for frame in _refill(cursor, sid):
+                        yield frame
+                    yield notice_frame(
+                        Keepalive(
+                            session_id=sid,
+                            sandbox_id=sandbox_id,
+                            latest_seq=await eventlog.latest_seq(redis, sid),
+                            created_at=now_rfc3339(),
+                        )
+                    )
                     continue
                 elif item == DRAIN:
                     yield _reconnect_frame(sid, "this API process is shutting down")
                     return
-                for event in await cursor.backfill():
-                    yield event.frame
-    except (RedisConnectionError, RedisTimeoutError, OSError):
-        # Redis is gone: end the stream and say when to come back; the client
+                elif item == DELETED:
+                    yield notice_frame(SessionDeleted(session_id=sid, created_at=now_rfc3339()))
+                    return
+                # A gap or a resync: refill from the log.
+                async for frame in _refill(cursor, sid):
+                    yield frame
+    except (RedisError, OSError):
+        # Redis is gone or cannot serve: end the stream and say when to come back; the client
         # resumes from its Last-Event-ID, so nothing is lost.
         yield _reconnect_frame(sid, "the store is unavailable")
     finally:
         SSE_CONNECTIONS.dec()
+        trim_soon()
 
 
-async def _keepalive(svc: Services, sid: str, sandbox_id: str) -> bytes:
-    payload = {
-        "type": "keepalive",
-        "session_id": sid,
-        "sandbox_id": sandbox_id,
-        "latest_seq": await eventlog.latest_seq(svc.redis, sid),
-        "created_at": now_rfc3339(),
-    }
-    return sse_frame("keepalive", msgspec.json.encode(payload), None)
-
-
-def _truncated_frame(sid: str, item: Truncated) -> bytes:
-    payload = {
-        "type": "log_truncated",
-        "session_id": sid,
-        "after": item.after,
-        "first_seq": item.first_seq,
-        "detail": "events before first_seq are no longer retained; refetch the session",
-    }
-    return sse_frame("log_truncated", msgspec.json.encode(payload), None)
+async def _refill(cursor: Cursor, sid: str) -> AsyncIterator[bytes]:
+    async for item in cursor.refill():
+        if isinstance(item, LiveEvent):
+            yield item.frame
+        else:
+            yield notice_frame(
+                LogTruncated(session_id=sid, after=item.after, first_seq=item.first_seq)
+            )
 
 
 def _reconnect_frame(sid: str, reason: str) -> bytes:
-    payload = {"type": "reconnect", "session_id": sid, "detail": f"{reason}; reconnect"}
-    return f"retry: {RECONNECT_MS}\n".encode() + sse_frame(
-        "reconnect", msgspec.json.encode(payload), None
-    )
+    notice = Reconnect(session_id=sid, detail=f"{reason}; reconnect")
+    return f"retry: {RECONNECT_MS}\n".encode() + notice_frame(notice)
+
+
+class EventStream(Stream):
+    """An SSE response that drops a client which accepts nothing for
+    `write_timeout` seconds. Its unsent events wait nowhere (the hub's buffer for
+    it is capped in bytes, then it would refill from the log), but its
+    connection, its subscription and its generator would stay forever: a client
+    that stopped reading without closing (a suspended laptop, a stuck proxy)."""
+
+    def __init__(
+        self, content: AsyncIterator[bytes], *, sid: str, write_timeout: float, **kw: Any
+    ) -> None:
+        super().__init__(content, **kw)
+        self._sid = sid
+        self._write_timeout = write_timeout
+
+    def to_asgi_response(
+        self, app: Any, request: Request[Any, Any, Any], **kw: Any
+    ) -> ASGIResponse:
+        response = super().to_asgi_response(app, request, **kw)
+        assert isinstance(response, ASGIStreamingResponse)
+        return _WriteTimeoutResponse(response, self._sid, self._write_timeout)
+
+
+class _ClientStuck(Exception):
+    pass
+
+
+class _WriteTimeoutResponse(ASGIResponse):
+    def __init__(self, inner: ASGIStreamingResponse, sid: str, write_timeout: float) -> None:
+        self._inner = inner
+        self._sid = sid
+        self._write_timeout = write_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        timeout = self._write_timeout
+
+        async def send_in_time(message: Message) -> None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await send(message)
+            except TimeoutError:
+                raise _ClientStuck from None
+
+        try:
+            await self._inner(scope, receive, send_in_time)
+        except* _ClientStuck:
+            logger.warning(
+                "stream client of session %s accepted nothing for %g s; dropped",
+                self._sid,
+                timeout,
+            )
+            iterator = self._inner.iterator
+            if isinstance(iterator, AsyncGenerator):
+                await iterator.aclose()
+            # The socket is full: the `reconnect` goes out only if the client
+            # reads again soon. Either way the connection is closed.
+            frame = _reconnect_frame(self._sid, "this client accepted nothing for too long")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(1.0, timeout)):
+                    await send({"type": "http.response.body", "body": frame, "more_body": False})

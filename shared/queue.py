@@ -67,15 +67,31 @@ def warn_if_unauthenticated(url: str, password: str, logger: logging.Logger) -> 
     )
 
 
-async def connect(redis_url: str, password: str = "", tls_ca_file: str = "") -> ArqRedis:
-    """A Redis client that is also an arq queue client (bytes replies)."""
-    return await create_pool(
+async def connect(
+    redis_url: str,
+    password: str = "",
+    tls_ca_file: str = "",
+    *,
+    socket_timeout: float | None = None,
+) -> ArqRedis:
+    """A Redis client that is also an arq queue client (bytes replies). With a
+    `socket_timeout`, a command that gets no answer within it raises instead of
+    waiting for ever (not for a client that blocks on purpose, as pub/sub does)."""
+    redis = await create_pool(
         redis_settings(redis_url, password, tls_ca_file),
         job_serializer=serialize_job_data,
         job_deserializer=deserialize_job_data,
         default_queue_name=keys.QUEUE,
         retry=2,
     )
+    if socket_timeout is not None:
+        # arq does not pass one on: set it for the pool's connections, and drop
+        # the one arq opened to check the server.
+        pool = redis.connection_pool
+        pool.connection_kwargs["socket_timeout"] = socket_timeout
+        await pool.disconnect()
+        pool.reset()  # type: ignore[no-untyped-call]
+    return redis
 
 
 class QueuedJob(msgspec.Struct, frozen=True):

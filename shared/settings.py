@@ -59,6 +59,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     send_wait_seconds: float = 300.0
     interrupt_wait_seconds: float = 5.0
     keepalive_seconds: float = 15.0
+    # SSE streams: what one client may have pending, and how long it may accept
+    # nothing before it is dropped (told to reconnect).
+    stream_buffer_bytes: int = 1 << 20
+    stream_write_timeout_seconds: float = 30.0
+    # a Redis command of the API that gets no answer within this fails (503)
+    redis_socket_timeout_seconds: float = 10.0
     page_limit_max: int = 200
     # session log
     log_max_events: int = 10_000
