@@ -25,10 +25,12 @@ from redis.asyncio import Redis
 from api.hub import LiveEvent, live_event
 from shared import eventlog
 
-# A page of the log: at most this many events, and after a page of large events,
-# fewer, so that one page holds about PAGE_BYTES.
+# A page of the log: at most PAGE_EVENTS events, and about PAGE_BYTES. Events
+# differ in size a thousandfold (a text delta, a tool's whole output), so the
+# first page is small and each next one is sized by the last one's events.
 PAGE_EVENTS = 500
 PAGE_BYTES = 1 << 20
+FIRST_PAGE_EVENTS = 16
 
 
 class Truncated(msgspec.Struct, frozen=True):
@@ -53,7 +55,7 @@ class Cursor:
         # The latest seq is read before the log: were it read after, events
         # appended in between would look trimmed away.
         latest = await eventlog.latest_seq(self._redis, self._sid)
-        count = PAGE_EVENTS
+        count = FIRST_PAGE_EVENTS
         while True:
             page = await eventlog.read_after(self._redis, self._sid, self.last, count)
             # The log is contiguous (appended in seq order, trimmed from the
