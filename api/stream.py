@@ -78,7 +78,9 @@ class StreamController(Controller):
             sid=sid,
             write_timeout=svc.settings.stream_write_timeout_seconds,
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            # The connection ends with the stream: one dropped for accepting
+            # nothing is closed, not kept for a next request.
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "close"},
         )
 
 
