@@ -10,7 +10,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 logger = logging.getLogger("sandstream.api")
@@ -110,25 +110,26 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
 
 # How soon a client should retry when the store cannot serve it, in seconds.
 STORE_RETRY_AFTER_SECONDS = 2
-# What a Redis that is fine but cannot serve now says: out of memory, a replica
-# (after a failover), loading its data, busy with a script, no primary.
-_UNAVAILABLE_REPLIES = ("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN")
+# What a Redis that is fine but cannot serve now answers: out of memory, a
+# replica (after a failover), loading its data (`BusyLoadingError`, a connection
+# error), busy with a script, without a primary. redis-py has classes for some;
+# the others arrive as a `ResponseError` that starts with the reply's code.
+_UNAVAILABLE_CLASSES = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionRefusedError,
+    OutOfMemoryError,
+    ReadOnlyError,
+)
+_UNAVAILABLE_CODES = ("BUSY ", "MASTERDOWN ", "TRYAGAIN ", "NOREPLICAS ")
 
 
 def store_unavailable(exc: BaseException) -> bool:
     """Whether a Redis error says the store cannot serve now (retry later), as
-    opposed to a command it rejects (a bug). A script's refused write arrives
-    wrapped ("Error running script ...: OOM command not allowed ...")."""
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError | ConnectionRefusedError):
+    opposed to a command it rejects (a bug)."""
+    if isinstance(exc, _UNAVAILABLE_CLASSES):
         return True
-    if isinstance(exc, ResponseError):
-        text = str(exc)
-        if text.startswith(_UNAVAILABLE_REPLIES):
-            return True
-        return "Error running script" in text and any(
-            f": {reply} " in text or f"-{reply} " in text for reply in _UNAVAILABLE_REPLIES
-        )
-    return False
+    return isinstance(exc, ResponseError) and str(exc).startswith(_UNAVAILABLE_CODES)
 
 
 def handle_redis_down(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
