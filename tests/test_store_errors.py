@@ -4,6 +4,8 @@ once the store does."""
 
 from __future__ import annotations
 
+import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -84,3 +86,31 @@ def test_a_rejected_command_is_not_unavailable() -> None:
     """A bug (a wrong command) stays a 500 with its context logged."""
     assert not store_unavailable(_parsed("WRONGTYPE Operation against a key"))
     assert not store_unavailable(_parsed("ERR unknown command 'FOO'"))
+
+
+def test_a_stalled_store_answers_503_within_the_socket_timeout(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Redis stopped (SIGSTOP: it holds the connections and answers nothing, as
+    in a failover or a partition): a request gets 503 after the API's socket
+    timeout instead of hanging; it answers again once Redis does."""
+    stack = Stack(
+        own_redis.url, tmp_path / "stack", {"SANDSTREAM_REDIS_SOCKET_TIMEOUT_SECONDS": "1"}
+    )
+    assert own_redis.proc is not None
+    try:
+        with stack.client() as client:
+            sandbox = client.post("/sandboxes", json={}).json()["id"]
+            own_redis.proc.send_signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                response = client.get(f"/sandboxes/{sandbox}")
+                took = time.monotonic() - started
+            finally:
+                own_redis.proc.send_signal(signal.SIGCONT)
+            _assert_503(response)
+            print(f"\n503 after {took:.2f} s (socket timeout 1 s)")
+            assert took < 5
+            assert client.get(f"/sandboxes/{sandbox}").status_code == 200
+    finally:
+        stack.stop()
