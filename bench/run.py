@@ -22,8 +22,8 @@ from bench import streaming
 from bench.file_tools import bench_file_tools
 from bench.files_api import bench_files_changed, bench_transfers
 from bench.harness import AUTH, percentile, private_redis, service
-from bench.replay import bench_replay
 from bench.http_load import Connection, prepare
+from bench.replay import bench_replay
 from bench.sse_clients import bare_sse_server, open_streams
 from shared import keys
 from shared.models import Message, TextBlock, new_id, now_rfc3339
