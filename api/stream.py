@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from litestar import Controller, Request, Response, get
 from litestar.response import Stream
-from litestar.response.base import ASGIResponse
-from litestar.response.streaming import ASGIStreamingResponse
-from litestar.types import Message, Receive, Scope, Send
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -25,6 +20,7 @@ from api.metrics import SSE_CONNECTIONS
 from api.problems import Problem
 from api.reconnect import come_back_later, until_expiry
 from api.services import owned_session, services_of
+from api.write_timeout import EventStream
 from shared import eventlog
 from shared.events import Keepalive, LogTruncated, Reconnect, SessionDeleted, notice_frame
 from shared.models import now_rfc3339
@@ -75,8 +71,8 @@ class StreamController(Controller):
         grant = principal_of(request).grant
         return EventStream(
             events if grant is None else until_expiry(events, grant),
-            sid=sid,
             write_timeout=svc.settings.stream_write_timeout_seconds,
+            last_words=_reconnect_frame(sid, "this client accepted nothing for too long"),
             media_type="text/event-stream",
             # The connection ends with the stream: one dropped for accepting
             # nothing is closed, not kept for a next request.
@@ -171,64 +167,3 @@ async def _refill(cursor: Cursor, sid: str) -> AsyncIterator[bytes]:
 def _reconnect_frame(sid: str, reason: str) -> bytes:
     notice = Reconnect(session_id=sid, detail=f"{reason}; reconnect")
     return f"retry: {RECONNECT_MS}\n".encode() + notice_frame(notice)
-
-
-class EventStream(Stream):
-    """An SSE response that drops a client which accepts nothing for
-    `write_timeout` seconds. Its unsent events wait nowhere (the hub's buffer for
-    it is capped in bytes, then it would refill from the log), but its
-    connection, its subscription and its generator would stay forever: a client
-    that stopped reading without closing (a suspended laptop, a stuck proxy)."""
-
-    def __init__(
-        self, content: AsyncIterator[bytes], *, sid: str, write_timeout: float, **kw: Any
-    ) -> None:
-        super().__init__(content, **kw)
-        self._sid = sid
-        self._write_timeout = write_timeout
-
-    def to_asgi_response(
-        self, app: Any, request: Request[Any, Any, Any], **kw: Any
-    ) -> ASGIResponse:
-        response = super().to_asgi_response(app, request, **kw)
-        assert isinstance(response, ASGIStreamingResponse)
-        return _WriteTimeoutResponse(response, self._sid, self._write_timeout)
-
-
-class _ClientStuck(Exception):
-    pass
-
-
-class _WriteTimeoutResponse(ASGIResponse):
-    def __init__(self, inner: ASGIStreamingResponse, sid: str, write_timeout: float) -> None:
-        self._inner = inner
-        self._sid = sid
-        self._write_timeout = write_timeout
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        timeout = self._write_timeout
-
-        async def send_in_time(message: Message) -> None:
-            try:
-                async with asyncio.timeout(timeout):
-                    await send(message)
-            except TimeoutError:
-                raise _ClientStuck from None
-
-        try:
-            await self._inner(scope, receive, send_in_time)
-        except* _ClientStuck:
-            logger.warning(
-                "stream client of session %s accepted nothing for %g s; dropped",
-                self._sid,
-                timeout,
-            )
-            iterator = self._inner.iterator
-            if isinstance(iterator, AsyncGenerator):
-                await iterator.aclose()
-            # The socket is full: the `reconnect` goes out only if the client
-            # reads again soon. Either way the connection is closed.
-            frame = _reconnect_frame(self._sid, "this client accepted nothing for too long")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(1.0, timeout)):
-                    await send({"type": "http.response.body", "body": frame, "more_body": False})
