@@ -44,9 +44,21 @@ def create_app(settings: Settings | None = None) -> Litestar:
         forget_dead_processes()
         warn_if_unauthenticated(settings.redis_url, settings.redis_password, logger)
         redis = await connect(
+            settings.redis_url,
+            settings.redis_password,
+            settings.redis_tls_ca_file,
+            socket_timeout=settings.redis_socket_timeout_seconds,
+        )
+        # The hub's pub/sub connection waits for messages as long as there are
+        # none: a client of its own, without the socket timeout.
+        hub_redis = await connect(
             settings.redis_url, settings.redis_password, settings.redis_tls_ca_file
         )
-        hub = EventHub(redis, tick_seconds=settings.keepalive_seconds)
+        hub = EventHub(
+            hub_redis,
+            tick_seconds=settings.keepalive_seconds,
+            client_buffer_bytes=settings.stream_buffer_bytes,
+        )
         await hub.start()
         app.state.services = Services(settings, redis, hub, keyring)
         restore = _drain_on_stop_signal(hub)
@@ -56,6 +68,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             restore()
             await app.state.services.files.close()
             await hub.stop()
+            await hub_redis.aclose()
             await redis.aclose()
             confinement = app.state.services.confinement
             if confinement.cgroups is not None:

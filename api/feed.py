@@ -6,36 +6,38 @@ live event is checked against the last seq delivered (`Cursor`): older ones are
 dropped (already replayed), and a jump ahead is filled from the log before the
 event itself goes out.
 
-`feed()` yields the events as items, for the API's waits on a turn; the SSE
-stream runs the same loop on its own (`api.stream`), so that each event passes
-through one generator per stream rather than two.
+Every refill (the first replay, a resync after an overflow or a lost
+connection, the keepalive check, a gap on the live path) goes through
+`Cursor.refill`, which reads the log a page at a time, bounded in events and in
+bytes, and hands each page on before reading the next: a replay's memory does
+not grow with the log. It is also the one place that notices when what the
+cursor needs was trimmed from the log, and says so (`Truncated`), so no path
+can skip events silently.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import msgspec
 from redis.asyncio import Redis
 
-from api.hub import DRAIN, TICK, EventHub, LiveEvent, QueueItem, live_event
+from api.hub import LiveEvent, live_event
 from shared import eventlog
+
+# A page of the log: at most PAGE_EVENTS events, and about PAGE_BYTES. Events
+# differ in size a thousandfold (a text delta, a tool's whole output), so the
+# first page is small and each next one is sized by the last one's events.
+PAGE_EVENTS = 500
+PAGE_BYTES = 1 << 20
+FIRST_PAGE_EVENTS = 16
 
 
 class Truncated(msgspec.Struct, frozen=True):
-    """The client asked for events older than the retained log."""
+    """Events after `after` and before `first_seq` are no longer in the log."""
 
     after: int
     first_seq: int
-
-
-class Tick(msgspec.Struct, frozen=True):
-    """The keepalive interval passed (the hub's timer)."""
-
-
-class Draining(msgspec.Struct, frozen=True):
-    """This API process is shutting down; the client should reconnect elsewhere."""
 
 
 class Cursor:
@@ -46,68 +48,28 @@ class Cursor:
         self._sid = sid
         self.last = after
 
-    async def check_retained(self) -> Truncated | None:
-        """Whether events after the cursor were trimmed from the log; if so, the
-        cursor moves to the first retained one."""
+    async def refill(self) -> AsyncIterator[LiveEvent | Truncated]:
+        """The logged events after the cursor, oldest first, a page at a time;
+        first a `Truncated` wherever the next one the cursor needs is gone. The
+        cursor moves past each item as it is yielded."""
         # The latest seq is read before the log: were it read after, events
         # appended in between would look trimmed away.
         latest = await eventlog.latest_seq(self._redis, self._sid)
-        first = await eventlog.first_seq(self._redis, self._sid)
-        if first is None:  # an empty log: expired, or nothing yet
-            first = latest + 1
-        if first <= self.last + 1:
-            return None
-        truncated = Truncated(after=self.last, first_seq=first)
-        self.last = first - 1
-        return truncated
-
-    async def backfill(self) -> list[LiveEvent]:
-        """Every logged event after the cursor, which moves past them."""
-        events: list[LiveEvent] = []
+        count = FIRST_PAGE_EVENTS
         while True:
-            batch = await eventlog.read_after(self._redis, self._sid, self.last)
-            for event in batch:
+            page = await eventlog.read_after(self._redis, self._sid, self.last, count)
+            # The log is contiguous (appended in seq order, trimmed from the
+            # front): if the next seq is not first in the page, it was trimmed.
+            first = page[0].seq if page else latest + 1
+            if first > self.last + 1:
+                truncated = Truncated(after=self.last, first_seq=first)
+                self.last = first - 1
+                yield truncated
+            size = 0
+            for event in page:
                 self.last = event.seq
-                events.append(live_event(event.seq, event.type, event.data))
-            if len(batch) < 1000:
-                return events
-
-
-async def feed(
-    redis: Redis,
-    hub: EventHub,
-    sid: str,
-    queue: asyncio.Queue[QueueItem],
-    after: int,
-) -> AsyncIterator[LiveEvent | Tick | Draining]:
-    """The events after `after` on a subscribed queue: the logged ones first,
-    then live. (A wait on a turn needs no retention check: it starts from a
-    seq it read itself moments before.)"""
-    if hub.draining:
-        yield Draining()
-        return
-    cursor = Cursor(redis, sid, after)
-    for event in await cursor.backfill():
-        yield event
-    while True:
-        item = await queue.get()
-        if isinstance(item, LiveEvent):
-            if item.seq == cursor.last + 1:
-                cursor.last = item.seq
-                yield item
-                continue
-            if item.seq <= cursor.last:
-                continue
-            # A gap: what is missing (and this one) comes from the log.
-        elif item == TICK:
-            # Quiet for a while: check the log too, so that even a lost
-            # last message (nothing after it to reveal the gap) turns up.
-            for event in await cursor.backfill():
-                yield event
-            yield Tick()
-            continue
-        elif item == DRAIN:
-            yield Draining()
-            return
-        for event in await cursor.backfill():
-            yield event
+                size += len(event.data)
+                yield live_event(event.seq, event.type, event.data)
+            if len(page) < count:
+                return
+            count = max(1, min(PAGE_EVENTS, PAGE_BYTES * len(page) // max(size, 1)))

@@ -3,9 +3,15 @@
 A connection per SSE client would tie Redis's connection count to the number of
 open browsers. Instead each process subscribes to a session's channel when its
 first local client arrives and unsubscribes when the last one leaves; messages
-are copied into each client's bounded queue. A client too slow to keep up, or a
-lost connection, gets a RESYNC marker and refills from the session log, so live
-delivery may be lossy but what a client sees never is.
+are copied into each client's queue, bounded in bytes (not events: one tool
+result may be a thousand times a text delta). A client too slow to keep up, or
+a lost connection, gets a RESYNC marker and refills from the session log, so
+live delivery may be lossy but what a client sees never is.
+
+The hub also routes what ends a wait: a turn's terminal event (on this
+process's reply channel, or on a session channel it is subscribed to), the
+deletion of a session (`keys.DELETED_CHANNEL`, heard by every API process) and
+this process's own shutdown all resolve the futures of `expect_reply`.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared import keys
-from shared.events import decode_head, sse_frame
+from shared.events import TERMINAL_TYPES, SessionDeleted, decode_head, sse_frame
 
 logger = logging.getLogger("sandstream.hub")
 
@@ -49,16 +55,41 @@ DRAIN: Final = b"\x00drain"
 # Put in every queue every keepalive interval, by one timer for the process
 # rather than a timer per stream per wait.
 TICK: Final = b"\x00tick"
+# Put in a session's queues when the session is deleted.
+DELETED: Final = b"\x00deleted"
 QueueItem = LiveEvent | bytes
-_QUEUE_SIZE = 1024
+_DELETED_DECODER = msgspec.json.Decoder(SessionDeleted)
+
+
+class ClientQueue(asyncio.Queue[QueueItem]):
+    """A client's pending events, which the hub keeps under `limit` bytes of frames."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.nbytes = 0
+
+    def _put(self, item: QueueItem) -> None:
+        if isinstance(item, LiveEvent):
+            self.nbytes += len(item.frame)
+        super()._put(item)
+
+    def _get(self) -> QueueItem:
+        item: QueueItem = super()._get()
+        if isinstance(item, LiveEvent):
+            self.nbytes -= len(item.frame)
+        return item
 
 
 class EventHub:
-    def __init__(self, redis: Redis, tick_seconds: float = 15.0) -> None:
+    def __init__(
+        self, redis: Redis, tick_seconds: float = 15.0, client_buffer_bytes: int = 1 << 20
+    ) -> None:
         self._redis = redis
         self._tick_seconds = tick_seconds
+        self._buffer_bytes = client_buffer_bytes
         self._ticker: asyncio.Task[None] | None = None
-        self._queues: dict[bytes, set[asyncio.Queue[QueueItem]]] = {}
+        self._queues: dict[bytes, set[ClientQueue]] = {}
         self._pending: dict[bytes, deque[asyncio.Future[None]]] = {}
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -69,8 +100,10 @@ class EventHub:
         # the turns its blocking sends wait for arrive here (`expect_reply`).
         self.reply_channel = f"{keys.PREFIX}:api:{uuid.uuid4().hex}:replies"
         self._reply_channel = self.reply_channel.encode()
-        self._replies: dict[str, asyncio.Future[bytes]] = {}
+        # Waits on a turn's end, by turn id; each with its session's id.
+        self._replies: dict[str, dict[asyncio.Future[bytes], str]] = {}
         self._reply_subscribed = False
+        self._deleted_channel = keys.DELETED_CHANNEL.encode()
         self.draining = False
 
     @property
@@ -102,12 +135,20 @@ class EventHub:
         for queues in self._queues.values():
             for queue in queues:
                 self._offer(queue, DRAIN)
+        for waits in self._replies.values():
+            for future in waits:
+                if not future.done():
+                    future.set_result(DRAIN)
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, sid: str) -> AsyncIterator[asyncio.Queue[QueueItem]]:
-        """A queue of the session's live events; subscribed before this returns."""
+    async def subscribe(
+        self, sid: str, buffer_bytes: int | None = None
+    ) -> AsyncIterator[ClientQueue]:
+        """A queue of the session's live events; subscribed before this returns.
+        A wait that only needs the channel (its turn's end resolves `expect_reply`)
+        asks for a buffer of 0 bytes: its queue never holds more than a marker."""
         channel = keys.events_channel(sid).encode()
-        queue: asyncio.Queue[QueueItem] = asyncio.Queue(_QUEUE_SIZE)
+        queue = ClientQueue(self._buffer_bytes if buffer_bytes is None else buffer_bytes)
         # The lock keeps the order of SUBSCRIBE and UNSUBSCRIBE on the wire the
         # order of our decisions: a client leaving while another arrives must
         # not end with the channel unsubscribed under the newcomer.
@@ -130,9 +171,7 @@ class EventHub:
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
 
-    async def _unsubscribe_if_unused(
-        self, channel: bytes, queues: set[asyncio.Queue[QueueItem]]
-    ) -> None:
+    async def _unsubscribe_if_unused(self, channel: bytes, queues: set[ClientQueue]) -> None:
         async with self._lock:
             if not queues and self._queues.get(channel) is queues:
                 del self._queues[channel]
@@ -153,7 +192,7 @@ class EventHub:
         while True:
             pubsub = self._redis.pubsub()
             try:
-                await pubsub.subscribe(self._reply_channel)
+                await pubsub.subscribe(self._reply_channel, self._deleted_channel)
                 channels = list(self._queues)
                 if channels:
                     await pubsub.subscribe(*channels)
@@ -177,16 +216,29 @@ class EventHub:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    def expect_reply(self, turn_id: str) -> asyncio.Future[bytes]:
-        """A future for the turn's terminal event (JSON) on this process's reply
-        channel; it resolves to RESYNC when replies may have been missed (the
-        connection to Redis was lost), and the caller should check the log."""
+    def expect_reply(self, sid: str, turn_id: str) -> asyncio.Future[bytes]:
+        """A future for the end of a wait on the turn: its terminal event (JSON),
+        from this process's reply channel or a session channel it is subscribed
+        to; RESYNC when such messages may have been missed (the connection to
+        Redis was lost: the caller checks the log); DELETED when the session
+        was deleted; DRAIN when this process is stopping."""
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._replies[turn_id] = future
+        if self.draining:
+            future.set_result(DRAIN)
+        self._replies.setdefault(turn_id, {})[future] = sid
         return future
 
-    def forget_reply(self, turn_id: str) -> None:
-        self._replies.pop(turn_id, None)
+    def forget_reply(self, turn_id: str, future: asyncio.Future[bytes]) -> None:
+        waits = self._replies.get(turn_id)
+        if waits is not None:
+            waits.pop(future, None)
+            if not waits:
+                del self._replies[turn_id]
+
+    def _resolve(self, turn_id: str, data: bytes) -> None:
+        for future in self._replies.get(turn_id, ()):
+            if not future.done():
+                future.set_result(data)
 
     def _dispatch(self, reply: list[bytes | int]) -> None:
         """One pub/sub reply: [kind, channel, data or subscription count]."""
@@ -194,6 +246,10 @@ class EventHub:
         assert isinstance(channel, bytes)
         if channel == self._reply_channel:
             self._dispatch_reply(kind, data)
+            return
+        if channel == self._deleted_channel:
+            if kind == b"message":
+                self._dispatch_deleted(data)
             return
         if kind == b"message":
             assert isinstance(data, bytes)
@@ -211,6 +267,10 @@ class EventHub:
                 event = live_event(head.seq, head.type, line)
                 for queue in queues:
                     self._offer(queue, event)
+                if head.turn_id is not None and (
+                    head.type in TERMINAL_TYPES or head.type == "tool_approval_requested"
+                ):
+                    self._resolve(head.turn_id, line)  # a wait on the turn ends
         elif kind == b"subscribe":
             pending = self._pending.get(channel)
             if pending:
@@ -235,22 +295,41 @@ class EventHub:
             except msgspec.DecodeError:
                 logger.error("undecodable reply on %r", self.reply_channel)
                 return
-            future = self._replies.get(turn_id) if turn_id else None
-            if future is not None and not future.done():
-                future.set_result(data)
+            if turn_id:
+                self._resolve(turn_id, data)
         elif kind == b"subscribe":
             if self._reply_subscribed:  # again, after a reconnect
-                for future in self._replies.values():
-                    if not future.done():
-                        future.set_result(RESYNC)
+                for waits in self._replies.values():
+                    for future in waits:
+                        if not future.done():
+                            future.set_result(RESYNC)
             self._reply_subscribed = True
 
-    @staticmethod
-    def _offer(queue: asyncio.Queue[QueueItem], item: QueueItem) -> None:
+    def _dispatch_deleted(self, data: object) -> None:
+        assert isinstance(data, bytes)
         try:
-            queue.put_nowait(item)
-        except asyncio.QueueFull:
+            sid = _DELETED_DECODER.decode(data).session_id
+        except msgspec.DecodeError:
+            logger.error("undecodable message on %r", self._deleted_channel)
+            return
+        for queue in self._queues.get(keys.events_channel(sid).encode(), ()):
+            self._offer(queue, DELETED)
+        for waits in self._replies.values():
+            for future, waiting_sid in waits.items():
+                if waiting_sid == sid and not future.done():
+                    future.set_result(DELETED)
+
+    @staticmethod
+    def _offer(queue: ClientQueue, item: QueueItem) -> None:
+        size = len(item.frame) if isinstance(item, LiveEvent) else 0
+        if size and queue.nbytes + size > queue.limit:
             # Too slow to keep up: drop what is queued and let it read the log.
+            # What ends a stream is kept (it would not be sent again).
+            ends = [i for i in queue._queue if i in (DRAIN, DELETED)]  # type: ignore[attr-defined]
             while not queue.empty():
                 queue.get_nowait()
             queue.put_nowait(RESYNC)
+            for end in ends:
+                queue.put_nowait(end)
+            return
+        queue.put_nowait(item)

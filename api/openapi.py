@@ -76,7 +76,11 @@ _ERRORS = {
     416: "the Range cannot be satisfied; Content-Range says the size",
     422: "body does not match the schema; `field` names where",
     429: "rate limited; see Retry-After",
-    503: "Redis unreachable, or the sandbox's file service unavailable",
+    503: (
+        "the store cannot serve now (`store_unavailable`: unreachable, timing out, out of "
+        "memory, read-only, loading, busy; see Retry-After), or the sandbox's file service "
+        "is unavailable"
+    ),
     507: "the sandbox's disk quota is full",
 }
 
@@ -477,7 +481,13 @@ def build_openapi(version: str) -> dict[str, Any]:
                 "The session's events as Server-Sent Events",
                 {
                     200: {
-                        "description": "an endless event stream",
+                        "description": (
+                            "an endless event stream: the session's events (`id:` their seq), "
+                            "and the stream's own, without `id:`: `keepalive{latest_seq}`, "
+                            "`log_truncated{after,first_seq}` (events between were trimmed "
+                            "from the log), `reconnect` (the stream ends; resume with "
+                            "Last-Event-ID) and `session_deleted` (the stream ends)"
+                        ),
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     }
                 },

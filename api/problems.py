@@ -10,6 +10,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 logger = logging.getLogger("sandstream.api")
@@ -109,9 +110,39 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
     return response
 
 
+# How soon a client should retry when the store cannot serve it, in seconds.
+STORE_RETRY_AFTER_SECONDS = 2
+# What a Redis that is fine but cannot serve now answers: out of memory, a
+# replica (after a failover), loading its data (`BusyLoadingError`, a connection
+# error), busy with a script, without a primary. redis-py has classes for some;
+# the others arrive as a `ResponseError` that starts with the reply's code.
+_UNAVAILABLE_CLASSES = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionRefusedError,
+    OutOfMemoryError,
+    ReadOnlyError,
+)
+_UNAVAILABLE_CODES = ("BUSY ", "MASTERDOWN ", "TRYAGAIN ", "NOREPLICAS ")
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Whether a Redis error says the store cannot serve now (retry later), as
+    opposed to a command it rejects (a bug)."""
+    if isinstance(exc, _UNAVAILABLE_CLASSES):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(_UNAVAILABLE_CODES)
+
+
 def handle_redis_down(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    logger.error("Redis unreachable during %s %s: %s", request.method, request.url.path, exc)
-    return problem_response(503, "store_unavailable", "the store is unreachable; retry shortly")
+    if not store_unavailable(exc):
+        return handle_internal(request, exc)
+    logger.error("store unavailable during %s %s: %s", request.method, request.url.path, exc)
+    response = problem_response(
+        503, "store_unavailable", "the store cannot serve this now; retry shortly"
+    )
+    response.headers["Retry-After"] = str(STORE_RETRY_AFTER_SECONDS)
+    return response
 
 
 def handle_internal(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -122,8 +153,7 @@ def handle_internal(request: Request[Any, Any, Any], exc: Exception) -> Response
 EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
     Problem: handle_problem,
     HTTPException: handle_http_exception,
-    RedisConnectionError: handle_redis_down,
-    RedisTimeoutError: handle_redis_down,
+    RedisError: handle_redis_down,
     ConnectionRefusedError: handle_redis_down,
     Exception: handle_internal,
 }

@@ -18,7 +18,7 @@ from api.services import (
     owned_sandbox,
     page_limit,
     services_of,
-    stop_turns,
+    sessions_deleted,
 )
 from shared.models import CreateSandbox, Sandbox, check_metadata
 from shared.sandbox.confinement import SandboxSpec
@@ -83,7 +83,7 @@ class SandboxController(Controller):
         await owned_sandbox(svc, sandbox_id, tenant)
         record = await svc.store.get_sandbox_record(sandbox_id)
         deleted = await svc.store.delete_sandbox(sandbox_id, tenant)
-        await stop_turns(svc, deleted)
+        await sessions_deleted(svc, deleted)
         if record is not None:
             await _empty_workspace(svc, record)
 

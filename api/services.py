@@ -16,7 +16,8 @@ from api.hub import EventHub
 from api.problems import Problem, invalid_body, not_found
 from shared import keys
 from shared.approvals import ApprovalStore
-from shared.models import Sandbox, Session, is_uuid
+from shared.events import SessionDeleted
+from shared.models import Sandbox, Session, is_uuid, now_rfc3339
 from shared.sandbox.confinement import Confinement
 from shared.settings import Settings
 from shared.store import SessionStore
@@ -105,9 +106,12 @@ def page_limit(limit: int | None, settings: Settings) -> int:
     return limit
 
 
-async def stop_turns(svc: Services, sessions: list[Session]) -> None:
-    """Ask the workers to stop the turns of deleted sessions."""
+async def sessions_deleted(svc: Services, sessions: list[Session]) -> None:
+    """After sessions were deleted: ask the workers to stop their turns, and
+    every API process to end their streams and waiting sends (`EventHub`)."""
     for session in sessions:
+        deleted = SessionDeleted(session_id=session.id, created_at=now_rfc3339())
+        await svc.redis.publish(keys.DELETED_CHANNEL, msgspec.json.encode(deleted))
         if session.turn_id:
             await publish_interrupt(svc, session.id, session.turn_id)
 

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
-from redis.exceptions import RedisError
 
-from api.approvals import awaiting_problem, awaiting_reply, end_waiting_turn, pending_of
+from api.approvals import awaiting_reply, end_waiting_turn, pending_of
 from api.browser import absolute_url
-from api.feed import feed
 from api.guard import tenant_of
-from api.hub import RESYNC, LiveEvent
 from api.idempotency import IdemRecord, claim_or_replay, released_on_error
 from api.pagination import paged_response
 from api.problems import Problem, not_found
@@ -28,26 +24,22 @@ from api.services import (
     page_limit,
     publish_interrupt,
     services_of,
-    stop_turns,
+    sessions_deleted,
 )
+from api.turns import AWAITING, submitted_turn, wait_for_end
 from shared import eventlog
 from shared import events as ev
-from shared.events import TERMINAL_TYPES, TerminalView, decode_head, decode_terminal
+from shared.events import TerminalView
 from shared.logs import bind
 from shared.models import (
     CreateSession,
-    Message,
     SendMessage,
     Session,
     SessionWithMessages,
     check_metadata,
-    new_id,
-    now_rfc3339,
 )
-from shared.queue import TurnJob, queued_job
 
 logger = logging.getLogger("sandstream.api")
-APPROVAL_REQUESTED = "tool_approval_requested"
 
 
 class SessionController(Controller):
@@ -119,7 +111,7 @@ class SessionController(Controller):
         session = await svc.store.delete_session(check_id("session", sid), tenant_of(request))
         if session is None:
             raise not_found("session", sid)
-        await stop_turns(svc, [session])
+        await sessions_deleted(svc, [session])
 
     @post("/sessions/{sid:str}/messages", status_code=200, opt={"scope": "send"})
     async def send_message(
@@ -141,58 +133,20 @@ class SessionController(Controller):
         )
         if isinstance(idem, IdemRecord):
             return await _replay_send(request, svc, sid, idem, wait_limit)
-        turn_id = new_id()
-        user_message = Message(
-            id=new_id(),
-            session_id=sid,
-            role="user",
-            content=list(body.content),
-            timestamp=now_rfc3339(),
-            turn_id=turn_id,
-        )
-        # The worker publishes the turn's terminal event on this process's reply
-        # channel as well (named in the claim): no per-send subscription.
-        reply = svc.hub.expect_reply(turn_id) if wait_limit > 0 else None
-        try:
-            async with released_on_error(idem):
-                claim = await svc.store.claim_turn(
-                    sid,
-                    tenant_of(request),
-                    turn_id,
-                    user_message,
-                    queued_job(TurnJob(session_id=sid, turn_id=turn_id)),
-                    reply_to=svc.hub.reply_channel if reply is not None else "",
-                )
-            if idem is not None:
-                if claim.status == "ok":
-                    await idem.settle(turn_id, after=claim.latest_seq)
-                else:
-                    await idem.abandon()
-            if claim.status == "missing":
-                raise not_found("session", sid)
-            if claim.status == "running":
-                state = await svc.store.turn_state(sid)
-                if state is not None and state.awaiting and state.turn_id:
-                    raise awaiting_problem(sid, state.turn_id)
-                raise Problem(
-                    409,
-                    "turn_in_progress",
-                    f"session {sid} is running turn {claim.turn_id}; wait for it or interrupt it",
-                    turn_id=claim.turn_id,
-                )
-            bind(turn_id=turn_id)
+        async with submitted_turn(
+            svc, sid, tenant_of(request), list(body.content), idem, wait=wait_limit > 0
+        ) as turn:
+            bind(turn_id=turn.turn_id)
             logger.info("turn queued")
             terminal = None
-            if reply is not None:
-                terminal = await _await_reply(
-                    svc, sid, turn_id, reply, claim.latest_seq, wait_limit
+            if turn.reply is not None:
+                terminal = await wait_for_end(
+                    svc, sid, turn.turn_id, turn.after, wait_limit, turn.reply
                 )
-        finally:
-            svc.hub.forget_reply(turn_id)
         if terminal is None:
-            return _accepted(request, sid, turn_id, claim.latest_seq)
+            return _accepted(request, sid, turn.turn_id, turn.after)
         if terminal is AWAITING:
-            return await awaiting_reply(request, svc, sid, turn_id, claim.latest_seq)
+            return await awaiting_reply(request, svc, sid, turn.turn_id, turn.after)
         return _turn_outcome(terminal)
 
     @post("/sessions/{sid:str}/interrupt", status_code=200, opt={"scope": "interrupt"})
@@ -216,14 +170,12 @@ class SessionController(Controller):
             )
         await svc.store.flag_interrupt(sid, turn_id)
         await publish_interrupt(svc, sid, turn_id)
-        terminal = await _wait_for_terminal(
-            svc, sid, turn_id, seq, svc.settings.interrupt_wait_seconds
-        )
+        terminal = await wait_for_end(svc, sid, turn_id, seq, svc.settings.interrupt_wait_seconds)
         return InterruptResult(
             session_id=sid,
             interrupted=True,
             turn_id=turn_id,
-            state="running" if terminal is None else "active",
+            state="running" if terminal is None or terminal is AWAITING else "active",
         )
 
 
@@ -238,7 +190,9 @@ async def _replay_send(
     state = await svc.store.turn_state(sid)
     if state is not None and state.awaiting and state.turn_id == turn_id:
         return await awaiting_reply(request, svc, sid, turn_id, first.after)
-    terminal = await _wait_for_terminal(svc, sid, turn_id, first.after, wait_limit)
+    terminal = await wait_for_end(svc, sid, turn_id, first.after, wait_limit)
+    if terminal is AWAITING:
+        return await awaiting_reply(request, svc, sid, turn_id, first.after)
     if terminal is None:
         return _accepted(request, sid, turn_id, first.after)
     return _turn_outcome(terminal)
@@ -247,71 +201,6 @@ async def _replay_send(
 async def _end_unstarted(svc: Services, sid: str, sandbox_id: str, turn_id: str) -> bool:
     """Interrupt a turn no worker has started yet, right here."""
     return await svc.store.interrupt_unstarted(sid, sandbox_id, turn_id)
-
-
-# What `_await_reply` gives for a turn that began to wait for approval.
-AWAITING = TerminalView(seq=0, type="tool_approval_requested", turn_id="", stop_reason="end_turn")
-
-
-async def _await_reply(
-    svc: Services,
-    sid: str,
-    turn_id: str,
-    reply: asyncio.Future[bytes],
-    after: int,
-    limit: float,
-) -> TerminalView | None:
-    """The turn's terminal event off the reply channel (or AWAITING when the
-    turn began to wait for approval); None past the limit. At each keepalive
-    interval without it, and when replies may have been missed, the session's
-    log is read instead: a lost message costs time, not the reply."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while (remaining := deadline - loop.time()) > 0:
-        try:
-            data = await asyncio.wait_for(
-                asyncio.shield(reply), min(remaining, svc.settings.keepalive_seconds)
-            )
-        except TimeoutError:
-            data = RESYNC
-        if data:
-            if decode_head(data).type == APPROVAL_REQUESTED:
-                return AWAITING
-            return decode_terminal(data)
-        try:
-            awaiting = False
-            for logged in await eventlog.read_after(svc.redis, sid, after):
-                if logged.type in TERMINAL_TYPES:
-                    terminal = decode_terminal(logged.data)
-                    if terminal.turn_id == turn_id:
-                        return terminal
-                elif logged.type == APPROVAL_REQUESTED:
-                    awaiting = awaiting or decode_head(logged.data).turn_id == turn_id
-            if awaiting:
-                return AWAITING
-        except (RedisError, OSError):
-            logger.warning("could not read the log of session %s", sid)
-        if reply.done():
-            reply = svc.hub.expect_reply(turn_id)
-    return None
-
-
-async def _wait_for_terminal(
-    svc: Services, sid: str, turn_id: str, after: int, limit: float
-) -> TerminalView | None:
-    """The turn's terminal event, from the log or as it arrives; None past the limit.
-    `after` must be a seq from before the turn ended (the claim's, say)."""
-    async with svc.hub.subscribe(sid) as queue:
-        try:
-            async with asyncio.timeout(limit):
-                async for item in feed(svc.redis, svc.hub, sid, queue, after):
-                    if isinstance(item, LiveEvent) and item.type in TERMINAL_TYPES:
-                        terminal = decode_terminal(item.data)
-                        if terminal.turn_id == turn_id:
-                            return terminal
-        except TimeoutError:
-            return None
-    return None
 
 
 def _accepted(

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 from litestar import Controller, Request, Response, get
 from litestar.response import Stream
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from api.feed import Cursor, Truncated
+from api.feed import Cursor
 from api.guard import principal_of, tenant_of
-from api.hub import DRAIN, TICK, LiveEvent, QueueItem
+from api.hub import DELETED, DRAIN, TICK, EventHub, LiveEvent, QueueItem
+from api.memory import trim_soon
 from api.metrics import SSE_CONNECTIONS
 from api.problems import Problem
 from api.reconnect import come_back_later, until_expiry
-from api.services import Services, owned_session, services_of
+from api.services import owned_session, services_of
+from api.write_timeout import EventStream
 from shared import eventlog
-from shared.events import sse_frame
+from shared.events import Keepalive, LogTruncated, Reconnect, SessionDeleted, notice_frame
 from shared.models import now_rfc3339
+
+logger = logging.getLogger("sandstream.api")
 
 # A seq as a client may send it: ASCII digits, small enough for Redis's 64-bit ids.
 SEQ = re.compile(r"[0-9]{1,18}")
@@ -63,33 +67,39 @@ class StreamController(Controller):
                 "Last-Event-ID and `after` must be a seq: a non-negative integer below 10^18",
                 field="after",
             )
-        events = _events(svc, sid, session.sandbox_id, start)
+        events = session_events(svc.redis, svc.hub, sid, session.sandbox_id, start)
         grant = principal_of(request).grant
-        return Stream(
+        return EventStream(
             events if grant is None else until_expiry(events, grant),
+            write_timeout=svc.settings.stream_write_timeout_seconds,
+            last_words=_reconnect_frame(sid, "this client accepted nothing for too long"),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            # The connection ends with the stream: one dropped for accepting
+            # nothing is closed, not kept for a next request.
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "close"},
         )
 
 
-async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> AsyncIterator[bytes]:
-    # `api.feed.feed`'s loop, inlined: this is the one generator an event passes
+async def session_events(
+    redis: Redis, hub: EventHub, sid: str, sandbox_id: str, after: int
+) -> AsyncIterator[bytes]:
+    """The stream's body: the events after `after`, from the log and then live,
+    with the stream's own notices in between (`api.feed` says how)."""
+    # `api.feed`'s loop, inlined: this is the one generator a live event passes
     # through per stream (each layer costs every event on every stream).
     SSE_CONNECTIONS.inc()
     try:
-        async with svc.hub.subscribe(sid) as queue:
+        async with hub.subscribe(sid) as queue:
             # The body starts at once, so proxies and clients see the stream is
             # open; `retry` tells EventSource how soon to come back if it drops,
             # and `id` where from, even if it drops before the first event.
             yield f"retry: {RECONNECT_MS}\nid: {after}\n: stream open\n\n".encode()
-            if svc.hub.draining:
+            if hub.draining:
                 yield _reconnect_frame(sid, "this API process is shutting down")
                 return
-            cursor = Cursor(svc.redis, sid, after)
-            if truncated := await cursor.check_retained():
-                yield _truncated_frame(sid, truncated)
-            for event in await cursor.backfill():
-                yield event.frame
+            cursor = Cursor(redis, sid, after)
+            async for frame in _refill(cursor, sid):
+                yield frame
             pending: QueueItem | None = None
             while True:
                 item = await queue.get() if pending is None else pending
@@ -115,47 +125,45 @@ async def _events(svc: Services, sid: str, sandbox_id: str, after: int) -> Async
                     # A gap: what is missing (and this one) comes from the log.
                 elif item == TICK:
                     # Quiet for a while: the log too, for a lost last message.
-                    for event in await cursor.backfill():
-                        yield event.frame
-                    yield await _keepalive(svc, sid, sandbox_id)
+                    async for frame in _refill(cursor, sid):
+                        yield frame
+                    yield notice_frame(
+                        Keepalive(
+                            session_id=sid,
+                            sandbox_id=sandbox_id,
+                            latest_seq=await eventlog.latest_seq(redis, sid),
+                            created_at=now_rfc3339(),
+                        )
+                    )
                     continue
                 elif item == DRAIN:
                     yield _reconnect_frame(sid, "this API process is shutting down")
                     return
-                for event in await cursor.backfill():
-                    yield event.frame
-    except (RedisConnectionError, RedisTimeoutError, OSError):
-        # Redis is gone: end the stream and say when to come back; the client
+                elif item == DELETED:
+                    yield notice_frame(SessionDeleted(session_id=sid, created_at=now_rfc3339()))
+                    return
+                # A gap or a resync: refill from the log.
+                async for frame in _refill(cursor, sid):
+                    yield frame
+    except (RedisError, OSError):
+        # Redis is gone or cannot serve: end the stream and say when to come back; the client
         # resumes from its Last-Event-ID, so nothing is lost.
         yield _reconnect_frame(sid, "the store is unavailable")
     finally:
         SSE_CONNECTIONS.dec()
+        trim_soon()
 
 
-async def _keepalive(svc: Services, sid: str, sandbox_id: str) -> bytes:
-    payload = {
-        "type": "keepalive",
-        "session_id": sid,
-        "sandbox_id": sandbox_id,
-        "latest_seq": await eventlog.latest_seq(svc.redis, sid),
-        "created_at": now_rfc3339(),
-    }
-    return sse_frame("keepalive", msgspec.json.encode(payload), None)
-
-
-def _truncated_frame(sid: str, item: Truncated) -> bytes:
-    payload = {
-        "type": "log_truncated",
-        "session_id": sid,
-        "after": item.after,
-        "first_seq": item.first_seq,
-        "detail": "events before first_seq are no longer retained; refetch the session",
-    }
-    return sse_frame("log_truncated", msgspec.json.encode(payload), None)
+async def _refill(cursor: Cursor, sid: str) -> AsyncIterator[bytes]:
+    async for item in cursor.refill():
+        if isinstance(item, LiveEvent):
+            yield item.frame
+        else:
+            yield notice_frame(
+                LogTruncated(session_id=sid, after=item.after, first_seq=item.first_seq)
+            )
 
 
 def _reconnect_frame(sid: str, reason: str) -> bytes:
-    payload = {"type": "reconnect", "session_id": sid, "detail": f"{reason}; reconnect"}
-    return f"retry: {RECONNECT_MS}\n".encode() + sse_frame(
-        "reconnect", msgspec.json.encode(payload), None
-    )
+    notice = Reconnect(session_id=sid, detail=f"{reason}; reconnect")
+    return f"retry: {RECONNECT_MS}\n".encode() + notice_frame(notice)

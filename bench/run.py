@@ -26,6 +26,7 @@ from bench.file_tools import bench_file_tools
 from bench.files_api import bench_files_changed, bench_transfers
 from bench.harness import AUTH, percentile, private_redis, service
 from bench.http_load import Connection, prepare
+from bench.replay import bench_replay
 from bench.sse_clients import bare_sse_server, open_streams
 from shared import keys
 from shared.models import Message, TextBlock, new_id, now_rfc3339
@@ -390,9 +391,9 @@ def main() -> None:
     parser.add_argument("--streams", default="1000", help="comma-separated stream counts")
     parser.add_argument(
         "--only",
-        default="latency,throughput,fanout,idle,files,streaming,appends,files_api",
+        default="latency,throughput,fanout,idle,files,streaming,appends,files_api,replay",
         help="comma-separated benchmarks to run "
-        "(latency, throughput, fanout, idle, files, streaming, appends, files_api)",
+        "(latency, throughput, fanout, idle, files, streaming, appends, files_api, replay)",
     )
     parser.add_argument(
         "--turns", default="20,200,500", help="comma-separated concurrent streaming turns"
@@ -422,6 +423,12 @@ def main() -> None:
                 bench_files_api(url, 20, 1000, 3)
             else:
                 bench_files_api(url, 200, 10_000, 10)
+        if "replay" in only:
+            table(
+                "10. replay of a long log (64 KB tool results), one reading client",
+                ["", "first event ms", "last event ms", "API RSS above idle MiB", "first vs base"],
+                bench_replay(url, 10 if args.quick else 100),
+            )
     if "files" in only:
         bench_files(20 if args.quick else 200)
 

@@ -129,6 +129,45 @@ class TerminalView(msgspec.Struct):
     error: ErrorInfo | None = None
 
 
+class Keepalive(msgspec.Struct, kw_only=True, tag_field="type", tag="keepalive"):
+    """Sent without an `id:` (it must not move the client's cursor) each keepalive
+    interval: the session's latest seq, so a client can see what it missed."""
+
+    session_id: str
+    sandbox_id: str
+    latest_seq: int
+    created_at: str
+
+
+class LogTruncated(msgspec.Struct, kw_only=True, tag_field="type", tag="log_truncated"):
+    """The events after `after` up to `first_seq` are no longer in the log; the
+    stream goes on from `first_seq`. The client refetches the session."""
+
+    session_id: str
+    after: int
+    first_seq: int
+    detail: str = "events before first_seq are no longer retained; refetch the session"
+
+
+class Reconnect(msgspec.Struct, kw_only=True, tag_field="type", tag="reconnect"):
+    """The stream ends here; the client resumes with its Last-Event-ID."""
+
+    session_id: str | None
+    detail: str
+
+
+class SessionDeleted(msgspec.Struct, kw_only=True, tag_field="type", tag="session_deleted"):
+    """The session was deleted: the last event of its streams. Also what the API
+    publishes to its processes (`keys.DELETED_CHANNEL`) so that each ends its own
+    streams and waiting sends of the session."""
+
+    session_id: str
+    created_at: str
+
+
+Notice = Keepalive | LogTruncated | Reconnect | SessionDeleted
+
+
 _encoder = msgspec.json.Encoder()
 _head_decoder = msgspec.json.Decoder(EventHead)
 _terminal_decoder = msgspec.json.Decoder(TerminalView)
@@ -144,6 +183,13 @@ def decode_head(data: bytes) -> EventHead:
 
 def decode_terminal(data: bytes) -> TerminalView:
     return _terminal_decoder.decode(data)
+
+
+def notice_frame(notice: Notice) -> bytes:
+    """A frame of one of the stream's own events; they carry no seq."""
+    tag = notice.__struct_config__.tag
+    assert isinstance(tag, str)
+    return sse_frame(tag, _encoder.encode(notice), None)
 
 
 def sse_frame(event_type: str, data: bytes, seq: int | None) -> bytes:

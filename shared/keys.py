@@ -14,6 +14,9 @@ QUEUE = f"{PREFIX}:queue"
 WAKE_CHANNEL = f"{PREFIX}:wake"
 # Interrupt requests, read by every worker; the one running the turn acts.
 CONTROL_CHANNEL = f"{PREFIX}:control"
+# Every API process listens here for deleted sessions (`events.SessionDeleted`),
+# to end their streams and waiting sends wherever they are.
+DELETED_CHANNEL = f"{PREFIX}:api:deleted"
 # Session ids with a turn in progress, scanned by the workers' reaper.
 RUNNING = f"{PREFIX}:running"
 # Session ids with a turn awaiting approval, scored by when its undecided calls

@@ -65,6 +65,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     send_wait_seconds: float = 300.0
     interrupt_wait_seconds: float = 5.0
     keepalive_seconds: float = 15.0
+    # SSE streams: what one client may have pending, and how long it may accept
+    # nothing before it is dropped (told to reconnect).
+    stream_buffer_bytes: int = 1 << 20
+    stream_write_timeout_seconds: float = 30.0
     page_limit_max: int = 200
     # session log
     log_max_events: int = 10_000
@@ -95,9 +99,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # lease stood still for lease + grace + a third of the lease.
     lease_seconds: float = 15.0
     lease_grace_seconds: float = 30.0
-    # Every Redis call of a worker gives up after this long, or after a third of
-    # the lease if that is shorter (a partition is then an error, not a call
-    # that never returns).
+    # Every Redis call gives up after this long (a partition is then an error,
+    # not a call that never returns): the API answers 503, a worker's calls take
+    # at most a third of the lease if that is shorter.
     redis_socket_timeout_seconds: float = 5.0
     queued_turn_timeout_seconds: float = 3600.0
     # sandbox isolation
