@@ -28,7 +28,7 @@ def test_bench_quick_run_prints_every_table() -> None:
         "6b. the append path",
         "7. files API",
         "8. files_changed",
-        "9. replay",
+        "10. replay",
     ):
         assert title in result.stdout
     assert "bare Litestar SSE" in result.stdout and "naive: arq" in result.stdout
