@@ -9,7 +9,7 @@ import time
 import uuid
 
 import httpx
-from helpers import StreamReader, text_message
+from helpers import StreamReader, text_message, wait_state
 
 RFC3339_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
@@ -150,7 +150,8 @@ def test_send_while_running_returns_409_naming_the_turn(
     assert problem["code"] == "turn_in_progress" and problem["turn_id"] == turn_id
     assert turn_id in problem["detail"]
     client.post(f"/sessions/{session_id}/interrupt")
-    history = client.get(f"/sessions/{session_id}").json()["messages"]
+    # The interrupt answers `running` when the turn takes longer than its wait to stop.
+    history = wait_state(client, session_id, "active")["messages"]
     assert [m["role"] for m in history] == ["user", "assistant"]
 
 
