@@ -123,7 +123,7 @@ async def session_events(
                     if item.seq <= cursor.last:
                         continue
                     # A gap: what is missing (and this one) comes from the log.
-                elif item == TICK or item == RESYNC:
+                elif item in (TICK, RESYNC):
                     # Quiet for a while, or messages were missed (the hub lost its
                     # connection): the session's deletion may be among them.
                     if not await redis.exists(keys.session(sid)):
