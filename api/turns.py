@@ -144,35 +144,42 @@ async def _wait(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
     check_log = True
-    while True:
-        if reply.done():
-            data = reply.result()
-            if data == DRAIN:
+    given = reply
+    try:
+        while True:
+            if reply.done():
+                data = reply.result()
+                if data == DRAIN:
+                    return None
+                if data == DELETED:
+                    raise not_found("session", sid)
+                if data != RESYNC:
+                    if decode_head(data).type == APPROVAL_REQUESTED:
+                        return AWAITING
+                    return decode_terminal(data)
+                # Messages may have been missed: listen again, and read the log.
+                svc.hub.forget_reply(turn_id, reply)
+                reply = svc.hub.expect_reply(sid, turn_id)
+                check_log = True
+            if check_log:
+                found, after = await _terminal_in_log(svc, sid, turn_id, after)
+                if found is not None:
+                    return found
+                check_log = False
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 return None
-            if data == DELETED:
-                raise not_found("session", sid)
-            if data != RESYNC:
-                if decode_head(data).type == APPROVAL_REQUESTED:
-                    return AWAITING
-                return decode_terminal(data)
-            # Messages may have been missed: listen again, and read the log.
+            try:
+                await asyncio.wait_for(
+                    asyncio.shield(reply), min(remaining, svc.settings.keepalive_seconds)
+                )
+            except TimeoutError:
+                check_log = True
+    finally:
+        # Listening again after a RESYNC registered a wait of its own, which is
+        # this function's to forget (the caller forgets the one it gave).
+        if reply is not given:
             svc.hub.forget_reply(turn_id, reply)
-            reply = svc.hub.expect_reply(sid, turn_id)
-            check_log = True
-        if check_log:
-            found, after = await _terminal_in_log(svc, sid, turn_id, after)
-            if found is not None:
-                return found
-            check_log = False
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return None
-        try:
-            await asyncio.wait_for(
-                asyncio.shield(reply), min(remaining, svc.settings.keepalive_seconds)
-            )
-        except TimeoutError:
-            check_log = True
 
 
 async def _terminal_in_log(

@@ -4,13 +4,24 @@ streams and waits learn from the store itself what pub/sub did not tell them."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import redis
 from conftest import Stack
 from helpers import StreamReader, new_session
+
+from api.hub import EventHub
+from api.services import Services
+from api.turns import wait_for_end
+from shared import keys
+from shared.queue import connect
+from shared.settings import Settings
+from shared.turns import TurnIds, failed
 
 
 def _kill_pubsub_connections(url: str, stop: threading.Event) -> None:
@@ -51,3 +62,51 @@ def test_a_deletion_missed_while_the_hub_reconnects_still_ends_the_stream(
             f"\nstream ended {time.monotonic() - deleted_at:.2f} s after the hub could hear again"
         )
         assert events and events[-1]["_event"] == "session_deleted", events
+
+
+def test_a_wait_through_a_hub_reconnect_leaves_nothing_registered(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A wait on a turn's end that lives through a reconnect of the hub (which
+    tells it to listen again, RESYNC) gets the turn's end, and afterwards the hub
+    holds no wait of it (before: the wait registered after the reconnect was
+    never forgotten, one leaked per wait per reconnect)."""
+
+    async def main() -> None:
+        url = redis_url.rsplit("/", 1)[0] + "/9"
+        redis_client = await connect(url)
+        await redis_client.flushdb()
+        hub = EventHub(await connect(url), tick_seconds=60)
+        await hub.start()
+        svc = Services(
+            Settings(sandbox_root=str(tmp_path), keepalive_seconds=60), redis_client, hub, None
+        )
+        store = svc.store
+        sid, turn_id = str(uuid.uuid4()), str(uuid.uuid4())
+        await redis_client.hset(
+            keys.session(sid), mapping={"state": "running", "turn_id": turn_id, "sandbox_id": "s"}
+        )
+        channel = keys.events_channel(sid)
+        try:
+            waiting = asyncio.create_task(wait_for_end(svc, sid, turn_id, 0, 8))
+            for _ in range(200):  # subscribed to the session's channel
+                if (await redis_client.pubsub_numsub(channel))[0][1] == 1:
+                    break
+                await asyncio.sleep(0.01)
+            await redis_client.client_kill_filter(_type="pubsub")
+            for _ in range(300):  # and again after the reconnect
+                await asyncio.sleep(0.01)
+                if hub._ready.is_set() and (await redis_client.pubsub_numsub(channel))[0][1]:
+                    break
+            ids = TurnIds(session_id=sid, sandbox_id="s", turn_id=turn_id, message_id="m")
+            terminal = failed(ids, "error", "test", "ended")
+            assert await store.finish_turn(sid, turn_id, "worker", None, terminal)
+            ended = await asyncio.wait_for(waiting, 5)
+            assert ended is not None and ended.turn_id == turn_id
+            assert hub._replies == {}, "a wait is still registered with the hub"
+        finally:
+            await hub.stop()
+            svc.disk.shutdown()
+            await redis_client.aclose()
+
+    asyncio.run(main())
