@@ -28,6 +28,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
 from shared.events import TERMINAL_TYPES, SessionDeleted, decode_head, sse_frame
@@ -83,9 +84,15 @@ class ClientQueue(asyncio.Queue[QueueItem]):
 
 class EventHub:
     def __init__(
-        self, redis: Redis, tick_seconds: float = 15.0, client_buffer_bytes: int = 1 << 20
+        self,
+        redis: Redis,
+        tick_seconds: float = 15.0,
+        client_buffer_bytes: int = 1 << 20,
+        confirm_seconds: float = 10.0,
     ) -> None:
         self._redis = redis
+        # How long a SUBSCRIBE may go unconfirmed before Redis counts as unavailable.
+        self._confirm_seconds = confirm_seconds
         self._tick_seconds = tick_seconds
         self._buffer_bytes = client_buffer_bytes
         self._ticker: asyncio.Task[None] | None = None
@@ -181,7 +188,12 @@ class EventHub:
     async def _wait_confirmed(self, channel: bytes) -> None:
         pending = self._pending.get(channel)
         if pending:
-            await asyncio.wait_for(asyncio.shield(pending[-1]), 10)
+            try:
+                await asyncio.wait_for(asyncio.shield(pending[-1]), self._confirm_seconds)
+            except TimeoutError:
+                # Redis holds the connection but answers nothing (stalled): the
+                # store cannot serve now, which callers answer with 503.
+                raise RedisTimeoutError("the subscription was not confirmed in time") from None
 
     async def _send(self, *args: str | bytes) -> None:
         await self._ready.wait()

@@ -5,17 +5,21 @@ streams and waits learn from the store itself what pub/sub did not tell them."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import redis
-from conftest import Stack
+from conftest import RedisServer, Stack
 from helpers import StreamReader, new_session
+from redis.exceptions import RedisError
 
 from api.hub import EventHub
+from api.problems import store_unavailable
 from api.services import Services
 from api.turns import wait_for_end
 from shared import keys
@@ -108,5 +112,33 @@ def test_a_wait_through_a_hub_reconnect_leaves_nothing_registered(
             await hub.stop()
             svc.disk.shutdown()
             await redis_client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_subscription_a_stalled_redis_does_not_confirm_is_store_unavailable(
+    own_redis: RedisServer,
+) -> None:
+    """Redis stopped (it holds the connection, answers nothing) when a stream or a
+    wait subscribes: the subscription fails as the store being unavailable, which
+    the API answers with 503 `store_unavailable` (before: a bare `TimeoutError`
+    after 10 s, a 500 `internal_error` for a wait)."""
+
+    async def main() -> None:
+        hub = EventHub(await connect(own_redis.url), confirm_seconds=0.5)
+        await hub.start()
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        began = time.monotonic()
+        try:
+            with pytest.raises(RedisError) as raised:
+                async with hub.subscribe(str(uuid.uuid4())):
+                    pass
+            assert store_unavailable(raised.value)
+            print(f"\nunconfirmed subscription failed after {time.monotonic() - began:.2f} s")
+            assert time.monotonic() - began < 3
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+            await hub.stop()
 
     asyncio.run(main())
