@@ -159,7 +159,8 @@ return firsts
 # KEYS: session, messages, seq, log, running index, recent durations, then the
 #       counter hashes the turn adds to.
 # ARGV: one JSON document, `shared.turns.FinishArgs` (named members, no slots to count).
-# mode "worker": the running worker ends its turn.
+# mode "worker": the running worker ends its turn, while it holds the lease (a
+#   turn it suspended for approval, or that another worker resumed, is not its).
 # mode "unstarted": end a turn no worker has picked up (interrupt, queue timeout).
 # mode "orphaned": end a started turn whose lease epoch still is `epoch`: the
 #   reaper saw it stand still long enough (a renewal since cancels this).
@@ -175,6 +176,7 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'running'
 end
 local started = redis.call('HGET', KEYS[1], 'started')
 if a.mode == 'unstarted' and started then return 0 end
+if a.mode == 'worker' and started ~= a.worker_id then return 0 end
 if a.mode == 'orphaned' and ((not started)
    or tonumber(redis.call('HGET', KEYS[1], 'lease_epoch') or '0') ~= a.epoch) then
   return 0

@@ -87,9 +87,8 @@ def test_a_wait_through_a_hub_reconnect_leaves_nothing_registered(
         )
         store = svc.store
         sid, turn_id = str(uuid.uuid4()), str(uuid.uuid4())
-        await redis_client.hset(
-            keys.session(sid), mapping={"state": "running", "turn_id": turn_id, "sandbox_id": "s"}
-        )
+        running = {"state": "running", "turn_id": turn_id, "sandbox_id": "s", "started": "w"}
+        await redis_client.hset(keys.session(sid), mapping=running)
         channel = keys.events_channel(sid)
         try:
             waiting = asyncio.create_task(wait_for_end(svc, sid, turn_id, 0, 8))
@@ -104,7 +103,7 @@ def test_a_wait_through_a_hub_reconnect_leaves_nothing_registered(
                     break
             ids = TurnIds(session_id=sid, sandbox_id="s", turn_id=turn_id, message_id="m")
             terminal = failed(ids, "error", "test", "ended")
-            assert await store.finish_turn(sid, turn_id, "worker", None, terminal)
+            assert await store.finish_turn(sid, turn_id, "worker", None, terminal, worker_id="w")
             ended = await asyncio.wait_for(waiting, 5)
             assert ended is not None and ended.turn_id == turn_id
             assert hub._replies == {}, "a wait is still registered with the hub"

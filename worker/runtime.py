@@ -146,7 +146,9 @@ class WorkerRuntime:
                 message_id=new_id(),
             )
             terminal = failed(ids, "error", error.code, error.message)
-            await self.store.finish_turn(job.session_id, job.turn_id, "worker", None, terminal)
+            await self.store.finish_turn(
+                job.session_id, job.turn_id, "worker", None, terminal, worker_id=self.worker_id
+            )
             return True
         sandbox = self.pool.take(spec)
         runner = TurnRunner(
