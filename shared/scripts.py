@@ -43,17 +43,22 @@ return {'ok', tostring(tonumber(redis.call('GET', KEYS[3]) or '0'))}
 # -> {sandbox_id, agent JSON, messages} started | 0 not current (over, reaped,
 #    or started elsewhere). Messages: the whole conversation, or only the turn's
 #    user message when the session's `history` is "last" (the agent reads no more).
+#    Sent again by the worker that started it (its reply was lost), the turn is
+#    handed back as it is, not refused: refused, no one would run it.
 # The lease is the pair (`started`: the worker, `lease_epoch`), kept in the
 # session's hash with no expiry: it is the worker's renewals that keep it, as
 # the reapers see it move, not a TTL on Redis's clock (README: Reliability).
 START_TURN = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running'
-   or redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1]
-   or redis.call('HGET', KEYS[1], 'started') then
+   or redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1] then
   return 0
 end
-redis.call('HSET', KEYS[1], 'started', ARGV[2], 'lease_epoch', 1)
-redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
+local started = redis.call('HGET', KEYS[1], 'started')
+if started and started ~= ARGV[2] then return 0 end
+if not started then
+  redis.call('HSET', KEYS[1], 'started', ARGV[2], 'lease_epoch', 1)
+  redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
+end
 local found = redis.call('HMGET', KEYS[1], 'sandbox_id', 'agent', 'history')
 local first = 0
 if found[3] == 'last' then first = -1 end

@@ -15,7 +15,7 @@ from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared import eventlog
+from shared import eventlog, keys, metrics
 from shared import events as ev
 from shared.approvals import ApprovalStore, SuspendedTurn
 from shared.models import Message, PendingApproval, TextBlock, new_id, now_rfc3339
@@ -440,5 +440,33 @@ def test_a_worker_cannot_end_a_turn_whose_lease_it_no_longer_holds(redis_url: st
         state = await store.turn_state(sid)
         assert state is not None and state.state == "running" and state.awaiting
         assert await approvals.waiting(sid) is not None
+
+    run(redis_url, scenario)
+
+
+def test_a_start_sent_again_by_its_worker_after_a_lost_reply_hands_the_turn_back(
+    redis_url: str,
+) -> None:
+    """The worker's START_TURN went through but its reply was lost (a socket
+    timeout), so it asks again: it gets the turn, once counted, with the lease it
+    took (before: refused as started, so no one ran the turn until a reaper
+    ended it `worker_lost`). Another worker is still refused."""
+
+    async def scenario(store: SessionStore) -> None:
+        sandbox = await store.create_sandbox("t", {})
+        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
+        turn = new_id()
+        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        counted = await store.redis.hget(keys.METRICS_COUNTERS, metrics.STARTED)
+        first = await store.start_turn(sid, turn, "w1")
+        assert await store.renew_lease(sid, turn, "w1") == 1
+        again = await store.start_turn(sid, turn, "w1")
+        assert first is not None and again is not None
+        assert [m.id for m in again.history] == [m.id for m in first.history]
+        assert await store.start_turn(sid, turn, "w2") is None
+        state = await store.turn_state(sid)
+        assert state is not None and state.lease_epoch == 2  # not taken afresh
+        after = await store.redis.hget(keys.METRICS_COUNTERS, metrics.STARTED)
+        assert int(after or 0) - int(counted or 0) == 1
 
     run(redis_url, scenario)

@@ -114,7 +114,15 @@ class WorkerRuntime:
         (finished, reaped or interrupted already: a redelivered job does nothing).
         `accepted_at`: when the API queued it (epoch seconds), for the metrics."""
         leased_at = time.monotonic()
-        started = await self.store.start_turn(job.session_id, job.turn_id, self.worker_id)
+        # Asked again while the store cannot take it (a lost reply included: the
+        # turn is then handed back), for as long as no reaper could end it.
+        give_up_at = leased_at + self.settings.lease_seconds + self.settings.lease_grace_seconds
+        started = await until_stored(
+            lambda: self.store.start_turn(job.session_id, job.turn_id, self.worker_id),
+            what=f"the start of turn {job.turn_id}",
+            give_up=lambda: time.monotonic() > give_up_at,
+            logger=logger,
+        )
         if started is None:
             logger.info("job for turn %s: turn not current; skipped", job.turn_id)
             return False
