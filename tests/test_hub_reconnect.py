@@ -141,3 +141,42 @@ def test_a_subscription_a_stalled_redis_does_not_confirm_is_store_unavailable(
             await hub.stop()
 
     asyncio.run(main())
+
+
+def test_a_subscription_while_the_hub_has_no_connection_fails_and_leaves_nothing(
+    own_redis: RedisServer,
+) -> None:
+    """Redis is down (restarting, failing over) when a stream or a wait
+    subscribes: the subscription fails as the store being unavailable within the
+    socket timeout, holds nothing (no client, no channel), and once Redis is back
+    the same channel subscribes at once (before: it waited for Redis, however
+    long, holding the hub's lock against every other subscription)."""
+
+    async def main() -> None:
+        hub = EventHub(await connect(own_redis.url), confirm_seconds=0.5)
+        await hub.start()
+        sid = str(uuid.uuid4())
+        try:
+            own_redis.stop()
+            for _ in range(200):  # the hub notices
+                if not hub._ready.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            began = time.monotonic()
+            with pytest.raises(RedisError) as raised:
+                async with asyncio.timeout(3), hub.subscribe(sid):
+                    pass
+            assert store_unavailable(raised.value)
+            print(f"\nsubscription without Redis failed after {time.monotonic() - began:.2f} s")
+            assert hub.client_count == 0
+            own_redis.start()
+            for _ in range(300):  # the hub is back
+                if hub._ready.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            async with asyncio.timeout(2), hub.subscribe(sid):
+                assert hub.client_count == 1
+        finally:
+            await hub.stop()
+
+    asyncio.run(main())
