@@ -65,6 +65,20 @@ if found[3] == 'last' then first = -1 end
 return {found[1], found[2], redis.call('LRANGE', KEYS[2], first, -1)}
 """
 
+# KEYS: the worker's key, the workers' index.
+# ARGV: the key's ttl in seconds, now (epoch seconds), the score below which
+#       workers are forgotten, the worker's id, then its record's fields and values.
+# Allowed when Redis is out of memory, as the lease renewal is: a full store must
+# not make a healthy worker look dead to its liveness probe (which would restart
+# it, ending its turns). Refreshing a record in place takes next to none.
+WORKER_HEARTBEAT = """#!lua flags=allow-oom
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], 0, ARGV[3])
+return 1
+"""
+
 # KEYS: session. ARGV: turn_id, worker_id.
 # -> 1 renewed | 2 renewed, interrupt requested | 0 the turn is no longer this worker's
 # Allowed when Redis is out of memory: bumping an existing counter takes none,

@@ -33,7 +33,7 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import func
 
 from shared import events as ev
-from shared import keys
+from shared import keys, scripts
 from shared.approvals import ApprovalStore
 from shared.logs import bound
 from shared.models import is_uuid, new_id, now_rfc3339
@@ -226,6 +226,7 @@ class WorkerRuntime:
         """This worker's own heartbeat key, for ops and for `python -m worker check`."""
         started_at = now_rfc3339()
         interval = self.settings.worker_heartbeat_seconds
+        beat = self.store.redis.register_script(scripts.WORKER_HEARTBEAT)
         while True:
             try:
                 now = time.time()
@@ -237,12 +238,11 @@ class WorkerRuntime:
                     "started_at": started_at,
                     "last_heartbeat": now_rfc3339(),
                 }
-                async with self.store.redis.pipeline(transaction=False) as pipe:
-                    pipe.hset(keys.worker(self.worker_id), mapping=record)
-                    pipe.expire(keys.worker(self.worker_id), int(interval * 3) + 1)
-                    pipe.zadd(keys.WORKERS, {self.worker_id: now})
-                    pipe.zremrangebyscore(keys.WORKERS, 0, now - 3600)
-                    await pipe.execute()
+                fields = [str(item) for pair in record.items() for item in pair]
+                await beat(
+                    keys=[keys.worker(self.worker_id), keys.WORKERS],
+                    args=[int(interval * 3) + 1, now, now - 3600, self.worker_id, *fields],
+                )
             except Exception as exc:
                 if store_unavailable(exc) or isinstance(exc, TimeoutError):
                     logger.warning("worker heartbeat failed: %r", exc)
