@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             hub_redis,
             tick_seconds=settings.keepalive_seconds,
             client_buffer_bytes=settings.stream_buffer_bytes,
+            confirm_seconds=settings.redis_socket_timeout_seconds,
         )
         await hub.start()
         app.state.services = Services(settings, redis, hub, keyring)

@@ -28,6 +28,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
 from shared.events import TERMINAL_TYPES, SessionDeleted, decode_head, sse_frame
@@ -83,9 +84,16 @@ class ClientQueue(asyncio.Queue[QueueItem]):
 
 class EventHub:
     def __init__(
-        self, redis: Redis, tick_seconds: float = 15.0, client_buffer_bytes: int = 1 << 20
+        self,
+        redis: Redis,
+        tick_seconds: float = 15.0,
+        client_buffer_bytes: int = 1 << 20,
+        confirm_seconds: float = 10.0,
     ) -> None:
         self._redis = redis
+        # How long a SUBSCRIBE may wait for the connection, and then for its
+        # confirmation, before Redis counts as unavailable.
+        self._confirm_seconds = confirm_seconds
         self._tick_seconds = tick_seconds
         self._buffer_bytes = client_buffer_bytes
         self._ticker: asyncio.Task[None] | None = None
@@ -157,8 +165,20 @@ class EventHub:
             queues.add(queue)
             if len(queues) == 1:
                 confirmed = asyncio.get_running_loop().create_future()
-                self._pending.setdefault(channel, deque()).append(confirmed)
-                await self._send("SUBSCRIBE", channel)
+                pending = self._pending.setdefault(channel, deque())
+                pending.append(confirmed)
+                try:
+                    await self._send("SUBSCRIBE", channel)
+                except BaseException:
+                    # Not subscribed: no confirmation will come for this one,
+                    # and the channel is not to be subscribed on a reconnect.
+                    pending.remove(confirmed)
+                    if not pending:
+                        del self._pending[channel]
+                    queues.discard(queue)
+                    if not queues and self._queues.get(channel) is queues:
+                        del self._queues[channel]
+                    raise
         try:
             await self._wait_confirmed(channel)
             yield queue
@@ -181,10 +201,20 @@ class EventHub:
     async def _wait_confirmed(self, channel: bytes) -> None:
         pending = self._pending.get(channel)
         if pending:
-            await asyncio.wait_for(asyncio.shield(pending[-1]), 10)
+            try:
+                await asyncio.wait_for(asyncio.shield(pending[-1]), self._confirm_seconds)
+            except TimeoutError:
+                # Redis holds the connection but answers nothing (stalled): the
+                # store cannot serve now, which callers answer with 503.
+                raise RedisTimeoutError("the subscription was not confirmed in time") from None
 
     async def _send(self, *args: str | bytes) -> None:
-        await self._ready.wait()
+        if not self._ready.is_set():
+            try:
+                await asyncio.wait_for(self._ready.wait(), self._confirm_seconds)
+            except TimeoutError:
+                # Redis is down or restarting: the store cannot serve now (503).
+                raise RedisConnectionError("the event hub has no connection to Redis") from None
         assert self._pubsub is not None
         await self._pubsub.execute_command(*args)
 

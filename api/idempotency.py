@@ -4,7 +4,10 @@ The first request with a key claims it in Redis (SET NX) as `pending` with a
 digest of what it asks; once its effect is decided it records the resulting id
 (`done`), or drops the claim if it failed (so a retry may try again). A retry
 with the same key and body waits out a `pending` claim and replays `done`; the
-same key with another body is a 422. Keys expire after `idempotency_seconds`.
+same key with another body is a 422. Keys expire after `idempotency_seconds`;
+a `pending` claim after `idempotency_pending_seconds`, since a request that
+could not drop it (its process died, or the store went away as it failed) must
+not keep every retry out for the key's whole life.
 """
 
 from __future__ import annotations
@@ -90,9 +93,9 @@ async def claim_or_replay(
     redis_key = keys.idempotency(tenant, hashlib.sha256(key.encode()).hexdigest())
     pending = msgspec.json.encode(IdemRecord(digest=digest, state="pending"))
     deadline = time.monotonic() + _PENDING_WAIT_SECONDS
+    pending_ms = round(svc.settings.idempotency_pending_seconds * 1000)
     while True:
-        ttl = svc.settings.idempotency_seconds
-        if await svc.redis.set(redis_key, pending, nx=True, ex=ttl):
+        if await svc.redis.set(redis_key, pending, nx=True, px=pending_ms):
             return IdemClaim(svc, redis_key, digest)
         raw = await svc.redis.get(redis_key)
         if raw is None:

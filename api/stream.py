@@ -14,14 +14,14 @@ from redis.exceptions import RedisError
 
 from api.feed import Cursor
 from api.guard import principal_of, tenant_of
-from api.hub import DELETED, DRAIN, TICK, EventHub, LiveEvent, QueueItem
+from api.hub import DELETED, DRAIN, RESYNC, TICK, EventHub, LiveEvent, QueueItem
 from api.memory import trim_soon
 from api.metrics import SSE_CONNECTIONS
 from api.problems import Problem
 from api.reconnect import come_back_later, until_expiry
 from api.services import owned_session, services_of
 from api.write_timeout import EventStream
-from shared import eventlog
+from shared import eventlog, keys
 from shared.events import Keepalive, LogTruncated, Reconnect, SessionDeleted, notice_frame
 from shared.models import now_rfc3339
 
@@ -123,18 +123,24 @@ async def session_events(
                     if item.seq <= cursor.last:
                         continue
                     # A gap: what is missing (and this one) comes from the log.
-                elif item == TICK:
-                    # Quiet for a while: the log too, for a lost last message.
+                elif item in (TICK, RESYNC):
+                    # Quiet for a while, or messages were missed (the hub lost its
+                    # connection): the session's deletion may be among them.
+                    if not await redis.exists(keys.session(sid)):
+                        yield notice_frame(SessionDeleted(session_id=sid, created_at=now_rfc3339()))
+                        return
+                    # Refilled from the log, for what was missed (or a lost last message).
                     async for frame in _refill(cursor, sid):
                         yield frame
-                    yield notice_frame(
-                        Keepalive(
-                            session_id=sid,
-                            sandbox_id=sandbox_id,
-                            latest_seq=await eventlog.latest_seq(redis, sid),
-                            created_at=now_rfc3339(),
+                    if item == TICK:
+                        yield notice_frame(
+                            Keepalive(
+                                session_id=sid,
+                                sandbox_id=sandbox_id,
+                                latest_seq=await eventlog.latest_seq(redis, sid),
+                                created_at=now_rfc3339(),
+                            )
                         )
-                    )
                     continue
                 elif item == DRAIN:
                     yield _reconnect_frame(sid, "this API process is shutting down")
@@ -142,7 +148,7 @@ async def session_events(
                 elif item == DELETED:
                     yield notice_frame(SessionDeleted(session_id=sid, created_at=now_rfc3339()))
                     return
-                # A gap or a resync: refill from the log.
+                # A gap: refill from the log.
                 async for frame in _refill(cursor, sid):
                     yield frame
     except (RedisError, OSError):

@@ -22,6 +22,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import msgspec
 from redis.exceptions import RedisError
 
 from api.approvals import awaiting_problem
@@ -37,9 +38,20 @@ from shared.queue import TurnJob, queued_job
 logger = logging.getLogger("sandstream.api")
 
 APPROVAL_REQUESTED = "tool_approval_requested"
+APPROVAL_RESOLVED = "tool_approval_resolved"
 # What a wait gives for a turn that began to wait for approval of tool calls
 # (`shared.approvals`): the send answers 202 with the calls to decide.
 AWAITING = TerminalView(seq=0, type=APPROVAL_REQUESTED, turn_id="", stop_reason="end_turn")
+
+
+class _CallHead(msgspec.Struct):
+    """Which turn's tool call an approval event is about."""
+
+    turn_id: str | None = None
+    tool_use_id: str = ""
+
+
+_call_head = msgspec.json.Decoder(_CallHead)
 
 
 class Submitted:
@@ -144,44 +156,51 @@ async def _wait(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
     check_log = True
-    while True:
-        if reply.done():
-            data = reply.result()
-            if data == DRAIN:
+    given = reply
+    try:
+        while True:
+            if reply.done():
+                data = reply.result()
+                if data == DRAIN:
+                    return None
+                if data == DELETED:
+                    raise not_found("session", sid)
+                if data != RESYNC:
+                    if decode_head(data).type == APPROVAL_REQUESTED:
+                        return AWAITING
+                    return decode_terminal(data)
+                # Messages may have been missed: listen again, and read the log.
+                svc.hub.forget_reply(turn_id, reply)
+                reply = svc.hub.expect_reply(sid, turn_id)
+                check_log = True
+            if check_log:
+                found, after = await _terminal_in_log(svc, sid, turn_id, after)
+                if found is not None:
+                    return found
+                check_log = False
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 return None
-            if data == DELETED:
-                raise not_found("session", sid)
-            if data != RESYNC:
-                if decode_head(data).type == APPROVAL_REQUESTED:
-                    return AWAITING
-                return decode_terminal(data)
-            # Messages may have been missed: listen again, and read the log.
+            try:
+                await asyncio.wait_for(
+                    asyncio.shield(reply), min(remaining, svc.settings.keepalive_seconds)
+                )
+            except TimeoutError:
+                check_log = True
+    finally:
+        # Listening again after a RESYNC registered a wait of its own, which is
+        # this function's to forget (the caller forgets the one it gave).
+        if reply is not given:
             svc.hub.forget_reply(turn_id, reply)
-            reply = svc.hub.expect_reply(sid, turn_id)
-            check_log = True
-        if check_log:
-            found, after = await _terminal_in_log(svc, sid, turn_id, after)
-            if found is not None:
-                return found
-            check_log = False
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return None
-        try:
-            await asyncio.wait_for(
-                asyncio.shield(reply), min(remaining, svc.settings.keepalive_seconds)
-            )
-        except TimeoutError:
-            check_log = True
 
 
 async def _terminal_in_log(
     svc: Services, sid: str, turn_id: str, after: int
 ) -> tuple[TerminalView | None, int]:
     """The turn's terminal event if it is logged after `after` (else AWAITING if
-    the turn began to wait for approval there); and how far the log was read,
-    where the next look starts."""
-    awaiting = False
+    the turn began to wait for approval there and still waits: a call asked about
+    and not decided); and how far the log was read, where the next look starts."""
+    undecided: set[str] = set()
     try:
         while True:
             page = await eventlog.read_after(svc.redis, sid, after, 500)
@@ -191,11 +210,17 @@ async def _terminal_in_log(
                     terminal = decode_terminal(logged.data)
                     if terminal.turn_id == turn_id:
                         return terminal, after
-                elif logged.type == APPROVAL_REQUESTED:
-                    awaiting = awaiting or decode_head(logged.data).turn_id == turn_id
+                elif logged.type in (APPROVAL_REQUESTED, APPROVAL_RESOLVED):
+                    call = _call_head.decode(logged.data)
+                    if call.turn_id != turn_id:
+                        continue
+                    if logged.type == APPROVAL_REQUESTED:
+                        undecided.add(call.tool_use_id)
+                    else:  # decided: once none is left, the turn runs on
+                        undecided.discard(call.tool_use_id)
             if len(page) < 500:
                 break
-        if awaiting:
+        if undecided:
             return AWAITING, after
         if not page and not await svc.redis.exists(keys.session(sid)):
             raise not_found("session", sid)

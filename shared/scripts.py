@@ -43,21 +43,40 @@ return {'ok', tostring(tonumber(redis.call('GET', KEYS[3]) or '0'))}
 # -> {sandbox_id, agent JSON, messages} started | 0 not current (over, reaped,
 #    or started elsewhere). Messages: the whole conversation, or only the turn's
 #    user message when the session's `history` is "last" (the agent reads no more).
+#    Sent again by the worker that started it (its reply was lost), the turn is
+#    handed back as it is, not refused: refused, no one would run it.
 # The lease is the pair (`started`: the worker, `lease_epoch`), kept in the
 # session's hash with no expiry: it is the worker's renewals that keep it, as
 # the reapers see it move, not a TTL on Redis's clock (README: Reliability).
 START_TURN = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running'
-   or redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1]
-   or redis.call('HGET', KEYS[1], 'started') then
+   or redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1] then
   return 0
 end
-redis.call('HSET', KEYS[1], 'started', ARGV[2], 'lease_epoch', 1)
-redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
+local started = redis.call('HGET', KEYS[1], 'started')
+if started and started ~= ARGV[2] then return 0 end
+if not started then
+  redis.call('HSET', KEYS[1], 'started', ARGV[2], 'lease_epoch', 1)
+  redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
+end
 local found = redis.call('HMGET', KEYS[1], 'sandbox_id', 'agent', 'history')
 local first = 0
 if found[3] == 'last' then first = -1 end
 return {found[1], found[2], redis.call('LRANGE', KEYS[2], first, -1)}
+"""
+
+# KEYS: the worker's key, the workers' index.
+# ARGV: the key's ttl in seconds, now (epoch seconds), the score below which
+#       workers are forgotten, the worker's id, then its record's fields and values.
+# Allowed when Redis is out of memory, as the lease renewal is: a full store must
+# not make a healthy worker look dead to its liveness probe (which would restart
+# it, ending its turns). Refreshing a record in place takes next to none.
+WORKER_HEARTBEAT = """#!lua flags=allow-oom
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], 0, ARGV[3])
+return 1
 """
 
 # KEYS: session. ARGV: turn_id, worker_id.
@@ -159,7 +178,8 @@ return firsts
 # KEYS: session, messages, seq, log, running index, recent durations, then the
 #       counter hashes the turn adds to.
 # ARGV: one JSON document, `shared.turns.FinishArgs` (named members, no slots to count).
-# mode "worker": the running worker ends its turn.
+# mode "worker": the running worker ends its turn, while it holds the lease (a
+#   turn it suspended for approval, or that another worker resumed, is not its).
 # mode "unstarted": end a turn no worker has picked up (interrupt, queue timeout).
 # mode "orphaned": end a started turn whose lease epoch still is `epoch`: the
 #   reaper saw it stand still long enough (a renewal since cancels this).
@@ -175,6 +195,7 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'running'
 end
 local started = redis.call('HGET', KEYS[1], 'started')
 if a.mode == 'unstarted' and started then return 0 end
+if a.mode == 'worker' and started ~= a.worker_id then return 0 end
 if a.mode == 'orphaned' and ((not started)
    or tonumber(redis.call('HGET', KEYS[1], 'lease_epoch') or '0') ~= a.epoch) then
   return 0

@@ -52,6 +52,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     cors_origins: str = ""
     public_url: str = ""
     idempotency_seconds: int = 86_400
+    # How long the first request with an Idempotency-Key may hold it undecided; a
+    # request that died meanwhile (or whose store went away) lets a retry go first after it.
+    idempotency_pending_seconds: float = 60.0
     rate_limit_per_minute: int = 600
     access_log: bool = False
     # HTTP limits
@@ -172,6 +175,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             )
         if self.lease_seconds <= 0 or self.lease_grace_seconds < 0:
             raise ValueError("lease_seconds must be positive and lease_grace_seconds not negative")
+        if self.idempotency_pending_seconds <= 0:
+            raise ValueError("idempotency_pending_seconds must be positive")
         if self.redis_socket_timeout_seconds <= 0:
             raise ValueError("redis_socket_timeout_seconds must be positive")
         if self.provider_idle_timeout_seconds <= 0:

@@ -180,6 +180,7 @@ class FinishArgs(msgspec.Struct, kw_only=True):
     session_id: str
     duration_ms: int  # -1: not measured
     epoch: int  # "orphaned": the lease epoch seen standing still
+    worker_id: str  # "worker": the worker that must hold the turn's lease
     events: list[tuple[str, str]]  # (type, JSON without seq), before the terminal one
     counters: list[_Counter]
 
@@ -398,10 +399,12 @@ class TurnLifecycle:
         figures: TurnFigures | None = None,
         events: list[ev.Event] | None = None,
         epoch: int = 0,
+        worker_id: str = "",
     ) -> int:
         """In one step: append `events` (the turn's last, not yet sent) and then the
         terminal event, store the message, free the session, and count the turn
-        for ops and metrics (`figures`: what the turn measured, if it ran)."""
+        for ops and metrics (`figures`: what the turn measured, if it ran).
+        Mode "worker" ends the turn only while `worker_id` holds its lease."""
         figures = figures or TurnFigures()
         result, reason = (
             ("completed", str(terminal.stop_reason))
@@ -441,6 +444,7 @@ class TurnLifecycle:
             session_id=sid,
             duration_ms=-1 if duration is None else round(duration * 1000),
             epoch=epoch,
+            worker_id=worker_id,
             events=[
                 (str(e.__struct_config__.tag), ev.encode_event(e).decode()) for e in events or []
             ],

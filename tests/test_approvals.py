@@ -270,6 +270,23 @@ def test_a_retried_send_while_waiting_answers_again_that_it_waits(api: httpx.Cli
     assert api.delete(f"/sessions/{sid}").status_code == 204
 
 
+def test_a_retried_send_after_the_decision_waits_for_the_turn_to_end(api: httpx.Client) -> None:
+    """The send is retried (same Idempotency-Key) after its turn waited and was
+    approved, while the resumed turn runs: the retry blocks until the turn's end
+    and answers its message (before: the approval request in the log made it
+    answer 202 "still running" at once, with nothing pending)."""
+    sid = session_with(api, ASK_BASH)
+    message, key = text_message("run: sleep 1; echo resumed"), {"Idempotency-Key": f"r-{sid}"}
+    first = api.post(f"/sessions/{sid}/messages", json=message, headers=key)
+    assert first.status_code == 202, first.text
+    [pending] = first.json()["pending_approvals"]
+    assert decide(api, sid, pending["tool_use_id"], "allow").status_code == 200
+    retry = api.post(f"/sessions/{sid}/messages", json=message, headers=key)
+    assert retry.status_code == 200, retry.text
+    assert retry.json()["turn_id"] == first.json()["turn_id"]
+    assert retry.json()["content"][1]["content"] == "resumed\n"
+
+
 def test_decisions_are_checked_and_tenant_scoped(one_slot: Stack, api: httpx.Client) -> None:
     sid = session_with(api, ASK_BASH)
     [pending] = send_until_waiting(api, sid, "run: echo a\nrun: echo b")["pending_approvals"][:1]

@@ -22,7 +22,8 @@ import httpx
 import pytest
 import redis
 from arq.jobs import serialize_result
-from conftest import Proc, RedisServer, Stack
+from conftest import ANTHROPIC_TEST_KEY, Proc, RedisServer, Stack
+from fake_llm import FakeLLM, Reply, anthropic_stream
 from helpers import free_port, new_session, text_message, wait_state
 from redis.exceptions import OutOfMemoryError
 
@@ -284,3 +285,45 @@ def test_a_job_that_raised_a_store_error_gets_its_result_stored() -> None:
     assert encoded is not None
     result = deserialize_job_data(encoded)["r"]
     assert result == "OutOfMemoryError: OOM command not allowed"
+
+
+def test_a_turn_that_begins_to_wait_while_redis_is_full_waits_once_it_is_not(
+    own_redis: RedisServer, tmp_path: Path, fake_llm: FakeLLM
+) -> None:
+    """The model asks for a call that needs approval while Redis is full: the
+    suspension is asked again until Redis takes it, and the turn then waits for
+    the decision (before: the refused suspension failed the turn with
+    `internal_error`)."""
+    env = {
+        **RIDE_OUT,
+        "ANTHROPIC_BASE_URL": fake_llm.base_url,
+        "ANTHROPIC_API_KEY": ANTHROPIC_TEST_KEY,
+    }
+    stack = Stack(own_redis.url, tmp_path / "stack", env)
+    model = f"full-store-{time.monotonic_ns()}"
+    call = ("tool", "toolu_full", "bash", {"command": "echo approved"})
+    # The call's last event is appended 0.8 s before the response ends.
+    fake_llm.script(model, Reply(chunks=anthropic_stream(call, stop="tool_use"), delay=0.4))
+    try:
+        store = own_redis.client()
+        with stack.client() as client:
+            sandbox = client.post("/sandboxes", json={}).json()["id"]
+            agent = {"provider": "anthropic", "model": model, "permissions": {"bash": "ask"}}
+            created = client.post(f"/sandboxes/{sandbox}/sessions", json={"agent": agent})
+            assert created.status_code == 201, created.text
+            sid = created.json()["id"]
+            _send(client, sid, "echo approved")
+            _wait_for_event(store, sid, "tool_use_complete")
+            store.config_set("maxmemory", 1)  # noeviction: every write that needs memory fails
+            full_at = time.monotonic()
+            time.sleep(2.0)  # the response ends, and the turn would wait, meanwhile
+            state = store.hget(keys.session(sid), "state")
+            store.config_set("maxmemory", 0)
+            print(f"Redis full for {time.monotonic() - full_at:.1f} s as the turn began to wait")
+            assert state == b"running"
+            session = wait_state(client, sid, "awaiting_approval", 10)
+            assert [p["tool_use_id"] for p in session["pending_approvals"]] == ["toolu_full"]
+            worker_log = "".join(p.log.read_text() for p in stack.workers)
+            assert "the store refused the suspension" in worker_log
+    finally:
+        stack.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import redis
-from conftest import ADMIN_KEY, ROOT, Stack
+from conftest import ADMIN_KEY, ROOT, RedisServer, Stack
 from helpers import StreamReader, new_session, text_message, wait_state
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -86,6 +86,26 @@ def test_worker_check_exit_codes(make_stack: Callable[..., Stack]) -> None:
         timeout=60,
     )
     assert result.returncode == 1
+
+
+def test_a_worker_stays_healthy_while_redis_is_full(own_redis: RedisServer, tmp_path: Path) -> None:
+    """Redis at `maxmemory` refuses writes, not the worker's heartbeat: the check
+    (a liveness probe) keeps answering healthy, so the probe does not restart a
+    healthy worker and end its turns (before: unhealthy after three heartbeats)."""
+    stack = Stack(own_redis.url, tmp_path / "stack", {"SANDSTREAM_WORKER_HEARTBEAT_SECONDS": "0.3"})
+    try:
+        pid = str(stack.workers[0].popen.pid)
+        assert _check(stack, "--pid", pid).returncode == 0
+        store = own_redis.client()
+        store.config_set("maxmemory", 1)  # noeviction: every write that needs memory fails
+        try:
+            time.sleep(1.5)  # five heartbeats
+            result = _check(stack, "--pid", pid)
+        finally:
+            store.config_set("maxmemory", 0)
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        stack.stop()
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

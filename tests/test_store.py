@@ -15,9 +15,10 @@ from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared import eventlog
+from shared import eventlog, keys, metrics
 from shared import events as ev
-from shared.models import Message, TextBlock, new_id, now_rfc3339
+from shared.approvals import ApprovalStore, SuspendedTurn
+from shared.models import Message, PendingApproval, TextBlock, new_id, now_rfc3339
 from shared.settings import Settings
 from shared.store import SessionStore
 from shared.turns import store_unavailable
@@ -216,8 +217,9 @@ def test_a_turn_loads_the_history_its_agent_reads(redis_url: str) -> None:
                 started = await store.start_turn(session.id, turn, "w")
                 assert started is not None and started.history[-1].turn_id == turn
                 loaded[name].append(len(started.history))
-                await store.finish_turn(
-                    session.id, turn, "worker", None, _done(session.id, sandbox.id, turn)
+                done = _done(session.id, sandbox.id, turn)
+                assert await store.finish_turn(
+                    session.id, turn, "worker", None, done, worker_id="w"
                 )
         return loaded
 
@@ -233,6 +235,7 @@ def test_a_stopped_writer_leaves_the_last_events_to_the_turns_end(redis_url: str
         session = await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)
         turn = new_id()
         await store.claim_turn(session.id, "t", turn, _user(session.id, turn))
+        assert await store.start_turn(session.id, turn, "w1")
         events = EventWriter(store)
         writer = events.open(session.id, turn, lambda: None)
         try:
@@ -247,7 +250,10 @@ def test_a_stopped_writer_leaves_the_last_events_to_the_turns_end(redis_url: str
             rest = await writer.detach()
             assert [e.text for e in rest if isinstance(e, ev.TextDelta)] == ["c"]
             done = _done(session.id, sandbox.id, turn)
-            assert await store.finish_turn(session.id, turn, "worker", None, done, None, rest) == 4
+            ended = await store.finish_turn(
+                session.id, turn, "worker", None, done, None, rest, worker_id="w1"
+            )
+            assert ended == 4
             logged = await eventlog.read_after(store.redis, session.id, 0)
             assert [ev.decode_head(e.data).type for e in logged][-2:] == [
                 "text_delta",
@@ -402,3 +408,65 @@ def test_text_deltas_within_the_text_window_go_out_as_one_after_the_first(
         return [msgspec.json.decode(e.data, type=ev.TextDelta).text for e in logged]
 
     assert run(redis_url, scenario) == ["first", "second"]
+
+
+def test_a_worker_cannot_end_a_turn_whose_lease_it_no_longer_holds(redis_url: str) -> None:
+    """A turn its worker suspended for approval (say, the suspension's reply was
+    lost and the worker, seeing an error, went on to end the turn as failed) or
+    that another worker holds is not the first worker's to end: its end is
+    refused and the waiting turn stays as it is (before: the end went through,
+    leaving the approval pending on a turn that was over)."""
+
+    async def scenario(store: SessionStore) -> None:
+        sandbox = await store.create_sandbox("t", {})
+        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
+        turn = new_id()
+        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        assert await store.start_turn(sid, turn, "w1")
+        done = _done(sid, sandbox.id, turn)
+        assert await store.finish_turn(sid, turn, "worker", None, done, worker_id="w2") == 0
+        approvals = ApprovalStore(store.redis, log_max_events=100, log_ttl_seconds=60)
+        call = PendingApproval(
+            tool_use_id="toolu_1", name="bash", input={}, index=0, expires_at=now_rfc3339()
+        )
+        record = SuspendedTurn(
+            turn_id=turn, message_id="m", iteration=0, blocks=[], usage=ev.Usage(), calls=[]
+        )
+        suspend = approvals.suspend(
+            sid=sid, worker_id="w1", record=record, pending=[call], events=[], deadline=1e10
+        )
+        assert await suspend
+        assert await store.finish_turn(sid, turn, "worker", None, done, worker_id="w1") == 0
+        state = await store.turn_state(sid)
+        assert state is not None and state.state == "running" and state.awaiting
+        assert await approvals.waiting(sid) is not None
+
+    run(redis_url, scenario)
+
+
+def test_a_start_sent_again_by_its_worker_after_a_lost_reply_hands_the_turn_back(
+    redis_url: str,
+) -> None:
+    """The worker's START_TURN went through but its reply was lost (a socket
+    timeout), so it asks again: it gets the turn, once counted, with the lease it
+    took (before: refused as started, so no one ran the turn until a reaper
+    ended it `worker_lost`). Another worker is still refused."""
+
+    async def scenario(store: SessionStore) -> None:
+        sandbox = await store.create_sandbox("t", {})
+        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
+        turn = new_id()
+        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        counted = await store.redis.hget(keys.METRICS_COUNTERS, metrics.STARTED)
+        first = await store.start_turn(sid, turn, "w1")
+        assert await store.renew_lease(sid, turn, "w1") == 1
+        again = await store.start_turn(sid, turn, "w1")
+        assert first is not None and again is not None
+        assert [m.id for m in again.history] == [m.id for m in first.history]
+        assert await store.start_turn(sid, turn, "w2") is None
+        state = await store.turn_state(sid)
+        assert state is not None and state.lease_epoch == 2  # not taken afresh
+        after = await store.redis.hget(keys.METRICS_COUNTERS, metrics.STARTED)
+        assert int(after or 0) - int(counted or 0) == 1
+
+    run(redis_url, scenario)

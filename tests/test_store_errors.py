@@ -114,3 +114,43 @@ def test_a_stalled_store_answers_503_within_the_socket_timeout(
             assert client.get(f"/sandboxes/{sandbox}").status_code == 200
     finally:
         stack.stop()
+
+
+def test_a_send_refused_by_a_stalled_store_can_be_retried_with_its_key(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A send with an Idempotency-Key while Redis is stopped answers 503 ("retry
+    shortly"), and its key, which the failed request could not let go, holds
+    only for `SANDSTREAM_IDEMPOTENCY_PENDING_SECONDS`: the retry goes through
+    (before: it waited 10 s for a first request long dead, then got 409
+    `idempotency_pending`, and so did every retry for the key's whole day)."""
+    settings = {
+        "SANDSTREAM_REDIS_SOCKET_TIMEOUT_SECONDS": "0.3",
+        "SANDSTREAM_IDEMPOTENCY_PENDING_SECONDS": "1",
+    }
+    stack = Stack(own_redis.url, tmp_path / "stack", settings)
+    assert own_redis.proc is not None
+    try:
+        with stack.client() as client:
+            sandbox = client.post("/sandboxes", json={}).json()["id"]
+            sid = client.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"]
+            message, key = text_message("hello"), {"Idempotency-Key": f"send-{sid}"}
+            own_redis.proc.send_signal(signal.SIGSTOP)
+            try:
+                refused = client.post(f"/sessions/{sid}/messages", json=message, headers=key)
+                time.sleep(0.5)  # the request's last calls time out as well
+            finally:
+                own_redis.proc.send_signal(signal.SIGCONT)
+            _assert_503(refused)
+            started = time.monotonic()
+            retried = client.post(f"/sessions/{sid}/messages", json=message, headers=key)
+            took = time.monotonic() - started
+            print(f"\nthe retry with the key answered {retried.status_code} after {took:.2f} s")
+            assert retried.status_code == 200, retried.text
+            assert took < 5
+            users = [
+                m for m in client.get(f"/sessions/{sid}").json()["messages"] if m["role"] == "user"
+            ]
+            assert len(users) == 1
+    finally:
+        stack.stop()

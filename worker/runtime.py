@@ -33,7 +33,7 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import func
 
 from shared import events as ev
-from shared import keys
+from shared import keys, scripts
 from shared.approvals import ApprovalStore
 from shared.logs import bound
 from shared.models import is_uuid, new_id, now_rfc3339
@@ -114,7 +114,15 @@ class WorkerRuntime:
         (finished, reaped or interrupted already: a redelivered job does nothing).
         `accepted_at`: when the API queued it (epoch seconds), for the metrics."""
         leased_at = time.monotonic()
-        started = await self.store.start_turn(job.session_id, job.turn_id, self.worker_id)
+        # Asked again while the store cannot take it (a lost reply included: the
+        # turn is then handed back), for as long as no reaper could end it.
+        give_up_at = leased_at + self.settings.lease_seconds + self.settings.lease_grace_seconds
+        started = await until_stored(
+            lambda: self.store.start_turn(job.session_id, job.turn_id, self.worker_id),
+            what=f"the start of turn {job.turn_id}",
+            give_up=lambda: time.monotonic() > give_up_at,
+            logger=logger,
+        )
         if started is None:
             logger.info("job for turn %s: turn not current; skipped", job.turn_id)
             return False
@@ -146,7 +154,9 @@ class WorkerRuntime:
                 message_id=new_id(),
             )
             terminal = failed(ids, "error", error.code, error.message)
-            await self.store.finish_turn(job.session_id, job.turn_id, "worker", None, terminal)
+            await self.store.finish_turn(
+                job.session_id, job.turn_id, "worker", None, terminal, worker_id=self.worker_id
+            )
             return True
         sandbox = self.pool.take(spec)
         runner = TurnRunner(
@@ -216,6 +226,7 @@ class WorkerRuntime:
         """This worker's own heartbeat key, for ops and for `python -m worker check`."""
         started_at = now_rfc3339()
         interval = self.settings.worker_heartbeat_seconds
+        beat = self.store.redis.register_script(scripts.WORKER_HEARTBEAT)
         while True:
             try:
                 now = time.time()
@@ -227,12 +238,11 @@ class WorkerRuntime:
                     "started_at": started_at,
                     "last_heartbeat": now_rfc3339(),
                 }
-                async with self.store.redis.pipeline(transaction=False) as pipe:
-                    pipe.hset(keys.worker(self.worker_id), mapping=record)
-                    pipe.expire(keys.worker(self.worker_id), int(interval * 3) + 1)
-                    pipe.zadd(keys.WORKERS, {self.worker_id: now})
-                    pipe.zremrangebyscore(keys.WORKERS, 0, now - 3600)
-                    await pipe.execute()
+                fields = [str(item) for pair in record.items() for item in pair]
+                await beat(
+                    keys=[keys.worker(self.worker_id), keys.WORKERS],
+                    args=[int(interval * 3) + 1, now, now - 3600, self.worker_id, *fields],
+                )
             except Exception as exc:
                 if store_unavailable(exc) or isinstance(exc, TimeoutError):
                     logger.warning("worker heartbeat failed: %r", exc)

@@ -134,6 +134,11 @@ class TurnRunner:
         if self._loop_task is not None:
             self._loop_task.cancel()
 
+    @property
+    def lease_lost(self) -> bool:
+        """The turn is no longer this worker's (or it fenced itself)."""
+        return self._lease_lost
+
     def _stop_quietly(self) -> None:
         """Stop without ending the turn: it is no longer ours to end (lease lost,
         session deleted, turn reaped)."""
@@ -409,7 +414,14 @@ class TurnRunner:
         try:
             await until_stored(
                 lambda: self.store.finish_turn(
-                    self.session_id, self.turn_id, "worker", message, terminal, figures, rest
+                    self.session_id,
+                    self.turn_id,
+                    "worker",
+                    message,
+                    terminal,
+                    figures,
+                    rest,
+                    worker_id=self.worker_id,
                 ),
                 what=f"the end of turn {self.turn_id}",
                 give_up=lambda: self._lease_lost or time.monotonic() > deadline,
