@@ -175,12 +175,20 @@ async def _wait(
             check_log = True
 
 
+async def _still_awaiting(svc: Services, sid: str, turn_id: str) -> bool:
+    """Whether the turn waits for approval now: a request in the log may have
+    been decided since, and the turn gone on (a replayed send then waits for
+    its end as any other)."""
+    state = await svc.store.turn_state(sid)
+    return state is not None and state.awaiting and state.turn_id == turn_id
+
+
 async def _terminal_in_log(
     svc: Services, sid: str, turn_id: str, after: int
 ) -> tuple[TerminalView | None, int]:
     """The turn's terminal event if it is logged after `after` (else AWAITING if
-    the turn began to wait for approval there); and how far the log was read,
-    where the next look starts."""
+    the turn began to wait for approval there and still does); and how far the
+    log was read, where the next look starts."""
     awaiting = False
     try:
         while True:
@@ -195,7 +203,7 @@ async def _terminal_in_log(
                     awaiting = awaiting or decode_head(logged.data).turn_id == turn_id
             if len(page) < 500:
                 break
-        if awaiting:
+        if awaiting and await _still_awaiting(svc, sid, turn_id):
             return AWAITING, after
         if not page and not await svc.redis.exists(keys.session(sid)):
             raise not_found("session", sid)
