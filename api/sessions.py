@@ -160,17 +160,22 @@ class SessionController(Controller):
         if state.state != "running" or state.turn_id is None:
             return InterruptResult(session_id=sid, interrupted=False, state="active")
         turn_id = state.turn_id
-        if state.awaiting and await end_waiting_turn(svc, sid, state.sandbox_id, turn_id):
-            return InterruptResult(
-                session_id=sid, interrupted=True, turn_id=turn_id, state="active"
-            )
-        if not state.started and await _end_unstarted(svc, sid, state.sandbox_id, turn_id):
+        # A turn that waits, or whose continuation is queued, keeps its message so far.
+        if not state.started and (
+            await end_waiting_turn(svc, sid, state.sandbox_id, turn_id, awaiting=state.awaiting)
+            or await _end_unstarted(svc, sid, state.sandbox_id, turn_id)
+        ):
             return InterruptResult(
                 session_id=sid, interrupted=True, turn_id=turn_id, state="active"
             )
         await svc.store.flag_interrupt(sid, turn_id)
         await publish_interrupt(svc, sid, turn_id)
         terminal = await wait_for_end(svc, sid, turn_id, seq, svc.settings.interrupt_wait_seconds)
+        if terminal is AWAITING and await end_waiting_turn(svc, sid, state.sandbox_id, turn_id):
+            # It began to wait before it heard of the interrupt: ended here.
+            return InterruptResult(
+                session_id=sid, interrupted=True, turn_id=turn_id, state="active"
+            )
         return InterruptResult(
             session_id=sid,
             interrupted=True,

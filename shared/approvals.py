@@ -66,9 +66,12 @@ _suspended_decoder = msgspec.json.Decoder(SuspendedTurn)
 _pending_decoder = msgspec.json.Decoder(PendingApproval)
 _resolution_decoder = msgspec.json.Decoder(Resolution)
 _encoder = msgspec.json.Encoder()
-# The approvals hash: the waiting message's id, and per call `?` + the pending
-# approval or `=` + its resolution (scripts tell them apart by that character).
+# The approvals hash: the waiting message's and turn's ids, and per call `?` +
+# the pending approval or `=` + its resolution (scripts tell them apart by that
+# character). Decisions stay after the turn goes on, until the session's next
+# wait: a decision sent again, or racing another, is answered from them.
 MESSAGE_FIELD = "message_id"
+TURN_FIELD = "turn_id"
 PENDING, DECIDED = b"?", b"="
 
 
@@ -122,7 +125,7 @@ redis.call('HDEL', KEYS[1], 'started', 'lease_epoch')
 -- the resumed turn's writer counts its appends from none
 redis.call('DEL', KEYS[5], KEYS[8])
 redis.call('SET', KEYS[4], a.record)
-redis.call('HSET', KEYS[5], 'message_id', a.message_id)
+redis.call('HSET', KEYS[5], 'message_id', a.message_id, 'turn_id', a.turn_id)
 for _, p in ipairs(a.pending) do redis.call('HSET', KEYS[5], p[1], p[2]) end
 redis.call('SREM', KEYS[6], a.session_id)
 redis.call('ZADD', KEYS[7], a.deadline_ms, a.session_id)
@@ -396,6 +399,18 @@ class ApprovalStore:
             )
             resumed += outcome == "resumed"
         return resumed
+
+    async def decision(self, sid: str, tool_use_id: str) -> tuple[str, Resolution] | None:
+        """A call's recorded decision and its turn, also after the turn went on
+        (until the session's next wait); None when it was never decided."""
+        if tool_use_id in (MESSAGE_FIELD, TURN_FIELD):
+            return None
+        stored, turn_id = await self.redis.hmget(  # type: ignore[misc]
+            keys.approvals(sid), [tool_use_id, TURN_FIELD]
+        )
+        if stored is None or stored[:1] != DECIDED or turn_id is None:
+            return None
+        return turn_id.decode(), _resolution_decoder.decode(stored[1:])
 
     async def take_suspended(
         self, sid: str, turn_id: str

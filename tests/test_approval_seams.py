@@ -1,0 +1,217 @@
+"""Approvals where they meet leases, the event writer, interrupts and races.
+
+Real Redis, API and worker processes; one stack (an API and a worker with a
+single job slot) serves the module, tests that stop Redis start their own.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from conftest import ANTHROPIC_TEST_KEY, OPENAI_TEST_KEY, Stack
+from fake_llm import FakeLLM, Reply, anthropic_stream
+from helpers import StreamReader, text_message, wait_state
+
+from shared import keys
+
+ASK_BASH = {"permissions": {"bash": "ask"}}
+
+
+@pytest.fixture(scope="module")
+def one_slot(redis_url: str, fake_llm: FakeLLM) -> Iterator[Stack]:
+    url = redis_url.rsplit("/", 1)[0] + "/10"
+    redis.Redis.from_url(url).flushdb()
+    workdir = Path(tempfile.mkdtemp(prefix="sandstream-approval-seams-"))
+    env = {
+        "SANDSTREAM_WORKER_MAX_JOBS": "1",
+        "SANDSTREAM_REAPER_INTERVAL_SECONDS": "0.2",
+        "SANDSTREAM_KEEPALIVE_SECONDS": "1",
+        "SANDSTREAM_TOOL_TIMEOUT_SECONDS": "8",
+        "ANTHROPIC_BASE_URL": fake_llm.base_url,
+        "ANTHROPIC_API_KEY": ANTHROPIC_TEST_KEY,
+        "OPENAI_BASE_URL": fake_llm.base_url + "/v1",
+        "OPENAI_API_KEY": OPENAI_TEST_KEY,
+    }
+    running = Stack(url, workdir, env)
+    yield running
+    running.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def api(one_slot: Stack) -> Iterator[httpx.Client]:
+    with one_slot.client() as client:
+        yield client
+
+
+def session_with(client: httpx.Client, agent: dict[str, Any]) -> str:
+    sandbox = client.post("/sandboxes", json={}).json()["id"]
+    created = client.post(f"/sandboxes/{sandbox}/sessions", json={"agent": agent})
+    assert created.status_code == 201, created.text
+    return str(created.json()["id"])
+
+
+def waiting_calls(client: httpx.Client, sid: str, text: str) -> list[dict[str, Any]]:
+    reply = client.post(f"/sessions/{sid}/messages", json=text_message(text))
+    assert reply.status_code == 202, reply.text
+    assert reply.json()["state"] == "awaiting_approval"
+    calls: list[dict[str, Any]] = reply.json()["pending_approvals"]
+    return calls
+
+
+def decide(client: httpx.Client, sid: str, call: str, decision: str) -> httpx.Response:
+    return client.post(f"/sessions/{sid}/approvals/{call}", json={"decision": decision})
+
+
+def gapless(events: list[dict[str, Any]]) -> None:
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(1, len(seqs) + 1)), seqs
+
+
+def test_a_turn_that_waits_twice_streams_every_event_gapless(
+    api: httpx.Client, fake_llm: FakeLLM
+) -> None:
+    model = f"twice-{time.monotonic_ns()}"
+    fake_llm.script(
+        model,
+        Reply(
+            chunks=anthropic_stream(
+                ("tool", "call_a", "bash", {"command": "echo a"}), stop="tool_use"
+            )
+        ),
+        Reply(
+            chunks=anthropic_stream(
+                ("text", ["then "]),
+                ("tool", "call_b", "bash", {"command": "echo b"}),
+                stop="tool_use",
+            )
+        ),
+        Reply(chunks=anthropic_stream(("text", ["both ", "ran"]))),
+    )
+    sid = session_with(api, {"provider": "anthropic", "model": model, **ASK_BASH})
+    live = StreamReader(api, sid, params={"after": "0"})
+    [first] = waiting_calls(api, sid, "go")
+    assert decide(api, sid, first["tool_use_id"], "allow").status_code == 200
+    deadline = time.monotonic() + 10
+    while not (pending := api.get(f"/sessions/{sid}").json().get("pending_approvals")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert [p["tool_use_id"] for p in pending] == ["call_b"]
+    assert decide(api, sid, "call_b", "allow").status_code == 200
+    events = live.join(15)
+    gapless(events)
+    final = events[-1]
+    assert final["_event"] == "session_completed", final
+    results = [b for b in final["message"]["content"] if b["type"] == "tool_result"]
+    assert [r["content"] for r in results] == ["a\n", "b\n"]
+    replay = StreamReader(api, sid, params={"after": "0"}).join(10)
+    assert [e["seq"] for e in replay] == [e["seq"] for e in events]
+
+
+def _decide_at_once(
+    stack: Stack,
+    barrier: threading.Barrier,
+    answers: list[httpx.Response],
+    sid: str,
+    call: str,
+    decision: str,
+) -> None:
+    with stack.client() as client:
+        barrier.wait(10)
+        answers.append(decide(client, sid, call, decision))
+
+
+def test_two_clients_deciding_one_call_at_once_agree(api: httpx.Client, one_slot: Stack) -> None:
+    for _ in range(3):
+        sid = session_with(api, ASK_BASH)
+        [call] = waiting_calls(api, sid, "run: echo raced")
+        answers: list[httpx.Response] = []
+        barrier = threading.Barrier(2)
+        threads = [
+            threading.Thread(
+                target=_decide_at_once,
+                args=(one_slot, barrier, answers, sid, call["tool_use_id"], d),
+            )
+            for d in ("allow", "deny")
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [200, 409], [a.text for a in answers]
+        won = next(a for a in answers if a.status_code == 200).json()["decision"]
+        message = wait_state(api, sid, "active")["messages"][-1]
+        result = message["content"][1]
+        assert result["is_error"] is (won == "deny")
+        log = StreamReader(api, sid, params={"after": "0"}).join(10)
+        assert len([e for e in log if e["_event"] == "tool_approval_resolved"]) == 1
+        gapless(log)
+        # Sent again once the turn is over: the same decision is answered alike.
+        again = decide(api, sid, call["tool_use_id"], won)
+        assert again.status_code == 200 and again.json()["state"] == "active", again.text
+        lost = "allow" if won == "deny" else "deny"
+        assert decide(api, sid, call["tool_use_id"], lost).json()["code"] == "approval_conflict"
+
+
+def test_interrupting_a_queued_continuation_keeps_the_message(
+    api: httpx.Client, one_slot: Stack
+) -> None:
+    sid = session_with(api, ASK_BASH)
+    [call] = waiting_calls(api, sid, "run: echo never")
+    busy = session_with(api, {})
+    assert (
+        api.post(
+            f"/sessions/{busy}/messages", params={"wait": "0"}, json=text_message("run: sleep 2")
+        ).status_code
+        == 202
+    )
+    wait_state(api, busy, "running")
+    time.sleep(0.3)
+    assert decide(api, sid, call["tool_use_id"], "allow").json()["state"] == "running"
+    stopped = api.post(f"/sessions/{sid}/interrupt")
+    assert stopped.status_code == 200, stopped.text
+    message = wait_state(api, sid, "active")["messages"][-1]
+    assert message["stop_reason"] == "interrupted"
+    kinds = [b["type"] for b in message["content"]]
+    assert kinds[:2] == ["tool_use", "tool_result"], message
+    wait_state(api, busy, "active")
+    store = redis.Redis.from_url(one_slot.env["SANDSTREAM_REDIS_URL"])
+    assert not store.exists(keys.suspended(sid))
+    log = StreamReader(api, sid, params={"after": "0"}).join(10)
+    gapless(log)
+    assert (
+        log[-1]["message_id"]
+        == next(e for e in log if e["_event"] == "tool_use_start")["message_id"]
+    )
+
+
+def test_delete_while_waiting_leaves_nothing(api: httpx.Client, one_slot: Stack) -> None:
+    sid = session_with(api, ASK_BASH)
+    [call] = waiting_calls(api, sid, "run: echo gone")
+    assert api.delete(f"/sessions/{sid}").status_code == 204
+    store = redis.Redis.from_url(one_slot.env["SANDSTREAM_REDIS_URL"])
+    assert store.keys(f"ss:{{{sid}}}:*") == []
+    assert store.zscore(keys.APPROVAL_DEADLINES, sid) is None
+    assert decide(api, sid, call["tool_use_id"], "allow").status_code == 404
+
+
+def test_replayed_send_after_resume_waits_for_the_end(api: httpx.Client) -> None:
+    sid = session_with(api, ASK_BASH)
+    message, key = text_message("run: sleep 1; echo slow"), {"Idempotency-Key": f"k-{sid}"}
+    first = api.post(f"/sessions/{sid}/messages", json=message, headers=key)
+    assert first.status_code == 202
+    call = first.json()["pending_approvals"][0]["tool_use_id"]
+    assert decide(api, sid, call, "allow").status_code == 200
+    replay = api.post(f"/sessions/{sid}/messages", json=message, headers=key)
+    assert replay.status_code == 200, replay.text
+    assert replay.json()["content"][1]["content"] == "slow\n"
