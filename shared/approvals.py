@@ -107,7 +107,8 @@ end
 
 # KEYS: session, seq, log, suspended, approvals, running index, deadlines, appended.
 # ARGV[1]: msgpack of SuspendArgs.
-# -> 1 suspended | 0 the turn is not this worker's any more (nothing written)
+# -> 1 suspended (by this call, or by the same call sent before whose reply was
+#    lost) | 0 the turn is not this worker's any more (nothing written)
 # The turn's last events, its record and its leaving the running index and the
 # worker are one step; the blocking send that waits for it (reply_to) hears of
 # the last event, and answers that the turn waits.
@@ -116,8 +117,15 @@ SUSPEND = (
     + """
 local a = cmsgpack.unpack(ARGV[1])
 if redis.call('HGET', KEYS[1], 'state') ~= 'running'
-   or redis.call('HGET', KEYS[1], 'turn_id') ~= a.turn_id
-   or redis.call('HGET', KEYS[1], 'started') ~= a.worker_id then
+   or redis.call('HGET', KEYS[1], 'turn_id') ~= a.turn_id then
+  return 0
+end
+local started = redis.call('HGET', KEYS[1], 'started')
+if started ~= a.worker_id then
+  if not started and redis.call('HGET', KEYS[1], 'awaiting') == a.turn_id
+     and redis.call('GET', KEYS[4]) == a.record then
+    return 1
+  end
   return 0
 end
 redis.call('HSET', KEYS[1], 'awaiting', a.turn_id, 'updated_at', a.now)

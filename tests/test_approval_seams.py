@@ -6,7 +6,9 @@ single job slot) serves the module, tests that stop Redis start their own.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -17,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from conftest import ANTHROPIC_TEST_KEY, OPENAI_TEST_KEY, Stack
+from conftest import ANTHROPIC_TEST_KEY, OPENAI_TEST_KEY, RedisServer, Stack
 from fake_llm import FakeLLM, Reply, anthropic_stream
 from helpers import StreamReader, text_message, wait_state
 
@@ -215,3 +217,63 @@ def test_replayed_send_after_resume_waits_for_the_end(api: httpx.Client) -> None
     replay = api.post(f"/sessions/{sid}/messages", json=message, headers=key)
     assert replay.status_code == 200, replay.text
     assert replay.json()["content"][1]["content"] == "slow\n"
+
+
+# ---- a store that stalls ------------------------------------------------------------
+
+RIDE_OUT = {
+    "SANDSTREAM_LEASE_SECONDS": "1",
+    "SANDSTREAM_LEASE_GRACE_SECONDS": "3",
+    "SANDSTREAM_REAPER_INTERVAL_SECONDS": "0.2",
+    "SANDSTREAM_REDIS_SOCKET_TIMEOUT_SECONDS": "0.3",
+}
+
+
+def _logged(store: redis.Redis, sid: str, event_type: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(f[b"t"] == event_type.encode() for _, f in store.xrange(keys.log(sid))):
+        assert time.monotonic() < deadline, f"no {event_type} event"
+        time.sleep(0.02)
+
+
+def test_a_redis_stall_as_the_turn_begins_to_wait_ends_no_turn(
+    own_redis: RedisServer, fake_llm: FakeLLM, tmp_path: Path
+) -> None:
+    model = f"stall-{time.monotonic_ns()}"
+    call = ("tool", "call_stall", "bash", {"command": "echo after-the-stall"})
+    fake_llm.script(
+        model,
+        # The response ends (and the turn begins to wait) while Redis is stopped.
+        Reply(chunks=anthropic_stream(call, stop="tool_use"), body_stall=0.8),
+        Reply(chunks=anthropic_stream(("text", ["done"]))),
+    )
+    env = {
+        **RIDE_OUT,
+        "ANTHROPIC_BASE_URL": fake_llm.base_url,
+        "ANTHROPIC_API_KEY": ANTHROPIC_TEST_KEY,
+    }
+    stack = Stack(own_redis.url, tmp_path / "stack", env)
+    try:
+        store = own_redis.client()
+        with stack.client() as client:
+            sid = session_with(client, {"provider": "anthropic", "model": model, **ASK_BASH})
+            sent = client.post(
+                f"/sessions/{sid}/messages", params={"wait": "0"}, json=text_message("go")
+            )
+            assert sent.status_code == 202, sent.text
+            _logged(store, sid, "tool_use_complete")
+            assert own_redis.proc is not None
+            os.kill(own_redis.proc.pid, signal.SIGSTOP)
+            try:
+                time.sleep(1.5)
+            finally:
+                os.kill(own_redis.proc.pid, signal.SIGCONT)
+            session = wait_state(client, sid, "awaiting_approval")
+            assert [p["tool_use_id"] for p in session["pending_approvals"]] == ["call_stall"]
+            assert decide(client, sid, "call_stall", "allow").status_code == 200
+            message = wait_state(client, sid, "active")["messages"][-1]
+            assert message["stop_reason"] == "end_turn", message
+            assert message["content"][1]["content"] == "after-the-stall\n"
+            gapless(StreamReader(client, sid, params={"after": "0"}).join(10))
+    finally:
+        stack.stop()

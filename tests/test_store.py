@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -15,8 +16,9 @@ from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared import eventlog
+from shared import eventlog, keys
 from shared import events as ev
+from shared.approvals import ApprovalStore, SuspendedTurn
 from shared.models import Message, TextBlock, new_id, now_rfc3339
 from shared.settings import Settings
 from shared.store import SessionStore
@@ -402,3 +404,37 @@ def test_text_deltas_within_the_text_window_go_out_as_one_after_the_first(
         return [msgspec.json.decode(e.data, type=ev.TextDelta).text for e in logged]
 
     assert run(redis_url, scenario) == ["first", "second"]
+
+
+def test_a_suspension_sent_again_after_a_lost_reply_writes_once(redis_url: str) -> None:
+    async def scenario(store: SessionStore) -> None:
+        sandbox = await store.create_sandbox("t", {})
+        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
+        turn = new_id()
+        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        assert await store.start_turn(sid, turn, "w1")
+        approvals = ApprovalStore(store.redis, log_max_events=100, log_ttl_seconds=60)
+        record = SuspendedTurn(
+            turn_id=turn, message_id=new_id(), iteration=0, blocks=[], usage=ev.Usage(), calls=[]
+        )
+
+        async def suspend(worker: str, what: SuspendedTurn = record) -> bool:
+            return await approvals.suspend(
+                sid=sid,
+                worker_id=worker,
+                record=what,
+                pending=[],
+                events=[_delta(sid, sandbox.id, turn, "x")],
+                deadline=time.time() + 60,
+            )
+
+        assert not await suspend("w2")  # not w2's turn
+        assert await suspend("w1")
+        assert await suspend("w1")  # the same call again: done already, nothing written
+        assert await store.redis.get(keys.seq(sid)) == b"1"
+        state = await store.turn_state(sid)
+        assert state is not None and state.awaiting and not state.started
+        # Another worker's (a stale one's) suspension is not mistaken for it.
+        assert not await suspend("w2", msgspec.structs.replace(record, message_id=new_id()))
+
+    run(redis_url, scenario)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from shared import events as ev
 from shared.approvals import ApprovalStore, CallPlan, SuspendedTurn
 from shared.models import PendingApproval, ToolUseBlock, now_rfc3339
+from shared.turns import until_stored
 
 if TYPE_CHECKING:
     from worker.turn import TurnRunner
@@ -75,13 +76,20 @@ async def suspend_for_approval(runner: TurnRunner, iteration: int, plan: list[Ca
         log_max_events=store.log_max_events,
         log_ttl_seconds=store.log_ttl_ms / 1000,
     )
-    suspended = await approvals.suspend(
-        sid=runner.session_id,
-        worker_id=runner.worker_id,
-        record=record,
-        pending=pending,
-        events=[*rest, *requests],
-        deadline=deadline,
+    # A store that cannot take it now (stalled, failing over) is asked again
+    # while the lease holds: a stall shorter than the lease's grace ends no turn.
+    suspended = await until_stored(
+        lambda: approvals.suspend(
+            sid=runner.session_id,
+            worker_id=runner.worker_id,
+            record=record,
+            pending=pending,
+            events=[*rest, *requests],
+            deadline=deadline,
+        ),
+        what=f"the suspension of turn {runner.turn_id}",
+        give_up=runner.lease_lost,
+        logger=logger,
     )
     if suspended:
         logger.info("turn %s awaits approval of %d tool calls", runner.turn_id, len(pending))

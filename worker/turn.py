@@ -134,6 +134,10 @@ class TurnRunner:
         if self._loop_task is not None:
             self._loop_task.cancel()
 
+    def lease_lost(self) -> bool:
+        """The turn is no longer this worker's: it fenced itself, or was taken."""
+        return self._lease_lost
+
     def _stop_quietly(self) -> None:
         """Stop without ending the turn: it is no longer ours to end (lease lost,
         session deleted, turn reaped)."""
