@@ -171,11 +171,6 @@ class SessionController(Controller):
         await svc.store.flag_interrupt(sid, turn_id)
         await publish_interrupt(svc, sid, turn_id)
         terminal = await wait_for_end(svc, sid, turn_id, seq, svc.settings.interrupt_wait_seconds)
-        if terminal is AWAITING and await end_waiting_turn(svc, sid, state.sandbox_id, turn_id):
-            # It began to wait before it heard of the interrupt: ended here.
-            return InterruptResult(
-                session_id=sid, interrupted=True, turn_id=turn_id, state="active"
-            )
         return InterruptResult(
             session_id=sid,
             interrupted=True,
