@@ -79,7 +79,7 @@ class ApprovalController(Controller):
                 decisions=[(call, resolution)],
             )
         turn_id = waiting.turn_id if waiting is not None else ""
-        if before is None and outcome in ("waiting", "missing"):
+        if before is None and (call is None or outcome == "missing"):
             # Decided already, and the turn went on: by another client that was
             # faster, or by this one in a request whose answer was lost.
             found = await store.decision(sid, tool_use_id)

@@ -66,12 +66,20 @@ _suspended_decoder = msgspec.json.Decoder(SuspendedTurn)
 _pending_decoder = msgspec.json.Decoder(PendingApproval)
 _resolution_decoder = msgspec.json.Decoder(Resolution)
 _encoder = msgspec.json.Encoder()
-# The approvals hash: the waiting message's and turn's ids, and per call `?` +
-# the pending approval or `=` + its resolution (scripts tell them apart by that
+# The approvals hash: the waiting message's and turn's ids, and per call (field
+# `call:` + its id: the model names calls, and may name one `turn_id`) `?` + the
+# pending approval or `=` + its resolution (scripts tell them apart by that
 # character). Decisions stay after the turn goes on, until the session's next
 # wait: a decision sent again, or racing another, is answered from them.
 MESSAGE_FIELD = "message_id"
 TURN_FIELD = "turn_id"
+CALL = "call:"
+
+
+def _call_id(field: bytes) -> str:
+    return field.decode().removeprefix(CALL)
+
+
 PENDING, DECIDED = b"?", b"="
 
 
@@ -219,7 +227,7 @@ class ResolveArgs(_LogArgs, kw_only=True):
     tenant: str
     mode: Literal["decide", "expire"]
     now_ms: int
-    # (tool_use_id, stored value, event JSON without seq)
+    # (the call's field, stored value, event JSON without seq)
     decisions: list[tuple[str, str, str]]
     job_id: str
     job_expiry_ms: int
@@ -277,7 +285,9 @@ class ApprovalStore:
             worker_id=worker_id,
             message_id=record.message_id,
             record=_encoder.encode(record).decode(),
-            pending=[(p.tool_use_id, (PENDING + _encoder.encode(p)).decode()) for p in pending],
+            pending=[
+                (CALL + p.tool_use_id, (PENDING + _encoder.encode(p)).decode()) for p in pending
+            ],
             events=[(str(e.__struct_config__.tag), ev.encode_event(e).decode()) for e in events],
             deadline_ms=int(deadline * 1000),
         )
@@ -306,7 +316,7 @@ class ApprovalStore:
             if value[:1] == PENDING:
                 pending.append(_pending_decoder.decode(value[1:]))
             elif value[:1] == DECIDED:
-                decided[field.decode()] = _resolution_decoder.decode(value[1:])
+                decided[_call_id(field)] = _resolution_decoder.decode(value[1:])
         pending.sort(key=lambda p: p.index)
         return Waiting(
             turn_id=row[1].decode(),
@@ -352,7 +362,7 @@ class ApprovalStore:
                 decided_by=resolution.decided_by,
             )
             stored = (DECIDED + _encoder.encode(resolution)).decode()
-            rows.append((call.tool_use_id, stored, ev.encode_event(event).decode()))
+            rows.append((CALL + call.tool_use_id, stored, ev.encode_event(event).decode()))
         args = ResolveArgs(
             **self._log_args(sid, waiting.turn_id),
             tenant=tenant,
@@ -411,10 +421,8 @@ class ApprovalStore:
     async def decision(self, sid: str, tool_use_id: str) -> tuple[str, Resolution] | None:
         """A call's recorded decision and its turn, also after the turn went on
         (until the session's next wait); None when it was never decided."""
-        if tool_use_id in (MESSAGE_FIELD, TURN_FIELD):
-            return None
         stored, turn_id = await self.redis.hmget(  # type: ignore[misc]
-            keys.approvals(sid), [tool_use_id, TURN_FIELD]
+            keys.approvals(sid), [CALL + tool_use_id, TURN_FIELD]
         )
         if stored is None or stored[:1] != DECIDED or turn_id is None:
             return None
@@ -434,7 +442,7 @@ class ApprovalStore:
         if record.turn_id != turn_id:
             return None
         decided = {
-            field.decode(): _resolution_decoder.decode(value[1:])
+            _call_id(field): _resolution_decoder.decode(value[1:])
             for field, value in stored.items()
             if value[:1] == DECIDED
         }

@@ -277,3 +277,36 @@ def test_a_redis_stall_as_the_turn_begins_to_wait_ends_no_turn(
             gapless(StreamReader(client, sid, params={"after": "0"}).join(10))
     finally:
         stack.stop()
+
+
+def test_calls_the_model_names_like_the_records_fields_change_nothing(
+    api: httpx.Client, fake_llm: FakeLLM
+) -> None:
+    model = f"field-names-{time.monotonic_ns()}"
+    calls = (
+        ("tool", "message_id", "bash", {"command": "echo m"}),
+        ("tool", "turn_id", "bash", {"command": "echo t"}),
+    )
+    fake_llm.script(
+        model,
+        Reply(chunks=anthropic_stream(*calls, stop="tool_use")),
+        Reply(chunks=anthropic_stream(("text", ["done"]))),
+    )
+    sid = session_with(api, {"provider": "anthropic", "model": model, **ASK_BASH})
+    reply = api.post(f"/sessions/{sid}/messages", json=text_message("go"))
+    assert reply.status_code == 202, reply.text
+    turn_id = reply.json()["turn_id"]
+    assert [p["tool_use_id"] for p in reply.json()["pending_approvals"]] == [
+        "message_id",
+        "turn_id",
+    ]
+    for call in ("message_id", "turn_id"):
+        decided = decide(api, sid, call, "allow")
+        assert decided.status_code == 200 and decided.json()["turn_id"] == turn_id
+    message = wait_state(api, sid, "active")["messages"][-1]
+    assert [b["content"] for b in message["content"] if b["type"] == "tool_result"] == [
+        "m\n",
+        "t\n",
+    ]
+    log = StreamReader(api, sid, params={"after": "0"}).join(10)
+    assert {e["message_id"] for e in log if e["turn_id"] == turn_id} == {message["id"]}
