@@ -229,7 +229,7 @@ RIDE_OUT = {
 }
 
 
-def _logged(store: redis.Redis, sid: str, event_type: str, timeout: float = 10) -> None:
+def _logged(store: redis.Redis, sid: str, event_type: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not any(f[b"t"] == event_type.encode() for _, f in store.xrange(keys.log(sid))):
         assert time.monotonic() < deadline, f"no {event_type} event"
