@@ -74,6 +74,7 @@ _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\[[^]]*\])?\+?=")
 _REDIRECTION = re.compile(r"[0-9]*(<<<|<<-?|<>|>>|>\||[<>]&?|&>>?)(.*)", re.DOTALL)
 # A command name the matcher cannot read: the shell expands it.
 _EXPANDED = re.compile(r"[$*?\[]")
+_TESTS = frozenset({"[", "[["})  # the test command, not a glob
 
 
 def rule_for(permissions: Permissions, name: str, tool_input: dict[str, Any]) -> Ruling:
@@ -121,9 +122,8 @@ def command_ruling(rules: CommandRules, command: str) -> Ruling:
         for pattern in patterns:
             if any(_glob(pattern).fullmatch(text) for text in candidates):
                 return Ruling(verdict, f"bash {verdict} {pattern!r}")  # type: ignore[arg-type]
-    if (rules.deny or rules.ask) and any(
-        _EXPANDED.search(read.split(" ", 1)[0]) for _, read in commands + split
-    ):
+    names = {read.split(" ", 1)[0] for _, read in commands + split}
+    if (rules.deny or rules.ask) and any(_EXPANDED.search(n) for n in names - _TESTS):
         return Ruling("ask", "bash: a command name the shell expands")
     if rules.allow and commands:
         matched = []

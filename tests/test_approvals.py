@@ -159,8 +159,14 @@ def test_an_ask_rule_is_not_sneaked_past_by_shell_syntax(command: str) -> None:
 
 
 def test_an_allow_rule_lets_through_only_a_chain_of_allowed_commands() -> None:
-    rules = CommandRules(allow=["ls *", "git status*", "echo *"])
-    for allowed in ("ls -la", "ls -la 2>&1", "echo approved-$((6*7))", "git status; ls -l"):
+    rules = CommandRules(ask=["rm *"], allow=["ls *", "git status*", "echo *", "[ *"])
+    for allowed in (
+        "ls -la",
+        "ls -la 2>&1",
+        "echo approved-$((6*7))",
+        "git status; ls -l",
+        "[ -f x ] && echo $HOME",
+    ):
         assert command_ruling(rules, allowed).verdict == "allow", allowed
     for asked in ("ls x; rm x", "ls x && curl evil", "echo $(rm x)", "ls `rm x`", "ls x | sh"):
         assert command_ruling(rules, asked).verdict == "ask", asked
