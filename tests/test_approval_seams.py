@@ -6,6 +6,7 @@ single job slot) serves the module, tests that stop Redis start their own.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -23,7 +24,13 @@ from conftest import ANTHROPIC_TEST_KEY, OPENAI_TEST_KEY, RedisServer, Stack
 from fake_llm import FakeLLM, Reply, anthropic_stream
 from helpers import StreamReader, text_message, wait_state
 
+from shared import events as ev
 from shared import keys
+from shared.approvals import CallPlan, Resolution, SuspendedTurn
+from shared.models import Message, PendingApproval, TextBlock, ToolUseBlock, new_id, now_rfc3339
+from shared.queue import TurnJob, connect, queued_job
+from shared.settings import Settings
+from worker.runtime import WorkerRuntime
 
 ASK_BASH = {"permissions": {"bash": "ask"}}
 
@@ -310,3 +317,84 @@ def test_calls_the_model_names_like_the_records_fields_change_nothing(
     ]
     log = StreamReader(api, sid, params={"after": "0"}).join(10)
     assert {e["message_id"] for e in log if e["turn_id"] == turn_id} == {message["id"]}
+
+
+# ---- the reaper and a turn that waited ----------------------------------------------
+
+
+def test_a_continuation_lease_is_measured_from_its_own_start(redis_url: str) -> None:
+    """The reaper saw the turn's lease at epoch 1 before it waited; its
+    continuation starts at epoch 1 again. What the reaper saw before must not
+    count against the continuation, whose worker fences only a lease + grace
+    after its own start."""
+    url = redis_url.rsplit("/", 1)[0] + "/11"
+
+    async def scenario() -> None:
+        redis_client = await connect(url)
+        await redis_client.flushdb()
+        settings = Settings.from_env(
+            {
+                "SANDSTREAM_LEASE_SECONDS": "0.6",
+                "SANDSTREAM_LEASE_GRACE_SECONDS": "0.3",
+                "SANDSTREAM_REAPER_INTERVAL_SECONDS": "1",
+                "SANDSTREAM_SANDBOX_ROOT": tempfile.mkdtemp(prefix="sandstream-reaper-"),
+            }
+        )
+        runtime = WorkerRuntime(redis_client, settings)
+        store, approvals = runtime.store, runtime.approvals
+        try:
+            sandbox = await store.create_sandbox("t", {})
+            sid = (await store.create_session("t", sandbox.id, {}, settings.default_agent())).id
+            turn = new_id()
+            user = Message(
+                id=new_id(),
+                session_id=sid,
+                role="user",
+                content=[TextBlock(text="go")],
+                timestamp=now_rfc3339(),
+                turn_id=turn,
+            )
+            job = queued_job(TurnJob(session_id=sid, turn_id=turn))
+            assert (await store.claim_turn(sid, "t", turn, user, job)).status == "ok"
+            assert await store.start_turn(sid, turn, "w1")
+            assert await runtime.reap_once() == 0
+            assert sid in runtime._seen  # it saw the lease at epoch 1
+            await asyncio.sleep(0.9)  # the model answers; the call waits; a person decides
+            call = ToolUseBlock(id="call_1", name="bash", input={"command": "true"})
+            record = SuspendedTurn(
+                turn_id=turn,
+                message_id=new_id(),
+                iteration=0,
+                blocks=[call],
+                usage=ev.Usage(),
+                calls=[CallPlan(index=0, verdict="ask")],
+            )
+            pending = PendingApproval(
+                tool_use_id="call_1", name="bash", input={}, index=0, expires_at=now_rfc3339()
+            )
+            assert await approvals.suspend(
+                sid=sid,
+                worker_id="w1",
+                record=record,
+                pending=[pending],
+                events=[],
+                deadline=time.time() + 60,
+            )
+            waiting = await approvals.waiting(sid)
+            assert waiting is not None
+            allow = Resolution(decision="allow", reason="", decided_by="k", decided_at="")
+            outcome, _ = await approvals.resolve(
+                sid=sid, tenant="t", waiting=waiting, mode="decide", decisions=[(pending, allow)]
+            )
+            assert outcome == "resumed"
+            assert await store.start_turn(sid, turn, "w2")  # the continuation, epoch 1
+            for _ in range(3):  # 0.9 s after its start: within its own lease + grace
+                assert await runtime.reap_once() == 0
+                await asyncio.sleep(0.3)
+            state = await store.turn_state(sid)
+            assert state is not None and state.state == "running"
+        finally:
+            await runtime.events.close()
+            await redis_client.aclose()
+
+    asyncio.run(scenario())
