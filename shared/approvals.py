@@ -116,7 +116,8 @@ end
 # KEYS: session, seq, log, suspended, approvals, running index, deadlines, appended.
 # ARGV[1]: msgpack of SuspendArgs.
 # -> 1 suspended (by this call, or by the same call sent before whose reply was
-#    lost) | 0 the turn is not this worker's any more (nothing written)
+#    lost) | 0 the turn is not this worker's any more | 2 an interrupt of the
+#    turn is asked for (nothing written either way: the turn ends interrupted)
 # The turn's last events, its record and its leaving the running index and the
 # worker are one step; the blocking send that waits for it (reply_to) hears of
 # the last event, and answers that the turn waits.
@@ -136,6 +137,7 @@ if started ~= a.worker_id then
   end
   return 0
 end
+if redis.call('HGET', KEYS[1], 'interrupt') == a.turn_id then return 2 end
 redis.call('HSET', KEYS[1], 'awaiting', a.turn_id, 'updated_at', a.now)
 redis.call('HDEL', KEYS[1], 'started', 'lease_epoch')
 -- the resumed turn's writer counts its appends from none
@@ -277,9 +279,10 @@ class ApprovalStore:
         pending: list[PendingApproval],
         events: list[ev.Event],
         deadline: float,
-    ) -> bool:
+    ) -> int:
         """Leave the turn waiting for `pending`, after appending `events` (the
-        turn's unsent ones, then the requests); False when it is not ours."""
+        turn's unsent ones, then the requests): 1. 0 when it is not ours, 2
+        when an interrupt of it is asked for (nothing is written then)."""
         args = SuspendArgs(
             **self._log_args(sid, record.turn_id),
             worker_id=worker_id,
@@ -301,7 +304,7 @@ class ApprovalStore:
             keys.APPROVAL_DEADLINES,
             keys.appended(sid),
         ]
-        return bool(await self._suspend(keys=script_keys, args=[msgspec.msgpack.encode(args)]))
+        return int(await self._suspend(keys=script_keys, args=[msgspec.msgpack.encode(args)]))
 
     async def waiting(self, sid: str) -> Waiting | None:
         """The session's waiting turn and its calls, or None when none waits."""

@@ -398,3 +398,33 @@ def test_a_continuation_lease_is_measured_from_its_own_start(redis_url: str) -> 
             await redis_client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_an_interrupt_the_worker_missed_is_not_outlived_by_a_wait(
+    api: httpx.Client, one_slot: Stack, fake_llm: FakeLLM
+) -> None:
+    """The interrupt's flag is set while the model answers, but its message
+    never reached the worker (a dropped subscription): the turn must not then
+    begin to wait for a person, to be stopped only after a decision ran its tool."""
+    model = f"missed-{time.monotonic_ns()}"
+    call = ("tool", "call_late", "bash", {"command": "echo ran"})
+    fake_llm.script(model, Reply(chunks=anthropic_stream(call, stop="tool_use"), head_stall=1.0))
+    sid = session_with(api, {"provider": "anthropic", "model": model, **ASK_BASH})
+    sent = api.post(f"/sessions/{sid}/messages", params={"wait": "0"}, json=text_message("go"))
+    turn_id = sent.json()["turn_id"]
+    store = redis.Redis.from_url(one_slot.env["SANDSTREAM_REDIS_URL"])
+    deadline = time.monotonic() + 10
+    while not store.hget(keys.session(sid), "started"):
+        assert time.monotonic() < deadline, "the turn did not start"
+        time.sleep(0.02)
+    # What the interrupt endpoint writes before it publishes (FLAG_INTERRUPT).
+    store.hset(keys.session(sid), "interrupt", turn_id)
+    message = wait_state(api, sid, "active")["messages"][-1]
+    assert message["stop_reason"] == "interrupted"
+    assert message["content"][0]["id"] == "call_late"
+    assert message["content"][1]["is_error"] is True
+    log = StreamReader(api, sid, params={"after": "0"}).join(10)
+    gapless(log)
+    kinds = [e["_event"] for e in log]
+    assert "tool_approval_requested" not in kinds
+    assert kinds[-2:] == ["tool_result", "session_completed"], kinds
