@@ -20,6 +20,7 @@ from shared.approvals import Resolution, Waiting
 from shared.models import (
     ApprovalDecision,
     Message,
+    SessionState,
     ToolResultBlock,
     ToolUseBlock,
     now_rfc3339,
@@ -58,12 +59,10 @@ class ApprovalController(Controller):
             raise _not_found(sid, tool_use_id[:MAX_TOOL_USE_ID] + "...")
         store = svc.approvals
         waiting = await store.waiting(sid)
-        if waiting is None:
-            raise _not_found(sid, tool_use_id)
-        call = next((p for p in waiting.pending if p.tool_use_id == tool_use_id), None)
-        before = waiting.decided.get(tool_use_id)
-        if call is None and before is None:
-            raise _not_found(sid, tool_use_id)
+        call = before = None
+        if waiting is not None:
+            call = next((p for p in waiting.pending if p.tool_use_id == tool_use_id), None)
+            before = waiting.decided.get(tool_use_id)
         resolution = Resolution(
             decision=body.decision,
             reason=body.reason,
@@ -71,7 +70,7 @@ class ApprovalController(Controller):
             decided_at=now_rfc3339(),
         )
         outcome = "waiting"
-        if call is not None:
+        if waiting is not None and call is not None:
             outcome, before = await store.resolve(
                 sid=sid,
                 tenant=principal.tenant,
@@ -79,8 +78,15 @@ class ApprovalController(Controller):
                 mode="decide",
                 decisions=[(call, resolution)],
             )
-            if outcome == "missing":
+        turn_id = waiting.turn_id if waiting is not None else ""
+        if before is None and (call is None or outcome == "missing"):
+            # Decided already, and the turn went on: by another client that was
+            # faster, or by this one in a request whose answer was lost.
+            found = await store.decision(sid, tool_use_id)
+            if found is None:
                 raise _not_found(sid, tool_use_id)
+            turn_id, before = found
+            outcome = "decided"
         if before is not None:
             if before.decision != body.decision:
                 raise Problem(
@@ -91,15 +97,19 @@ class ApprovalController(Controller):
                     decision=before.decision,
                 )
             resolution = before  # the same decision again: a retry, answered alike
+        state: SessionState = "running" if outcome == "resumed" else "awaiting_approval"
+        if outcome == "decided":
+            session = await svc.store.get_session(sid)
+            state = session.state if session is not None else "active"
         return ApprovalResult(
             session_id=sid,
-            turn_id=waiting.turn_id,
+            turn_id=turn_id,
             tool_use_id=tool_use_id,
             decision=resolution.decision,
             reason=resolution.reason,
             decided_by=resolution.decided_by,
             decided_at=resolution.decided_at,
-            state="running" if outcome == "resumed" else "awaiting_approval",
+            state=state,
         )
 
 
@@ -144,10 +154,13 @@ async def pending_of(svc: Services, sid: str) -> Waiting | None:
     return await svc.approvals.waiting(sid)
 
 
-async def end_waiting_turn(svc: Services, sid: str, sandbox_id: str, turn_id: str) -> bool:
-    """Interrupt a turn that awaits approval, here and at once: its message so
-    far is kept, each call that did not run is answered as interrupted. False
-    when the turn was resumed by a worker meanwhile (interrupt it as any other)."""
+async def end_waiting_turn(
+    svc: Services, sid: str, sandbox_id: str, turn_id: str, *, awaiting: bool = True
+) -> bool:
+    """Interrupt a turn that awaits approval, or whose continuation no worker
+    has started yet, here and at once: its message so far is kept, each call
+    that did not run is answered as interrupted. False when the turn never
+    waited, or a worker started it meanwhile (interrupt it as any other)."""
     store = svc.approvals
     record = await store.suspended_record(sid, turn_id)
     if record is None:
@@ -163,7 +176,11 @@ async def end_waiting_turn(svc: Services, sid: str, sandbox_id: str, turn_id: st
     }
     for block in record.blocks:
         if isinstance(block, ToolUseBlock) and block.id not in answered:
-            text = "[interrupted while awaiting approval] the tool did not run"
+            text = (
+                "[interrupted while awaiting approval] the tool did not run"
+                if awaiting
+                else "[interrupted before the tool ran] the tool did not run"
+            )
             results.append(
                 ev.ToolResult(
                     **ids,

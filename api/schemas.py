@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from api.grants import DEFAULT_SCOPES, Scope
-from shared.models import PendingApproval
+from shared.models import PendingApproval, SessionState
 
 
 class ProblemDetails(msgspec.Struct, kw_only=True):
@@ -36,7 +36,8 @@ class TurnAccepted(msgspec.Struct, kw_only=True):
 
 class ApprovalResult(msgspec.Struct, kw_only=True):
     """A tool call's decision as recorded; `state` is the session's after it
-    (`running` once no call waits any more and the turn goes on)."""
+    (`running` once no call waits any more and the turn goes on; for a decision
+    made before, the session's state now)."""
 
     session_id: str
     turn_id: str
@@ -45,7 +46,7 @@ class ApprovalResult(msgspec.Struct, kw_only=True):
     reason: str
     decided_by: str
     decided_at: str
-    state: Literal["running", "awaiting_approval"]
+    state: SessionState
 
 
 class InterruptResult(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -160,11 +160,11 @@ class SessionController(Controller):
         if state.state != "running" or state.turn_id is None:
             return InterruptResult(session_id=sid, interrupted=False, state="active")
         turn_id = state.turn_id
-        if state.awaiting and await end_waiting_turn(svc, sid, state.sandbox_id, turn_id):
-            return InterruptResult(
-                session_id=sid, interrupted=True, turn_id=turn_id, state="active"
-            )
-        if not state.started and await _end_unstarted(svc, sid, state.sandbox_id, turn_id):
+        # A turn that waits, or whose continuation is queued, keeps its message so far.
+        if not state.started and (
+            await end_waiting_turn(svc, sid, state.sandbox_id, turn_id, awaiting=state.awaiting)
+            or await _end_unstarted(svc, sid, state.sandbox_id, turn_id)
+        ):
             return InterruptResult(
                 session_id=sid, interrupted=True, turn_id=turn_id, state="active"
             )

@@ -194,6 +194,14 @@ async def _wait(
             svc.hub.forget_reply(turn_id, reply)
 
 
+async def _still_awaiting(svc: Services, sid: str, turn_id: str) -> bool:
+    """Whether the turn waits for approval now: a request in the log may have
+    been decided since, and the turn gone on (a replayed send then waits for
+    its end as any other)."""
+    state = await svc.store.turn_state(sid)
+    return state is not None and state.awaiting and state.turn_id == turn_id
+
+
 async def _terminal_in_log(
     svc: Services, sid: str, turn_id: str, after: int
 ) -> tuple[TerminalView | None, int]:
@@ -220,7 +228,7 @@ async def _terminal_in_log(
                         undecided.discard(call.tool_use_id)
             if len(page) < 500:
                 break
-        if undecided:
+        if undecided and await _still_awaiting(svc, sid, turn_id):
             return AWAITING, after
         if not page and not await svc.redis.exists(keys.session(sid)):
             raise not_found("session", sid)

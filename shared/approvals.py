@@ -66,9 +66,20 @@ _suspended_decoder = msgspec.json.Decoder(SuspendedTurn)
 _pending_decoder = msgspec.json.Decoder(PendingApproval)
 _resolution_decoder = msgspec.json.Decoder(Resolution)
 _encoder = msgspec.json.Encoder()
-# The approvals hash: the waiting message's id, and per call `?` + the pending
-# approval or `=` + its resolution (scripts tell them apart by that character).
+# The approvals hash: the waiting message's and turn's ids, and per call (field
+# `call:` + its id: the model names calls, and may name one `turn_id`) `?` + the
+# pending approval or `=` + its resolution (scripts tell them apart by that
+# character). Decisions stay after the turn goes on, until the session's next
+# wait: a decision sent again, or racing another, is answered from them.
 MESSAGE_FIELD = "message_id"
+TURN_FIELD = "turn_id"
+CALL = "call:"
+
+
+def _call_id(field: bytes) -> str:
+    return field.decode().removeprefix(CALL)
+
+
 PENDING, DECIDED = b"?", b"="
 
 
@@ -104,7 +115,9 @@ end
 
 # KEYS: session, seq, log, suspended, approvals, running index, deadlines, appended.
 # ARGV[1]: msgpack of SuspendArgs.
-# -> 1 suspended | 0 the turn is not this worker's any more (nothing written)
+# -> 1 suspended (by this call, or by the same call sent before whose reply was
+#    lost) | 0 the turn is not this worker's any more | 2 an interrupt of the
+#    turn is asked for (nothing written either way: the turn ends interrupted)
 # The turn's last events, its record and its leaving the running index and the
 # worker are one step; the blocking send that waits for it (reply_to) hears of
 # the last event, and answers that the turn waits.
@@ -113,16 +126,24 @@ SUSPEND = (
     + """
 local a = cmsgpack.unpack(ARGV[1])
 if redis.call('HGET', KEYS[1], 'state') ~= 'running'
-   or redis.call('HGET', KEYS[1], 'turn_id') ~= a.turn_id
-   or redis.call('HGET', KEYS[1], 'started') ~= a.worker_id then
+   or redis.call('HGET', KEYS[1], 'turn_id') ~= a.turn_id then
   return 0
 end
+local started = redis.call('HGET', KEYS[1], 'started')
+if started ~= a.worker_id then
+  if not started and redis.call('HGET', KEYS[1], 'awaiting') == a.turn_id
+     and redis.call('GET', KEYS[4]) == a.record then
+    return 1
+  end
+  return 0
+end
+if redis.call('HGET', KEYS[1], 'interrupt') == a.turn_id then return 2 end
 redis.call('HSET', KEYS[1], 'awaiting', a.turn_id, 'updated_at', a.now)
 redis.call('HDEL', KEYS[1], 'started', 'lease_epoch')
 -- the resumed turn's writer counts its appends from none
 redis.call('DEL', KEYS[5], KEYS[8])
 redis.call('SET', KEYS[4], a.record)
-redis.call('HSET', KEYS[5], 'message_id', a.message_id)
+redis.call('HSET', KEYS[5], 'message_id', a.message_id, 'turn_id', a.turn_id)
 for _, p in ipairs(a.pending) do redis.call('HSET', KEYS[5], p[1], p[2]) end
 redis.call('SREM', KEYS[6], a.session_id)
 redis.call('ZADD', KEYS[7], a.deadline_ms, a.session_id)
@@ -208,7 +229,7 @@ class ResolveArgs(_LogArgs, kw_only=True):
     tenant: str
     mode: Literal["decide", "expire"]
     now_ms: int
-    # (tool_use_id, stored value, event JSON without seq)
+    # (the call's field, stored value, event JSON without seq)
     decisions: list[tuple[str, str, str]]
     job_id: str
     job_expiry_ms: int
@@ -258,15 +279,18 @@ class ApprovalStore:
         pending: list[PendingApproval],
         events: list[ev.Event],
         deadline: float,
-    ) -> bool:
+    ) -> int:
         """Leave the turn waiting for `pending`, after appending `events` (the
-        turn's unsent ones, then the requests); False when it is not ours."""
+        turn's unsent ones, then the requests): 1. 0 when it is not ours, 2
+        when an interrupt of it is asked for (nothing is written then)."""
         args = SuspendArgs(
             **self._log_args(sid, record.turn_id),
             worker_id=worker_id,
             message_id=record.message_id,
             record=_encoder.encode(record).decode(),
-            pending=[(p.tool_use_id, (PENDING + _encoder.encode(p)).decode()) for p in pending],
+            pending=[
+                (CALL + p.tool_use_id, (PENDING + _encoder.encode(p)).decode()) for p in pending
+            ],
             events=[(str(e.__struct_config__.tag), ev.encode_event(e).decode()) for e in events],
             deadline_ms=int(deadline * 1000),
         )
@@ -280,7 +304,7 @@ class ApprovalStore:
             keys.APPROVAL_DEADLINES,
             keys.appended(sid),
         ]
-        return bool(await self._suspend(keys=script_keys, args=[msgspec.msgpack.encode(args)]))
+        return int(await self._suspend(keys=script_keys, args=[msgspec.msgpack.encode(args)]))
 
     async def waiting(self, sid: str) -> Waiting | None:
         """The session's waiting turn and its calls, or None when none waits."""
@@ -295,7 +319,7 @@ class ApprovalStore:
             if value[:1] == PENDING:
                 pending.append(_pending_decoder.decode(value[1:]))
             elif value[:1] == DECIDED:
-                decided[field.decode()] = _resolution_decoder.decode(value[1:])
+                decided[_call_id(field)] = _resolution_decoder.decode(value[1:])
         pending.sort(key=lambda p: p.index)
         return Waiting(
             turn_id=row[1].decode(),
@@ -341,7 +365,7 @@ class ApprovalStore:
                 decided_by=resolution.decided_by,
             )
             stored = (DECIDED + _encoder.encode(resolution)).decode()
-            rows.append((call.tool_use_id, stored, ev.encode_event(event).decode()))
+            rows.append((CALL + call.tool_use_id, stored, ev.encode_event(event).decode()))
         args = ResolveArgs(
             **self._log_args(sid, waiting.turn_id),
             tenant=tenant,
@@ -397,6 +421,16 @@ class ApprovalStore:
             resumed += outcome == "resumed"
         return resumed
 
+    async def decision(self, sid: str, tool_use_id: str) -> tuple[str, Resolution] | None:
+        """A call's recorded decision and its turn, also after the turn went on
+        (until the session's next wait); None when it was never decided."""
+        stored, turn_id = await self.redis.hmget(  # type: ignore[misc]
+            keys.approvals(sid), [CALL + tool_use_id, TURN_FIELD]
+        )
+        if stored is None or stored[:1] != DECIDED or turn_id is None:
+            return None
+        return turn_id.decode(), _resolution_decoder.decode(stored[1:])
+
     async def take_suspended(
         self, sid: str, turn_id: str
     ) -> tuple[SuspendedTurn, dict[str, Resolution]] | None:
@@ -411,7 +445,7 @@ class ApprovalStore:
         if record.turn_id != turn_id:
             return None
         decided = {
-            field.decode(): _resolution_decoder.decode(value[1:])
+            _call_id(field): _resolution_decoder.decode(value[1:])
             for field, value in stored.items()
             if value[:1] == DECIDED
         }

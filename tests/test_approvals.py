@@ -112,6 +112,82 @@ def test_bash_rules_match_by_pattern() -> None:
     assert command_ruling(CommandRules(allow=["ls*"]), "make").verdict == "ask"
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        "\\rm x",  # a backslash before the name
+        "/bin/rm x",  # a path to the command
+        "rm\tx",  # a tab between words
+        "'rm' x",
+        '"rm" x',
+        "r''m x",  # quotes inside the name
+        "r\\\nm x",  # a line continuation inside the name
+        "if true; then rm x; fi",
+        "while true; do rm x; done",
+        "! rm x",
+        "FOO=1 rm x",
+        "env rm x",
+        "env -i FOO=1 rm x",
+        "command rm x",
+        "exec rm x",
+        "nohup rm x",
+        "time rm x",
+        "nice -n 5 rm x",
+        "timeout 5 rm x",
+        "eval rm x",
+        "eval 'rm x'",
+        ">/dev/null rm x",
+        "2>&1 rm x",
+        "bash -c 'rm x'",
+        'sh -ec "rm x"',
+        "  rm x",
+        "echo ok && (rm x)",
+        "time -p rm x",
+        "coproc rm x",
+        "busybox rm x",
+        "xargs -n1 rm x",
+        'echo "$(ls; rm x)"',  # a command inside double quotes still runs
+        "/usr/bin/r[m] x",  # a name the shell finds by globbing
+        "$RM x",  # a name the matcher cannot read
+    ],
+)
+def test_an_ask_rule_is_not_sneaked_past_by_shell_syntax(command: str) -> None:
+    rules = CommandRules(deny=["rm -rf /*"], ask=["rm *"], allow=["*"])
+    assert command_ruling(rules, command).verdict == "ask", command
+    if (worse := command.replace("rm x", "rm -rf /")) != command:
+        assert command_ruling(rules, worse).verdict == "deny", worse
+
+
+def test_an_allow_rule_lets_through_only_a_chain_of_allowed_commands() -> None:
+    rules = CommandRules(ask=["rm *"], allow=["ls *", "git status*", "echo *", "[ *"])
+    for allowed in (
+        "ls -la",
+        "ls -la 2>&1",
+        "echo approved-$((6*7))",
+        "git status; ls -l",
+        "[ -f x ] && echo $HOME",
+    ):
+        assert command_ruling(rules, allowed).verdict == "allow", allowed
+    for asked in ("ls x; rm x", "ls x && curl evil", "echo $(rm x)", "ls `rm x`", "ls x | sh"):
+        assert command_ruling(rules, asked).verdict == "ask", asked
+    # Operators inside quotes are text, except in a command substitution.
+    assert command_ruling(rules, "echo 'a;b' | grep -r 'x(' .").verdict == "ask"  # grep
+    assert command_ruling(rules, "echo 'a;b' \"c|d\"; ls -l").verdict == "allow"
+    assert command_ruling(rules, 'echo "`ls; rm x`"').verdict == "ask"
+
+
+def test_ruling_on_a_hostile_command_line_takes_milliseconds() -> None:
+    # Stars and a long line: a backtracking regex took minutes for 100 characters.
+    rules = CommandRules(ask=["*a*a*a*a*a*a*b"] * 100, deny=["*q*"] * 100, allow=["echo *"] * 100)
+    for command in ("a" * 60_000, "echo x;" * 9000, 'echo "a" ' * 7000, "a" * 1_000_000):
+        began = time.perf_counter()
+        ruling = command_ruling(rules, command)
+        took = time.perf_counter() - began
+        assert took < 1.0, (len(command), took)
+        assert ruling.verdict in ("ask", "allow"), ruling
+    assert command_ruling(rules, "a" * 1_000_000).rule == "bash: a command line too long to rule on"
+
+
 def test_permissions_pick_the_tool_entry_then_the_wildcard() -> None:
     permissions: Any = {"*": "deny", "read_file": "allow", "bash": CommandRules(allow=["ls"])}
     assert rule_for(permissions, "read_file", {"path": "x"}).verdict == "allow"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -468,5 +469,39 @@ def test_a_start_sent_again_by_its_worker_after_a_lost_reply_hands_the_turn_back
         assert state is not None and state.lease_epoch == 2  # not taken afresh
         after = await store.redis.hget(keys.METRICS_COUNTERS, metrics.STARTED)
         assert int(after or 0) - int(counted or 0) == 1
+
+    run(redis_url, scenario)
+
+
+def test_a_suspension_sent_again_after_a_lost_reply_writes_once(redis_url: str) -> None:
+    async def scenario(store: SessionStore) -> None:
+        sandbox = await store.create_sandbox("t", {})
+        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
+        turn = new_id()
+        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        assert await store.start_turn(sid, turn, "w1")
+        approvals = ApprovalStore(store.redis, log_max_events=100, log_ttl_seconds=60)
+        record = SuspendedTurn(
+            turn_id=turn, message_id=new_id(), iteration=0, blocks=[], usage=ev.Usage(), calls=[]
+        )
+
+        async def suspend(worker: str, what: SuspendedTurn = record) -> bool:
+            return await approvals.suspend(
+                sid=sid,
+                worker_id=worker,
+                record=what,
+                pending=[],
+                events=[_delta(sid, sandbox.id, turn, "x")],
+                deadline=time.time() + 60,
+            )
+
+        assert not await suspend("w2")  # not w2's turn
+        assert await suspend("w1")
+        assert await suspend("w1")  # the same call again: done already, nothing written
+        assert await store.redis.get(keys.seq(sid)) == b"1"
+        state = await store.turn_state(sid)
+        assert state is not None and state.awaiting and not state.started
+        # Another worker's (a stale one's) suspension is not mistaken for it.
+        assert not await suspend("w2", msgspec.structs.replace(record, message_id=new_id()))
 
     run(redis_url, scenario)

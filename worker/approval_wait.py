@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from shared import events as ev
 from shared.approvals import ApprovalStore, CallPlan, SuspendedTurn
@@ -27,11 +27,15 @@ def _rfc3339(epoch: float) -> str:
     return f"{moment}.{int((epoch - whole) * 1000):03d}Z"
 
 
-async def suspend_for_approval(runner: TurnRunner, iteration: int, plan: list[CallPlan]) -> None:
-    """Announce the calls that wait, and suspend the turn in the same step."""
+async def suspend_for_approval(
+    runner: TurnRunner, iteration: int, plan: list[CallPlan]
+) -> Literal["suspended", "interrupted"]:
+    """Announce the calls that wait, and suspend the turn in the same step.
+    "interrupted": an interrupt is asked for (its message may never have reached
+    this worker), so the turn ends now instead of waiting for a person."""
     rest = await runner.detach_writer()
     if rest is None:
-        return
+        return "suspended"  # not ours: nothing more to do
     deadline = time.time() + runner.agent.approval_timeout_seconds
     expires_at = _rfc3339(deadline)
     pending = []
@@ -92,7 +96,11 @@ async def suspend_for_approval(runner: TurnRunner, iteration: int, plan: list[Ca
         give_up=lambda: runner.lease_lost,
         logger=logger,
     )
+    if suspended == 2:
+        runner.give_back(rest)
+        return "interrupted"
     if suspended:
         logger.info("turn %s awaits approval of %d tool calls", runner.turn_id, len(pending))
     else:
         logger.info("turn %s was no longer this worker's; not suspended", runner.turn_id)
+    return "suspended"

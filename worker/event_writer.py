@@ -152,6 +152,12 @@ class TurnEvents:
         rest, self.pending = self.pending, []
         return rest
 
+    def give_back(self, events: list[Event]) -> None:
+        """Events `detach` handed out and nobody sent: kept (still unsent) for
+        the turn's end, which detaches again."""
+        self._detached = False
+        self.pending = [*events, *self.pending]
+
     def abandon(self) -> None:
         """The turn is no longer this worker's: send nothing more of it, even in a
         call being sent again."""

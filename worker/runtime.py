@@ -66,9 +66,13 @@ JOB_TIMEOUT_EXTRA = 60
 
 
 class _Seen(msgspec.Struct):
-    """A started turn's lease as a reaper saw it: since when (monotonic) at this epoch."""
+    """A started turn's lease as a reaper saw it: since when (monotonic) at this epoch.
+
+    A turn that waited for approval starts again at epoch 1 with its
+    continuation's job: the lease seen before it waited is another one."""
 
     turn_id: str
+    job_id: str | None
     epoch: int
     since: float
 
@@ -295,8 +299,9 @@ class WorkerRuntime:
                 continue
             if state.started:
                 seen = self._seen.get(sid)
-                if seen is None or (seen.turn_id, seen.epoch) != (state.turn_id, state.lease_epoch):
-                    self._seen[sid] = _Seen(state.turn_id, state.lease_epoch, seen_at)
+                lease = (state.turn_id, state.job_id, state.lease_epoch)
+                if seen is None or (seen.turn_id, seen.job_id, seen.epoch) != lease:
+                    self._seen[sid] = _Seen(*lease, seen_at)
                     continue
                 if seen_at - seen.since < self.lost_after():
                     continue

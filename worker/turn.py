@@ -260,7 +260,9 @@ class TurnRunner:
                 return "end_turn"
             plan = self._plan(calls)
             if any(step.verdict == "ask" for step in plan):
-                await suspend_for_approval(self, iteration, plan)
+                if await suspend_for_approval(self, iteration, plan) == "interrupted":
+                    self._interrupted = True
+                    return "interrupted"
                 return "suspended"
             await self._run_calls(plan, tool_ctx, allowed)
         self._writer_stop()
@@ -455,6 +457,11 @@ class TurnRunner:
         """The events not sent yet, to go out with the turn's suspension; None
         when the turn is no longer ours."""
         return await self._detached()
+
+    def give_back(self, events: list[ev.Event]) -> None:
+        """The turn did not suspend after all: its unsent events go out with its end."""
+        assert self._writer is not None
+        self._writer.give_back(events)
 
     async def _keep_lease(self, renewed_at: float) -> None:
         """Renew the lease; fence the turn when no renewal got through in time.
