@@ -135,12 +135,15 @@ async def wait_for_end(
     send's claim, if there is one.
     Raises 404 `session_not_found` when the session is deleted meanwhile."""
     if reply is not None:
-        return await _wait(svc, sid, turn_id, after, limit, reply)
+        # Expected before the claim: the turn's end can only come after it, on
+        # the reply channel (or a RESYNC says to read the log), so a send does
+        # not read the log first.
+        return await _wait(svc, sid, turn_id, after, limit, reply, check_log=False)
     async with svc.hub.subscribe(sid, buffer_bytes=0):
         reply = svc.hub.expect_reply(sid, turn_id)
         try:
             # Subscribed first, then the log: an end in between is in one of them.
-            return await _wait(svc, sid, turn_id, after, limit, reply)
+            return await _wait(svc, sid, turn_id, after, limit, reply, check_log=True)
         finally:
             svc.hub.forget_reply(turn_id, reply)
 
@@ -152,10 +155,11 @@ async def _wait(
     after: int,
     limit: float,
     reply: asyncio.Future[bytes],
+    *,
+    check_log: bool,
 ) -> TerminalView | None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
-    check_log = True
     given = reply
     try:
         while True:

@@ -82,8 +82,10 @@ async def _measure(redis_url: str, count: int, rounds: int, batched: bool) -> li
     cpu_before, commands_before = await _counters(redis)
     ours_before = time.process_time()
     for n in range(rounds):
+        # As the worker's writer sends them: each turn counts its events in the
+        # log, so that a call sent again appends nothing twice.
         batch = [
-            TurnAppend(sid, turn, [_delta(sid, sandbox_id, turn, n)], first=n == 0)
+            TurnAppend(sid, turn, [_delta(sid, sandbox_id, turn, n)], n == 0, appended_before=n)
             for sid, turn in turns
         ]
         if batched:

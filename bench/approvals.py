@@ -82,6 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     with private_redis() as url, service(url) as running:
         figures = measure(running.base, url, args.decisions)
+    print("9. approvals: a turn awaiting approval of one bash call, and its decision")
     print(f"a waiting turn keeps {figures['memory_bytes']:.0f} B in Redis (its two keys)")
     print(
         f"decision to tool start: p50 {figures['decision_to_tool_p50_ms']:.1f} ms, "

@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import redis
 
+from shared import keys
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_KEY = "bench-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
@@ -98,14 +100,31 @@ def service(
             bases.append(base)
         for _ in range(workers):
             procs.append(subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env))
-        time.sleep(1.0)
-        yield Service(bases, [p.pid for p in procs[:apis]], [p.pid for p in procs[apis:]], workdir)
+        worker_pids = [p.pid for p in procs[apis:]]
+        # A worker beats its heart once it has started, its provider's SDK
+        # imported: before that, turns would wait in the queue, and the import's
+        # seconds of CPU would be counted in what a benchmark measures.
+        _wait(lambda: workers_beating(redis_url, worker_pids), "the workers", timeout=60)
+        yield Service(bases, [p.pid for p in procs[:apis]], worker_pids, workdir)
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
             proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def workers_beating(redis_url: str, pids: list[int]) -> bool:
+    """Whether every worker process of `pids` has written its heartbeat."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        beating = {
+            int(client.hget(key, "pid") or 0)  # type: ignore[arg-type]
+            for key in client.scan_iter(match=keys.worker("*"))
+        }
+    finally:
+        client.close()
+    return set(pids) <= beating
 
 
 def rss_bytes(pid: int) -> int:

@@ -104,10 +104,13 @@ return 1
 #    the log's (nothing appended)
 # One call carries the pending events of every turn a worker runs, so the
 # script's own cost, the round trip and the counters (read once, written once)
-# are paid per call rather than per turn; what stays per turn is the fence, one
-# XADD per event and one PUBLISH of its events, one JSON a line. The appended
-# key (`<turn_id> <events> <last seq>`) makes a call that is sent again after a
-# lost reply harmless: a turn whose events are in already gets its seqs again.
+# are paid per call rather than per turn; what stays per turn is one XADD per
+# event and one PUBLISH of its events, one JSON a line. The appended key
+# (`<turn_id> <events> <last seq>`) makes a call that is sent again after a lost
+# reply harmless: a turn whose events are in already gets its seqs again. It is
+# also the fence after a turn's first append: the mark is read with the counters
+# anyway, and is removed wherever the turn stops being current, so only a turn
+# without one (its first append) costs an HGET of the session.
 # The arguments are flat rather than one encoded struct because this is the
 # script that runs for every token: decoding a struct in Lua (cmsgpack) cost
 # Redis about 1.3 µs more per event. The keys of many sessions in one script:
@@ -134,13 +137,15 @@ local maxlen = ARGV[1]
 for i = 1, #batch do
   local turn = batch[i]
   local k = 4 * i - 3
-  if call('HGET', KEYS[k], 'turn_id') == turn[1] then
-    local before, last = 0, 0
-    local mark = counters[2 * i]
-    if mark then
-      local t, c, l = string.match(mark, '^(%S+) (%d+) (%d+)$')
-      if t == turn[1] then before, last = tonumber(c), tonumber(l) end
-    end
+  local before, last, marked = 0, 0, false
+  local mark = counters[2 * i]
+  if mark then
+    local t, c, l = string.match(mark, '^(%S+) (%d+) (%d+)$')
+    if t == turn[1] then before, last, marked = tonumber(c), tonumber(l), true end
+  end
+  -- A mark naming the turn proves it current: each way a turn stops being the
+  -- session's (FINISH_TURN, SUSPEND, deletion) removes the mark in the same step.
+  if marked or call('HGET', KEYS[k], 'turn_id') == turn[1] then
     if turn[7] == nil or before == turn[7] then
       local seq = tonumber(counters[2 * i - 1]) or 0
       firsts[i] = seq + 1
@@ -175,8 +180,8 @@ if #written > 0 then call('MSET', unpack(written)) end
 return firsts
 """
 
-# KEYS: session, messages, seq, log, running index, recent durations, then the
-#       counter hashes the turn adds to.
+# KEYS: session, messages, seq, log, running index, recent durations, appended,
+#       then the counter hashes the turn adds to.
 # ARGV: one JSON document, `shared.turns.FinishArgs` (named members, no slots to count).
 # mode "worker": the running worker ends its turn, while it holds the lease (a
 #   turn it suspended for approval, or that another worker resumed, is not its).
@@ -204,6 +209,7 @@ local reply_to = redis.call('HGET', KEYS[1], 'reply_to')
 redis.call('HSET', KEYS[1], 'state', 'active', 'updated_at', a.now)
 redis.call('HDEL', KEYS[1], 'turn_id', 'started', 'interrupt', 'claimed_ms', 'reply_to',
            'lease_epoch')
+redis.call('DEL', KEYS[7])  -- the turn's appended mark: no append of it is current now
 if a.message ~= '' then redis.call('RPUSH', KEYS[2], a.message) end
 local n = #a.events
 local seq = redis.call('INCRBY', KEYS[3], n + 1) - n - 1

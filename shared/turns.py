@@ -420,6 +420,7 @@ class TurnLifecycle:
             keys.log(sid),
             keys.RUNNING,
             keys.TURN_DURATIONS,
+            keys.appended(sid),
         ]
         counters = []
         for key, field, increment in [

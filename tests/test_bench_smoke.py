@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import redis
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,3 +37,16 @@ def test_bench_quick_run_prints_every_table() -> None:
     streaming = result.stdout.split("6. streaming", 1)[1].splitlines()
     rows = [line for line in streaming if line.startswith("10 turns")]
     assert len(rows) == 2 and all(line.rstrip().endswith("yes") for line in rows), streaming
+
+
+def test_bench_service_starts_its_workers_before_the_benchmark_runs(redis_url: str) -> None:
+    """A benchmark that started while its worker was still importing the
+    provider's SDK (seconds of CPU) counted that import as the worker's cost
+    per chunk and made the first turns late."""
+    from bench.harness import service
+    from shared import keys
+
+    client = redis.Redis.from_url(redis_url)
+    with service(redis_url, workers=2, provider="anthropic", model="m") as svc:
+        beating = {int(client.hget(k, "pid") or 0) for k in client.scan_iter(keys.worker("*"))}
+        assert set(svc.worker_pids) <= beating

@@ -22,7 +22,7 @@ from shared.approvals import ApprovalStore, SuspendedTurn
 from shared.models import Message, PendingApproval, TextBlock, new_id, now_rfc3339
 from shared.settings import Settings
 from shared.store import SessionStore
-from shared.turns import store_unavailable
+from shared.turns import FinishMode, store_unavailable
 from worker.event_writer import EventWriter
 
 T = TypeVar("T")
@@ -169,6 +169,62 @@ def test_a_batch_sent_again_after_a_lost_reply_is_appended_once(redis_url: str) 
         return [e.seq for e in await eventlog.read_after(store.redis, sid, 0)]
 
     assert run(redis_url, scenario) == [1, 2, 3]
+
+
+def test_a_turn_that_appended_is_fenced_by_its_mark_without_reading_the_session(
+    redis_url: str,
+) -> None:
+    """Only a turn's first append reads the session's hash to check the turn is
+    current; later ones find the turn named by the appended mark they read anyway
+    (one command less per turn per call)."""
+
+    async def scenario(store: SessionStore) -> int:
+        sandbox = await store.create_sandbox("t", {})
+        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
+        turn = new_id()
+        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        assert await store.append_events(sid, turn, [_delta(sid, sandbox.id, turn, "a")], 0)
+        before = await store.redis.info("commandstats")
+        for n in range(1, 11):
+            [seq] = await store.append_events(sid, turn, [_delta(sid, sandbox.id, turn, "b")], n)
+            assert seq == n + 1
+        after = await store.redis.info("commandstats")
+        return int(after["cmdstat_hget"]["calls"] - before["cmdstat_hget"]["calls"])
+
+    assert run(redis_url, scenario) == 0
+
+
+@pytest.mark.parametrize("end", ["orphaned", "worker", "deleted"])
+def test_a_turn_that_ended_appends_nothing_more_though_its_mark_named_it(
+    redis_url: str, end: str
+) -> None:
+    async def scenario(store: SessionStore) -> None:
+        sandbox = await store.create_sandbox("t", {})
+        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
+        turn = new_id()
+        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        assert await store.start_turn(sid, turn, "w1")
+        delta = _delta(sid, sandbox.id, turn, "a")
+        assert await store.append_events(sid, turn, [delta], 0) == [1]
+        assert await store.append_events(sid, turn, [delta], 1) == [2]
+        done = _done(sid, sandbox.id, turn)
+        if end == "deleted":
+            assert await store.delete_session(sid)
+        else:
+            state = await store.turn_state(sid)
+            assert state is not None
+            mode: FinishMode = "orphaned" if end == "orphaned" else "worker"
+            assert await store.finish_turn(sid, turn, mode, None, done, epoch=state.lease_epoch)
+        # The turn's worker, cut off, sends its next call, or the last one again.
+        assert await store.append_events(sid, turn, [delta], 2) == [0]
+        assert await store.append_events(sid, turn, [delta], 1) == [0]
+        if end == "deleted":
+            assert not await store.redis.exists(keys.log(sid), keys.seq(sid))
+        else:
+            seqs = [e.seq for e in await eventlog.read_after(store.redis, sid, 0)]
+            assert seqs == [1, 2, 3]  # its two events and the terminal one
+
+    run(redis_url, scenario)
 
 
 def test_appends_are_one_round_trip_and_survive_a_script_flush(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 import httpx
-from conftest import ALPHA_KEY, Stack
+from conftest import ALPHA_KEY, RedisServer, Stack
 from helpers import StreamReader, new_session, text_message, wait_state
 
 
@@ -103,3 +103,22 @@ def test_deleting_a_session_ends_its_waiting_sends_and_streams(
             f"stream ended within {ended_at - deleted_at:.3f} s"
         )
         assert done_at[0] - deleted_at < 3
+
+
+def test_a_blocking_send_hears_its_turns_end_without_reading_the_log(
+    make_stack: Callable[..., Stack], own_redis: RedisServer
+) -> None:
+    """The send's reply is expected before its claim, so the end of its turn
+    comes on the reply channel: reading the session's log first cost every send
+    a round trip or two to Redis."""
+    stack = make_stack(workers=1, redis_url_override=own_redis.url)
+    store = own_redis.client()
+    with stack.client() as client:
+        sid = new_session(client)
+        assert client.post(f"/sessions/{sid}/messages", json=text_message("hi")).status_code == 200
+        store.config_resetstat()
+        for _ in range(5):
+            reply = client.post(f"/sessions/{sid}/messages", json=text_message("hi"))
+            assert reply.status_code == 200 and reply.json()["stop_reason"] == "end_turn"
+        stats = store.info("commandstats")
+    assert "cmdstat_xrange" not in stats, stats["cmdstat_xrange"]
