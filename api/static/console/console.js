@@ -382,7 +382,16 @@ class SessionView {
   }
 
   async handle(type, event) {
-    if (type === "keepalive" || type === "reconnect" || type === "grant_expired") return;
+    if (type === "keepalive") {
+      // The stream says where the session is: a turn shown as going on with no
+      // live part, or events this page has not seen, mean the shown state may
+      // be stale (a refresh that failed, a message lost): read it again.
+      const shown = $("state").textContent;
+      const stale = !this.live && shown === "running";
+      if (stale || event.latest_seq > this.lastSeq) await this.refresh();
+      return;
+    }
+    if (type === "reconnect" || type === "grant_expired") return;
     if (type === "log_truncated") return this.refresh();
     if (!event.turn_id || this.done.has(event.turn_id)) {
       if (!event.turn_id && typeof event.seq === "number") {
