@@ -28,7 +28,7 @@ from browser import (
     wait_until,
 )
 from conftest import ADMIN_KEY, ALPHA_KEY, Stack, nginx_proxy
-from helpers import new_session, text_message
+from helpers import StreamReader, new_session, text_message
 from playwright.sync_api import Browser, Page
 
 
@@ -378,3 +378,30 @@ def test_page_survives_an_api_restart_after_the_tokens_opening_window(
     # The page resumed with the same token; its URL alone no longer opens the stream.
     url = page.evaluate("source.url")
     assert httpx.get(url, timeout=10).status_code == 401
+
+
+def test_console_recovers_from_a_failed_refresh_at_the_next_keepalive(
+    console: Console, client: httpx.Client
+) -> None:
+    sid = new_session(client)
+    console.sign_in(ALPHA_KEY)
+    console.open_session(sid)
+    console.wait_connection("live")
+    reader = StreamReader(client, sid, params={"after": "0"}, until=1)
+    sent = client.post(
+        f"/sessions/{sid}/messages", params={"wait": "0"}, json=text_message("run: sleep 2")
+    )
+    assert sent.status_code == 202
+    wait_until(lambda: console.state() == "running", 10, "the turn on the page")
+    # From now on the page's reads of the session fail: its refresh at the turn's
+    # end is lost, and what it shows comes from the stream alone.
+    failing = f"**/api/v1/sessions/{sid}"
+    console.page.route(failing, lambda route: route.abort())
+    last = reader.join()[-1]["seq"]
+    wait_until(lambda: console.seqs()[-1:] == [last], 10, "the turn's end on the page")
+    time.sleep(0.5)
+    assert console.state() == "running"  # stale: its refresh failed
+    console.page.unroute(failing)
+    # The next keepalive (every 2 s here) shows the page behind, and it reads again.
+    wait_until(lambda: console.state() == "active", 10, "the turn's end after a keepalive")
+    assert console.transcript() == stored_transcript(client, sid)
