@@ -113,10 +113,14 @@ class WorkerRuntime:
         # take them (tools run in the sandbox, not in this process's threads).
         self._disk = ThreadPoolExecutor(2, thread_name_prefix="workspace")
 
-    async def run_turn(self, job: TurnJob, accepted_at: float | None = None) -> bool:
+    async def run_turn(
+        self, job: TurnJob, accepted_at: float | None = None, continuation: bool = True
+    ) -> bool:
         """Run the job's turn; False when it is not the session's current turn
         (finished, reaped or interrupted already: a redelivered job does nothing).
-        `accepted_at`: when the API queued it (epoch seconds), for the metrics."""
+        `accepted_at`: when the API queued it (epoch seconds), for the metrics.
+        `continuation`: the job may resume a turn that waited for approval (a
+        turn's first job never does: no record is looked for)."""
         leased_at = time.monotonic()
         # Asked again while the store cannot take it (a lost reply included: the
         # turn is then handed back), for as long as no reaper could end it.
@@ -132,7 +136,11 @@ class WorkerRuntime:
             return False
         agent = started.agent or self.settings.default_agent()
         # A turn that waited for approval: where it stopped, and the decisions.
-        resumed = await self.approvals.take_suspended(job.session_id, job.turn_id)
+        resumed = (
+            await self.approvals.take_suspended(job.session_id, job.turn_id)
+            if continuation
+            else None
+        )
         if resumed is not None:
             await self.approvals.forget(job.session_id)
         try:
@@ -352,7 +360,10 @@ async def run_turn(ctx: dict[str, Any], payload: Any) -> str:
     with bound(job_id=ctx.get("job_id"), session_id=job.session_id, turn_id=job.turn_id):
         enqueued = ctx.get("enqueue_time")
         accepted_at = enqueued.timestamp() if isinstance(enqueued, datetime) else None
-        ran = await runtime.run_turn(job, accepted_at)
+        # A continuation's job is named `<turn id>:<suffix>` (`shared.approvals`);
+        # a turn's first job is named by the turn's id alone.
+        continuation = ctx.get("job_id") != job.turn_id
+        ran = await runtime.run_turn(job, accepted_at, continuation)
         logger.info("turn %s", "done" if ran else "skipped: not current")
     return "done" if ran else "skipped"
 
