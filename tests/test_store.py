@@ -214,7 +214,10 @@ def test_a_turn_that_ended_appends_nothing_more_though_its_mark_named_it(
             state = await store.turn_state(sid)
             assert state is not None
             mode: FinishMode = "orphaned" if end == "orphaned" else "worker"
-            assert await store.finish_turn(sid, turn, mode, None, done, epoch=state.lease_epoch)
+            worker = "w1" if mode == "worker" else ""  # a worker ends only its own turn
+            assert await store.finish_turn(
+                sid, turn, mode, None, done, epoch=state.lease_epoch, worker_id=worker
+            )
         # The turn's worker, cut off, sends its next call, or the last one again.
         assert await store.append_events(sid, turn, [delta], 2) == [0]
         assert await store.append_events(sid, turn, [delta], 1) == [0]
