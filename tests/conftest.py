@@ -234,6 +234,31 @@ def fake_llm() -> Iterator[FakeLLM]:
     server.stop()
 
 
+def model_env(fake_llm: FakeLLM) -> dict[str, str]:
+    """The settings that point both providers' SDKs at the local fake model."""
+    return {
+        "ANTHROPIC_BASE_URL": fake_llm.base_url,
+        "ANTHROPIC_API_KEY": ANTHROPIC_TEST_KEY,
+        "OPENAI_BASE_URL": fake_llm.base_url + "/v1",
+        "OPENAI_API_KEY": OPENAI_TEST_KEY,
+    }
+
+
+@contextmanager
+def stack_of_its_own(redis_url: str, db: int, env: dict[str, str]) -> Iterator[Stack]:
+    """An API and a worker with settings of their own, on a Redis database of
+    their own (so their queue is apart from the shared stack's worker)."""
+    url = redis_url.rsplit("/", 1)[0] + f"/{db}"
+    redis.Redis.from_url(url).flushdb()
+    workdir = Path(tempfile.mkdtemp(prefix="sandstream-test-"))
+    running = Stack(url, workdir, env)
+    try:
+        yield running
+    finally:
+        running.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def stack(redis_url: str, fake_llm: FakeLLM) -> Iterator[Stack]:
     """One API and one worker for the whole run; each test makes its own sandbox."""
@@ -242,10 +267,7 @@ def stack(redis_url: str, fake_llm: FakeLLM) -> Iterator[Stack]:
         "SANDSTREAM_KEEPALIVE_SECONDS": "1",
         "SANDSTREAM_MAX_BODY_BYTES": str(256 * 1024),
         "SANDSTREAM_TOOL_TIMEOUT_SECONDS": "5",
-        "ANTHROPIC_BASE_URL": fake_llm.base_url,
-        "ANTHROPIC_API_KEY": ANTHROPIC_TEST_KEY,
-        "OPENAI_BASE_URL": fake_llm.base_url + "/v1",
-        "OPENAI_API_KEY": OPENAI_TEST_KEY,
+        **model_env(fake_llm),
     }
     running = Stack(redis_url, workdir, env)
     yield running

@@ -39,6 +39,14 @@ def new_session(client: httpx.Client) -> str:
     return str(client.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"])
 
 
+def session_with(client: httpx.Client, agent: dict[str, Any]) -> str:
+    """A fresh sandbox with one session of this `agent`; the session's id."""
+    sandbox = client.post("/sandboxes", json={}).json()["id"]
+    created = client.post(f"/sandboxes/{sandbox}/sessions", json={"agent": agent})
+    assert created.status_code == 201, created.text
+    return str(created.json()["id"])
+
+
 def wait_state(client: httpx.Client, sid: str, state: str, timeout: float = 15) -> dict[str, Any]:
     """Poll the session until it is in `state`; the session then."""
     deadline = time.monotonic() + timeout

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import tempfile
 import threading
@@ -20,9 +19,9 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from conftest import ANTHROPIC_TEST_KEY, OPENAI_TEST_KEY, RedisServer, Stack
+from conftest import RedisServer, Stack, model_env, stack_of_its_own
 from fake_llm import FakeLLM, Reply, anthropic_stream
-from helpers import StreamReader, text_message, wait_state
+from helpers import StreamReader, session_with, text_message, wait_state
 
 from shared import events as ev
 from shared import keys
@@ -37,36 +36,22 @@ ASK_BASH = {"permissions": {"bash": "ask"}}
 
 @pytest.fixture(scope="module")
 def one_slot(redis_url: str, fake_llm: FakeLLM) -> Iterator[Stack]:
-    url = redis_url.rsplit("/", 1)[0] + "/10"
-    redis.Redis.from_url(url).flushdb()
-    workdir = Path(tempfile.mkdtemp(prefix="sandstream-approval-seams-"))
+    """An API and one worker that runs one job at a time, on a database of their own."""
     env = {
         "SANDSTREAM_WORKER_MAX_JOBS": "1",
         "SANDSTREAM_REAPER_INTERVAL_SECONDS": "0.2",
         "SANDSTREAM_KEEPALIVE_SECONDS": "1",
         "SANDSTREAM_TOOL_TIMEOUT_SECONDS": "8",
-        "ANTHROPIC_BASE_URL": fake_llm.base_url,
-        "ANTHROPIC_API_KEY": ANTHROPIC_TEST_KEY,
-        "OPENAI_BASE_URL": fake_llm.base_url + "/v1",
-        "OPENAI_API_KEY": OPENAI_TEST_KEY,
+        **model_env(fake_llm),
     }
-    running = Stack(url, workdir, env)
-    yield running
-    running.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    with stack_of_its_own(redis_url, 10, env) as running:
+        yield running
 
 
 @pytest.fixture
 def api(one_slot: Stack) -> Iterator[httpx.Client]:
     with one_slot.client() as client:
         yield client
-
-
-def session_with(client: httpx.Client, agent: dict[str, Any]) -> str:
-    sandbox = client.post("/sandboxes", json={}).json()["id"]
-    created = client.post(f"/sandboxes/{sandbox}/sessions", json={"agent": agent})
-    assert created.status_code == 201, created.text
-    return str(created.json()["id"])
 
 
 def waiting_calls(client: httpx.Client, sid: str, text: str) -> list[dict[str, Any]]:
@@ -256,8 +241,7 @@ def test_a_redis_stall_as_the_turn_begins_to_wait_ends_no_turn(
     )
     env = {
         **RIDE_OUT,
-        "ANTHROPIC_BASE_URL": fake_llm.base_url,
-        "ANTHROPIC_API_KEY": ANTHROPIC_TEST_KEY,
+        **model_env(fake_llm),
     }
     stack = Stack(own_redis.url, tmp_path / "stack", env)
     try:

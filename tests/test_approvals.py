@@ -6,27 +6,18 @@ tests that kill processes start their own.
 
 from __future__ import annotations
 
-import shutil
 import signal
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis
-from conftest import (
-    ADMIN_KEY,
-    ANTHROPIC_TEST_KEY,
-    BETA_KEY,
-    OPENAI_TEST_KEY,
-    Stack,
-)
+from conftest import ADMIN_KEY, BETA_KEY, Stack, model_env, stack_of_its_own
 from fake_llm import FakeLLM, Reply, anthropic_stream, openai_stream
-from helpers import StreamReader, text_message, wait_state
+from helpers import StreamReader, session_with, text_message, wait_state
 
 from shared import keys
 from shared.models import CommandRules
@@ -39,36 +30,21 @@ ASK_BASH = {"permissions": {"bash": "ask"}}
 @pytest.fixture(scope="module")
 def one_slot(redis_url: str, fake_llm: FakeLLM) -> Iterator[Stack]:
     """An API and one worker that runs one job at a time, on a database of their own."""
-    url = redis_url.rsplit("/", 1)[0] + "/9"
-    redis.Redis.from_url(url).flushdb()
-    workdir = Path(tempfile.mkdtemp(prefix="sandstream-approvals-"))
     env = {
         "SANDSTREAM_WORKER_MAX_JOBS": "1",
         "SANDSTREAM_REAPER_INTERVAL_SECONDS": "0.2",
         "SANDSTREAM_KEEPALIVE_SECONDS": "1",
         "SANDSTREAM_TOOL_TIMEOUT_SECONDS": "5",
-        "ANTHROPIC_BASE_URL": fake_llm.base_url,
-        "ANTHROPIC_API_KEY": ANTHROPIC_TEST_KEY,
-        "OPENAI_BASE_URL": fake_llm.base_url + "/v1",
-        "OPENAI_API_KEY": OPENAI_TEST_KEY,
+        **model_env(fake_llm),
     }
-    running = Stack(url, workdir, env)
-    yield running
-    running.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    with stack_of_its_own(redis_url, 9, env) as running:
+        yield running
 
 
 @pytest.fixture
 def api(one_slot: Stack) -> Iterator[httpx.Client]:
     with one_slot.client() as client:
         yield client
-
-
-def session_with(client: httpx.Client, agent: dict[str, Any]) -> str:
-    sandbox = client.post("/sandboxes", json={}).json()["id"]
-    created = client.post(f"/sandboxes/{sandbox}/sessions", json={"agent": agent})
-    assert created.status_code == 201, created.text
-    return str(created.json()["id"])
 
 
 def send_until_waiting(client: httpx.Client, sid: str, text: str) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from conftest import (
     BETA_KEY,
     OPENAI_TEST_KEY,
     Stack,
+    model_env,
 )
 from fake_llm import FakeLLM, Reply, openai_stream
 from helpers import run_in_sandbox as run
@@ -77,9 +78,7 @@ def hostile(redis_url: str, fake_llm: FakeLLM, btrfs_root: Path) -> Iterator[Sta
         "SANDSTREAM_SANDBOX_MAX_PROCESSES": str(MAX_PROCESSES),
         "SANDSTREAM_TOOL_TIMEOUT_SECONDS": "120",
         "SANDSTREAM_LOG_LEVEL": "INFO",
-        "OPENAI_BASE_URL": fake_llm.base_url + "/v1",
-        "OPENAI_API_KEY": OPENAI_TEST_KEY,
-        "ANTHROPIC_API_KEY": ANTHROPIC_TEST_KEY,
+        **model_env(fake_llm),
     }
     stack = Stack(url, workdir, env)
     yield stack

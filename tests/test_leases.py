@@ -22,7 +22,7 @@ import httpx
 import pytest
 import redis
 from arq.jobs import serialize_result
-from conftest import ANTHROPIC_TEST_KEY, Proc, RedisServer, Stack
+from conftest import Proc, RedisServer, Stack, model_env
 from fake_llm import FakeLLM, Reply, anthropic_stream
 from helpers import free_port, new_session, text_message, wait_state
 from redis.exceptions import OutOfMemoryError
@@ -296,8 +296,7 @@ def test_a_turn_that_begins_to_wait_while_redis_is_full_waits_once_it_is_not(
     `internal_error`)."""
     env = {
         **RIDE_OUT,
-        "ANTHROPIC_BASE_URL": fake_llm.base_url,
-        "ANTHROPIC_API_KEY": ANTHROPIC_TEST_KEY,
+        **model_env(fake_llm),
     }
     stack = Stack(own_redis.url, tmp_path / "stack", env)
     model = f"full-store-{time.monotonic_ns()}"

@@ -9,18 +9,14 @@ idle timeout after the last byte; a model that never answers, after
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
-from conftest import ANTHROPIC_TEST_KEY, OPENAI_TEST_KEY, Stack
+from conftest import Stack, model_env, stack_of_its_own
 from fake_llm import FakeLLM, Reply, anthropic_stream, openai_stream
 from helpers import StreamReader, text_message
 
@@ -33,21 +29,13 @@ MID_STREAM_BOUND = IDLE + 1.5
 
 @pytest.fixture(scope="module")
 def stalled_stack(redis_url: str, fake_llm: FakeLLM) -> Iterator[Stack]:
-    url = redis_url.rsplit("/", 1)[0] + "/14"
-    redis.Redis.from_url(url).flushdb()
-    workdir = Path(tempfile.mkdtemp(prefix="sandstream-stall-"))
     env = {
         "SANDSTREAM_PROVIDER_IDLE_TIMEOUT_SECONDS": str(IDLE),
         "SANDSTREAM_PROVIDER_MAX_RETRIES": str(RETRIES),
-        "ANTHROPIC_BASE_URL": fake_llm.base_url,
-        "ANTHROPIC_API_KEY": ANTHROPIC_TEST_KEY,
-        "OPENAI_BASE_URL": fake_llm.base_url + "/v1",
-        "OPENAI_API_KEY": OPENAI_TEST_KEY,
+        **model_env(fake_llm),
     }
-    running = Stack(url, workdir, env)
-    yield running
-    running.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    with stack_of_its_own(redis_url, 14, env) as running:
+        yield running
 
 
 def _session(client: httpx.Client, wire: str) -> tuple[str, str]:
