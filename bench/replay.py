@@ -28,20 +28,28 @@ from shared.store import SessionStore
 EVENT_BYTES = 64 * 1024
 
 
-def _fill(redis_url: str, sid: str, megabytes: int) -> int:
+def fill_log(redis_url: str, sid: str, tenant: str, total_bytes: int) -> int:
+    """Append tool results of EVENT_BYTES to the session's log through the
+    store's append script, `total_bytes` in all, for its running turn or one
+    claimed here (no worker runs it); returns the last seq."""
+
     async def run() -> int:
         client = await connect(redis_url)
         store = SessionStore(client, log_max_events=1_000_000, log_ttl_seconds=3600)
-        turn_id = str(uuid.uuid4())
-        message = Message(
-            id=str(uuid.uuid4()),
-            session_id=sid,
-            role="user",
-            content=[TextBlock(text="x")],
-            timestamp=now_rfc3339(),
-            turn_id=turn_id,
-        )
-        assert (await store.claim_turn(sid, "bench", turn_id, message)).status == "ok"
+        state = await store.turn_state(sid)
+        if state is not None and state.turn_id is not None:
+            turn_id = state.turn_id
+        else:
+            turn_id = str(uuid.uuid4())
+            message = Message(
+                id=str(uuid.uuid4()),
+                session_id=sid,
+                role="user",
+                content=[TextBlock(text="x")],
+                timestamp=now_rfc3339(),
+                turn_id=turn_id,
+            )
+            assert (await store.claim_turn(sid, tenant, turn_id, message)).status == "ok"
         event = ToolResult(
             session_id=sid,
             sandbox_id="s",
@@ -54,7 +62,7 @@ def _fill(redis_url: str, sid: str, megabytes: int) -> int:
             is_error=False,
         )
         last = 0
-        for _ in range(megabytes * (1 << 20) // (EVENT_BYTES * 25)):
+        for _ in range(total_bytes // (EVENT_BYTES * 25)):
             last = (await store.append_events(sid, turn_id, [event] * 25))[-1]
         await client.aclose()
         return last
@@ -105,7 +113,7 @@ def bench_replay(redis_url: str, megabytes: int) -> list[list[str]]:
         with httpx.Client(base_url=svc.base + "/api/v1", timeout=60, headers=AUTH) as c:
             sandbox = c.post("/sandboxes", json={}).json()["id"]
             sid = c.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"]
-        last = _fill(redis_url, sid, megabytes)
+        last = fill_log(redis_url, sid, "bench", megabytes << 20)
         port = int(svc.base.rsplit(":", 1)[1])
         idle = rss_bytes(pid)
         first, total, peak = _replay(port, sid, last, pid)

@@ -9,11 +9,9 @@ fills it, to keep the tests fast.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import socket
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,14 +20,10 @@ import redis
 from conftest import ADMIN_KEY, ALPHA_KEY, Stack
 from helpers import new_session
 
+from bench.replay import EVENT_BYTES, fill_log
 from shared import keys
-from shared.events import ToolResult
-from shared.models import Message, TextBlock, now_rfc3339
-from shared.queue import connect
-from shared.store import SessionStore
 
 MB = 1 << 20
-EVENT_BYTES = 64 * 1024  # a tool result at the default output cap
 
 
 def _rss_mb(stack: Stack) -> float:
@@ -56,46 +50,9 @@ def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def _append(stack: Stack, sid: str, total_bytes: int) -> int:
-    """Claim a turn for the session (no worker runs it) and append tool results
-    of EVENT_BYTES through the store's append script, `total_bytes` in all;
-    returns the last seq."""
-
-    async def run() -> int:
-        client = await connect(stack.env["SANDSTREAM_REDIS_URL"])
-        store = SessionStore(client, log_max_events=100_000, log_ttl_seconds=600)
-        turn_id = str(uuid.uuid4())
-        state = await store.turn_state(sid)
-        if state is None or state.turn_id is None:
-            message = Message(
-                id=str(uuid.uuid4()),
-                session_id=sid,
-                role="user",
-                content=[TextBlock(text="x")],
-                timestamp=now_rfc3339(),
-                turn_id=turn_id,
-            )
-            claim = await store.claim_turn(sid, "alpha", turn_id, message)
-            assert claim.status == "ok"
-        else:
-            turn_id = state.turn_id
-        event = ToolResult(
-            session_id=sid,
-            sandbox_id="s",
-            turn_id=turn_id,
-            message_id="m",
-            created_at=now_rfc3339(),
-            index=0,
-            tool_use_id="t",
-            content="a" * EVENT_BYTES,
-            is_error=False,
-        )
-        last = 0
-        for _ in range(total_bytes // (EVENT_BYTES * 25)):
-            last = (await store.append_events(sid, turn_id, [event] * 25))[-1]
-        await client.aclose()
-        return last
-
-    return asyncio.run(run())
+    """Tool results of EVENT_BYTES through the store's append script, `total_bytes`
+    in all, for the session's turn (claimed, no worker runs it); the last seq."""
+    return fill_log(stack.env["SANDSTREAM_REDIS_URL"], sid, "alpha", total_bytes)
 
 
 def _stuck_stream(stack: Stack, sid: str, after: int | None) -> socket.socket:
