@@ -32,6 +32,16 @@ if TYPE_CHECKING:  # typing costs the service's start-up time
 # ---- the file tools ---------------------------------------------------------------
 
 
+def _read_capped(fd: int, shown: str, limit: int) -> bytes:
+    """The file's bytes, refused when it is (or grows while read) over `limit`."""
+    if os.fstat(fd).st_size > limit:
+        raise file_too_large(shown, limit)
+    data = read_all(fd, limit)
+    if len(data) > limit:
+        raise file_too_large(shown, limit)
+    return data
+
+
 def read_text(ws: Workspace, request: dict[str, Any], frames: Frames) -> dict[str, Any]:
     shown = str(request["path"])
     limit = int(request["max_file_bytes"])
@@ -40,13 +50,9 @@ def read_text(ws: Workspace, request: dict[str, Any], frames: Frames) -> dict[st
     except FileNotFoundError:
         raise Refused(f"no file at {shown!r}", "not_found") from None
     try:
-        if os.fstat(fd).st_size > limit:
-            raise file_too_large(shown, limit)
-        data = read_all(fd, limit)
+        data = _read_capped(fd, shown, limit)
     finally:
         os.close(fd)
-    if len(data) > limit:
-        raise file_too_large(shown, limit)
     text = data.decode(errors="replace")
     start, end = request.get("start_line"), request.get("end_line")
     if start is not None or end is not None:
@@ -88,11 +94,7 @@ def edit(ws: Workspace, request: dict[str, Any], frames: Frames) -> dict[str, An
     except FileNotFoundError:
         raise Refused(f"no file at {shown!r}", "not_found") from None
     try:
-        if os.fstat(fd).st_size > limit:
-            raise file_too_large(shown, limit)
-        data = read_all(fd, limit)
-        if len(data) > limit:
-            raise file_too_large(shown, limit)
+        data = _read_capped(fd, shown, limit)
         try:
             text = data.decode()
         except UnicodeDecodeError:
