@@ -344,7 +344,7 @@ class ApprovalStore:
         now_ms = int(time.time() * 1000)
         payload = serialize_job(
             TURN_FUNCTION,
-            (msgspec.to_builtins(TurnJob(session_id=sid, turn_id=waiting.turn_id)),),
+            (msgspec.to_builtins(TurnJob(session_id=sid, turn_id=waiting.turn_id, resumes=True)),),
             {},
             None,
             now_ms,

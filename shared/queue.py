@@ -28,6 +28,9 @@ class TurnJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     session_id: str
     turn_id: str
+    # A continuation of a turn that waited for approval (`shared.approvals`):
+    # its worker picks up where the turn stopped.
+    resumes: bool = False
 
 
 def _encode_unknown(value: Any) -> Any:

@@ -113,14 +113,10 @@ class WorkerRuntime:
         # take them (tools run in the sandbox, not in this process's threads).
         self._disk = ThreadPoolExecutor(2, thread_name_prefix="workspace")
 
-    async def run_turn(
-        self, job: TurnJob, accepted_at: float | None = None, continuation: bool = True
-    ) -> bool:
+    async def run_turn(self, job: TurnJob, accepted_at: float | None = None) -> bool:
         """Run the job's turn; False when it is not the session's current turn
         (finished, reaped or interrupted already: a redelivered job does nothing).
-        `accepted_at`: when the API queued it (epoch seconds), for the metrics.
-        `continuation`: the job may resume a turn that waited for approval (a
-        turn's first job never does: no record is looked for)."""
+        `accepted_at`: when the API queued it (epoch seconds), for the metrics."""
         leased_at = time.monotonic()
         # Asked again while the store cannot take it (a lost reply included: the
         # turn is then handed back), for as long as no reaper could end it.
@@ -138,7 +134,7 @@ class WorkerRuntime:
         # A turn that waited for approval: where it stopped, and the decisions.
         resumed = (
             await self.approvals.take_suspended(job.session_id, job.turn_id)
-            if continuation
+            if job.resumes  # a turn's first job has no record to look for
             else None
         )
         if resumed is not None:
@@ -360,10 +356,7 @@ async def run_turn(ctx: dict[str, Any], payload: Any) -> str:
     with bound(job_id=ctx.get("job_id"), session_id=job.session_id, turn_id=job.turn_id):
         enqueued = ctx.get("enqueue_time")
         accepted_at = enqueued.timestamp() if isinstance(enqueued, datetime) else None
-        # A continuation's job is named `<turn id>:<suffix>` (`shared.approvals`);
-        # a turn's first job is named by the turn's id alone.
-        continuation = ctx.get("job_id") != job.turn_id
-        ran = await runtime.run_turn(job, accepted_at, continuation)
+        ran = await runtime.run_turn(job, accepted_at)
         logger.info("turn %s", "done" if ran else "skipped: not current")
     return "done" if ran else "skipped"
 
