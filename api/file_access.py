@@ -58,6 +58,7 @@ class SandboxFiles:
             file_timeout=settings.tool_timeout_seconds,
             idle_seconds=settings.sandbox_idle_seconds,
             idle_per_sandbox=IDLE_PER_SANDBOX,
+            max_idle=settings.sandbox_idle_max,
         )
         self._slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
         self._hashes: OrderedDict[tuple[str, str], KnownHash] = OrderedDict()

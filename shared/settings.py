@@ -119,6 +119,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     sandbox_network_deny: str = ""
     # how long a sandbox's file service stays warm after a turn or request (0: never)
     sandbox_idle_seconds: float = 30.0
+    # at most this many kept in one process, the oldest closed first
+    sandbox_idle_max: int = 32
     # worker
     # What one worker process sustains of turns streaming from a model (50
     # chunks/s each) within 1.2x the model's pace (bench/README.md, streaming).
@@ -158,6 +160,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
         if self.sandbox_idle_seconds < 0:
             raise ValueError("sandbox_idle_seconds must not be negative")
+        if self.sandbox_idle_max < 0:
+            raise ValueError("sandbox_idle_max must not be negative")
         for origin in self.cors_origin_list():
             if origin != "*" and not _ORIGIN.match(origin):
                 raise ValueError(

@@ -43,3 +43,29 @@ def test_a_sandboxs_service_serves_its_next_turn_then_closes_when_idle(
         # Closed, it starts again for the next turn.
         assert run_in_sandbox(client, sid, "echo three")["content"] == "three\n"
         assert _children(worker) and not _children(worker) & kept
+
+
+def test_a_worker_keeps_no_more_than_its_cap_and_a_deleted_sandbox_goes(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """A tenant who runs a tool in many sandboxes cannot make the worker keep a
+    service for each; and a sandbox deleted while its service is kept warm is
+    deleted whole (its workspace too)."""
+    stack = make_stack(sandbox_idle_max="2")
+    worker = stack.workers[0].popen.pid
+    with stack.client() as client:
+        sids = [new_session(client) for _ in range(4)]
+        kept: list[set[int]] = []
+        for sid in sids:
+            assert run_in_sandbox(client, sid, "echo hi")["content"] == "hi\n"
+            kept.append(_children(worker))
+        assert len(kept[0]) == 1  # one sandbox, one service
+        deadline = time.monotonic() + 5
+        while len(_children(worker)) > 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the oldest are closed as the newest are kept
+        assert len(_children(worker)) == 2
+        last = client.get(f"/sessions/{sids[-1]}").json()["sandbox_id"]
+        workspace = stack.workdir / "sandboxes" / last
+        assert workspace.is_dir()
+        assert client.delete(f"/sandboxes/{last}").status_code == 204
+        assert not workspace.exists()

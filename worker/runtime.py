@@ -108,6 +108,7 @@ class WorkerRuntime:
             file_timeout=settings.tool_timeout_seconds,
             idle_seconds=settings.sandbox_idle_seconds,
             idle_per_sandbox=2,
+            max_idle=settings.sandbox_idle_max,
         )
         # Workspace preparation has threads of its own: nothing a tool does can
         # take them (tools run in the sandbox, not in this process's threads).

@@ -5,10 +5,12 @@ of milliseconds, more on a loaded machine), and a turn that runs a tool needs
 one before its first tool (the workspace snapshot behind `files_changed`). So a
 sandbox whose service finished its last conversation cleanly is kept for the
 next user of the same sandbox, for `idle_seconds`, at most `idle_per_sandbox` of
-them; one left mid-way (an error, an interrupt, a turn that fenced itself off)
-was stopped by its channel and is closed with everything it held. Each user has
-a sandbox to itself while it holds it: nothing of one turn or request is shared
-with another running at the same time.
+them and `max_idle` in all (the oldest goes first: a tenant who touches many
+sandboxes cannot make a process keep a service for each); one left mid-way (an
+error, an interrupt, a turn that fenced itself off) was stopped by its channel
+and is closed with everything it held. Each user has a sandbox to itself while
+it holds it: nothing of one turn or request is shared with another running at
+the same time.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ class SandboxPool:
         file_timeout: float,
         idle_seconds: float,
         idle_per_sandbox: int,
+        max_idle: int,
     ) -> None:
         self._confinement = confinement
         self._file_timeout = file_timeout
         self._idle_seconds = idle_seconds
         self._idle_per_sandbox = idle_per_sandbox
+        self._max_idle = max_idle
         self._idle: dict[str, list[tuple[OpenSandbox, float]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -53,14 +57,31 @@ class SandboxPool:
         (alive means its last conversation ended as the protocol says); else close it."""
         sandbox_id = sandbox.spec.sandbox_id
         idle = self._idle.setdefault(sandbox_id, [])
-        if sandbox.files.alive and len(idle) < self._idle_per_sandbox and self._idle_seconds > 0:
-            idle.append((sandbox, time.monotonic()))
+        keep = self._idle_seconds > 0 and self._max_idle > 0
+        if sandbox.files.alive and len(idle) < self._idle_per_sandbox and keep:
+            while self.idle_total() >= self._max_idle:
+                self._close_soon(self._take_oldest())
+            self._idle.setdefault(sandbox_id, []).append((sandbox, time.monotonic()))
             if self._sweeper is None or self._sweeper.done():
                 self._sweeper = asyncio.create_task(self._sweep())
             return
         if not idle:
             del self._idle[sandbox_id]
         await sandbox.close()
+
+    def idle_total(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    def _take_oldest(self) -> OpenSandbox:
+        sandbox_id, index = min(
+            ((sid, i) for sid, idle in self._idle.items() for i in range(len(idle))),
+            key=lambda at: self._idle[at[0]][at[1]][1],
+        )
+        idle = self._idle[sandbox_id]
+        sandbox, _ = idle.pop(index)
+        if not idle:
+            del self._idle[sandbox_id]
+        return sandbox
 
     def _close_soon(self, sandbox: OpenSandbox) -> None:
         task = asyncio.create_task(sandbox.close())
