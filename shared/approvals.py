@@ -464,7 +464,3 @@ class ApprovalStore:
             return None
         record = _suspended_decoder.decode(raw)
         return record if record.turn_id == turn_id else None
-
-
-def decode_resolution(value: bytes) -> Resolution:
-    return _resolution_decoder.decode(value)

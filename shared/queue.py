@@ -143,7 +143,3 @@ def queued_job(job: TurnJob) -> QueuedJob:
         serializer=serialize_job_data,
     )
     return QueuedJob(job, payload, now_ms)
-
-
-async def queue_depth(redis: ArqRedis) -> int:
-    return int(await redis.zcard(keys.QUEUE))

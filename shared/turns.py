@@ -491,9 +491,6 @@ class TurnLifecycle:
 
     # ---- the running index --------------------------------------------------
 
-    async def running_count(self) -> int:
-        return int(await self.redis.scard(keys.RUNNING))  # type: ignore[misc]
-
     async def running_sessions(self) -> list[str]:
         return [s.decode() for s in await self.redis.smembers(keys.RUNNING)]  # type: ignore[misc]
 
