@@ -31,7 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
-from shared.events import TERMINAL_TYPES, SessionDeleted, decode_head, sse_frame
+from shared.events import WAIT_ENDS, SessionDeleted, decode_head, sse_frame
 
 logger = logging.getLogger("sandstream.hub")
 
@@ -297,9 +297,7 @@ class EventHub:
                 event = live_event(head.seq, head.type, line)
                 for queue in queues:
                     self._offer(queue, event)
-                if head.turn_id is not None and (
-                    head.type in TERMINAL_TYPES or head.type == "tool_approval_requested"
-                ):
+                if head.turn_id is not None and head.type in WAIT_ENDS:
                     self._resolve(head.turn_id, line)  # a wait on the turn ends
         elif kind == b"subscribe":
             pending = self._pending.get(channel)

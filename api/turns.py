@@ -31,13 +31,18 @@ from api.idempotency import IdemClaim, released_on_error
 from api.problems import Problem, not_found
 from api.services import Services
 from shared import eventlog, keys
-from shared.events import TERMINAL_TYPES, TerminalView, decode_head, decode_terminal
+from shared.events import (
+    APPROVAL_REQUESTED,
+    TERMINAL_TYPES,
+    TerminalView,
+    decode_head,
+    decode_terminal,
+)
 from shared.models import ContentBlock, Message, new_id, now_rfc3339
 from shared.queue import TurnJob, queued_job
 
 logger = logging.getLogger("sandstream.api")
 
-APPROVAL_REQUESTED = "tool_approval_requested"
 APPROVAL_RESOLVED = "tool_approval_resolved"
 # What a wait gives for a turn that began to wait for approval of tool calls
 # (`shared.approvals`): the send answers 202 with the calls to decide.

@@ -14,6 +14,10 @@ import msgspec
 from shared.models import FileChange, Message, StopReason
 
 TERMINAL_TYPES = frozenset({"session_completed", "session_failed"})
+# What ends a wait on a turn (a blocking send, an interrupt): its end, or its
+# beginning to wait for approval of tool calls (the send then answers 202).
+APPROVAL_REQUESTED = "tool_approval_requested"
+WAIT_ENDS = TERMINAL_TYPES | {APPROVAL_REQUESTED}
 
 
 class _Event(msgspec.Struct, kw_only=True, tag_field="type"):
