@@ -47,6 +47,7 @@ class Cursor:
         self._redis = redis
         self._sid = sid
         self.last = after
+        self.latest = after  # the session's latest seq as the last refill read it
 
     async def refill(self) -> AsyncIterator[LiveEvent | Truncated]:
         """The logged events after the cursor, oldest first, a page at a time;
@@ -54,7 +55,7 @@ class Cursor:
         cursor moves past each item as it is yielded."""
         # The latest seq is read before the log: were it read after, events
         # appended in between would look trimmed away.
-        latest = await eventlog.latest_seq(self._redis, self._sid)
+        latest = self.latest = await eventlog.latest_seq(self._redis, self._sid)
         count = FIRST_PAGE_EVENTS
         while True:
             page = await eventlog.read_after(self._redis, self._sid, self.last, count)

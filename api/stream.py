@@ -137,7 +137,8 @@ async def session_events(
                             Keepalive(
                                 session_id=sid,
                                 sandbox_id=sandbox_id,
-                                latest_seq=await eventlog.latest_seq(redis, sid),
+                                # as the refill just read it: no second read
+                                latest_seq=max(cursor.latest, cursor.last),
                                 created_at=now_rfc3339(),
                             )
                         )
