@@ -19,7 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared import eventlog, keys, metrics
 from shared import events as ev
 from shared.approvals import ApprovalStore, SuspendedTurn
-from shared.models import Message, PendingApproval, TextBlock, new_id, now_rfc3339
+from shared.models import Message, PendingApproval, Sandbox, TextBlock, new_id, now_rfc3339
 from shared.settings import Settings
 from shared.store import SessionStore
 from shared.turns import FinishMode, store_unavailable
@@ -27,6 +27,15 @@ from worker.event_writer import EventWriter
 
 T = TypeVar("T")
 DEFAULT_AGENT = Settings().default_agent()
+
+
+async def _claimed(store: SessionStore) -> tuple[Sandbox, str, str]:
+    """A new sandbox and session, with a turn claimed (no worker runs it)."""
+    sandbox = await store.create_sandbox("t", {})
+    sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
+    turn = new_id()
+    await store.claim_turn(sid, "t", turn, _user(sid, turn))
+    return sandbox, sid, turn
 
 
 def run(redis_url: str, scenario: Callable[[SessionStore], Awaitable[T]]) -> T:
@@ -134,10 +143,7 @@ def test_started_turn_is_orphaned_only_at_the_lease_epoch_seen_standing_still(
     redis_url: str,
 ) -> None:
     async def scenario(store: SessionStore) -> None:
-        sandbox = await store.create_sandbox("t", {})
-        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
-        turn = new_id()
-        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        sandbox, sid, turn = await _claimed(store)
         assert await store.start_turn(sid, turn, "w1")
         assert not await store.start_turn(sid, turn, "w2")  # no second worker
         done = _done(sid, sandbox.id, turn)
@@ -158,10 +164,7 @@ def test_started_turn_is_orphaned_only_at_the_lease_epoch_seen_standing_still(
 
 def test_a_batch_sent_again_after_a_lost_reply_is_appended_once(redis_url: str) -> None:
     async def scenario(store: SessionStore) -> list[int]:
-        sandbox = await store.create_sandbox("t", {})
-        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
-        turn = new_id()
-        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        sandbox, sid, turn = await _claimed(store)
         first = [_delta(sid, sandbox.id, turn, "a"), _delta(sid, sandbox.id, turn, "b")]
         assert await store.append_events(sid, turn, first, 0) == [1, 2]
         assert await store.append_events(sid, turn, first, 0) == [1, 2]  # the same batch again
@@ -179,10 +182,7 @@ def test_a_turn_that_appended_is_fenced_by_its_mark_without_reading_the_session(
     (one command less per turn per call)."""
 
     async def scenario(store: SessionStore) -> int:
-        sandbox = await store.create_sandbox("t", {})
-        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
-        turn = new_id()
-        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        sandbox, sid, turn = await _claimed(store)
         assert await store.append_events(sid, turn, [_delta(sid, sandbox.id, turn, "a")], 0)
         before = await store.redis.info("commandstats")
         for n in range(1, 11):
@@ -199,10 +199,7 @@ def test_a_turn_that_ended_appends_nothing_more_though_its_mark_named_it(
     redis_url: str, end: str
 ) -> None:
     async def scenario(store: SessionStore) -> None:
-        sandbox = await store.create_sandbox("t", {})
-        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
-        turn = new_id()
-        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        sandbox, sid, turn = await _claimed(store)
         assert await store.start_turn(sid, turn, "w1")
         delta = _delta(sid, sandbox.id, turn, "a")
         assert await store.append_events(sid, turn, [delta], 0) == [1]
@@ -389,10 +386,7 @@ def test_text_deltas_of_a_block_waiting_to_be_sent_are_joined(redis_url: str) ->
     the exact text; a delta of another block is not joined to them."""
 
     async def scenario(store: SessionStore) -> list[tuple[int, str]]:
-        sandbox = await store.create_sandbox("t", {})
-        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
-        turn = new_id()
-        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        sandbox, sid, turn = await _claimed(store)
         events = EventWriter(store)
         part = events.open(sid, turn, lambda: None)
         part.put(_delta(sid, sandbox.id, turn, "He"))
@@ -450,10 +444,7 @@ def test_text_deltas_within_the_text_window_go_out_as_one_after_the_first(
     within the window after it wait for it to pass and go out joined."""
 
     async def scenario(store: SessionStore) -> list[str]:
-        sandbox = await store.create_sandbox("t", {})
-        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
-        turn = new_id()
-        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        sandbox, sid, turn = await _claimed(store)
         events = EventWriter(store, text_window=0.3)
         part = events.open(sid, turn, lambda: None)
         part.put(_delta(sid, sandbox.id, turn, "first"))
@@ -478,10 +469,7 @@ def test_a_worker_cannot_end_a_turn_whose_lease_it_no_longer_holds(redis_url: st
     leaving the approval pending on a turn that was over)."""
 
     async def scenario(store: SessionStore) -> None:
-        sandbox = await store.create_sandbox("t", {})
-        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
-        turn = new_id()
-        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        sandbox, sid, turn = await _claimed(store)
         assert await store.start_turn(sid, turn, "w1")
         done = _done(sid, sandbox.id, turn)
         assert await store.finish_turn(sid, turn, "worker", None, done, worker_id="w2") == 0
@@ -513,10 +501,7 @@ def test_a_start_sent_again_by_its_worker_after_a_lost_reply_hands_the_turn_back
     ended it `worker_lost`). Another worker is still refused."""
 
     async def scenario(store: SessionStore) -> None:
-        sandbox = await store.create_sandbox("t", {})
-        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
-        turn = new_id()
-        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        _, sid, turn = await _claimed(store)
         counted = await store.redis.hget(keys.METRICS_COUNTERS, metrics.STARTED)
         first = await store.start_turn(sid, turn, "w1")
         assert await store.renew_lease(sid, turn, "w1") == 1
@@ -534,10 +519,7 @@ def test_a_start_sent_again_by_its_worker_after_a_lost_reply_hands_the_turn_back
 
 def test_a_suspension_sent_again_after_a_lost_reply_writes_once(redis_url: str) -> None:
     async def scenario(store: SessionStore) -> None:
-        sandbox = await store.create_sandbox("t", {})
-        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
-        turn = new_id()
-        await store.claim_turn(sid, "t", turn, _user(sid, turn))
+        sandbox, sid, turn = await _claimed(store)
         assert await store.start_turn(sid, turn, "w1")
         approvals = ApprovalStore(store.redis, log_max_events=100, log_ttl_seconds=60)
         record = SuspendedTurn(
