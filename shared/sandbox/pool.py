@@ -16,10 +16,13 @@ the same time.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from shared.sandbox.confinement import Confinement, SandboxSpec
 from shared.sandbox.handle import OpenSandbox
+
+logger = logging.getLogger("sandstream.sandbox")
 
 
 class SandboxPool:
@@ -39,6 +42,7 @@ class SandboxPool:
         self._max_idle = max_idle
         self._idle: dict[str, list[tuple[OpenSandbox, float]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak ones
 
     def take(self, spec: SandboxSpec) -> OpenSandbox:
         """A kept sandbox of the same spec, or a new one (nothing started yet)."""
@@ -85,7 +89,13 @@ class SandboxPool:
 
     def _close_soon(self, sandbox: OpenSandbox) -> None:
         task = asyncio.create_task(sandbox.close())
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._closing.add(task)
+        task.add_done_callback(self._closed)
+
+    def _closed(self, task: asyncio.Task[None]) -> None:
+        self._closing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("closing a kept sandbox failed: %r", task.exception())
 
     async def _sweep(self) -> None:
         """Close sandboxes idle for longer than `idle_seconds`, until none is left."""
@@ -119,5 +129,7 @@ class SandboxPool:
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         for sandbox_id in list(self._idle):
             await self.forget(sandbox_id)
