@@ -1,9 +1,11 @@
 """EventHub: one pub/sub connection per API process, fanned out to its clients.
 
 A connection per SSE client would tie Redis's connection count to the number of
-open browsers. Instead each process subscribes to a session's channel when its
-first local client arrives and unsubscribes when the last one leaves; messages
-are copied into each client's queue, bounded in bytes (not events: one tool
+open browsers. Instead each process subscribes to a session's live channel
+(`keys.events_channel`, shared by many sessions) when the first local client of
+a session on it arrives and unsubscribes when the last one leaves; each event
+goes to the clients of the session it names, copied into each client's queue,
+bounded in bytes (not events: one tool
 result may be a thousand times a text delta). A client too slow to keep up, or
 a lost connection, gets a RESYNC marker and refills from the session log, so
 live delivery may be lossy but what a client sees never is.
@@ -97,7 +99,9 @@ class EventHub:
         self._tick_seconds = tick_seconds
         self._buffer_bytes = client_buffer_bytes
         self._ticker: asyncio.Task[None] | None = None
-        self._queues: dict[bytes, set[ClientQueue]] = {}
+        # Clients by session, and the sessions with clients by live channel.
+        self._queues: dict[str, set[ClientQueue]] = {}
+        self._channels: dict[bytes, set[str]] = {}
         self._pending: dict[bytes, deque[asyncio.Future[None]]] = {}
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -161,9 +165,11 @@ class EventHub:
         # order of our decisions: a client leaving while another arrives must
         # not end with the channel unsubscribed under the newcomer.
         async with self._lock:
-            queues = self._queues.setdefault(channel, set())
+            queues = self._queues.setdefault(sid, set())
             queues.add(queue)
-            if len(queues) == 1:
+            sessions = self._channels.setdefault(channel, set())
+            sessions.add(sid)
+            if len(sessions) == 1 and len(queues) == 1:
                 confirmed = asyncio.get_running_loop().create_future()
                 pending = self._pending.setdefault(channel, deque())
                 pending.append(confirmed)
@@ -176,8 +182,9 @@ class EventHub:
                     if not pending:
                         del self._pending[channel]
                     queues.discard(queue)
-                    if not queues and self._queues.get(channel) is queues:
-                        del self._queues[channel]
+                    if not queues and self._queues.get(sid) is queues:
+                        del self._queues[sid]
+                        self._leave_channel(channel, sid)
                     raise
         try:
             await self._wait_confirmed(channel)
@@ -187,16 +194,30 @@ class EventHub:
             if not queues:
                 # Off the caller's path (a blocking send's reply goes out now);
                 # under the lock, so it stays ordered with newcomers' SUBSCRIBEs.
-                task = asyncio.create_task(self._unsubscribe_if_unused(channel, queues))
+                task = asyncio.create_task(self._unsubscribe_if_unused(sid, channel, queues))
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
 
-    async def _unsubscribe_if_unused(self, channel: bytes, queues: set[ClientQueue]) -> None:
+    async def _unsubscribe_if_unused(
+        self, sid: str, channel: bytes, queues: set[ClientQueue]
+    ) -> None:
         async with self._lock:
-            if not queues and self._queues.get(channel) is queues:
-                del self._queues[channel]
-                with contextlib.suppress(RedisConnectionError, OSError):
-                    await self._send("UNSUBSCRIBE", channel)
+            if not queues and self._queues.get(sid) is queues:
+                del self._queues[sid]
+                if self._leave_channel(channel, sid):
+                    with contextlib.suppress(RedisConnectionError, OSError):
+                        await self._send("UNSUBSCRIBE", channel)
+
+    def _leave_channel(self, channel: bytes, sid: str) -> bool:
+        """The session has no client here any more; True when its channel has none either."""
+        sessions = self._channels.get(channel)
+        if sessions is None:
+            return False
+        sessions.discard(sid)
+        if sessions:
+            return False
+        del self._channels[channel]
+        return True
 
     async def _wait_confirmed(self, channel: bytes) -> None:
         pending = self._pending.get(channel)
@@ -223,7 +244,7 @@ class EventHub:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self._reply_channel, self._deleted_channel)
-                channels = list(self._queues)
+                channels = list(self._channels)
                 if channels:
                     await pubsub.subscribe(*channels)
                 self._pubsub = pubsub
@@ -283,17 +304,18 @@ class EventHub:
             return
         if kind == b"message":
             assert isinstance(data, bytes)
-            queues = self._queues.get(channel)
-            if not queues:
-                return
-            # One message carries a batch of events, one JSON document a line
-            # (JSON text never holds a raw newline).
+            # One message carries a batch of events of the sessions on the
+            # channel, one JSON document a line (JSON text never holds a raw
+            # newline); each goes to the clients of the session it names.
             for line in data.split(b"\n") if b"\n" in data else (data,):
                 try:
                     head = decode_head(line)
                 except msgspec.DecodeError:
                     logger.error("undecodable event on %r", channel)
-                    return
+                    continue
+                queues = self._queues.get(head.session_id)
+                if not queues:
+                    continue  # another session on the channel, not streamed here
                 event = live_event(head.seq, head.type, line)
                 for queue in queues:
                     self._offer(queue, event)
@@ -309,9 +331,10 @@ class EventHub:
                     future.set_result(None)
             else:
                 # Re-subscribed after a reconnect: anything published in between
-                # was missed, so every client refills from the log.
-                for queue in self._queues.get(channel, ()):
-                    self._offer(queue, RESYNC)
+                # was missed, so every client on the channel refills from the log.
+                for sid in self._channels.get(channel, ()):
+                    for queue in self._queues.get(sid, ()):
+                        self._offer(queue, RESYNC)
 
     def _dispatch_reply(self, kind: object, data: object) -> None:
         if kind == b"message":
@@ -340,7 +363,7 @@ class EventHub:
         except msgspec.DecodeError:
             logger.error("undecodable message on %r", self._deleted_channel)
             return
-        for queue in self._queues.get(keys.events_channel(sid).encode(), ()):
+        for queue in self._queues.get(sid, ()):
             self._offer(queue, DELETED)
         for waits in self._replies.values():
             for future, waiting_sid in waits.items():

@@ -2,7 +2,7 @@
 
 N turns, each with one text delta per round (as when every turn's model sends a
 chunk between two of the writer's calls), appended by the append script while
-one connection subscribes to every session's channel, as an API process does.
+one connection subscribes to every session's live channel, as an API process does.
 Ours: one call per round for all N turns (`EventWriter`); baseline in the same
 run: one call per turn per round (how each turn wrote its own events before).
 Reported per event: Redis CPU (INFO, before and after), Redis commands, and
@@ -69,14 +69,14 @@ async def _measure(redis_url: str, count: int, rounds: int, batched: bool) -> li
     store = SessionStore(redis)
     sandbox_id, turns = await _turns(store, count)
     pubsub = listener.pubsub()
-    await pubsub.subscribe(*(keys.events_channel(sid) for sid, _ in turns))
+    await pubsub.subscribe(*{keys.events_channel(sid) for sid, _ in turns})
     received = 0
 
     async def listen() -> None:
         nonlocal received
         async for message in pubsub.listen():
-            if message["type"] == "message":
-                received += 1
+            if message["type"] == "message":  # events of a channel's sessions, one a line
+                received += message["data"].count(b"\n") + 1
 
     reader = asyncio.create_task(listen())
     cpu_before, commands_before = await _counters(redis)

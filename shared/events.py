@@ -120,6 +120,8 @@ class EventHead(msgspec.Struct):
     seq: int
     type: str
     turn_id: str | None = None
+    # Every stored event names its session: the live channels are shared.
+    session_id: str = ""
 
 
 class TerminalView(msgspec.Struct):

@@ -6,6 +6,8 @@ Keys of one session share the hash tag `{<sid>}` and keys of one sandbox the tag
 
 from __future__ import annotations
 
+import zlib
+
 PREFIX = "ss"
 
 # arq queue name; jobs and results live under arq's own prefixes.
@@ -124,9 +126,19 @@ def approvals(sid: str) -> str:
     return f"{PREFIX}:{{{sid}}}:approvals"
 
 
+# Sessions' live events go out on a few channels shared by many sessions
+# rather than a channel each: one call of a worker's event writer carries the
+# events of all its turns, and publishes them in one message per channel
+# instead of one per session (each event names its session, by which the API
+# routes it). An API process subscribes to the channels of the sessions it
+# streams and skips the lines of others. Every process must agree on the
+# number, so it is fixed here rather than a setting.
+LIVE_CHANNELS = 8
+
+
 def events_channel(sid: str) -> str:
-    """Pub/sub channel on which the session's events go out live."""
-    return f"{PREFIX}:{{{sid}}}:events"
+    """Pub/sub channel on which the session's events go out live (shared)."""
+    return f"{PREFIX}:live:{zlib.crc32(sid.encode()) % LIVE_CHANNELS}"
 
 
 def session_keys(sid: str) -> list[str]:

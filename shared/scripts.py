@@ -105,7 +105,8 @@ return 1
 # One call carries the pending events of every turn a worker runs, so the
 # script's own cost, the round trip and the counters (read once, written once)
 # are paid per call rather than per turn; what stays per turn is one XADD per
-# event and one PUBLISH of its events, one JSON a line. The appended key
+# event. Events are published once per channel (`keys.events_channel`, shared
+# by many sessions), one JSON a line, in the order of the turns in the call. The appended key
 # (`<turn_id> <events> <last seq>`) makes a call that is sent again after a lost
 # reply harmless: a turn whose events are in already gets its seqs again. It is
 # also the fence after a turn's first append: the mark is read with the counters
@@ -133,6 +134,8 @@ end
 local counters = call('MGET', unpack(counter_keys))
 local firsts = {}
 local written = {}
+local channels = {}
+local order = {}
 local maxlen = ARGV[1]
 for i = 1, #batch do
   local turn = batch[i]
@@ -150,17 +153,21 @@ for i = 1, #batch do
       local seq = tonumber(counters[2 * i - 1]) or 0
       firsts[i] = seq + 1
       local log = KEYS[k + 2]
-      local data
       local published = {}
       for j = turn[4], turn[5], 2 do
         seq = seq + 1
-        data = '{"seq":' .. seq .. ',' .. ARGV[j + 1]
+        local data = '{"seq":' .. seq .. ',' .. ARGV[j + 1]
         call('XADD', log, 'MAXLEN', '~', maxlen, seq .. '-0', 't', ARGV[j], 'd', data)
         published[#published + 1] = data
       end
       if turn[3] then call('PEXPIRE', log, ARGV[2]) end
-      if #published > 1 then data = table.concat(published, '\\n') end
-      call('PUBLISH', turn[2], data)
+      local lines = channels[turn[2]]
+      if lines then
+        for p = 1, #published do lines[#lines + 1] = published[p] end
+      else
+        channels[turn[2]] = published
+        order[#order + 1] = turn[2]
+      end
       written[#written + 1] = KEYS[k + 1]
       written[#written + 1] = seq
       if turn[7] ~= nil then
@@ -175,6 +182,9 @@ for i = 1, #batch do
   else
     firsts[i] = 0
   end
+end
+for c = 1, #order do
+  call('PUBLISH', order[c], table.concat(channels[order[c]], '\\n'))
 end
 if #written > 0 then call('MSET', unpack(written)) end
 return firsts

@@ -22,7 +22,7 @@ from shared.approvals import ApprovalStore, SuspendedTurn
 from shared.models import Message, PendingApproval, Sandbox, TextBlock, new_id, now_rfc3339
 from shared.settings import Settings
 from shared.store import SessionStore
-from shared.turns import FinishMode, store_unavailable
+from shared.turns import FinishMode, TurnAppend, store_unavailable
 from worker.event_writer import EventWriter
 
 T = TypeVar("T")
@@ -172,6 +172,52 @@ def test_a_batch_sent_again_after_a_lost_reply_is_appended_once(redis_url: str) 
         return [e.seq for e in await eventlog.read_after(store.redis, sid, 0)]
 
     assert run(redis_url, scenario) == [1, 2, 3]
+
+
+def test_one_call_publishes_once_per_live_channel_each_event_once(redis_url: str) -> None:
+    """Sessions share a few live channels: the turns of one call cost one PUBLISH
+    per channel they are on, not one per session, and a subscriber of those
+    channels gets every event once, in seq order per session, each naming its
+    session."""
+
+    async def scenario(store: SessionStore) -> None:
+        claimed = [await _claimed(store) for _ in range(3 * keys.LIVE_CHANNELS)]
+        channels = {keys.events_channel(sid) for _, sid, _ in claimed}
+        assert len(channels) < len(claimed)  # some sessions share a channel
+        pubsub = store.redis.pubsub()
+        await pubsub.subscribe(*channels)
+        for _ in channels:  # the confirmations
+            await pubsub.get_message(timeout=5)
+        batch = [
+            TurnAppend(
+                sid,
+                turn,
+                [_delta(sid, sandbox.id, turn, f"{sid}-{n}") for n in range(2)],
+                True,
+                appended_before=0,
+            )
+            for sandbox, sid, turn in claimed
+        ]
+        before = await store.redis.info("commandstats")
+        await store.append_batch(batch)
+        after = await store.redis.info("commandstats")
+        published = after["cmdstat_publish"]["calls"] - before.get("cmdstat_publish", {}).get(
+            "calls", 0
+        )
+        assert published == len(channels)
+        seen: dict[str, list[tuple[int, str]]] = {}
+        for _ in range(len(channels)):
+            message = await pubsub.get_message(timeout=5)
+            assert message is not None and message["type"] == "message"
+            for line in message["data"].split(b"\n"):
+                event = msgspec.json.decode(line)
+                sid = event["session_id"]
+                assert keys.events_channel(sid).encode() == message["channel"]
+                seen.setdefault(sid, []).append((event["seq"], event["text"]))
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        assert seen == {sid: [(1, f"{sid}-0"), (2, f"{sid}-1")] for _, sid, _ in claimed}
+
+    run(redis_url, scenario)
 
 
 def test_a_turn_that_appended_is_fenced_by_its_mark_without_reading_the_session(

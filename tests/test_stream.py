@@ -6,7 +6,9 @@ import time
 
 import httpx
 import redis
-from helpers import StreamReader, text_message
+from helpers import StreamReader, new_session, text_message
+
+from shared import keys
 
 
 def _run_turns(client: httpx.Client, sid: str, texts: list[str]) -> None:
@@ -71,7 +73,7 @@ def test_keepalive_has_no_id_and_reports_latest_seq(client: httpx.Client, sessio
 def test_client_that_leaves_frees_its_subscription(
     client: httpx.Client, session_id: str, redis_client: redis.Redis
 ) -> None:
-    channel = f"ss:{{{session_id}}}:events"
+    channel = keys.events_channel(session_id)
     with client.stream("GET", f"/sessions/{session_id}/stream") as response:
         assert response.status_code == 200
         chunks = response.iter_bytes()
@@ -83,11 +85,44 @@ def test_client_that_leaves_frees_its_subscription(
         time.sleep(0.02)
 
 
+def test_sessions_sharing_a_live_channel_each_get_only_their_own_events(
+    client: httpx.Client, redis_client: redis.Redis
+) -> None:
+    """Live channels are shared by sessions: a stream gets its own session's
+    events only, and the channel stays subscribed while any session on it has
+    a client on this API process."""
+    by_channel: dict[str, list[str]] = {}
+    for _ in range(3 * keys.LIVE_CHANNELS):
+        sid = new_session(client)
+        sessions = by_channel.setdefault(keys.events_channel(sid), [])
+        sessions.append(sid)
+        if len(sessions) == 2:
+            break
+    channel, (first, second) = next((c, s) for c, s in by_channel.items() if len(s) == 2)
+    second_reader = StreamReader(client, second)
+    first_reader = StreamReader(client, first)
+    assert redis_client.pubsub_numsub(channel) == [(channel.encode(), 1)]
+    _run_turns(client, first, ["run: echo first"])
+    first_events = first_reader.join()
+    assert first_events and {e["session_id"] for e in first_events} == {first}
+    time.sleep(0.3)  # the first stream has gone; the second keeps the channel
+    assert redis_client.pubsub_numsub(channel) == [(channel.encode(), 1)]
+    _run_turns(client, second, ["hello second"])
+    second_events = second_reader.join()
+    assert {e["session_id"] for e in second_events} == {second}
+    assert [e["seq"] for e in second_events] == list(range(1, len(second_events) + 1))
+    assert second_events[-1]["_event"] == "session_completed"
+    deadline = time.monotonic() + 2
+    while redis_client.pubsub_numsub(channel)[0][1] != 0:
+        assert time.monotonic() < deadline, "subscription outlived its clients"
+        time.sleep(0.02)
+
+
 def test_many_clients_share_one_subscription(
     client: httpx.Client, session_id: str, redis_client: redis.Redis
 ) -> None:
     readers = [StreamReader(client, session_id) for _ in range(5)]
-    channel = f"ss:{{{session_id}}}:events"
+    channel = keys.events_channel(session_id)
     time.sleep(0.2)
     assert redis_client.pubsub_numsub(channel) == [(channel.encode(), 1)]
     _run_turns(client, session_id, ["hello all"])
