@@ -19,11 +19,9 @@ from __future__ import annotations
 # without its job, and the send costs one round trip. A reply channel (of the API
 # process waiting for the turn) gets the terminal event too (FINISH_TURN).
 CLAIM_TURN = """
-if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[5] then return {'missing'} end
-local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'running' then
-  return {'running', redis.call('HGET', KEYS[1], 'turn_id')}
-end
+local session = redis.call('HMGET', KEYS[1], 'tenant', 'state', 'turn_id')
+if session[1] ~= ARGV[5] then return {'missing'} end
+if session[2] == 'running' then return {'running', session[3]} end
 redis.call('HSET', KEYS[1], 'state', 'running', 'turn_id', ARGV[1], 'updated_at', ARGV[3],
            'claimed_ms', ARGV[4])
 redis.call('HDEL', KEYS[1], 'started', 'interrupt', 'reply_to', 'lease_epoch')
@@ -49,20 +47,18 @@ return {'ok', tostring(tonumber(redis.call('GET', KEYS[3]) or '0'))}
 # session's hash with no expiry: it is the worker's renewals that keep it, as
 # the reapers see it move, not a TTL on Redis's clock (README: Reliability).
 START_TURN = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'running'
-   or redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1] then
-  return 0
-end
-local started = redis.call('HGET', KEYS[1], 'started')
+local found = redis.call('HMGET', KEYS[1], 'state', 'turn_id', 'started', 'sandbox_id', 'agent',
+                         'history')
+if found[1] ~= 'running' or found[2] ~= ARGV[1] then return 0 end
+local started = found[3]
 if started and started ~= ARGV[2] then return 0 end
 if not started then
   redis.call('HSET', KEYS[1], 'started', ARGV[2], 'lease_epoch', 1)
   redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
 end
-local found = redis.call('HMGET', KEYS[1], 'sandbox_id', 'agent', 'history')
 local first = 0
-if found[3] == 'last' then first = -1 end
-return {found[1], found[2], redis.call('LRANGE', KEYS[2], first, -1)}
+if found[6] == 'last' then first = -1 end
+return {found[4], found[5], redis.call('LRANGE', KEYS[2], first, -1)}
 """
 
 # KEYS: the worker's key, the workers' index.
@@ -84,12 +80,10 @@ return 1
 # Allowed when Redis is out of memory: bumping an existing counter takes none,
 # and a full store must not cost a healthy turn its lease.
 RENEW_LEASE = """#!lua flags=allow-oom
-if redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1]
-   or redis.call('HGET', KEYS[1], 'started') ~= ARGV[2] then
-  return 0
-end
+local found = redis.call('HMGET', KEYS[1], 'turn_id', 'started', 'interrupt')
+if found[1] ~= ARGV[1] or found[2] ~= ARGV[2] then return 0 end
 redis.call('HINCRBY', KEYS[1], 'lease_epoch', 1)
-if redis.call('HGET', KEYS[1], 'interrupt') == ARGV[1] then return 2 end
+if found[3] == ARGV[1] then return 2 end
 return 1
 """
 
@@ -204,18 +198,16 @@ return firsts
 # step and one round trip.
 FINISH_TURN = """
 local a = cjson.decode(ARGV[1])
-if redis.call('HGET', KEYS[1], 'state') ~= 'running'
-   or redis.call('HGET', KEYS[1], 'turn_id') ~= a.turn_id then
-  return 0
-end
-local started = redis.call('HGET', KEYS[1], 'started')
+local found = redis.call('HMGET', KEYS[1], 'state', 'turn_id', 'started', 'lease_epoch',
+                         'reply_to')
+if found[1] ~= 'running' or found[2] ~= a.turn_id then return 0 end
+local started = found[3]
 if a.mode == 'unstarted' and started then return 0 end
 if a.mode == 'worker' and started ~= a.worker_id then return 0 end
-if a.mode == 'orphaned' and ((not started)
-   or tonumber(redis.call('HGET', KEYS[1], 'lease_epoch') or '0') ~= a.epoch) then
+if a.mode == 'orphaned' and ((not started) or tonumber(found[4] or '0') ~= a.epoch) then
   return 0
 end
-local reply_to = redis.call('HGET', KEYS[1], 'reply_to')
+local reply_to = found[5]
 redis.call('HSET', KEYS[1], 'state', 'active', 'updated_at', a.now)
 redis.call('HDEL', KEYS[1], 'turn_id', 'started', 'interrupt', 'claimed_ms', 'reply_to',
            'lease_epoch')
@@ -250,10 +242,8 @@ return seq
 
 # KEYS: session. ARGV: turn_id. -> 1 flagged | 0 not the running turn
 FLAG_INTERRUPT = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'running'
-   or redis.call('HGET', KEYS[1], 'turn_id') ~= ARGV[1] then
-  return 0
-end
+local found = redis.call('HMGET', KEYS[1], 'state', 'turn_id')
+if found[1] ~= 'running' or found[2] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'interrupt', ARGV[1])
 return 1
 """
