@@ -164,6 +164,11 @@ class OpenAIProvider:
             http_client=lean_http_client(model_timeouts(settings)),
         )
         self._secrets = [os.environ.get("OPENAI_API_KEY", "")]
+        # Resolved once: the SDK imports its resource modules (and builds their
+        # pydantic models) on first access, most of a second of CPU, which must
+        # not happen on the event loop in the first turn (`ProviderFactory`
+        # makes providers in a thread).
+        self._create = self.client.chat.completions.with_streaming_response.create
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
         body: dict[str, Any] = {
@@ -181,9 +186,7 @@ class OpenAIProvider:
             openai,
             "OpenAI",
             self._secrets,
-            lambda: self.client.chat.completions.with_streaming_response.create(
-                model=self.model, messages=[], stream=True, extra_body=body
-            ),
+            lambda: self._create(model=self.model, messages=[], stream=True, extra_body=body),
             self._read,
         )
         async for item in stream:
