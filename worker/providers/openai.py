@@ -173,6 +173,9 @@ class OpenAIProvider:
         # makes providers in a thread).
         self.client.chat.completions.with_streaming_response.create  # noqa: B018
         self._stream_cls = openai.AsyncStream[ChatCompletionChunk]
+        # The endpoint's URL, merged with the client's base URL once (the SDK
+        # merges a relative path on every request: two more URL parses).
+        self._url = str(self.client._prepare_url("/chat/completions"))
 
     def _post(self, body: bytes) -> AbstractAsyncContextManager[Any]:
         """`chat.completions.with_streaming_response.create(...)`, its body already
@@ -182,7 +185,7 @@ class OpenAIProvider:
         the two requests equal)."""
         return _Streamed(
             self.client.post(
-                "/chat/completions",
+                self._url,
                 cast_to=ChatCompletion,
                 content=body,
                 options={"headers": {RAW_RESPONSE_HEADER: "stream"}, "security": _BEARER},
