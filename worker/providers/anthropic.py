@@ -150,6 +150,8 @@ class AnthropicProvider:
             http_client=lean_http_client(model_timeouts(settings)),
         )
         self._secrets = [os.environ.get("ANTHROPIC_API_KEY", "")]
+        # Resolved once, off the event loop (see the OpenAI provider).
+        self._create = self.client.messages.with_streaming_response.create
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
         body: dict[str, Any] = {"messages": to_anthropic_messages(request.messages)}
@@ -163,7 +165,7 @@ class AnthropicProvider:
             anthropic,
             "Anthropic",
             self._secrets,
-            lambda: self.client.messages.with_streaming_response.create(
+            lambda: self._create(
                 model=self.model,
                 max_tokens=self.max_tokens,
                 messages=[],

@@ -8,11 +8,14 @@ llama.cpp server, LM Studio) through `OPENAI_BASE_URL`; the SDK also reads
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import msgspec
 import openai
+from openai._constants import RAW_RESPONSE_HEADER
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from shared.events import Usage
 from shared.models import ImageBlock, Message, TextBlock, ToolResultBlock, ToolUseBlock
@@ -164,27 +167,50 @@ class OpenAIProvider:
             http_client=lean_http_client(model_timeouts(settings)),
         )
         self._secrets = [os.environ.get("OPENAI_API_KEY", "")]
+        # Resolved once: the SDK imports its resource modules (and builds their
+        # pydantic models) on first access, most of a second of CPU, which must
+        # not happen on the event loop in the first turn (`ProviderFactory`
+        # makes providers in a thread).
+        self.client.chat.completions.with_streaming_response.create  # noqa: B018
+        self._stream_cls = openai.AsyncStream[ChatCompletionChunk]
+        # The endpoint's URL, merged with the client's base URL once (the SDK
+        # merges a relative path on every request: two more URL parses).
+        self._url = str(self.client._prepare_url("/chat/completions"))
+
+    def _post(self, body: bytes) -> AbstractAsyncContextManager[Any]:
+        """`chat.completions.with_streaming_response.create(...)`, its body already
+        encoded: the request the SDK makes for it (auth, headers, retries, error
+        mapping), without the SDK's per-call walk of its parameters against its
+        TypedDicts and its JSON encoding (tests/test_providers_request.py holds
+        the two requests equal)."""
+        return _Streamed(
+            self.client.post(
+                self._url,
+                cast_to=ChatCompletion,
+                content=body,
+                options={"headers": {RAW_RESPONSE_HEADER: "stream"}, "security": _BEARER},
+                stream=True,
+                stream_cls=self._stream_cls,
+            )
+        )
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[StreamItem]:
         body: dict[str, Any] = {
             "messages": to_openai_messages(request.system, request.messages),
+            "model": self.model,
+            "stream": True,
             "max_tokens": self.max_tokens,
             "stream_options": {"include_usage": True},
         }
         if request.tools:
             body["tools"] = to_openai_tools(request.tools)
-        # The conversation goes in `extra_body`, already in the wire format: the
-        # SDK would otherwise walk every message and tool schema, against its
+        # The body goes to the SDK already in the wire format, encoded: the SDK
+        # would otherwise walk every message and tool schema, against its
         # TypedDicts, on every model call (most of a call's CPU, growing with
         # the history) to produce the same JSON.
+        encoded = msgspec.json.encode(body)
         stream = guarded_stream(
-            openai,
-            "OpenAI",
-            self._secrets,
-            lambda: self.client.chat.completions.with_streaming_response.create(
-                model=self.model, messages=[], stream=True, extra_body=body
-            ),
-            self._read,
+            openai, "OpenAI", self._secrets, lambda: self._post(encoded), self._read
         )
         async for item in stream:
             yield item
@@ -240,6 +266,29 @@ class OpenAIProvider:
         for index in sorted(set(calls) - ready):
             yield _ready(calls[index])
         yield MessageEnd("tool_use" if calls else stop, usage)
+
+
+# What the SDK's `chat.completions.create` asks of the client's auth.
+_BEARER: Any = {"bearer_auth": True}
+
+
+class _Streamed:
+    """The SDK's streamed response to a request, closed on the way out (as
+    `with_streaming_response` does)."""
+
+    __slots__ = ("_request", "_response")
+
+    def __init__(self, request: Awaitable[Any]) -> None:
+        self._request = request
+        self._response: Any = None
+
+    async def __aenter__(self) -> Any:
+        self._response = await self._request
+        return self._response
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._response is not None:
+            await self._response.close()
 
 
 def _ready(call: tuple[str, str, list[str]]) -> ToolCallReady:
