@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections import deque
@@ -82,6 +83,12 @@ class ClientQueue(asyncio.Queue[QueueItem]):
         if isinstance(item, LiveEvent):
             self.nbytes -= len(item.frame)
         return item
+
+
+def _confirm_all(waiting: list[asyncio.Future[None]], _: asyncio.Future[None]) -> None:
+    for future in waiting:
+        if not future.done():
+            future.set_result(None)
 
 
 class EventHub:
@@ -178,8 +185,10 @@ class EventHub:
                 except BaseException:
                     # Not subscribed: no confirmation will come for this one,
                     # and the channel is not to be subscribed on a reconnect.
-                    pending.remove(confirmed)
-                    if not pending:
+                    with contextlib.suppress(ValueError):  # confirmed meanwhile
+                        pending.remove(confirmed)
+                    # (the hub may have reconnected since, with a queue of its own)
+                    if not pending and self._pending.get(channel) is pending:
                         del self._pending[channel]
                     queues.discard(queue)
                     if not queues and self._queues.get(sid) is queues:
@@ -243,8 +252,9 @@ class EventHub:
         while True:
             pubsub = self._redis.pubsub()
             try:
-                await pubsub.subscribe(self._reply_channel, self._deleted_channel)
                 channels = list(self._channels)
+                self._carry_over_confirmations(channels)
+                await pubsub.subscribe(self._reply_channel, self._deleted_channel)
                 if channels:
                     await pubsub.subscribe(*channels)
                 self._pubsub = pubsub
@@ -266,6 +276,22 @@ class EventHub:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _carry_over_confirmations(self, channels: list[bytes]) -> None:
+        """A new connection: the confirmations still awaited were asked of the
+        lost one, and none will come. Those of a channel subscribed again are
+        all given by its new subscription's; the others have no one waiting
+        (their channel has no client). Left queued, each would take the place of
+        a later subscription's confirmation, and every subscription on the
+        channel (of any session on it) would wait in vain."""
+        lost, self._pending = self._pending, {}
+        loop = asyncio.get_running_loop()
+        for channel in channels:
+            waiting = lost.get(channel)
+            if waiting:
+                confirmed: asyncio.Future[None] = loop.create_future()
+                confirmed.add_done_callback(functools.partial(_confirm_all, list(waiting)))
+                self._pending[channel] = deque([confirmed])
 
     def expect_reply(self, sid: str, turn_id: str) -> asyncio.Future[bytes]:
         """A future for the end of a wait on the turn: its terminal event (JSON),

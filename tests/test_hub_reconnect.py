@@ -180,3 +180,58 @@ def test_a_subscription_while_the_hub_has_no_connection_fails_and_leaves_nothing
             await hub.stop()
 
     asyncio.run(main())
+
+
+def _on_the_same_channel(sid: str) -> str:
+    """Another session id whose live channel is `sid`'s."""
+    channel = keys.events_channel(sid)
+    while True:
+        other = str(uuid.uuid4())
+        if keys.events_channel(other) == channel:
+            return other
+
+
+async def _reconnected(hub: EventHub) -> None:
+    for _ in range(300):  # the hub notices the connection is gone
+        if not hub._ready.is_set():
+            break
+        await asyncio.sleep(0.01)
+    for _ in range(500):  # and is back
+        if hub._ready.is_set():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the hub did not reconnect")
+
+
+def test_a_subscription_lost_unconfirmed_with_the_connection_does_not_break_its_channel(
+    own_redis: RedisServer,
+) -> None:
+    """A subscription is sent but not confirmed (Redis stalls), its client gives
+    up, and the hub's connection is then lost (Redis restarts): once the hub is
+    back, other sessions on that live channel subscribe as usual (before: each
+    later subscription on the channel took the lost one's place in the queue of
+    confirmations, waited for one that never came and failed as the store being
+    unavailable, for every session sharing the channel, until the process
+    restarted)."""
+
+    async def main() -> None:
+        hub = EventHub(await connect(own_redis.url), confirm_seconds=0.5)
+        await hub.start()
+        first = str(uuid.uuid4())
+        try:
+            assert own_redis.proc is not None
+            own_redis.proc.send_signal(signal.SIGSTOP)
+            with pytest.raises(RedisError):
+                async with hub.subscribe(first):
+                    pass
+            await asyncio.sleep(0.1)  # its unsubscription goes out
+            own_redis.stop()
+            own_redis.start()
+            await _reconnected(hub)
+            for sid in (_on_the_same_channel(first), _on_the_same_channel(first), first):
+                async with asyncio.timeout(3), hub.subscribe(sid):
+                    assert hub.client_count == 1
+        finally:
+            await hub.stop()
+
+    asyncio.run(main())
