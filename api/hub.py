@@ -264,7 +264,7 @@ class EventHub:
                 while True:
                     # Replies read straight off the connection: `PubSub.listen`
                     # wraps each in a retry and a dict, about 2 µs a message,
-                    # and a message comes per session per batch of events.
+                    # and a message comes per live channel per batch of events.
                     reply = await connection.read_response(
                         disconnect_on_error=False, push_request=True
                     )
