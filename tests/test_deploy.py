@@ -263,6 +263,7 @@ def test_compose_file_wires_the_stack() -> None:
     assert set(redis_service["environment"]) == {"REDIS_PASSWORD", "REDISCLI_AUTH"}
     conf = (DEPLOY / "redis.conf").read_text()
     assert "appendonly yes" in conf
+    assert "client-output-buffer-limit pubsub 256mb 64mb 60" in conf
     api, worker, proxy = services["api"], services["worker"], services["proxy"]
     assert api["deploy"]["replicas"] == 2 and worker["deploy"]["replicas"] == 2
     for service in (api, worker):
