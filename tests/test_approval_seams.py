@@ -242,6 +242,13 @@ def test_a_redis_stall_as_the_turn_begins_to_wait_ends_no_turn(
     env = {
         **RIDE_OUT,
         **model_env(fake_llm),
+        # The worker makes the turn's provider at start-up, before it takes the
+        # turn: made during the turn, the SDK's import (seconds of CPU on a
+        # loaded machine, much of it native code holding the GIL) can keep the
+        # event loop from renewing the 1 s lease until the stall begins, and the
+        # turn is then fenced for a silence that was not the store's.
+        "SANDSTREAM_PROVIDER": "anthropic",
+        "SANDSTREAM_MODEL": model,
     }
     stack = Stack(own_redis.url, tmp_path / "stack", env)
     try:
