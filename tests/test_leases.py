@@ -294,12 +294,16 @@ def test_a_turn_that_begins_to_wait_while_redis_is_full_waits_once_it_is_not(
     suspension is asked again until Redis takes it, and the turn then waits for
     the decision (before: the refused suspension failed the turn with
     `internal_error`)."""
+    model = f"full-store-{time.monotonic_ns()}"
     env = {
         **RIDE_OUT,
         **model_env(fake_llm),
+        # Made at start-up: the SDK's import during the turn can keep a loaded
+        # machine's worker from renewing its short lease (test_approval_seams).
+        "SANDSTREAM_PROVIDER": "anthropic",
+        "SANDSTREAM_MODEL": model,
     }
     stack = Stack(own_redis.url, tmp_path / "stack", env)
-    model = f"full-store-{time.monotonic_ns()}"
     call = ("tool", "toolu_full", "bash", {"command": "echo approved"})
     # The call's last event is appended 0.8 s before the response ends.
     fake_llm.script(model, Reply(chunks=anthropic_stream(call, stop="tool_use"), delay=0.4))
