@@ -100,12 +100,13 @@ return 1
 # script's own cost, the round trip and the counters (read once, written once)
 # are paid per call rather than per turn; what stays per turn is one XADD per
 # event. Events are published once per channel (`keys.events_channel`, shared
-# by many sessions), one JSON a line, in the order of the turns in the call. The appended key
-# (`<turn_id> <events> <last seq>`) makes a call that is sent again after a lost
-# reply harmless: a turn whose events are in already gets its seqs again. It is
-# also the fence after a turn's first append: the mark is read with the counters
-# anyway, and is removed wherever the turn stops being current, so only a turn
-# without one (its first append) costs an HGET of the session.
+# by many sessions), one JSON a line, in the order of the turns in the call.
+# The appended key (`<turn_id> <events> <last seq>`) makes a call that is sent
+# again after a lost reply harmless: a turn whose events are in already gets its
+# seqs again. It is also the fence after a turn's first append: the mark is
+# read with the counters anyway, and is removed wherever the turn stops being
+# current, so only a turn without one (its first append) costs an HGET of the
+# session.
 # The arguments are flat rather than one encoded struct because this is the
 # script that runs for every token: decoding a struct in Lua (cmsgpack) cost
 # Redis about 1.3 µs more per event. The keys of many sessions in one script:
