@@ -19,7 +19,7 @@ import httpx
 import redis
 from arq.jobs import Job
 
-from bench import streaming
+from bench import streaming, turn_cost
 from bench.appends import HEADER as APPENDS_HEADER
 from bench.appends import bench_appends
 from bench.file_tools import bench_file_tools
@@ -361,6 +361,15 @@ def bench_stream(redis_url: str, counts: list[int], chunks: int, interval: float
     )
 
 
+def bench_turns(redis_url: str, count: int) -> None:
+    table(
+        f"6c. a turn's own cost: {count} turns at once of a {turn_cost.CHUNKS}-chunk model; "
+        "1 API + 1 worker",
+        turn_cost.HEADER,
+        turn_cost.bench_turn_cost(redis_url, ["openai", "anthropic"], count),
+    )
+
+
 def bench_append_path(redis_url: str, count: int, rounds: int) -> None:
     table(
         f"6b. the append path: {count} turns, one text delta each per round, {rounds} rounds",
@@ -391,9 +400,9 @@ def main() -> None:
     parser.add_argument("--streams", default="1000", help="comma-separated stream counts")
     parser.add_argument(
         "--only",
-        default="latency,throughput,fanout,idle,files,streaming,appends,files_api,replay",
-        help="comma-separated benchmarks to run "
-        "(latency, throughput, fanout, idle, files, streaming, appends, files_api, replay)",
+        default="latency,throughput,fanout,idle,files,streaming,turns,appends,files_api,replay",
+        help="comma-separated benchmarks to run (latency, throughput, fanout, idle, files, "
+        "streaming, turns, appends, files_api, replay)",
     )
     parser.add_argument(
         "--turns", default="20,200,500", help="comma-separated concurrent streaming turns"
@@ -416,6 +425,8 @@ def main() -> None:
                 bench_stream(url, [10], 20, 0.02)
             else:
                 bench_stream(url, [int(n) for n in args.turns.split(",")], 100, 0.02)
+        if "turns" in only:
+            bench_turns(url, 20 if args.quick else 200)
         if "appends" in only:
             bench_append_path(url, *((20, 10) if args.quick else (200, 100)))
         if "files_api" in only:

@@ -124,13 +124,28 @@ class Run:
     api_cpu: float
     redis_cpu: float
     redis_commands: int
+    # Calls of each command over the run (INFO commandstats; those inside scripts too).
+    redis_calls: dict[str, int] = field(default_factory=dict)
 
 
-def _redis_counters(client: redis.Redis) -> tuple[float, int]:
+@dataclass
+class _Counters:
+    cpu: float
+    commands: int
+    calls: dict[str, int]
+
+
+def _redis_counters(client: redis.Redis) -> _Counters:
     cpu = client.info("cpu")
     stats = client.info("stats")
-    return float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]), int(
-        stats["total_commands_processed"]
+    calls = {
+        name.removeprefix("cmdstat_"): int(stat["calls"])
+        for name, stat in client.info("commandstats").items()
+    }
+    return _Counters(
+        float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
+        int(stats["total_commands_processed"]),
+        calls,
     )
 
 
@@ -182,7 +197,7 @@ async def _through_all(
     body = b'{"role":"user","content":[{"type":"text","text":"stream"}]}'
     headers = {**AUTH, "Content-Type": "application/json"}
     worker_before, api_before = cpu_seconds(worker_pid), cpu_seconds(api_pid)
-    redis_cpu_before, commands_before = _redis_counters(counters)
+    redis_before = _redis_counters(counters)
     started = time.time()
     sent_at = [0.0] * len(sids)
 
@@ -199,7 +214,7 @@ async def _through_all(
     seconds = time.time() - started
     worker_cpu = cpu_seconds(worker_pid) - worker_before
     api_cpu = cpu_seconds(api_pid) - api_before
-    redis_cpu_after, commands_after = _redis_counters(counters)
+    redis_after = _redis_counters(counters)
     for connection in senders:
         connection.close()
     return Run(
@@ -209,8 +224,13 @@ async def _through_all(
         seconds=seconds,
         worker_cpu=worker_cpu,
         api_cpu=api_cpu,
-        redis_cpu=redis_cpu_after - redis_cpu_before,
-        redis_commands=commands_after - commands_before - 2,  # the two INFO calls
+        redis_cpu=redis_after.cpu - redis_before.cpu,
+        redis_commands=redis_after.commands - redis_before.commands - 3,  # its INFO calls
+        redis_calls={
+            name: calls - redis_before.calls.get(name, 0)
+            for name, calls in redis_after.calls.items()
+            if name != "info" and calls > redis_before.calls.get(name, 0)
+        },
     )
 
 
