@@ -256,6 +256,8 @@ def row(run: Run, chunks: int, interval: float) -> list[str]:
         f"{run.api_cpu / total * 1e6:.0f}",
         f"{run.redis_cpu / total * 1e6:.1f}",
         f"{run.redis_commands / total:.2f}",
+        f"{run.redis_calls.get('xadd', 0) / total:.2f} / "
+        f"{run.redis_calls.get('publish', 0) / total:.2f}",
         "yes" if intact else "NO",
     ]
 
@@ -271,6 +273,7 @@ HEADER = [
     "API µs/chunk",
     "Redis µs/chunk",
     "Redis cmds/chunk",
+    "of which XADD / PUBLISH",
     "all once, in order",
 ]
 
