@@ -17,6 +17,7 @@ import httpx
 import redis
 
 from shared import keys
+from shared.models import Message, TextBlock, new_id, now_rfc3339
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_KEY = "bench-key-0123456789abcdef"
@@ -138,3 +139,15 @@ def rss_bytes(pid: int) -> int:
 def percentile(samples: list[float], p: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
+
+
+def user_message(session_id: str, turn_id: str, text: str) -> Message:
+    """The user message that opens turn `turn_id`, as the API stores it."""
+    return Message(
+        id=new_id(),
+        session_id=session_id,
+        role="user",
+        content=[TextBlock(text=text)],
+        timestamp=now_rfc3339(),
+        turn_id=turn_id,
+    )
