@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
@@ -113,6 +114,12 @@ def service(
         for proc in procs:
             proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def new_session(client: httpx.Client, body: dict[str, Any] | None = None) -> str:
+    """A fresh sandbox with one session in it (created with `body`); its id."""
+    sandbox = client.post("/sandboxes", json={}).json()["id"]
+    return str(client.post(f"/sandboxes/{sandbox}/sessions", json=body or {}).json()["id"])
 
 
 def workers_beating(redis_url: str, pids: list[int]) -> bool:

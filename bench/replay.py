@@ -18,7 +18,7 @@ import uuid
 import httpx
 import redis
 
-from bench.harness import AUTH, rss_bytes, service, user_message
+from bench.harness import AUTH, new_session, rss_bytes, service, user_message
 from shared import keys
 from shared.events import ToolResult
 from shared.models import now_rfc3339
@@ -104,8 +104,7 @@ def bench_replay(redis_url: str, megabytes: int) -> list[list[str]]:
     with service(redis_url, workers=0) as svc:
         pid = svc.api_pids[0]
         with httpx.Client(base_url=svc.base + "/api/v1", timeout=60, headers=AUTH) as c:
-            sandbox = c.post("/sandboxes", json={}).json()["id"]
-            sid = c.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"]
+            sid = new_session(c)
         last = fill_log(redis_url, sid, "bench", megabytes << 20)
         port = int(svc.base.rsplit(":", 1)[1])
         idle = rss_bytes(pid)

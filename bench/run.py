@@ -24,7 +24,14 @@ from bench.appends import HEADER as APPENDS_HEADER
 from bench.appends import bench_appends
 from bench.file_tools import bench_file_tools
 from bench.files_api import bench_files_changed, bench_transfers
-from bench.harness import AUTH, percentile, private_redis, service, user_message
+from bench.harness import (
+    AUTH,
+    new_session,
+    percentile,
+    private_redis,
+    service,
+    user_message,
+)
 from bench.http_load import Connection, prepare
 from bench.replay import bench_replay
 from bench.sse_clients import bare_sse_server, open_streams
@@ -61,11 +68,6 @@ def ms(seconds: float) -> str:
 
 
 # ---- 1. blocking send latency ------------------------------------------------
-
-
-def new_session(client: httpx.Client) -> str:
-    sandbox = client.post("/sandboxes", json={}).json()["id"]
-    return str(client.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"])
 
 
 def measure_sends(base: str, sends: int, message: dict[str, Any] = MESSAGE) -> list[float]:
