@@ -86,10 +86,12 @@ async def _measure(redis_url: str, count: int, rounds: int, batched: bool) -> li
         else:
             for one in batch:
                 await store.append_batch([one])
-    ours = time.process_time() - ours_before
     cpu_after, commands_after = await _counters(redis)
+    # The listener's share counts too: the last rounds' events may still be on
+    # their way to it when the writer's last call returns.
     while received < count * rounds:
         await asyncio.sleep(0.01)
+    ours = time.process_time() - ours_before
     reader.cancel()
     await pubsub.aclose()  # type: ignore[no-untyped-call]
     await listener.aclose()
