@@ -25,7 +25,6 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-import redis
 from conftest import (
     ALPHA_KEY,
     ANTHROPIC_TEST_KEY,
@@ -33,6 +32,7 @@ from conftest import (
     OPENAI_TEST_KEY,
     Stack,
     model_env,
+    stack_of_its_own,
 )
 from fake_llm import FakeLLM, Reply, openai_stream
 from helpers import run_in_sandbox as run
@@ -68,9 +68,6 @@ def btrfs_root() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def hostile(redis_url: str, fake_llm: FakeLLM, btrfs_root: Path) -> Iterator[Stack]:
-    url = redis_url.rsplit("/", 1)[0] + "/13"
-    redis.Redis.from_url(url).flushdb()
-    workdir = Path(tempfile.mkdtemp(prefix="sandstream-hostile-"))
     env = {
         "SANDSTREAM_SANDBOX_ROOT": str(btrfs_root),
         "SANDSTREAM_SANDBOX_DISK_BYTES": str(DISK_BYTES),
@@ -80,10 +77,8 @@ def hostile(redis_url: str, fake_llm: FakeLLM, btrfs_root: Path) -> Iterator[Sta
         "SANDSTREAM_LOG_LEVEL": "INFO",
         **model_env(fake_llm),
     }
-    stack = Stack(url, workdir, env)
-    yield stack
-    stack.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    with stack_of_its_own(redis_url, 13, env) as stack:
+        yield stack
 
 
 @pytest.fixture
