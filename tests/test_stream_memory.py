@@ -105,7 +105,8 @@ def test_five_stalled_replays_of_a_100_mb_log_stay_within_100_mb(
             for sock in sockets:
                 sock.close()
         wait_until(lambda: _open_streams(stack) == 0, 10, "the streams to close")
-        time.sleep(1.5)
+        # Freed memory goes back a second after the streams end (`api.memory`).
+        wait_until(lambda: _rss_mb(stack) - idle < 20, 10, "the API's memory to come back")
         after = _rss_mb(stack)
         print(
             f"\nlog {last} events (~{last * EVENT_BYTES // MB} MB); API RSS idle {idle:.0f} MB, "
@@ -145,7 +146,7 @@ def test_a_stuck_client_is_dropped_and_its_memory_comes_back(
         finally:
             for sock in sockets:
                 sock.close()
-        time.sleep(1.5)
+        wait_until(lambda: _rss_mb(stack) - idle < 20, 10, "the API's memory to come back")
         after = _rss_mb(stack)
         print(
             f"\nAPI RSS idle {idle:.0f} MB, peak with 4 stuck clients during 40 MB of "
