@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import redis
 from conftest import ADMIN_KEY, ROOT, RedisServer, Stack
-from helpers import StreamReader, new_session, text_message, wait_state
+from helpers import StreamReader, new_session, text_message, wait_state, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared import keys
@@ -165,7 +165,10 @@ def test_metrics_count_what_happened(make_stack: Callable[..., Stack]) -> None:
         slow = client.post(f"/sessions/{tools}/messages", json=text_message("run: sleep 5"))
         assert slow.json()["stop_reason"] == "timeout"
         reader = StreamReader(client, plain)
-        time.sleep(0.3)
+        # The gauge rises when the stream's body starts, just after its head.
+        wait_until(
+            lambda: _value(_scrape(stack), "sandstream_sse_connections") == 1, 10, "the stream"
+        )
         during = _scrape(stack)
         client.post(f"/sessions/{plain}/messages", json=text_message("bye"))
         reader.join()
