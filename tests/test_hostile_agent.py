@@ -36,7 +36,7 @@ from conftest import (
 )
 from fake_llm import FakeLLM, Reply, openai_stream
 from helpers import run_in_sandbox as run
-from helpers import text_message
+from helpers import text_message, wait_until
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("bwrap") or not shutil.which("mkfs.btrfs"),
@@ -199,10 +199,7 @@ def test_symlink_swaps_never_carry_a_file_tool_outside_the_workspace(
     swapper_sid = _session(alpha, sandbox)
     swapper = threading.Thread(target=lambda: run(alpha, swapper_sid, py(SWAPPER)), daemon=True)
     swapper.start()
-    deadline = time.monotonic() + 30
-    while not (workspace / "race" / "started").exists():
-        assert time.monotonic() < deadline, "the swapper did not start"
-        time.sleep(0.05)
+    wait_until(lambda: (workspace / "race" / "started").exists(), 30, "the swapper to start")
     sid, model = _model_session(alpha, sandbox)
     calls = [
         [("read_file", {"path": "race/x/environ"})] * 100,
