@@ -17,9 +17,10 @@ import time
 
 from redis.asyncio import Redis
 
+from bench.harness import user_message
 from shared import events as ev
 from shared import keys
-from shared.models import Message, TextBlock, new_id, now_rfc3339
+from shared.models import new_id, now_rfc3339
 from shared.settings import Settings
 from shared.store import SessionStore, TurnAppend
 
@@ -38,15 +39,7 @@ async def _turns(store: SessionStore, count: int) -> tuple[str, list[tuple[str, 
     for _ in range(count):
         sid = (await store.create_session("bench", sandbox.id, {}, agent)).id
         turn = new_id()
-        user = Message(
-            id=new_id(),
-            session_id=sid,
-            role="user",
-            content=[TextBlock(text="hi")],
-            timestamp=now_rfc3339(),
-            turn_id=turn,
-        )
-        await store.claim_turn(sid, "bench", turn, user)
+        await store.claim_turn(sid, "bench", turn, user_message(sid, turn, "hi"))
         turns.append((sid, turn))
     return sandbox.id, turns
 
@@ -93,10 +86,12 @@ async def _measure(redis_url: str, count: int, rounds: int, batched: bool) -> li
         else:
             for one in batch:
                 await store.append_batch([one])
-    ours = time.process_time() - ours_before
     cpu_after, commands_after = await _counters(redis)
+    # The listener's share counts too: the last rounds' events may still be on
+    # their way to it when the writer's last call returns.
     while received < count * rounds:
         await asyncio.sleep(0.01)
+    ours = time.process_time() - ours_before
     reader.cancel()
     await pubsub.aclose()  # type: ignore[no-untyped-call]
     await listener.aclose()

@@ -17,16 +17,11 @@ from typing import Any
 import httpx
 import redis
 
-from bench.harness import AUTH, private_redis, service
+from bench.harness import AUTH, new_session, private_redis, service
 from shared import keys
 
 ASK = {"agent": {"permissions": {"bash": "ask"}}}
 CLOCK = "run: date +%s.%N"
-
-
-def _session(client: httpx.Client, body: dict[str, Any]) -> str:
-    sandbox = client.post("/sandboxes", json={}).json()["id"]
-    return str(client.post(f"/sandboxes/{sandbox}/sessions", json=body).json()["id"])
 
 
 def _message(text: str) -> dict[str, Any]:
@@ -50,7 +45,7 @@ def measure(base: str, redis_url: str, decisions: int) -> dict[str, float]:
     memory = 0
     with httpx.Client(base_url=base + "/api/v1", headers=AUTH, timeout=30) as client:
         for i in range(decisions):
-            sid = _session(client, ASK)
+            sid = new_session(client, ASK)
             waiting = client.post(f"/sessions/{sid}/messages", json=_message(CLOCK))
             assert waiting.status_code == 202, waiting.text
             call = waiting.json()["pending_approvals"][0]["tool_use_id"]
@@ -63,7 +58,7 @@ def measure(base: str, redis_url: str, decisions: int) -> dict[str, float]:
             client.post(f"/sessions/{sid}/approvals/{call}", json={"decision": "allow"})
             to_tool.append(_tool_output(client, sid) - sent)
 
-            sid = _session(client, {})
+            sid = new_session(client)
             sent = time.time()
             reply = client.post(f"/sessions/{sid}/messages", json=_message(CLOCK))
             plain.append(float(reply.json()["content"][1]["content"]) - sent)

@@ -12,11 +12,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
 
 from shared import keys
+from shared.models import Message, TextBlock, new_id, now_rfc3339
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_KEY = "bench-key-0123456789abcdef"
@@ -114,6 +116,12 @@ def service(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def new_session(client: httpx.Client, body: dict[str, Any] | None = None) -> str:
+    """A fresh sandbox with one session in it (created with `body`); its id."""
+    sandbox = client.post("/sandboxes", json={}).json()["id"]
+    return str(client.post(f"/sandboxes/{sandbox}/sessions", json=body or {}).json()["id"])
+
+
 def workers_beating(redis_url: str, pids: list[int]) -> bool:
     """Whether every worker process of `pids` has written its heartbeat."""
     client = redis.Redis.from_url(redis_url)
@@ -138,3 +146,15 @@ def rss_bytes(pid: int) -> int:
 def percentile(samples: list[float], p: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
+
+
+def user_message(session_id: str, turn_id: str, text: str) -> Message:
+    """The user message that opens turn `turn_id`, as the API stores it."""
+    return Message(
+        id=new_id(),
+        session_id=session_id,
+        role="user",
+        content=[TextBlock(text=text)],
+        timestamp=now_rfc3339(),
+        turn_id=turn_id,
+    )

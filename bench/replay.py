@@ -18,10 +18,10 @@ import uuid
 import httpx
 import redis
 
-from bench.harness import AUTH, rss_bytes, service
+from bench.harness import AUTH, new_session, rss_bytes, service, user_message
 from shared import keys
 from shared.events import ToolResult
-from shared.models import Message, TextBlock, now_rfc3339
+from shared.models import now_rfc3339
 from shared.queue import connect
 from shared.store import SessionStore
 
@@ -41,14 +41,7 @@ def fill_log(redis_url: str, sid: str, tenant: str, total_bytes: int) -> int:
             turn_id = state.turn_id
         else:
             turn_id = str(uuid.uuid4())
-            message = Message(
-                id=str(uuid.uuid4()),
-                session_id=sid,
-                role="user",
-                content=[TextBlock(text="x")],
-                timestamp=now_rfc3339(),
-                turn_id=turn_id,
-            )
+            message = user_message(sid, turn_id, "x")
             assert (await store.claim_turn(sid, tenant, turn_id, message)).status == "ok"
         event = ToolResult(
             session_id=sid,
@@ -111,8 +104,7 @@ def bench_replay(redis_url: str, megabytes: int) -> list[list[str]]:
     with service(redis_url, workers=0) as svc:
         pid = svc.api_pids[0]
         with httpx.Client(base_url=svc.base + "/api/v1", timeout=60, headers=AUTH) as c:
-            sandbox = c.post("/sandboxes", json={}).json()["id"]
-            sid = c.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"]
+            sid = new_session(c)
         last = fill_log(redis_url, sid, "bench", megabytes << 20)
         port = int(svc.base.rsplit(":", 1)[1])
         idle = rss_bytes(pid)

@@ -24,12 +24,19 @@ from bench.appends import HEADER as APPENDS_HEADER
 from bench.appends import bench_appends
 from bench.file_tools import bench_file_tools
 from bench.files_api import bench_files_changed, bench_transfers
-from bench.harness import AUTH, percentile, private_redis, service
+from bench.harness import (
+    AUTH,
+    new_session,
+    percentile,
+    private_redis,
+    service,
+    user_message,
+)
 from bench.http_load import Connection, prepare
 from bench.replay import bench_replay
 from bench.sse_clients import bare_sse_server, open_streams
 from shared import keys
-from shared.models import Message, TextBlock, new_id, now_rfc3339
+from shared.models import new_id
 from shared.queue import connect, deserialize_job_data
 from shared.sandbox.confinement import Confinement, SandboxSpec
 from shared.sandbox.handle import OpenSandbox
@@ -61,11 +68,6 @@ def ms(seconds: float) -> str:
 
 
 # ---- 1. blocking send latency ------------------------------------------------
-
-
-def new_session(client: httpx.Client) -> str:
-    sandbox = client.post("/sandboxes", json={}).json()["id"]
-    return str(client.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"])
 
 
 def measure_sends(base: str, sends: int, message: dict[str, Any] = MESSAGE) -> list[float]:
@@ -164,14 +166,7 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
         for i in range(turns + 10):
             started = time.perf_counter()
             turn_id = new_id()
-            user = Message(
-                id=new_id(),
-                session_id=session.id,
-                role="user",
-                content=[TextBlock(text="hello")],
-                timestamp=now_rfc3339(),
-                turn_id=turn_id,
-            )
+            user = user_message(session.id, turn_id, "hello")
             await store.claim_turn(session.id, "bench", turn_id, user)
             leased_at = time.monotonic()
             taken = await store.start_turn(session.id, turn_id, "bench")

@@ -58,6 +58,14 @@ def wait_state(client: httpx.Client, sid: str, state: str, timeout: float = 15) 
         time.sleep(0.05)
 
 
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `check` until it holds; fail, naming `what`, after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def run_in_sandbox(client: httpx.Client, sid: str, command: str) -> dict[str, Any]:
     """The tool_result of `command`, run by the demo agent in the session's sandbox."""
     reply = client.post(f"/sessions/{sid}/messages", json=text_message(f"run: {command}"))

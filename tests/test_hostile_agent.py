@@ -25,7 +25,6 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-import redis
 from conftest import (
     ALPHA_KEY,
     ANTHROPIC_TEST_KEY,
@@ -33,10 +32,11 @@ from conftest import (
     OPENAI_TEST_KEY,
     Stack,
     model_env,
+    stack_of_its_own,
 )
 from fake_llm import FakeLLM, Reply, openai_stream
 from helpers import run_in_sandbox as run
-from helpers import text_message
+from helpers import text_message, wait_until
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("bwrap") or not shutil.which("mkfs.btrfs"),
@@ -68,9 +68,6 @@ def btrfs_root() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def hostile(redis_url: str, fake_llm: FakeLLM, btrfs_root: Path) -> Iterator[Stack]:
-    url = redis_url.rsplit("/", 1)[0] + "/13"
-    redis.Redis.from_url(url).flushdb()
-    workdir = Path(tempfile.mkdtemp(prefix="sandstream-hostile-"))
     env = {
         "SANDSTREAM_SANDBOX_ROOT": str(btrfs_root),
         "SANDSTREAM_SANDBOX_DISK_BYTES": str(DISK_BYTES),
@@ -80,10 +77,8 @@ def hostile(redis_url: str, fake_llm: FakeLLM, btrfs_root: Path) -> Iterator[Sta
         "SANDSTREAM_LOG_LEVEL": "INFO",
         **model_env(fake_llm),
     }
-    stack = Stack(url, workdir, env)
-    yield stack
-    stack.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    with stack_of_its_own(redis_url, 13, env) as stack:
+        yield stack
 
 
 @pytest.fixture
@@ -204,10 +199,7 @@ def test_symlink_swaps_never_carry_a_file_tool_outside_the_workspace(
     swapper_sid = _session(alpha, sandbox)
     swapper = threading.Thread(target=lambda: run(alpha, swapper_sid, py(SWAPPER)), daemon=True)
     swapper.start()
-    deadline = time.monotonic() + 30
-    while not (workspace / "race" / "started").exists():
-        assert time.monotonic() < deadline, "the swapper did not start"
-        time.sleep(0.05)
+    wait_until(lambda: (workspace / "race" / "started").exists(), 30, "the swapper to start")
     sid, model = _model_session(alpha, sandbox)
     calls = [
         [("read_file", {"path": "race/x/environ"})] * 100,

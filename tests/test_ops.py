@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import redis
 from conftest import ADMIN_KEY, ROOT, RedisServer, Stack
-from helpers import StreamReader, new_session, text_message, wait_state
+from helpers import StreamReader, new_session, text_message, wait_state, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared import keys
@@ -60,7 +60,6 @@ def test_queue_report_follows_jobs_from_queued_to_drained(
         assert queue["turns_last_hour"]["session_completed:end_turn"] == 3
         assert queue["turn_duration_ms"]["count"] == 3
 
-        time.sleep(0.6)
         (listed,) = admin.get("/ops/workers").json()
         assert listed["pid"] == worker.popen.pid and listed["host"] == os.uname().nodename
         assert listed["seconds_since_heartbeat"] < 2
@@ -68,7 +67,6 @@ def test_queue_report_follows_jobs_from_queued_to_drained(
 
 def test_worker_check_exit_codes(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(worker_heartbeat_seconds="0.5")
-    time.sleep(0.6)
     pid = str(stack.workers[0].popen.pid)
     assert _check(stack).returncode == 0
     assert _check(stack, "--pid", pid).returncode == 0
@@ -120,7 +118,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_ops_cli_prints_queues_and_workers(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(worker_heartbeat_seconds="0.5")
-    time.sleep(0.6)
     queues = _cli("queues", "--url", stack.base_url, "--key", ADMIN_KEY)
     assert queues.returncode == 0, queues.stderr
     header, row = queues.stdout.splitlines()[:2]
@@ -156,7 +153,6 @@ def _value(
 
 def test_metrics_count_what_happened(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(turn_timeout_seconds="1.5", worker_heartbeat_seconds="0.5")
-    time.sleep(0.6)
     with stack.client() as client:
         plain, tools = new_session(client), new_session(client)
         for text in ("one", "two", "three"):
@@ -169,7 +165,10 @@ def test_metrics_count_what_happened(make_stack: Callable[..., Stack]) -> None:
         slow = client.post(f"/sessions/{tools}/messages", json=text_message("run: sleep 5"))
         assert slow.json()["stop_reason"] == "timeout"
         reader = StreamReader(client, plain)
-        time.sleep(0.3)
+        # The gauge rises when the stream's body starts, just after its head.
+        wait_until(
+            lambda: _value(_scrape(stack), "sandstream_sse_connections") == 1, 10, "the stream"
+        )
         during = _scrape(stack)
         client.post(f"/sessions/{plain}/messages", json=text_message("bye"))
         reader.join()

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import redis
 from conftest import ADMIN_KEY, ALPHA_KEY, Stack
-from helpers import new_session
+from helpers import new_session, wait_until
 
 from bench.replay import EVENT_BYTES, fill_log
 from shared import keys
@@ -40,13 +40,6 @@ def _open_streams(stack: Stack) -> float:
     match = re.search(r"^sandstream_sse_connections (\S+)$", response.text, re.M)
     assert match, response.text[:500]
     return float(match.group(1))
-
-
-def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _append(stack: Stack, sid: str, total_bytes: int) -> int:
@@ -78,7 +71,7 @@ def _warm_up(stack: Stack, client: httpx.Client) -> float:
             received += len(chunk)
             if received >= MB:
                 break
-    _wait(lambda: _open_streams(stack) == 0, 10, "the warm-up stream to close")
+    wait_until(lambda: _open_streams(stack) == 0, 10, "the warm-up stream to close")
     time.sleep(1.5)  # the trim after a stream ends
     return _rss_mb(stack)
 
@@ -106,13 +99,14 @@ def test_five_stalled_replays_of_a_100_mb_log_stay_within_100_mb(
         started = time.monotonic()
         sockets = [_stuck_stream(stack, sid, 0) for _ in range(5)]
         try:
-            _wait(lambda: _open_streams(stack) == 5, 10, "five streams")
+            wait_until(lambda: _open_streams(stack) == 5, 10, "five streams")
             peak = _peak_rss(stack, 3)
         finally:
             for sock in sockets:
                 sock.close()
-        _wait(lambda: _open_streams(stack) == 0, 10, "the streams to close")
-        time.sleep(1.5)
+        wait_until(lambda: _open_streams(stack) == 0, 10, "the streams to close")
+        # Freed memory goes back a second after the streams end (`api.memory`).
+        wait_until(lambda: _rss_mb(stack) - idle < 20, 10, "the API's memory to come back")
         after = _rss_mb(stack)
         print(
             f"\nlog {last} events (~{last * EVENT_BYTES // MB} MB); API RSS idle {idle:.0f} MB, "
@@ -139,11 +133,11 @@ def test_a_stuck_client_is_dropped_and_its_memory_comes_back(
         _append(stack, sid, 1 * MB)
         sockets = [_stuck_stream(stack, sid, None) for _ in range(4)]
         try:
-            _wait(lambda: _open_streams(stack) == 4, 10, "four streams")
+            wait_until(lambda: _open_streams(stack) == 4, 10, "four streams")
             started = time.monotonic()
             _append(stack, sid, 40 * MB)  # live, while the clients read nothing
             peak = _peak_rss(stack, 0.5)
-            _wait(lambda: _open_streams(stack) == 0, 10, "the stuck clients to be dropped")
+            wait_until(lambda: _open_streams(stack) == 0, 10, "the stuck clients to be dropped")
             dropped_after = time.monotonic() - started
             # Dropped: the server closed the connection (what it had sent, then EOF).
             sockets[0].settimeout(10)
@@ -152,7 +146,7 @@ def test_a_stuck_client_is_dropped_and_its_memory_comes_back(
         finally:
             for sock in sockets:
                 sock.close()
-        time.sleep(1.5)
+        wait_until(lambda: _rss_mb(stack) - idle < 20, 10, "the API's memory to come back")
         after = _rss_mb(stack)
         print(
             f"\nAPI RSS idle {idle:.0f} MB, peak with 4 stuck clients during 40 MB of "
