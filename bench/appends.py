@@ -8,6 +8,9 @@ run: one call per turn per round (how each turn wrote its own events before).
 Reported per event: Redis CPU (INFO, before and after), Redis commands, and
 the writing process's CPU. Unlike the streaming benchmark, the offered load
 is fixed, so the figures do not move with how far a loaded machine lags.
+Sessions share the live channels, so every API process that streams sessions on
+a channel hears all of its events: one row has 8 listeners, and the last two
+what an API process's hub spends on a line of a session it does not stream.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 
+from api.hub import EventHub
 from bench.harness import user_message
 from shared import events as ev
 from shared import keys
@@ -56,22 +62,28 @@ def _delta(sid: str, sandbox_id: str, turn: str, n: int) -> ev.TextDelta:
     )
 
 
-async def _measure(redis_url: str, count: int, rounds: int, batched: bool) -> list[str]:
+async def _measure(
+    redis_url: str, count: int, rounds: int, batched: bool, listeners: int = 1
+) -> list[str]:
+    """`listeners`: connections subscribed to every channel, as that many API
+    processes streaming sessions on each channel would be."""
     redis = Redis.from_url(redis_url)
     listener = Redis.from_url(redis_url)
     store = SessionStore(redis)
     sandbox_id, turns = await _turns(store, count)
-    pubsub = listener.pubsub()
-    await pubsub.subscribe(*{keys.events_channel(sid) for sid, _ in turns})
+    channels = {keys.events_channel(sid) for sid, _ in turns}
+    pubsubs = [listener.pubsub() for _ in range(listeners)]
+    for pubsub in pubsubs:
+        await pubsub.subscribe(*channels)
     received = 0
 
-    async def listen() -> None:
+    async def listen(pubsub: PubSub) -> None:
         nonlocal received
         async for message in pubsub.listen():
             if message["type"] == "message":  # events of a channel's sessions, one a line
                 received += message["data"].count(b"\n") + 1
 
-    reader = asyncio.create_task(listen())
+    readers = [asyncio.create_task(listen(pubsub)) for pubsub in pubsubs]
     cpu_before, commands_before = await _counters(redis)
     ours_before = time.process_time()
     for n in range(rounds):
@@ -89,11 +101,13 @@ async def _measure(redis_url: str, count: int, rounds: int, batched: bool) -> li
     cpu_after, commands_after = await _counters(redis)
     # The listener's share counts too: the last rounds' events may still be on
     # their way to it when the writer's last call returns.
-    while received < count * rounds:
+    while received < count * rounds * listeners:
         await asyncio.sleep(0.01)
     ours = time.process_time() - ours_before
-    reader.cancel()
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    for reader in readers:
+        reader.cancel()
+    for pubsub in pubsubs:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
     await listener.aclose()
     await redis.aclose()
     events = count * rounds
@@ -104,11 +118,57 @@ async def _measure(redis_url: str, count: int, rounds: int, batched: bool) -> li
     ]
 
 
-HEADER = ["", "Redis µs/event", "Redis cmds/event", "client µs/event (writer and listener)"]
+def _skipped_us(line: bytes, repeat: int) -> float:
+    """What an API process's hub spends on a line of a session it does not
+    stream (live channels are shared): µs a line, over `repeat` messages."""
+    hub = EventHub(Redis())  # never started: only its routing of a message runs
+    reply: list[bytes | int] = [b"message", b"ss:live:0", line]
+    started = time.perf_counter()
+    for _ in range(repeat):
+        hub._dispatch(reply)
+    return (time.perf_counter() - started) / repeat * 1e6
+
+
+def _tool_result_line(size: int) -> bytes:
+    sid = new_id()
+    result = ev.ToolResult(
+        session_id=sid,
+        sandbox_id=new_id(),
+        turn_id=new_id(),
+        message_id=new_id(),
+        created_at=now_rfc3339(),
+        index=0,
+        tool_use_id="toolu_skip",
+        content="x" * size,
+        is_error=False,
+    )
+    return b'{"seq":1,' + msgspec.json.encode(result)[1:]
+
+
+HEADER = ["", "Redis µs/event", "Redis cmds/event", "client µs/event (writer and listeners)"]
 
 
 def bench_appends(redis_url: str, count: int, rounds: int) -> list[list[str]]:
+    sid = new_id()
+    delta = _delta(sid, new_id(), new_id(), 0)
+    delta_line = b'{"seq":1,' + msgspec.json.encode(delta)[1:]
     return [
         [f"one call for {count} turns", *asyncio.run(_measure(redis_url, count, rounds, True))],
+        [
+            "the same, 8 listeners (API processes) on every channel",
+            *asyncio.run(_measure(redis_url, count, rounds, True, listeners=8)),
+        ],
         ["baseline: one call per turn", *asyncio.run(_measure(redis_url, count, rounds, False))],
+        [
+            "an API process skipping another session's text delta",
+            "-",
+            "-",
+            f"{_skipped_us(delta_line, 20_000):.2f}",
+        ],
+        [
+            "the same, a 64 KiB tool result",
+            "-",
+            "-",
+            f"{_skipped_us(_tool_result_line(64 * 1024), 2_000):.2f}",
+        ],
     ]
