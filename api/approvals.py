@@ -16,7 +16,7 @@ from api.problems import Problem
 from api.schemas import ApprovalResult, TurnAccepted
 from api.services import Services, check_id, decode_body, owned_session, services_of
 from shared import events as ev
-from shared.approvals import Resolution, Waiting
+from shared.approvals import Resolution
 from shared.models import (
     ApprovalDecision,
     Message,
@@ -148,10 +148,6 @@ async def awaiting_reply(
         media_type="application/json",
         headers={"Location": f"/api/v1/sessions/{sid}"},
     )
-
-
-async def pending_of(svc: Services, sid: str) -> Waiting | None:
-    return await svc.approvals.waiting(sid)
 
 
 async def end_waiting_turn(
