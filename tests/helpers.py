@@ -87,6 +87,19 @@ def text_message(text: str) -> dict[str, Any]:
     return {"role": "user", "content": [{"type": "text", "text": text}]}
 
 
+# An agent whose bash calls each wait for a person's decision.
+ASK_BASH = {"permissions": {"bash": "ask"}}
+
+
+def decide(
+    client: httpx.Client, sid: str, call_id: str, decision: str, reason: str = ""
+) -> httpx.Response:
+    """Allow or deny one tool call of the session's waiting turn."""
+    return client.post(
+        f"/sessions/{sid}/approvals/{call_id}", json={"decision": decision, "reason": reason}
+    )
+
+
 class StreamReader:
     """Reads a session's SSE stream in a thread until `until` terminal events arrived."""
 

@@ -12,16 +12,14 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import redis
-from conftest import RedisServer, Stack, model_env, stack_of_its_own
+from conftest import RedisServer, Stack, model_env, one_slot_fixtures
 from fake_llm import FakeLLM, Reply, anthropic_stream
-from helpers import StreamReader, session_with, text_message, wait_state
+from helpers import ASK_BASH, StreamReader, decide, session_with, text_message, wait_state
 
 from shared import events as ev
 from shared import keys
@@ -31,27 +29,7 @@ from shared.queue import TurnJob, connect, queued_job
 from shared.settings import Settings
 from worker.runtime import WorkerRuntime
 
-ASK_BASH = {"permissions": {"bash": "ask"}}
-
-
-@pytest.fixture(scope="module")
-def one_slot(redis_url: str, fake_llm: FakeLLM) -> Iterator[Stack]:
-    """An API and one worker that runs one job at a time, on a database of their own."""
-    env = {
-        "SANDSTREAM_WORKER_MAX_JOBS": "1",
-        "SANDSTREAM_REAPER_INTERVAL_SECONDS": "0.2",
-        "SANDSTREAM_KEEPALIVE_SECONDS": "1",
-        "SANDSTREAM_TOOL_TIMEOUT_SECONDS": "8",
-        **model_env(fake_llm),
-    }
-    with stack_of_its_own(redis_url, 10, env) as running:
-        yield running
-
-
-@pytest.fixture
-def api(one_slot: Stack) -> Iterator[httpx.Client]:
-    with one_slot.client() as client:
-        yield client
+one_slot, api = one_slot_fixtures(db=10, tool_timeout_seconds=8)
 
 
 def waiting_calls(client: httpx.Client, sid: str, text: str) -> list[dict[str, Any]]:
@@ -60,10 +38,6 @@ def waiting_calls(client: httpx.Client, sid: str, text: str) -> list[dict[str, A
     assert reply.json()["state"] == "awaiting_approval"
     calls: list[dict[str, Any]] = reply.json()["pending_approvals"]
     return calls
-
-
-def decide(client: httpx.Client, sid: str, call: str, decision: str) -> httpx.Response:
-    return client.post(f"/sessions/{sid}/approvals/{call}", json={"decision": decision})
 
 
 def gapless(events: list[dict[str, Any]]) -> None:
