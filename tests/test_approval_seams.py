@@ -20,13 +20,15 @@ import redis
 from conftest import RedisServer, Stack, model_env, one_slot_fixtures
 from fake_llm import FakeLLM, Reply, anthropic_stream
 from helpers import ASK_BASH, StreamReader, decide, session_with, text_message, wait_state
+from redis.asyncio import Redis
 
 from shared import events as ev
 from shared import keys
-from shared.approvals import CallPlan, Resolution, SuspendedTurn
+from shared.approvals import ApprovalStore, CallPlan, Resolution, SuspendedTurn
 from shared.models import Message, PendingApproval, TextBlock, ToolUseBlock, new_id, now_rfc3339
 from shared.queue import TurnJob, connect, queued_job
 from shared.settings import Settings
+from shared.store import SessionStore
 from worker.runtime import WorkerRuntime
 
 one_slot, api = one_slot_fixtures(db=10, tool_timeout_seconds=8)
@@ -393,3 +395,105 @@ def test_an_interrupt_the_worker_missed_is_not_outlived_by_a_wait(
     kinds = [e["_event"] for e in log]
     assert "tool_approval_requested" not in kinds
     assert kinds[-2:] == ["tool_result", "session_completed"], kinds
+
+
+# ---- the decision and expiry scripts, attacked directly ---------------------------
+
+
+async def _a_waiting_turn(
+    url: str,
+) -> tuple[Redis, ApprovalStore, str, PendingApproval]:
+    """A session (tenant "t") on a fresh database whose turn waits for one bash
+    call, due in a minute; no worker runs."""
+    redis_client = await connect(url)
+    await redis_client.flushdb()
+    settings = Settings.from_env({})
+    store = SessionStore(redis_client)
+    approvals = ApprovalStore(redis_client, log_max_events=100, log_ttl_seconds=60)
+    sandbox = await store.create_sandbox("t", {})
+    sid = (await store.create_session("t", sandbox.id, {}, settings.default_agent())).id
+    turn = new_id()
+    user = Message(
+        id=new_id(),
+        session_id=sid,
+        role="user",
+        content=[TextBlock(text="go")],
+        timestamp=now_rfc3339(),
+        turn_id=turn,
+    )
+    assert (await store.claim_turn(sid, "t", turn, user)).status == "ok"
+    assert await store.start_turn(sid, turn, "w1")
+    call = ToolUseBlock(id="call_1", name="bash", input={"command": "true"})
+    pending = PendingApproval(
+        tool_use_id="call_1", name="bash", input={}, index=0, expires_at=now_rfc3339()
+    )
+    record = SuspendedTurn(
+        turn_id=turn,
+        message_id=new_id(),
+        iteration=0,
+        blocks=[call],
+        usage=ev.Usage(),
+        calls=[CallPlan(index=0, verdict="ask")],
+    )
+    assert await approvals.suspend(
+        sid=sid,
+        worker_id="w1",
+        record=record,
+        pending=[pending],
+        events=[],
+        deadline=time.time() + 60,
+    )
+    return redis_client, approvals, sid, pending
+
+
+def test_a_stale_overdue_listing_does_not_deny_a_wait_not_yet_due(redis_url: str) -> None:
+    """The reaper lists overdue waits, then reads and denies each; meanwhile a
+    person may decide and the turn wait again, due later. A listing made as if
+    two minutes late stands for that: the script reads the deadline itself and
+    denies nothing."""
+    url = redis_url.rsplit("/", 1)[0] + "/11"
+
+    async def scenario() -> None:
+        redis_client, approvals, sid, _ = await _a_waiting_turn(url)
+        try:
+            assert await approvals.expire_overdue(now=time.time() + 120) == 0
+            waiting = await approvals.waiting(sid)
+            assert waiting is not None
+            assert [p.tool_use_id for p in waiting.pending] == ["call_1"]
+            assert waiting.decided == {}
+            # Once really due, the same pass denies it and the turn goes on.
+            await redis_client.zadd(keys.APPROVAL_DEADLINES, {sid: 0})
+            assert await approvals.expire_overdue() == 1
+            assert await approvals.waiting(sid) is None
+        finally:
+            await redis_client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_another_tenants_decision_is_refused_by_the_script(redis_url: str) -> None:
+    """The API checks the session's tenant before deciding; the script checks
+    it again, so a decision that reached it for another tenant records nothing."""
+    url = redis_url.rsplit("/", 1)[0] + "/11"
+
+    async def scenario() -> None:
+        redis_client, approvals, sid, pending = await _a_waiting_turn(url)
+        try:
+            waiting = await approvals.waiting(sid)
+            assert waiting is not None
+            allow = Resolution(decision="allow", reason="", decided_by="k", decided_at="")
+            outcome, before = await approvals.resolve(
+                sid=sid, tenant="u", waiting=waiting, mode="decide", decisions=[(pending, allow)]
+            )
+            assert (outcome, before) == ("missing", None)
+            after = await approvals.waiting(sid)
+            assert after is not None and after.decided == {}
+            assert [p.tool_use_id for p in after.pending] == ["call_1"]
+            outcome, _ = await approvals.resolve(
+                sid=sid, tenant="t", waiting=waiting, mode="decide", decisions=[(pending, allow)]
+            )
+            assert outcome == "resumed"
+        finally:
+            await redis_client.aclose()
+
+    asyncio.run(scenario())
