@@ -134,6 +134,8 @@ def test_ruling_on_a_hostile_command_line_takes_milliseconds() -> None:
         assert took < 1.0, (len(command), took)
         assert ruling.verdict in ("ask", "allow"), ruling
     assert command_ruling(rules, "a" * 1_000_000).rule == "bash: a command line too long to rule on"
+    chained = command_ruling(rules, "echo x;" * 9000)
+    assert chained.rule == "bash: a command line of too many commands to rule on"
 
 
 def test_permissions_pick_the_tool_entry_then_the_wildcard() -> None:
