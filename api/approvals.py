@@ -151,7 +151,7 @@ async def awaiting_reply(
 
 
 async def end_waiting_turn(
-    svc: Services, sid: str, sandbox_id: str, turn_id: str, *, awaiting: bool = True
+    svc: Services, sid: str, sandbox_id: str, turn_id: str, *, awaiting: bool
 ) -> bool:
     """Interrupt a turn that awaits approval, or whose continuation no worker
     has started yet, here and at once: its message so far is kept, each call
@@ -170,13 +170,13 @@ async def end_waiting_turn(
         "turn_id": turn_id,
         "message_id": record.message_id,
     }
+    text = (
+        "[interrupted while awaiting approval] the tool did not run"
+        if awaiting
+        else "[interrupted before the tool ran] the tool did not run"
+    )
     for block in record.blocks:
         if isinstance(block, ToolUseBlock) and block.id not in answered:
-            text = (
-                "[interrupted while awaiting approval] the tool did not run"
-                if awaiting
-                else "[interrupted before the tool ran] the tool did not run"
-            )
             results.append(
                 ev.ToolResult(
                     **ids,
