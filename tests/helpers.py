@@ -91,6 +91,15 @@ def text_message(text: str) -> dict[str, Any]:
 ASK_BASH = {"permissions": {"bash": "ask"}}
 
 
+def send_until_waiting(client: httpx.Client, sid: str, text: str) -> dict[str, Any]:
+    """Send a message whose turn asks for approval; the 202 it answers with."""
+    reply = client.post(f"/sessions/{sid}/messages", json=text_message(text))
+    assert reply.status_code == 202, reply.text
+    body: dict[str, Any] = reply.json()
+    assert body["state"] == "awaiting_approval"
+    return body
+
+
 def decide(
     client: httpx.Client, sid: str, call_id: str, decision: str, reason: str = ""
 ) -> httpx.Response:

@@ -19,7 +19,15 @@ import httpx
 import redis
 from conftest import RedisServer, Stack, model_env, one_slot_fixtures
 from fake_llm import FakeLLM, Reply, anthropic_stream
-from helpers import ASK_BASH, StreamReader, decide, session_with, text_message, wait_state
+from helpers import (
+    ASK_BASH,
+    StreamReader,
+    decide,
+    send_until_waiting,
+    session_with,
+    text_message,
+    wait_state,
+)
 from redis.asyncio import Redis
 
 from shared import events as ev
@@ -35,10 +43,7 @@ one_slot, api = one_slot_fixtures(db=10, tool_timeout_seconds=8)
 
 
 def waiting_calls(client: httpx.Client, sid: str, text: str) -> list[dict[str, Any]]:
-    reply = client.post(f"/sessions/{sid}/messages", json=text_message(text))
-    assert reply.status_code == 202, reply.text
-    assert reply.json()["state"] == "awaiting_approval"
-    calls: list[dict[str, Any]] = reply.json()["pending_approvals"]
+    calls: list[dict[str, Any]] = send_until_waiting(client, sid, text)["pending_approvals"]
     return calls
 
 

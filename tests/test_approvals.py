@@ -17,7 +17,15 @@ import pytest
 import redis
 from conftest import ADMIN_KEY, BETA_KEY, Stack, one_slot_fixtures
 from fake_llm import FakeLLM, Reply, anthropic_stream, openai_stream
-from helpers import ASK_BASH, StreamReader, decide, session_with, text_message, wait_state
+from helpers import (
+    ASK_BASH,
+    StreamReader,
+    decide,
+    send_until_waiting,
+    session_with,
+    text_message,
+    wait_state,
+)
 
 from shared import keys
 from shared.models import CommandRules
@@ -25,15 +33,6 @@ from shared.permissions import command_ruling, rule_for
 from shared.settings import Settings
 
 one_slot, api = one_slot_fixtures(db=9, tool_timeout_seconds=5)
-
-
-def send_until_waiting(client: httpx.Client, sid: str, text: str) -> dict[str, Any]:
-    """Send a message whose turn asks for approval; the 202 it answers with."""
-    reply = client.post(f"/sessions/{sid}/messages", json=text_message(text))
-    assert reply.status_code == 202, reply.text
-    body: dict[str, Any] = reply.json()
-    assert body["state"] == "awaiting_approval"
-    return body
 
 
 # ---- the policy, without the service ----------------------------------------------
