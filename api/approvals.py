@@ -16,7 +16,7 @@ from api.problems import Problem
 from api.schemas import ApprovalResult, TurnAccepted
 from api.services import Services, check_id, decode_body, owned_session, services_of
 from shared import events as ev
-from shared.approvals import Resolution, Waiting
+from shared.approvals import Resolution
 from shared.models import (
     ApprovalDecision,
     Message,
@@ -150,12 +150,8 @@ async def awaiting_reply(
     )
 
 
-async def pending_of(svc: Services, sid: str) -> Waiting | None:
-    return await svc.approvals.waiting(sid)
-
-
 async def end_waiting_turn(
-    svc: Services, sid: str, sandbox_id: str, turn_id: str, *, awaiting: bool = True
+    svc: Services, sid: str, sandbox_id: str, turn_id: str, *, awaiting: bool
 ) -> bool:
     """Interrupt a turn that awaits approval, or whose continuation no worker
     has started yet, here and at once: its message so far is kept, each call
@@ -174,13 +170,13 @@ async def end_waiting_turn(
         "turn_id": turn_id,
         "message_id": record.message_id,
     }
+    text = (
+        "[interrupted while awaiting approval] the tool did not run"
+        if awaiting
+        else "[interrupted before the tool ran] the tool did not run"
+    )
     for block in record.blocks:
         if isinstance(block, ToolUseBlock) and block.id not in answered:
-            text = (
-                "[interrupted while awaiting approval] the tool did not run"
-                if awaiting
-                else "[interrupted before the tool ran] the tool did not run"
-            )
             results.append(
                 ev.ToolResult(
                     **ids,

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 
-from api.approvals import awaiting_reply, end_waiting_turn, pending_of
+from api.approvals import awaiting_reply, end_waiting_turn
 from api.browser import absolute_url
 from api.guard import tenant_of
 from api.idempotency import IdemRecord, claim_or_replay, released_on_error
@@ -101,7 +101,7 @@ class SessionController(Controller):
         svc = services_of(request)
         session = await owned_session(svc, sid, tenant_of(request))
         messages = await svc.store.get_messages(sid)
-        if session.state == "awaiting_approval" and (waiting := await pending_of(svc, sid)):
+        if session.state == "awaiting_approval" and (waiting := await svc.approvals.waiting(sid)):
             session.pending_approvals = waiting.pending
         return SessionWithMessages(**msgspec.structs.asdict(session), messages=messages)
 

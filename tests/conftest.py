@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -257,6 +258,31 @@ def stack_of_its_own(redis_url: str, db: int, env: dict[str, str]) -> Iterator[S
     finally:
         running.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def one_slot_fixtures(db: int, tool_timeout_seconds: float) -> tuple[Any, Any]:
+    """The `one_slot` and `api` fixtures of a test module: an API and one worker
+    that runs one job at a time, on Redis database `db` (the module's own), and
+    a client of that API. Assign both at the module's top level."""
+
+    @pytest.fixture(scope="module", name="one_slot")
+    def one_slot(redis_url: str, fake_llm: FakeLLM) -> Iterator[Stack]:
+        env = {
+            "SANDSTREAM_WORKER_MAX_JOBS": "1",
+            "SANDSTREAM_REAPER_INTERVAL_SECONDS": "0.2",
+            "SANDSTREAM_KEEPALIVE_SECONDS": "1",
+            "SANDSTREAM_TOOL_TIMEOUT_SECONDS": str(tool_timeout_seconds),
+            **model_env(fake_llm),
+        }
+        with stack_of_its_own(redis_url, db, env) as running:
+            yield running
+
+    @pytest.fixture(name="api")
+    def api(one_slot: Stack) -> Iterator[httpx.Client]:
+        with one_slot.client() as client:
+            yield client
+
+    return one_slot, api
 
 
 @pytest.fixture(scope="session")

@@ -95,6 +95,28 @@ def text_message(text: str) -> dict[str, Any]:
     return {"role": "user", "content": [{"type": "text", "text": text}]}
 
 
+# An agent whose bash calls each wait for a person's decision.
+ASK_BASH = {"permissions": {"bash": "ask"}}
+
+
+def send_until_waiting(client: httpx.Client, sid: str, text: str) -> dict[str, Any]:
+    """Send a message whose turn asks for approval; the 202 it answers with."""
+    reply = client.post(f"/sessions/{sid}/messages", json=text_message(text))
+    assert reply.status_code == 202, reply.text
+    body: dict[str, Any] = reply.json()
+    assert body["state"] == "awaiting_approval"
+    return body
+
+
+def decide(
+    client: httpx.Client, sid: str, call_id: str, decision: str, reason: str = ""
+) -> httpx.Response:
+    """Allow or deny one tool call of the session's waiting turn."""
+    return client.post(
+        f"/sessions/{sid}/approvals/{call_id}", json={"decision": decision, "reason": reason}
+    )
+
+
 class StreamReader:
     """Reads a session's SSE stream in a thread until `until` terminal events arrived."""
 

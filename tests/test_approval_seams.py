@@ -12,58 +12,39 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import redis
-from conftest import RedisServer, Stack, model_env, stack_of_its_own
+from conftest import RedisServer, Stack, model_env, one_slot_fixtures
 from fake_llm import FakeLLM, Reply, anthropic_stream
-from helpers import StreamReader, session_with, text_message, wait_state
+from helpers import (
+    ASK_BASH,
+    StreamReader,
+    decide,
+    send_until_waiting,
+    session_with,
+    text_message,
+    wait_state,
+)
+from redis.asyncio import Redis
 
 from shared import events as ev
 from shared import keys
-from shared.approvals import CallPlan, Resolution, SuspendedTurn
+from shared.approvals import ApprovalStore, CallPlan, Resolution, SuspendedTurn
 from shared.models import Message, PendingApproval, TextBlock, ToolUseBlock, new_id, now_rfc3339
 from shared.queue import TurnJob, connect, queued_job
 from shared.settings import Settings
+from shared.store import SessionStore
 from worker.runtime import WorkerRuntime
 
-ASK_BASH = {"permissions": {"bash": "ask"}}
-
-
-@pytest.fixture(scope="module")
-def one_slot(redis_url: str, fake_llm: FakeLLM) -> Iterator[Stack]:
-    """An API and one worker that runs one job at a time, on a database of their own."""
-    env = {
-        "SANDSTREAM_WORKER_MAX_JOBS": "1",
-        "SANDSTREAM_REAPER_INTERVAL_SECONDS": "0.2",
-        "SANDSTREAM_KEEPALIVE_SECONDS": "1",
-        "SANDSTREAM_TOOL_TIMEOUT_SECONDS": "8",
-        **model_env(fake_llm),
-    }
-    with stack_of_its_own(redis_url, 10, env) as running:
-        yield running
-
-
-@pytest.fixture
-def api(one_slot: Stack) -> Iterator[httpx.Client]:
-    with one_slot.client() as client:
-        yield client
+one_slot, api = one_slot_fixtures(db=10, tool_timeout_seconds=8)
 
 
 def waiting_calls(client: httpx.Client, sid: str, text: str) -> list[dict[str, Any]]:
-    reply = client.post(f"/sessions/{sid}/messages", json=text_message(text))
-    assert reply.status_code == 202, reply.text
-    assert reply.json()["state"] == "awaiting_approval"
-    calls: list[dict[str, Any]] = reply.json()["pending_approvals"]
+    calls: list[dict[str, Any]] = send_until_waiting(client, sid, text)["pending_approvals"]
     return calls
-
-
-def decide(client: httpx.Client, sid: str, call: str, decision: str) -> httpx.Response:
-    return client.post(f"/sessions/{sid}/approvals/{call}", json={"decision": decision})
 
 
 def gapless(events: list[dict[str, Any]]) -> None:
@@ -419,3 +400,105 @@ def test_an_interrupt_the_worker_missed_is_not_outlived_by_a_wait(
     kinds = [e["_event"] for e in log]
     assert "tool_approval_requested" not in kinds
     assert kinds[-2:] == ["tool_result", "session_completed"], kinds
+
+
+# ---- the decision and expiry scripts, attacked directly ---------------------------
+
+
+async def _a_waiting_turn(
+    url: str,
+) -> tuple[Redis, ApprovalStore, str, PendingApproval]:
+    """A session (tenant "t") on a fresh database whose turn waits for one bash
+    call, due in a minute; no worker runs."""
+    redis_client = await connect(url)
+    await redis_client.flushdb()
+    settings = Settings.from_env({})
+    store = SessionStore(redis_client)
+    approvals = ApprovalStore(redis_client, log_max_events=100, log_ttl_seconds=60)
+    sandbox = await store.create_sandbox("t", {})
+    sid = (await store.create_session("t", sandbox.id, {}, settings.default_agent())).id
+    turn = new_id()
+    user = Message(
+        id=new_id(),
+        session_id=sid,
+        role="user",
+        content=[TextBlock(text="go")],
+        timestamp=now_rfc3339(),
+        turn_id=turn,
+    )
+    assert (await store.claim_turn(sid, "t", turn, user)).status == "ok"
+    assert await store.start_turn(sid, turn, "w1")
+    call = ToolUseBlock(id="call_1", name="bash", input={"command": "true"})
+    pending = PendingApproval(
+        tool_use_id="call_1", name="bash", input={}, index=0, expires_at=now_rfc3339()
+    )
+    record = SuspendedTurn(
+        turn_id=turn,
+        message_id=new_id(),
+        iteration=0,
+        blocks=[call],
+        usage=ev.Usage(),
+        calls=[CallPlan(index=0, verdict="ask")],
+    )
+    assert await approvals.suspend(
+        sid=sid,
+        worker_id="w1",
+        record=record,
+        pending=[pending],
+        events=[],
+        deadline=time.time() + 60,
+    )
+    return redis_client, approvals, sid, pending
+
+
+def test_a_stale_overdue_listing_does_not_deny_a_wait_not_yet_due(redis_url: str) -> None:
+    """The reaper lists overdue waits, then reads and denies each; meanwhile a
+    person may decide and the turn wait again, due later. A listing made as if
+    two minutes late stands for that: the script reads the deadline itself and
+    denies nothing."""
+    url = redis_url.rsplit("/", 1)[0] + "/11"
+
+    async def scenario() -> None:
+        redis_client, approvals, sid, _ = await _a_waiting_turn(url)
+        try:
+            assert await approvals.expire_overdue(now=time.time() + 120) == 0
+            waiting = await approvals.waiting(sid)
+            assert waiting is not None
+            assert [p.tool_use_id for p in waiting.pending] == ["call_1"]
+            assert waiting.decided == {}
+            # Once really due, the same pass denies it and the turn goes on.
+            await redis_client.zadd(keys.APPROVAL_DEADLINES, {sid: 0})
+            assert await approvals.expire_overdue() == 1
+            assert await approvals.waiting(sid) is None
+        finally:
+            await redis_client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_another_tenants_decision_is_refused_by_the_script(redis_url: str) -> None:
+    """The API checks the session's tenant before deciding; the script checks
+    it again, so a decision that reached it for another tenant records nothing."""
+    url = redis_url.rsplit("/", 1)[0] + "/11"
+
+    async def scenario() -> None:
+        redis_client, approvals, sid, pending = await _a_waiting_turn(url)
+        try:
+            waiting = await approvals.waiting(sid)
+            assert waiting is not None
+            allow = Resolution(decision="allow", reason="", decided_by="k", decided_at="")
+            outcome, before = await approvals.resolve(
+                sid=sid, tenant="u", waiting=waiting, mode="decide", decisions=[(pending, allow)]
+            )
+            assert (outcome, before) == ("missing", None)
+            after = await approvals.waiting(sid)
+            assert after is not None and after.decided == {}
+            assert [p.tool_use_id for p in after.pending] == ["call_1"]
+            outcome, _ = await approvals.resolve(
+                sid=sid, tenant="t", waiting=waiting, mode="decide", decisions=[(pending, allow)]
+            )
+            assert outcome == "resumed"
+        finally:
+            await redis_client.aclose()
+
+    asyncio.run(scenario())

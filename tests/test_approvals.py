@@ -9,59 +9,30 @@ from __future__ import annotations
 import signal
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 import redis
-from conftest import ADMIN_KEY, BETA_KEY, Stack, model_env, stack_of_its_own
+from conftest import ADMIN_KEY, BETA_KEY, Stack, one_slot_fixtures
 from fake_llm import FakeLLM, Reply, anthropic_stream, openai_stream
-from helpers import StreamReader, session_with, text_message, wait_state
+from helpers import (
+    ASK_BASH,
+    StreamReader,
+    decide,
+    send_until_waiting,
+    session_with,
+    text_message,
+    wait_state,
+)
 
 from shared import keys
 from shared.models import CommandRules
 from shared.permissions import command_ruling, rule_for
 from shared.settings import Settings
 
-ASK_BASH = {"permissions": {"bash": "ask"}}
-
-
-@pytest.fixture(scope="module")
-def one_slot(redis_url: str, fake_llm: FakeLLM) -> Iterator[Stack]:
-    """An API and one worker that runs one job at a time, on a database of their own."""
-    env = {
-        "SANDSTREAM_WORKER_MAX_JOBS": "1",
-        "SANDSTREAM_REAPER_INTERVAL_SECONDS": "0.2",
-        "SANDSTREAM_KEEPALIVE_SECONDS": "1",
-        "SANDSTREAM_TOOL_TIMEOUT_SECONDS": "5",
-        **model_env(fake_llm),
-    }
-    with stack_of_its_own(redis_url, 9, env) as running:
-        yield running
-
-
-@pytest.fixture
-def api(one_slot: Stack) -> Iterator[httpx.Client]:
-    with one_slot.client() as client:
-        yield client
-
-
-def send_until_waiting(client: httpx.Client, sid: str, text: str) -> dict[str, Any]:
-    """Send a message whose turn asks for approval; the 202 it answers with."""
-    reply = client.post(f"/sessions/{sid}/messages", json=text_message(text))
-    assert reply.status_code == 202, reply.text
-    body: dict[str, Any] = reply.json()
-    assert body["state"] == "awaiting_approval"
-    return body
-
-
-def decide(
-    client: httpx.Client, sid: str, call_id: str, decision: str, reason: str = ""
-) -> httpx.Response:
-    return client.post(
-        f"/sessions/{sid}/approvals/{call_id}", json={"decision": decision, "reason": reason}
-    )
+one_slot, api = one_slot_fixtures(db=9, tool_timeout_seconds=5)
 
 
 # ---- the policy, without the service ----------------------------------------------
@@ -162,6 +133,8 @@ def test_ruling_on_a_hostile_command_line_takes_milliseconds() -> None:
         assert took < 1.0, (len(command), took)
         assert ruling.verdict in ("ask", "allow"), ruling
     assert command_ruling(rules, "a" * 1_000_000).rule == "bash: a command line too long to rule on"
+    chained = command_ruling(rules, "echo x;" * 9000)
+    assert chained.rule == "bash: a command line of too many commands to rule on"
 
 
 def test_permissions_pick_the_tool_entry_then_the_wildcard() -> None:

@@ -12,19 +12,13 @@ from typing import TYPE_CHECKING, Literal
 
 from shared import events as ev
 from shared.approvals import ApprovalStore, CallPlan, SuspendedTurn
-from shared.models import PendingApproval, ToolUseBlock, now_rfc3339
+from shared.models import PendingApproval, ToolUseBlock, now_rfc3339, rfc3339_of_ns
 from shared.turns import until_stored
 
 if TYPE_CHECKING:
     from worker.turn import TurnRunner
 
 logger = logging.getLogger("sandstream.turn")
-
-
-def _rfc3339(epoch: float) -> str:
-    whole = int(epoch)
-    moment = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return f"{moment}.{int((epoch - whole) * 1000):03d}Z"
 
 
 async def suspend_for_approval(
@@ -37,7 +31,7 @@ async def suspend_for_approval(
     if rest is None:
         return "suspended"  # not ours: nothing more to do
     deadline = time.time() + runner.agent.approval_timeout_seconds
-    expires_at = _rfc3339(deadline)
+    expires_at = rfc3339_of_ns(int(deadline * 1_000_000_000))
     pending = []
     for step in plan:
         block = runner.blocks[step.index]
