@@ -235,3 +235,24 @@ def test_a_subscription_lost_unconfirmed_with_the_connection_does_not_break_its_
             await hub.stop()
 
     asyncio.run(main())
+
+
+def test_a_deletion_never_announced_still_ends_the_stream(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """The session's keys go while the hub stays connected, with no message on
+    the deleted channel (its deleter's publish was lost): the stream ends with
+    `session_deleted` within a keepalive interval or two, not keepalives for ever."""
+    stack = make_stack(workers=0, keepalive_seconds="1")
+    url = stack.env["SANDSTREAM_REDIS_URL"]
+    with stack.client() as client:
+        sid = new_session(client)
+        stream = StreamReader(client, sid)
+        direct = redis.Redis.from_url(url)
+        try:
+            assert direct.delete(*keys.session_keys(sid))
+        finally:
+            direct.close()
+        events = stream.join(6)
+        assert events and events[-1]["_event"] == "session_deleted", events
+        assert events[-1]["session_id"] == sid
