@@ -14,6 +14,11 @@ The hub also routes what ends a wait: a turn's terminal event (on this
 process's reply channel, or on a session channel it is subscribed to), the
 deletion of a session (`keys.DELETED_CHANNEL`, heard by every API process) and
 this process's own shutdown all resolve the futures of `expect_reply`.
+
+Every keepalive interval the hub asks the store, in one round trip for all the
+sessions it has clients of, which of them are gone: a deletion whose message
+was never published (its deleter lost Redis in between) ends their streams and
+waits as a heard one does, without a read per stream.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
@@ -144,9 +150,25 @@ class EventHub:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self._tick_seconds)
+            for sid in await self._gone(list(self._queues)):
+                self._session_deleted(sid)
             for queues in list(self._queues.values()):
                 for queue in queues:
                     self._offer(queue, TICK)
+
+    async def _gone(self, sids: list[str]) -> list[str]:
+        """Those of the sessions no longer in the store, asked in one round trip."""
+        if not sids:
+            return []
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for sid in sids:
+                    pipe.exists(keys.session(sid))
+                found = await asyncio.wait_for(pipe.execute(), self._confirm_seconds)
+        except (RedisError, OSError, TimeoutError):
+            # The streams' own refills on this tick meet the same trouble and say so.
+            return []
+        return [sid for sid, exists in zip(sids, found, strict=True) if not exists]
 
     def drain(self) -> None:
         """The process is stopping: tell every client to go and reconnect elsewhere."""
@@ -389,6 +411,10 @@ class EventHub:
         except msgspec.DecodeError:
             logger.error("undecodable message on %r", self._deleted_channel)
             return
+        self._session_deleted(sid)
+
+    def _session_deleted(self, sid: str) -> None:
+        """The session is gone: its streams end, and so do the waits on its turns."""
         for queue in self._queues.get(sid, ()):
             self._offer(queue, DELETED)
         for waits in self._replies.values():

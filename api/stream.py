@@ -124,12 +124,15 @@ async def session_events(
                         continue
                     # A gap: what is missing (and this one) comes from the log.
                 elif item in (TICK, RESYNC):
-                    # Quiet for a while, or messages were missed (the hub lost its
-                    # connection): the session's deletion may be among them.
-                    if not await redis.exists(keys.session(sid)):
+                    # Messages were missed (the hub lost its connection): the
+                    # session's deletion may be among them. (On a tick the hub has
+                    # asked the store for all its sessions at once: a deleted one
+                    # is sent DELETED before TICK.)
+                    if item == RESYNC and not await redis.exists(keys.session(sid)):
                         yield notice_frame(SessionDeleted(session_id=sid, created_at=now_rfc3339()))
                         return
-                    # Refilled from the log, for what was missed (or a lost last message).
+                    # Quiet for a while, or messages were missed: refilled from the
+                    # log, for what was missed (or a lost last message).
                     async for frame in _refill(cursor, sid):
                         yield frame
                     if item == TICK:
