@@ -5,6 +5,7 @@ streams and waits learn from the store itself what pub/sub did not tell them."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 import time
@@ -256,3 +257,27 @@ def test_a_deletion_never_announced_still_ends_the_stream(
         events = stream.join(6)
         assert events and events[-1]["_event"] == "session_deleted", events
         assert events[-1]["session_id"] == sid
+
+
+def test_an_event_logged_but_never_heard_reaches_the_stream_at_a_keepalive(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """An event is in the session's log, but its message never reached the hub
+    (and the hub's connection never dropped, so no resync says so): the stream
+    sends it within a keepalive interval or two, and the keepalive after it
+    reports it as the latest."""
+    stack = make_stack(workers=0, keepalive_seconds="1")
+    url = stack.env["SANDSTREAM_REDIS_URL"]
+    with stack.client() as client:
+        sid = new_session(client)
+        stream = StreamReader(client, sid)
+        direct = redis.Redis.from_url(url)
+        try:
+            event = {"seq": 1, "type": "session_completed", "session_id": sid, "turn_id": "t"}
+            direct.xadd(keys.log(sid), {"t": event["type"], "d": json.dumps(event)}, id="1-0")
+            direct.set(keys.seq(sid), 1)
+        finally:
+            direct.close()
+        events = stream.join(6)
+        assert [(e["_event"], e["seq"]) for e in events] == [("session_completed", 1)], events
+        assert stream.ids == ["1"]
