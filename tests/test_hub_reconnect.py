@@ -19,7 +19,7 @@ from conftest import RedisServer, Stack
 from helpers import StreamReader, new_session
 from redis.exceptions import RedisError
 
-from api.hub import EventHub
+from api.hub import DELETED, EventHub, Tick
 from api.problems import store_unavailable
 from api.services import Services
 from api.turns import wait_for_end
@@ -281,3 +281,40 @@ def test_an_event_logged_but_never_heard_reaches_the_stream_at_a_keepalive(
         events = stream.join(6)
         assert [(e["_event"], e["seq"]) for e in events] == [("session_completed", 1)], events
         assert stream.ids == ["1"]
+
+
+def test_the_hubs_keepalive_tick_goes_on_while_redis_stalls(own_redis: RedisServer) -> None:
+    """The hub asks the store about its sessions at each tick. Redis stopped
+    (holding the connection, answering nothing): the tick still comes, within
+    the confirmation time, saying it does not know the latest seq (the stream
+    then reads the log itself and meets the trouble); once Redis answers again
+    the ticks carry the latest seq, and a session gone from the store is DELETED."""
+
+    async def main() -> None:
+        sid = str(uuid.uuid4())
+        store = await connect(own_redis.url)
+        await store.hset(keys.session(sid), "id", sid)
+        await store.set(keys.seq(sid), 7)
+        hub = EventHub(await connect(own_redis.url), tick_seconds=0.2, confirm_seconds=0.5)
+        await hub.start()
+        assert own_redis.proc is not None
+        try:
+            async with hub.subscribe(sid) as queue:
+                assert await asyncio.wait_for(queue.get(), 2) == Tick(7)
+                own_redis.proc.send_signal(signal.SIGSTOP)
+                try:
+                    assert await asyncio.wait_for(queue.get(), 2) == Tick(None)
+                finally:
+                    own_redis.proc.send_signal(signal.SIGCONT)
+                while (item := await asyncio.wait_for(queue.get(), 5)) == Tick(None):
+                    pass
+                assert item == Tick(7)
+                await store.delete(keys.session(sid))
+                while (item := await asyncio.wait_for(queue.get(), 5)) == Tick(7):
+                    pass
+                assert item == DELETED
+        finally:
+            await hub.stop()
+            await store.aclose()
+
+    asyncio.run(main())
