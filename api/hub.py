@@ -14,6 +14,12 @@ The hub also routes what ends a wait: a turn's terminal event (on this
 process's reply channel, or on a session channel it is subscribed to), the
 deletion of a session (`keys.DELETED_CHANNEL`, heard by every API process) and
 this process's own shutdown all resolve the futures of `expect_reply`.
+
+Every keepalive interval the hub asks the store, in one round trip for all the
+sessions it has clients of, which of them are gone and how far each one's log
+goes: a deletion whose message was never published (its deleter lost Redis in
+between) ends their streams and waits as a heard one does, and a stream reads
+the log only when the store is past what it has sent, not at every keepalive.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
@@ -56,12 +63,19 @@ def live_event(seq: int, event_type: str, data: bytes) -> LiveEvent:
 RESYNC: Final = b""
 # Put in every queue when the process starts shutting down.
 DRAIN: Final = b"\x00drain"
-# Put in every queue every keepalive interval, by one timer for the process
-# rather than a timer per stream per wait.
-TICK: Final = b"\x00tick"
+
+
+class Tick(msgspec.Struct, frozen=True):
+    """Put in every queue every keepalive interval, by one timer for the process
+    rather than a timer per stream per wait: the session's latest seq as the hub
+    just read it, or None when it could not."""
+
+    latest: int | None
+
+
 # Put in a session's queues when the session is deleted.
 DELETED: Final = b"\x00deleted"
-QueueItem = LiveEvent | bytes
+QueueItem = LiveEvent | Tick | bytes
 _DELETED_DECODER = msgspec.json.Decoder(SessionDeleted)
 
 
@@ -144,9 +158,33 @@ class EventHub:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self._tick_seconds)
-            for queues in list(self._queues.values()):
-                for queue in queues:
-                    self._offer(queue, TICK)
+            sids = list(self._queues)
+            for sid, latest in zip(sids, await self._latest(sids), strict=True):
+                if latest == -1:
+                    self._session_deleted(sid)
+                    continue
+                tick = Tick(latest)
+                for queue in self._queues.get(sid, ()):
+                    self._offer(queue, tick)
+
+    async def _latest(self, sids: list[str]) -> list[int | None]:
+        """Each session's latest seq, -1 for one no longer in the store; asked in
+        one round trip for all. None for all when the store did not answer: the
+        streams then read the log themselves, and meet the trouble and say so."""
+        if not sids:
+            return []
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for sid in sids:
+                    pipe.exists(keys.session(sid))
+                    pipe.get(keys.seq(sid))
+                found = await asyncio.wait_for(pipe.execute(), self._confirm_seconds)
+        except (RedisError, OSError, TimeoutError):
+            return [None] * len(sids)
+        return [
+            int(seq or 0) if exists else -1
+            for exists, seq in zip(found[::2], found[1::2], strict=True)
+        ]
 
     def drain(self) -> None:
         """The process is stopping: tell every client to go and reconnect elsewhere."""
@@ -389,6 +427,10 @@ class EventHub:
         except msgspec.DecodeError:
             logger.error("undecodable message on %r", self._deleted_channel)
             return
+        self._session_deleted(sid)
+
+    def _session_deleted(self, sid: str) -> None:
+        """The session is gone: its streams end, and so do the waits on its turns."""
         for queue in self._queues.get(sid, ()):
             self._offer(queue, DELETED)
         for waits in self._replies.values():

@@ -163,7 +163,7 @@ class SessionController(Controller):
         # A turn that waits, or whose continuation is queued, keeps its message so far.
         if not state.started and (
             await end_waiting_turn(svc, sid, state.sandbox_id, turn_id, awaiting=state.awaiting)
-            or await _end_unstarted(svc, sid, state.sandbox_id, turn_id)
+            or await svc.store.interrupt_unstarted(sid, state.sandbox_id, turn_id)
         ):
             return InterruptResult(
                 session_id=sid, interrupted=True, turn_id=turn_id, state="active"
@@ -196,11 +196,6 @@ async def _replay_send(
     if terminal is None:
         return _accepted(request, sid, turn_id, first.after)
     return _turn_outcome(terminal)
-
-
-async def _end_unstarted(svc: Services, sid: str, sandbox_id: str, turn_id: str) -> bool:
-    """Interrupt a turn no worker has started yet, right here."""
-    return await svc.store.interrupt_unstarted(sid, sandbox_id, turn_id)
 
 
 def _accepted(

@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from api.feed import Cursor
 from api.guard import principal_of, tenant_of
-from api.hub import DELETED, DRAIN, RESYNC, TICK, EventHub, LiveEvent, QueueItem
+from api.hub import DELETED, DRAIN, RESYNC, EventHub, LiveEvent, QueueItem, Tick
 from api.memory import trim_soon
 from api.metrics import SSE_CONNECTIONS
 from api.problems import Problem
@@ -123,25 +123,32 @@ async def session_events(
                     if item.seq <= cursor.last:
                         continue
                     # A gap: what is missing (and this one) comes from the log.
-                elif item in (TICK, RESYNC):
-                    # Quiet for a while, or messages were missed (the hub lost its
-                    # connection): the session's deletion may be among them.
+                elif isinstance(item, Tick):
+                    # Quiet for a while. The hub has asked the store for all its
+                    # sessions at once (a deleted one is sent DELETED instead):
+                    # the log is read only when it holds what this stream has not
+                    # sent (a lost message), or when the hub could not ask.
+                    if item.latest is None or item.latest > cursor.last:
+                        async for frame in _refill(cursor, sid):
+                            yield frame
+                    yield notice_frame(
+                        Keepalive(
+                            session_id=sid,
+                            sandbox_id=sandbox_id,
+                            latest_seq=max(item.latest or 0, cursor.latest, cursor.last),
+                            created_at=now_rfc3339(),
+                        )
+                    )
+                    continue
+                elif item == RESYNC:
+                    # Messages were missed (the hub lost its connection): the
+                    # session's deletion may be among them.
                     if not await redis.exists(keys.session(sid)):
                         yield notice_frame(SessionDeleted(session_id=sid, created_at=now_rfc3339()))
                         return
-                    # Refilled from the log, for what was missed (or a lost last message).
+                    # Refilled from the log, for what was missed.
                     async for frame in _refill(cursor, sid):
                         yield frame
-                    if item == TICK:
-                        yield notice_frame(
-                            Keepalive(
-                                session_id=sid,
-                                sandbox_id=sandbox_id,
-                                # as the refill just read it: no second read
-                                latest_seq=max(cursor.latest, cursor.last),
-                                created_at=now_rfc3339(),
-                            )
-                        )
                     continue
                 elif item == DRAIN:
                     yield _reconnect_frame(sid, "this API process is shutting down")

@@ -5,6 +5,7 @@ streams and waits learn from the store itself what pub/sub did not tell them."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 import time
@@ -18,7 +19,7 @@ from conftest import RedisServer, Stack
 from helpers import StreamReader, new_session
 from redis.exceptions import RedisError
 
-from api.hub import EventHub
+from api.hub import DELETED, EventHub, Tick
 from api.problems import store_unavailable
 from api.services import Services
 from api.turns import wait_for_end
@@ -233,5 +234,87 @@ def test_a_subscription_lost_unconfirmed_with_the_connection_does_not_break_its_
                     assert hub.client_count == 1
         finally:
             await hub.stop()
+
+    asyncio.run(main())
+
+
+def test_a_deletion_never_announced_still_ends_the_stream(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """The session's keys go while the hub stays connected, with no message on
+    the deleted channel (its deleter's publish was lost): the stream ends with
+    `session_deleted` within a keepalive interval or two, not keepalives for ever."""
+    stack = make_stack(workers=0, keepalive_seconds="1")
+    url = stack.env["SANDSTREAM_REDIS_URL"]
+    with stack.client() as client:
+        sid = new_session(client)
+        stream = StreamReader(client, sid)
+        direct = redis.Redis.from_url(url)
+        try:
+            assert direct.delete(*keys.session_keys(sid))
+        finally:
+            direct.close()
+        events = stream.join(6)
+        assert events and events[-1]["_event"] == "session_deleted", events
+        assert events[-1]["session_id"] == sid
+
+
+def test_an_event_logged_but_never_heard_reaches_the_stream_at_a_keepalive(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """An event is in the session's log, but its message never reached the hub
+    (and the hub's connection never dropped, so no resync says so): the stream
+    sends it within a keepalive interval or two, and the keepalive after it
+    reports it as the latest."""
+    stack = make_stack(workers=0, keepalive_seconds="1")
+    url = stack.env["SANDSTREAM_REDIS_URL"]
+    with stack.client() as client:
+        sid = new_session(client)
+        stream = StreamReader(client, sid)
+        direct = redis.Redis.from_url(url)
+        try:
+            event = {"seq": 1, "type": "session_completed", "session_id": sid, "turn_id": "t"}
+            direct.xadd(keys.log(sid), {"t": event["type"], "d": json.dumps(event)}, id="1-0")
+            direct.set(keys.seq(sid), 1)
+        finally:
+            direct.close()
+        events = stream.join(6)
+        assert [(e["_event"], e["seq"]) for e in events] == [("session_completed", 1)], events
+        assert stream.ids == ["1"]
+
+
+def test_the_hubs_keepalive_tick_goes_on_while_redis_stalls(own_redis: RedisServer) -> None:
+    """The hub asks the store about its sessions at each tick. Redis stopped
+    (holding the connection, answering nothing): the tick still comes, within
+    the confirmation time, saying it does not know the latest seq (the stream
+    then reads the log itself and meets the trouble); once Redis answers again
+    the ticks carry the latest seq, and a session gone from the store is DELETED."""
+
+    async def main() -> None:
+        sid = str(uuid.uuid4())
+        store = await connect(own_redis.url)
+        await store.hset(keys.session(sid), "id", sid)
+        await store.set(keys.seq(sid), 7)
+        hub = EventHub(await connect(own_redis.url), tick_seconds=0.2, confirm_seconds=0.5)
+        await hub.start()
+        assert own_redis.proc is not None
+        try:
+            async with hub.subscribe(sid) as queue:
+                assert await asyncio.wait_for(queue.get(), 2) == Tick(7)
+                own_redis.proc.send_signal(signal.SIGSTOP)
+                try:
+                    assert await asyncio.wait_for(queue.get(), 2) == Tick(None)
+                finally:
+                    own_redis.proc.send_signal(signal.SIGCONT)
+                while (item := await asyncio.wait_for(queue.get(), 5)) == Tick(None):
+                    pass
+                assert item == Tick(7)
+                await store.delete(keys.session(sid))
+                while (item := await asyncio.wait_for(queue.get(), 5)) == Tick(7):
+                    pass
+                assert item == DELETED
+        finally:
+            await hub.stop()
+            await store.aclose()
 
     asyncio.run(main())

@@ -60,17 +60,14 @@ class SandboxPool:
         """Keep the sandbox for the next user if its service is alive and idle
         (alive means its last conversation ended as the protocol says); else close it."""
         sandbox_id = sandbox.spec.sandbox_id
-        idle = self._idle.setdefault(sandbox_id, [])
         keep = self._idle_seconds > 0 and self._max_idle > 0
-        if sandbox.files.alive and len(idle) < self._idle_per_sandbox and keep:
+        if sandbox.files.alive and self.idle(sandbox_id) < self._idle_per_sandbox and keep:
             while self.idle_total() >= self._max_idle:
                 self._close_soon(self._take_oldest())
             self._idle.setdefault(sandbox_id, []).append((sandbox, time.monotonic()))
             if self._sweeper is None or self._sweeper.done():
                 self._sweeper = asyncio.create_task(self._sweep())
             return
-        if not idle:
-            del self._idle[sandbox_id]
         await sandbox.close()
 
     def idle_total(self) -> int:
