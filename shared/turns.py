@@ -235,7 +235,8 @@ def failed(
     )
 
 
-def _outside_ids(sid: str, sandbox_id: str, turn_id: str) -> TurnIds:
+def new_turn_ids(sid: str, sandbox_id: str, turn_id: str) -> TurnIds:
+    """The ids of a turn ended other than by its runner, with a new message id."""
     return TurnIds(session_id=sid, sandbox_id=sandbox_id, turn_id=turn_id, message_id=new_id())
 
 
@@ -457,7 +458,7 @@ class TurnLifecycle:
 
     async def interrupt_unstarted(self, sid: str, sandbox_id: str, turn_id: str) -> bool:
         """End a turn no worker has started yet as interrupted, with an empty reply."""
-        ids = _outside_ids(sid, sandbox_id, turn_id)
+        ids = new_turn_ids(sid, sandbox_id, turn_id)
         message = Message(
             id=ids.message_id,
             session_id=sid,
@@ -472,7 +473,7 @@ class TurnLifecycle:
     async def end_orphaned(self, sid: str, sandbox_id: str, turn_id: str, epoch: int) -> bool:
         """End a started turn whose lease stood still at `epoch`: its worker is gone."""
         terminal = failed(
-            _outside_ids(sid, sandbox_id, turn_id), "worker_lost", "worker_lost", LOST_TEXT
+            new_turn_ids(sid, sandbox_id, turn_id), "worker_lost", "worker_lost", LOST_TEXT
         )
         return bool(await self.finish_turn(sid, turn_id, "orphaned", None, terminal, epoch=epoch))
 
@@ -481,7 +482,7 @@ class TurnLifecycle:
     ) -> bool:
         """End a turn that never started: its worker died between taking the job
         and starting it, or no worker took it in time."""
-        ids = _outside_ids(sid, sandbox_id, turn_id)
+        ids = new_turn_ids(sid, sandbox_id, turn_id)
         if why == "lost":
             terminal = failed(ids, "worker_lost", "worker_lost", LOST_TEXT)
         else:
