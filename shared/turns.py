@@ -63,6 +63,12 @@ def store_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, RedisError) and "out of memory" in str(exc).lower()
 
 
+def worth_retrying(exc: BaseException) -> bool:
+    """Whether a failed call may be asked again: the store cannot take it now,
+    or the reply did not come in time."""
+    return store_unavailable(exc) or isinstance(exc, TimeoutError)
+
+
 async def until_stored(
     call: Callable[[], Awaitable[T]],
     *,
@@ -78,7 +84,7 @@ async def until_stored(
         try:
             return await call()
         except Exception as exc:
-            if not (store_unavailable(exc) or isinstance(exc, TimeoutError)) or give_up():
+            if not worth_retrying(exc) or give_up():
                 raise
             if pause == 0.05:
                 logger.warning("the store refused %s (%r); asking again", what, exc)

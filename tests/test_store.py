@@ -22,7 +22,7 @@ from shared.approvals import ApprovalStore, SuspendedTurn
 from shared.models import Message, PendingApproval, Sandbox, TextBlock, new_id, now_rfc3339
 from shared.settings import Settings
 from shared.store import SessionStore
-from shared.turns import FinishMode, TurnAppend, store_unavailable
+from shared.turns import FinishMode, TurnAppend, store_unavailable, worth_retrying
 from worker.event_writer import EventWriter
 
 T = TypeVar("T")
@@ -384,6 +384,9 @@ def test_a_stopped_writer_leaves_the_last_events_to_the_turns_end(redis_url: str
 )
 def test_store_errors_that_a_turn_waits_out(error: Exception, unavailable: bool) -> None:
     assert store_unavailable(error) is unavailable
+    # What a turn asks again: those, and a reply that did not come in time.
+    assert worth_retrying(error) is unavailable
+    assert worth_retrying(TimeoutError())
 
 
 def test_the_writer_sends_all_turns_events_in_one_call_and_refuses_a_stale_turn(

@@ -51,7 +51,7 @@ from shared.sandbox.pool import SandboxPool
 from shared.sandbox.workspace import prepare_workspace
 from shared.settings import Settings
 from shared.store import SessionStore
-from shared.turns import decode_control, failed, new_turn_ids, store_unavailable, until_stored
+from shared.turns import decode_control, failed, new_turn_ids, until_stored, worth_retrying
 from worker.event_writer import EventWriter
 from worker.pickup import FastPickupWorker
 from worker.providers import ProviderFactory
@@ -247,7 +247,7 @@ class WorkerRuntime:
                     args=[int(interval * 3) + 1, now, now - 3600, self.worker_id, *fields],
                 )
             except Exception as exc:
-                if store_unavailable(exc) or isinstance(exc, TimeoutError):
+                if worth_retrying(exc):
                     logger.warning("worker heartbeat failed: %r", exc)
                 else:
                     logger.exception("worker heartbeat failed")
@@ -267,7 +267,7 @@ class WorkerRuntime:
             except Exception as exc:
                 # What was seen before a pass that failed proves nothing after it.
                 self._seen.clear()
-                if store_unavailable(exc) or isinstance(exc, TimeoutError):
+                if worth_retrying(exc):
                     logger.warning("reaper pass failed: %r", exc)
                 else:
                     logger.exception("reaper pass failed")

@@ -45,8 +45,8 @@ from shared.turns import (
     TurnIds,
     completed,
     failed,
-    store_unavailable,
     until_stored,
+    worth_retrying,
 )
 from worker.approval_wait import suspend_for_approval
 from worker.changes import WorkspaceChanges
@@ -430,7 +430,7 @@ class TurnRunner:
                 logger=logger,
             )
         except Exception as exc:
-            if not (store_unavailable(exc) or isinstance(exc, TimeoutError)):
+            if not worth_retrying(exc):
                 raise
             logger.error(
                 "turn %s of session %s: its end could not be stored (%r)",
