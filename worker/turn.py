@@ -383,7 +383,7 @@ class TurnRunner:
 
     async def _complete(self, reason: CompletedReason) -> None:
         self._settle_blocks()
-        rest = await self._detached()
+        rest = await self.detach_writer()
         if rest is None:
             return
         message = self._message()
@@ -394,7 +394,7 @@ class TurnRunner:
 
     async def _fail(self, stop_reason: FailedReason, code: str, text: str) -> None:
         self._settle_blocks()
-        rest = await self._detached()
+        rest = await self.detach_writer()
         if rest is None:
             return
         message = self._message() if self.blocks else None
@@ -443,20 +443,15 @@ class TurnRunner:
         self._figures.duration_seconds = time.monotonic() - self._started
         return self._figures
 
-    async def _detached(self) -> list[ev.Event] | None:
+    async def detach_writer(self) -> list[ev.Event] | None:
         """Stop the writer; the events it has not sent yet, to go out with the
-        terminal event, or None when the turn is no longer ours."""
+        turn's end or its suspension, or None when the turn is no longer ours."""
         assert self._writer is not None
         try:
             return await self._writer.detach()
         except TurnSuperseded:
             logger.info("turn %s of session %s superseded", self.turn_id, self.session_id)
             return None
-
-    async def detach_writer(self) -> list[ev.Event] | None:
-        """The events not sent yet, to go out with the turn's suspension; None
-        when the turn is no longer ours."""
-        return await self._detached()
 
     def give_back(self, events: list[ev.Event]) -> None:
         """The turn did not suspend after all: its unsent events go out with its end."""
