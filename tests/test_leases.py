@@ -28,6 +28,7 @@ from redis.exceptions import OutOfMemoryError
 
 from shared import keys
 from shared.queue import deserialize_job_data, serialize_job_data
+from shared.settings import Settings
 
 # lease 1 s, grace 3 s: a worker fences after 4 s without a renewal, a reaper
 # ends a turn whose lease stood still for 4.33 s.
@@ -75,6 +76,12 @@ def _stop_for(pid: int, seconds: float) -> None:
         time.sleep(seconds)
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_a_reaper_ends_a_turn_a_third_of_a_lease_after_its_worker_fenced_it() -> None:
+    settings = Settings(lease_seconds=3, lease_grace_seconds=6)
+    assert settings.fence_after_seconds() == 9
+    assert settings.lost_after_seconds() == 10
 
 
 def test_a_redis_stall_longer_than_the_lease_ends_no_turn(

@@ -122,7 +122,7 @@ class WorkerRuntime:
         # it the turn may be someone else's: the start and the sandbox are asked
         # for again while the store cannot take them (a lost reply included: the
         # turn is then handed back) until then.
-        fence_at = leased_at + self.settings.lease_seconds + self.settings.lease_grace_seconds
+        fence_at = leased_at + self.settings.fence_after_seconds()
         started = await until_stored(
             lambda: self.store.start_turn(job.session_id, job.turn_id, self.worker_id),
             what=f"the start of turn {job.turn_id}",
@@ -272,11 +272,6 @@ class WorkerRuntime:
                 else:
                     logger.exception("reaper pass failed")
 
-    def lost_after(self) -> float:
-        """How long a started turn's lease must stand still before it is ended."""
-        lease = self.settings.lease_seconds
-        return lease + self.settings.lease_grace_seconds + lease / 3
-
     async def reap_once(self) -> int:
         """End turns whose worker is gone or that no worker picked up in time,
         and deny (as timed out) the tool calls whose approval is overdue."""
@@ -302,7 +297,7 @@ class WorkerRuntime:
                 if seen is None or (seen.turn_id, seen.job_id, seen.epoch) != lease:
                     self._seen[sid] = _Seen(*lease, seen_at)
                     continue
-                if seen_at - seen.since < self.lost_after():
+                if seen_at - seen.since < self.settings.lost_after_seconds():
                     continue
                 del self._seen[sid]
                 done = await self.store.end_orphaned(
@@ -334,7 +329,7 @@ class WorkerRuntime:
         if ttl_ms < 0:
             return False
         in_progress_ms = (self.settings.turn_timeout_seconds + JOB_TIMEOUT_EXTRA + 10) * 1000
-        return in_progress_ms - ttl_ms > self.lost_after() * 1000
+        return in_progress_ms - ttl_ms > self.settings.lost_after_seconds() * 1000
 
 
 async def run_turn(ctx: dict[str, Any], payload: Any) -> str:

@@ -410,7 +410,7 @@ class TurnRunner:
         settings = self.settings
         deadline = max(
             self._started + settings.turn_timeout_seconds,
-            time.monotonic() + settings.lease_seconds + settings.lease_grace_seconds,
+            time.monotonic() + settings.fence_after_seconds(),
         )
         figures = self._measured()
         try:
@@ -466,7 +466,7 @@ class TurnRunner:
         for longer than this process has (README: Reliability)."""
         settings = self.settings
         period = settings.lease_seconds / 3
-        fence_after = settings.lease_seconds + settings.lease_grace_seconds
+        fence_after = settings.fence_after_seconds()
         pause = period
         while True:
             deadline = renewed_at + fence_after
