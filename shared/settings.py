@@ -192,6 +192,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 "stream_token_seconds must be positive and at most stream_grant_seconds"
             )
 
+    def fence_after_seconds(self) -> float:
+        """How long a worker's turn goes on without a renewal of its lease getting
+        through before it stops itself and its tools (`worker.turn`)."""
+        return self.lease_seconds + self.lease_grace_seconds
+
+    def lost_after_seconds(self) -> float:
+        """How long a started turn's lease must stand still before a reaper ends
+        it: a third of a lease after its worker fenced it."""
+        return self.fence_after_seconds() + self.lease_seconds / 3
+
     def worker_socket_timeout(self) -> float:
         return min(self.redis_socket_timeout_seconds, self.lease_seconds / 3)
 

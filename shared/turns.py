@@ -63,6 +63,12 @@ def store_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, RedisError) and "out of memory" in str(exc).lower()
 
 
+def worth_retrying(exc: BaseException) -> bool:
+    """Whether a failed call may be asked again: the store cannot take it now,
+    or the reply did not come in time."""
+    return store_unavailable(exc) or isinstance(exc, TimeoutError)
+
+
 async def until_stored(
     call: Callable[[], Awaitable[T]],
     *,
@@ -78,7 +84,7 @@ async def until_stored(
         try:
             return await call()
         except Exception as exc:
-            if not (store_unavailable(exc) or isinstance(exc, TimeoutError)) or give_up():
+            if not worth_retrying(exc) or give_up():
                 raise
             if pause == 0.05:
                 logger.warning("the store refused %s (%r); asking again", what, exc)
@@ -235,7 +241,8 @@ def failed(
     )
 
 
-def _outside_ids(sid: str, sandbox_id: str, turn_id: str) -> TurnIds:
+def new_turn_ids(sid: str, sandbox_id: str, turn_id: str) -> TurnIds:
+    """The ids of a turn ended other than by its runner, with a new message id."""
     return TurnIds(session_id=sid, sandbox_id=sandbox_id, turn_id=turn_id, message_id=new_id())
 
 
@@ -457,7 +464,7 @@ class TurnLifecycle:
 
     async def interrupt_unstarted(self, sid: str, sandbox_id: str, turn_id: str) -> bool:
         """End a turn no worker has started yet as interrupted, with an empty reply."""
-        ids = _outside_ids(sid, sandbox_id, turn_id)
+        ids = new_turn_ids(sid, sandbox_id, turn_id)
         message = Message(
             id=ids.message_id,
             session_id=sid,
@@ -472,7 +479,7 @@ class TurnLifecycle:
     async def end_orphaned(self, sid: str, sandbox_id: str, turn_id: str, epoch: int) -> bool:
         """End a started turn whose lease stood still at `epoch`: its worker is gone."""
         terminal = failed(
-            _outside_ids(sid, sandbox_id, turn_id), "worker_lost", "worker_lost", LOST_TEXT
+            new_turn_ids(sid, sandbox_id, turn_id), "worker_lost", "worker_lost", LOST_TEXT
         )
         return bool(await self.finish_turn(sid, turn_id, "orphaned", None, terminal, epoch=epoch))
 
@@ -481,7 +488,7 @@ class TurnLifecycle:
     ) -> bool:
         """End a turn that never started: its worker died between taking the job
         and starting it, or no worker took it in time."""
-        ids = _outside_ids(sid, sandbox_id, turn_id)
+        ids = new_turn_ids(sid, sandbox_id, turn_id)
         if why == "lost":
             terminal = failed(ids, "worker_lost", "worker_lost", LOST_TEXT)
         else:

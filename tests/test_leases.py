@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,6 +28,7 @@ from redis.exceptions import OutOfMemoryError
 
 from shared import keys
 from shared.queue import deserialize_job_data, serialize_job_data
+from shared.settings import Settings
 
 # lease 1 s, grace 3 s: a worker fences after 4 s without a renewal, a reaper
 # ends a turn whose lease stood still for 4.33 s.
@@ -78,27 +78,28 @@ def _stop_for(pid: int, seconds: float) -> None:
         os.kill(pid, signal.SIGCONT)
 
 
+def test_a_reaper_ends_a_turn_a_third_of_a_lease_after_its_worker_fenced_it() -> None:
+    settings = Settings(lease_seconds=3, lease_grace_seconds=6)
+    assert settings.fence_after_seconds() == 9
+    assert settings.lost_after_seconds() == 10
+
+
 def test_a_redis_stall_longer_than_the_lease_ends_no_turn(
-    own_redis: RedisServer, tmp_path: Path
+    own_redis: RedisServer, make_stack: Callable[..., Stack]
 ) -> None:
-    stack = Stack(own_redis.url, tmp_path / "stack", RIDE_OUT)
-    try:
-        store = own_redis.client()
-        with stack.client() as client:
-            sid = new_session(client)
-            _send(client, sid, "sleep 2.5; echo survived")
-            _started_by(store, sid)
-            assert own_redis.proc is not None
-            stall = 2.0  # twice the lease; Redis's clock runs on meanwhile
-            _stop_for(own_redis.proc.pid, stall)
-            reply = _reply(client, sid)
-        print(
-            f"Redis stopped {stall:.1f} s with a 1 s lease: the turn ended {reply['stop_reason']}"
-        )
-        assert reply["stop_reason"] == "end_turn"
-        assert reply["content"][1]["content"] == "survived\n"
-    finally:
-        stack.stop()
+    stack = make_stack(redis_url_override=own_redis.url, env=RIDE_OUT)
+    store = own_redis.client()
+    with stack.client() as client:
+        sid = new_session(client)
+        _send(client, sid, "sleep 2.5; echo survived")
+        _started_by(store, sid)
+        assert own_redis.proc is not None
+        stall = 2.0  # twice the lease; Redis's clock runs on meanwhile
+        _stop_for(own_redis.proc.pid, stall)
+        reply = _reply(client, sid)
+    print(f"Redis stopped {stall:.1f} s with a 1 s lease: the turn ended {reply['stop_reason']}")
+    assert reply["stop_reason"] == "end_turn"
+    assert reply["content"][1]["content"] == "survived\n"
 
 
 def test_a_worker_paused_past_its_lease_resumes_its_turn(
@@ -235,34 +236,31 @@ def test_a_partitioned_worker_kills_its_tool_before_the_session_moves_on(
 
 
 def test_a_turn_that_ends_while_redis_is_full_is_stored_complete(
-    own_redis: RedisServer, tmp_path: Path
+    own_redis: RedisServer, make_stack: Callable[..., Stack]
 ) -> None:
-    stack = Stack(own_redis.url, tmp_path / "stack", RIDE_OUT)
-    try:
-        store = own_redis.client()
-        with stack.client() as client:
-            sid = new_session(client)
-            turn_id = _send(client, sid, "sleep 1; echo stored")
-            _started_by(store, sid)
-            store.config_set("maxmemory", 1)  # noeviction: every write that needs memory fails
-            full_at = time.monotonic()
-            with pytest.raises(redis.exceptions.OutOfMemoryError):
-                store.set("probe", "x")
-            time.sleep(2.5)  # the tool ends after 1 s: the turn's end meets a full store
-            assert store.hget(keys.session(sid), "state") == b"running"
-            store.config_set("maxmemory", 0)
-            full_for = time.monotonic() - full_at
-            reply = _reply(client, sid)
-        print(f"Redis full for {full_for:.1f} s: the turn was stored {reply['stop_reason']}")
-        assert reply["stop_reason"] == "end_turn"
-        assert reply["turn_id"] == turn_id
-        assert [b["type"] for b in reply["content"]] == ["tool_use", "tool_result", "text"]
-        assert reply["content"][1]["content"] == "stored\n"
-        worker_log = "".join(p.log.read_text() for p in stack.workers)
-        # The turn met the full store (its last events or its end were refused).
-        assert "the store refused" in worker_log
-    finally:
-        stack.stop()
+    stack = make_stack(redis_url_override=own_redis.url, env=RIDE_OUT)
+    store = own_redis.client()
+    with stack.client() as client:
+        sid = new_session(client)
+        turn_id = _send(client, sid, "sleep 1; echo stored")
+        _started_by(store, sid)
+        store.config_set("maxmemory", 1)  # noeviction: every write that needs memory fails
+        full_at = time.monotonic()
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            store.set("probe", "x")
+        time.sleep(2.5)  # the tool ends after 1 s: the turn's end meets a full store
+        assert store.hget(keys.session(sid), "state") == b"running"
+        store.config_set("maxmemory", 0)
+        full_for = time.monotonic() - full_at
+        reply = _reply(client, sid)
+    print(f"Redis full for {full_for:.1f} s: the turn was stored {reply['stop_reason']}")
+    assert reply["stop_reason"] == "end_turn"
+    assert reply["turn_id"] == turn_id
+    assert [b["type"] for b in reply["content"]] == ["tool_use", "tool_result", "text"]
+    assert reply["content"][1]["content"] == "stored\n"
+    worker_log = "".join(p.log.read_text() for p in stack.workers)
+    # The turn met the full store (its last events or its end were refused).
+    assert "the store refused" in worker_log
 
 
 def test_a_job_that_raised_a_store_error_gets_its_result_stored() -> None:
@@ -288,7 +286,7 @@ def test_a_job_that_raised_a_store_error_gets_its_result_stored() -> None:
 
 
 def test_a_turn_that_begins_to_wait_while_redis_is_full_waits_once_it_is_not(
-    own_redis: RedisServer, tmp_path: Path, fake_llm: FakeLLM
+    own_redis: RedisServer, make_stack: Callable[..., Stack], fake_llm: FakeLLM
 ) -> None:
     """The model asks for a call that needs approval while Redis is full: the
     suspension is asked again until Redis takes it, and the turn then waits for
@@ -303,30 +301,27 @@ def test_a_turn_that_begins_to_wait_while_redis_is_full_waits_once_it_is_not(
         "SANDSTREAM_PROVIDER": "anthropic",
         "SANDSTREAM_MODEL": model,
     }
-    stack = Stack(own_redis.url, tmp_path / "stack", env)
+    stack = make_stack(redis_url_override=own_redis.url, env=env)
     call = ("tool", "toolu_full", "bash", {"command": "echo approved"})
     # The call's last event is appended 0.8 s before the response ends.
     fake_llm.script(model, Reply(chunks=anthropic_stream(call, stop="tool_use"), delay=0.4))
-    try:
-        store = own_redis.client()
-        with stack.client() as client:
-            sandbox = client.post("/sandboxes", json={}).json()["id"]
-            agent = {"provider": "anthropic", "model": model, "permissions": {"bash": "ask"}}
-            created = client.post(f"/sandboxes/{sandbox}/sessions", json={"agent": agent})
-            assert created.status_code == 201, created.text
-            sid = created.json()["id"]
-            _send(client, sid, "echo approved")
-            _wait_for_event(store, sid, "tool_use_complete")
-            store.config_set("maxmemory", 1)  # noeviction: every write that needs memory fails
-            full_at = time.monotonic()
-            time.sleep(2.0)  # the response ends, and the turn would wait, meanwhile
-            state = store.hget(keys.session(sid), "state")
-            store.config_set("maxmemory", 0)
-            print(f"Redis full for {time.monotonic() - full_at:.1f} s as the turn began to wait")
-            assert state == b"running"
-            session = wait_state(client, sid, "awaiting_approval", 10)
-            assert [p["tool_use_id"] for p in session["pending_approvals"]] == ["toolu_full"]
-            worker_log = "".join(p.log.read_text() for p in stack.workers)
-            assert "the store refused the suspension" in worker_log
-    finally:
-        stack.stop()
+    store = own_redis.client()
+    with stack.client() as client:
+        sandbox = client.post("/sandboxes", json={}).json()["id"]
+        agent = {"provider": "anthropic", "model": model, "permissions": {"bash": "ask"}}
+        created = client.post(f"/sandboxes/{sandbox}/sessions", json={"agent": agent})
+        assert created.status_code == 201, created.text
+        sid = created.json()["id"]
+        _send(client, sid, "echo approved")
+        _wait_for_event(store, sid, "tool_use_complete")
+        store.config_set("maxmemory", 1)  # noeviction: every write that needs memory fails
+        full_at = time.monotonic()
+        time.sleep(2.0)  # the response ends, and the turn would wait, meanwhile
+        state = store.hget(keys.session(sid), "state")
+        store.config_set("maxmemory", 0)
+        print(f"Redis full for {time.monotonic() - full_at:.1f} s as the turn began to wait")
+        assert state == b"running"
+        session = wait_state(client, sid, "awaiting_approval", 10)
+        assert [p["tool_use_id"] for p in session["pending_approvals"]] == ["toolu_full"]
+        worker_log = "".join(p.log.read_text() for p in stack.workers)
+        assert "the store refused the suspension" in worker_log

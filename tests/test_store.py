@@ -22,8 +22,8 @@ from shared.approvals import ApprovalStore, SuspendedTurn
 from shared.models import Message, PendingApproval, Sandbox, TextBlock, new_id, now_rfc3339
 from shared.settings import Settings
 from shared.store import SessionStore
-from shared.turns import FinishMode, TurnAppend, store_unavailable
-from worker.event_writer import EventWriter
+from shared.turns import FinishMode, TurnAppend, store_unavailable, worth_retrying
+from worker.event_writer import EventWriter, TurnSuperseded
 
 T = TypeVar("T")
 DEFAULT_AGENT = Settings().default_agent()
@@ -384,6 +384,9 @@ def test_a_stopped_writer_leaves_the_last_events_to_the_turns_end(redis_url: str
 )
 def test_store_errors_that_a_turn_waits_out(error: Exception, unavailable: bool) -> None:
     assert store_unavailable(error) is unavailable
+    # What a turn asks again: those, and a reply that did not come in time.
+    assert worth_retrying(error) is unavailable
+    assert worth_retrying(TimeoutError())
 
 
 def test_the_writer_sends_all_turns_events_in_one_call_and_refuses_a_stale_turn(
@@ -423,6 +426,51 @@ def test_the_writer_sends_all_turns_events_in_one_call_and_refuses_a_stale_turn(
             else:
                 assert [e.seq for e in logged] == [1, 2]
                 assert [ev.decode_head(e.data).seq for e in logged] == [1, 2]
+
+    run(redis_url, scenario)
+
+
+def test_a_writer_asking_an_away_store_again_stops_once_its_turns_are_abandoned(
+    redis_url: str,
+) -> None:
+    """The store refuses every append: the writer asks again for as long as one of
+    the call's turns is still this worker's. Once the turn is abandoned (its lease
+    lost) it stops, the turn learns it was superseded, and the writer goes on
+    with the next turn's events."""
+
+    async def scenario(store: SessionStore) -> None:
+        sandbox, sid, turn = await _claimed(store)
+        _, other_sid, other_turn = await _claimed(store)
+        append_batch = store.append_batch
+        refused: list[int] = []
+
+        async def away(turns: list[TurnAppend]) -> list[int]:
+            if any(t.turn_id == turn for t in turns):
+                refused.append(len(turns))
+                raise RedisConnectionError("Connection refused")
+            return await append_batch(turns)
+
+        store.append_batch = away  # type: ignore[method-assign]
+        events = EventWriter(store)
+        part = events.open(sid, turn, lambda: None)
+        part.put(_delta(sid, sandbox.id, turn, "lost"))
+        while len(refused) < 3:
+            await asyncio.sleep(0.01)
+        assert events.sending
+        part.abandon()
+        async with asyncio.timeout(3):  # the backoff's longest pause is 1 s
+            await events.call_done()
+        asked = len(refused)
+        with pytest.raises(TurnSuperseded):
+            await part.detach()
+        other = events.open(other_sid, other_turn, lambda: None)
+        other.put(_delta(other_sid, sandbox.id, other_turn, "kept"))
+        async with asyncio.timeout(3):
+            await events.flushed()
+        await events.close()
+        assert len(refused) == asked  # not asked again after the call gave up
+        assert await eventlog.read_after(store.redis, sid, 0) == []
+        assert [e.seq for e in await eventlog.read_after(store.redis, other_sid, 0)] == [1]
 
     run(redis_url, scenario)
 

@@ -10,8 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from conftest import Stack
 from helpers import StreamReader, new_session, run_raw_job, text_message, wait_state
+
+from shared import keys
 
 
 def _api(stack: Stack) -> httpx.Client:
@@ -135,3 +138,17 @@ def test_jobs_left_waiting_for_a_slot_start_when_one_frees(
         for sid in sessions:
             wait_state(client, sid, "active")
         assert time.monotonic() - started < 4
+
+
+def test_a_turn_whose_sandbox_is_gone_fails_with_sandbox_unavailable(
+    stack: Stack, client: httpx.Client
+) -> None:
+    """The worker cannot give the turn a sandbox: the turn fails, and says why."""
+    sandbox = client.post("/sandboxes", json={}).json()["id"]
+    sid = client.post(f"/sandboxes/{sandbox}/sessions", json={}).json()["id"]
+    redis.Redis.from_url(stack.env["SANDSTREAM_REDIS_URL"]).delete(keys.sandbox(sandbox))
+    reply = client.post(f"/sessions/{sid}/messages", params={"wait": "20"}, json=text_message("hi"))
+    assert reply.status_code == 502, reply.text
+    assert reply.json()["error"]["code"] == "sandbox_unavailable"
+    session = wait_state(client, sid, "active")
+    assert session["messages"][-1]["role"] == "user"

@@ -66,7 +66,6 @@ class TurnEvents:
         "_stopped",
         "_writer",
         "appended",
-        "first",
         "in_flight",
         "pending",
         "sending",
@@ -88,7 +87,6 @@ class TurnEvents:
         self._on_superseded = on_superseded
         self.pending: list[Event] = []
         self.in_flight = False
-        self.first = True  # no append of this turn sent yet
         self.appended = 0  # the turn's events in the log so far
         self.sending = 0  # events of the turn in the call in flight
         self._abandoned = False
@@ -178,7 +176,6 @@ class TurnEvents:
 
     def sent(self, first_seq: int) -> None:
         self.in_flight = False
-        self.first = False
         if first_seq == 0:
             self.failed(TurnSuperseded())
         elif first_seq < 0:
@@ -282,9 +279,14 @@ class EventWriter:
             for turn in self._ready:
                 turn.taken_at = started
                 turns.append(turn)
+                # A turn's first append (none of its events in yet) sets the log's expiry.
                 batch.append(
                     TurnAppend(
-                        turn.session_id, turn.turn_id, turn.pending, turn.first, turn.appended
+                        turn.session_id,
+                        turn.turn_id,
+                        turn.pending,
+                        turn.appended == 0,
+                        turn.appended,
                     )
                 )
                 turn.sending = len(turn.pending)

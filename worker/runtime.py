@@ -32,11 +32,10 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.worker import func
 
-from shared import events as ev
 from shared import keys, scripts
 from shared.approvals import ApprovalStore
 from shared.logs import bound
-from shared.models import is_uuid, new_id, now_rfc3339
+from shared.models import is_uuid, now_rfc3339
 from shared.queue import (
     TURN_FUNCTION,
     TurnJob,
@@ -52,7 +51,7 @@ from shared.sandbox.pool import SandboxPool
 from shared.sandbox.workspace import prepare_workspace
 from shared.settings import Settings
 from shared.store import SessionStore
-from shared.turns import TurnIds, decode_control, failed, store_unavailable, until_stored
+from shared.turns import decode_control, failed, new_turn_ids, until_stored, worth_retrying
 from worker.event_writer import EventWriter
 from worker.pickup import FastPickupWorker
 from worker.providers import ProviderFactory
@@ -119,13 +118,15 @@ class WorkerRuntime:
         (finished, reaped or interrupted already: a redelivered job does nothing).
         `accepted_at`: when the API queued it (epoch seconds), for the metrics."""
         leased_at = time.monotonic()
-        # Asked again while the store cannot take it (a lost reply included: the
-        # turn is then handed back), for as long as no reaper could end it.
-        give_up_at = leased_at + self.settings.lease_seconds + self.settings.lease_grace_seconds
+        # Past the fence deadline no reaper could have ended the turn yet; after
+        # it the turn may be someone else's: the start and the sandbox are asked
+        # for again while the store cannot take them (a lost reply included: the
+        # turn is then handed back) until then.
+        fence_at = leased_at + self.settings.fence_after_seconds()
         started = await until_stored(
             lambda: self.store.start_turn(job.session_id, job.turn_id, self.worker_id),
             what=f"the start of turn {job.turn_id}",
-            give_up=lambda: time.monotonic() > give_up_at,
+            give_up=lambda: time.monotonic() > fence_at,
             logger=logger,
         )
         if started is None:
@@ -142,8 +143,6 @@ class WorkerRuntime:
             await self.approvals.forget(job.session_id)
         try:
             provider = await self.providers.get(agent)
-            # Past the fence deadline the turn may be someone else's: give up.
-            fence_at = leased_at + self.settings.lease_seconds + self.settings.lease_grace_seconds
             spec = await until_stored(
                 lambda: self._sandbox(started.sandbox_id),
                 what=f"the sandbox of turn {job.turn_id}",
@@ -151,18 +150,13 @@ class WorkerRuntime:
                 logger=logger,
             )
         except (ProviderError, SandboxRefused) as exc:
-            error = (
-                ev.ErrorInfo(code=exc.code, message=exc.message)
+            code, text = (
+                (exc.code, exc.message)
                 if isinstance(exc, ProviderError)
-                else ev.ErrorInfo(code="sandbox_unavailable", message=str(exc))
+                else ("sandbox_unavailable", str(exc))
             )
-            ids = TurnIds(
-                session_id=job.session_id,
-                sandbox_id=started.sandbox_id,
-                turn_id=job.turn_id,
-                message_id=new_id(),
-            )
-            terminal = failed(ids, "error", error.code, error.message)
+            ids = new_turn_ids(job.session_id, started.sandbox_id, job.turn_id)
+            terminal = failed(ids, "error", code, text)
             await self.store.finish_turn(
                 job.session_id, job.turn_id, "worker", None, terminal, worker_id=self.worker_id
             )
@@ -253,7 +247,7 @@ class WorkerRuntime:
                     args=[int(interval * 3) + 1, now, now - 3600, self.worker_id, *fields],
                 )
             except Exception as exc:
-                if store_unavailable(exc) or isinstance(exc, TimeoutError):
+                if worth_retrying(exc):
                     logger.warning("worker heartbeat failed: %r", exc)
                 else:
                     logger.exception("worker heartbeat failed")
@@ -273,15 +267,10 @@ class WorkerRuntime:
             except Exception as exc:
                 # What was seen before a pass that failed proves nothing after it.
                 self._seen.clear()
-                if store_unavailable(exc) or isinstance(exc, TimeoutError):
+                if worth_retrying(exc):
                     logger.warning("reaper pass failed: %r", exc)
                 else:
                     logger.exception("reaper pass failed")
-
-    def lost_after(self) -> float:
-        """How long a started turn's lease must stand still before it is ended."""
-        lease = self.settings.lease_seconds
-        return lease + self.settings.lease_grace_seconds + lease / 3
 
     async def reap_once(self) -> int:
         """End turns whose worker is gone or that no worker picked up in time,
@@ -308,7 +297,7 @@ class WorkerRuntime:
                 if seen is None or (seen.turn_id, seen.job_id, seen.epoch) != lease:
                     self._seen[sid] = _Seen(*lease, seen_at)
                     continue
-                if seen_at - seen.since < self.lost_after():
+                if seen_at - seen.since < self.settings.lost_after_seconds():
                     continue
                 del self._seen[sid]
                 done = await self.store.end_orphaned(
@@ -340,7 +329,7 @@ class WorkerRuntime:
         if ttl_ms < 0:
             return False
         in_progress_ms = (self.settings.turn_timeout_seconds + JOB_TIMEOUT_EXTRA + 10) * 1000
-        return in_progress_ms - ttl_ms > self.lost_after() * 1000
+        return in_progress_ms - ttl_ms > self.settings.lost_after_seconds() * 1000
 
 
 async def run_turn(ctx: dict[str, Any], payload: Any) -> str:

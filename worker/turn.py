@@ -45,8 +45,8 @@ from shared.turns import (
     TurnIds,
     completed,
     failed,
-    store_unavailable,
     until_stored,
+    worth_retrying,
 )
 from worker.approval_wait import suspend_for_approval
 from worker.changes import WorkspaceChanges
@@ -383,7 +383,7 @@ class TurnRunner:
 
     async def _complete(self, reason: CompletedReason) -> None:
         self._settle_blocks()
-        rest = await self._detached()
+        rest = await self.detach_writer()
         if rest is None:
             return
         message = self._message()
@@ -394,7 +394,7 @@ class TurnRunner:
 
     async def _fail(self, stop_reason: FailedReason, code: str, text: str) -> None:
         self._settle_blocks()
-        rest = await self._detached()
+        rest = await self.detach_writer()
         if rest is None:
             return
         message = self._message() if self.blocks else None
@@ -410,7 +410,7 @@ class TurnRunner:
         settings = self.settings
         deadline = max(
             self._started + settings.turn_timeout_seconds,
-            time.monotonic() + settings.lease_seconds + settings.lease_grace_seconds,
+            time.monotonic() + settings.fence_after_seconds(),
         )
         figures = self._measured()
         try:
@@ -430,7 +430,7 @@ class TurnRunner:
                 logger=logger,
             )
         except Exception as exc:
-            if not (store_unavailable(exc) or isinstance(exc, TimeoutError)):
+            if not worth_retrying(exc):
                 raise
             logger.error(
                 "turn %s of session %s: its end could not be stored (%r)",
@@ -443,20 +443,15 @@ class TurnRunner:
         self._figures.duration_seconds = time.monotonic() - self._started
         return self._figures
 
-    async def _detached(self) -> list[ev.Event] | None:
+    async def detach_writer(self) -> list[ev.Event] | None:
         """Stop the writer; the events it has not sent yet, to go out with the
-        terminal event, or None when the turn is no longer ours."""
+        turn's end or its suspension, or None when the turn is no longer ours."""
         assert self._writer is not None
         try:
             return await self._writer.detach()
         except TurnSuperseded:
             logger.info("turn %s of session %s superseded", self.turn_id, self.session_id)
             return None
-
-    async def detach_writer(self) -> list[ev.Event] | None:
-        """The events not sent yet, to go out with the turn's suspension; None
-        when the turn is no longer ours."""
-        return await self._detached()
 
     def give_back(self, events: list[ev.Event]) -> None:
         """The turn did not suspend after all: its unsent events go out with its end."""
@@ -471,7 +466,7 @@ class TurnRunner:
         for longer than this process has (README: Reliability)."""
         settings = self.settings
         period = settings.lease_seconds / 3
-        fence_after = settings.lease_seconds + settings.lease_grace_seconds
+        fence_after = settings.fence_after_seconds()
         pause = period
         while True:
             deadline = renewed_at + fence_after
