@@ -9,9 +9,9 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
+
+from shared.turns import store_unavailable
 
 logger = logging.getLogger("sandstream.api")
 
@@ -112,26 +112,6 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
 
 # How soon a client should retry when the store cannot serve it, in seconds.
 STORE_RETRY_AFTER_SECONDS = 2
-# What a Redis that is fine but cannot serve now answers: out of memory, a
-# replica (after a failover), loading its data (`BusyLoadingError`, a connection
-# error), busy with a script, without a primary. redis-py has classes for some;
-# the others arrive as a `ResponseError` that starts with the reply's code.
-_UNAVAILABLE_CLASSES = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    ConnectionRefusedError,
-    OutOfMemoryError,
-    ReadOnlyError,
-)
-_UNAVAILABLE_CODES = ("BUSY ", "MASTERDOWN ", "TRYAGAIN ", "NOREPLICAS ")
-
-
-def store_unavailable(exc: BaseException) -> bool:
-    """Whether a Redis error says the store cannot serve now (retry later), as
-    opposed to a command it rejects (a bug)."""
-    if isinstance(exc, _UNAVAILABLE_CLASSES):
-        return True
-    return isinstance(exc, ResponseError) and str(exc).startswith(_UNAVAILABLE_CODES)
 
 
 def handle_redis_down(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:

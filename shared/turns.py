@@ -46,7 +46,19 @@ CompletedReason = Literal["end_turn", "interrupted", "max_iterations"]
 # How long a bucket of turn outcomes (`/api/v1/ops/queues`) is kept.
 _OUTCOME_TTL_SECONDS = 2 * 3600
 # Replies of a store that is there but cannot take this write now.
-_UNAVAILABLE_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+# What a Redis that is fine but cannot serve now answers: out of memory, a
+# replica (after a failover), loading its data (`BusyLoadingError`, a connection
+# error), busy with a script, without a primary or enough replicas. redis-py has
+# classes for some; the others arrive as a `ResponseError` that starts with the
+# reply's code.
+_UNAVAILABLE_CLASSES = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionRefusedError,
+    OutOfMemoryError,
+    ReadOnlyError,
+)
+_UNAVAILABLE_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
 
 _message_decoder = msgspec.json.Decoder(Message)
 _agent_decoder = msgspec.json.Decoder(AgentConfig)
@@ -54,9 +66,9 @@ _agent_decoder = msgspec.json.Decoder(AgentConfig)
 
 def store_unavailable(exc: BaseException) -> bool:
     """Whether a Redis error says the store cannot take a call now (down, slow,
-    full, read-only, loading, busy) rather than that the call was wrong: what
-    the turn waits out and retries."""
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError | OutOfMemoryError | ReadOnlyError):
+    full, read-only, loading, busy) rather than that the call was wrong: what a
+    turn waits out and retries, and what the API answers with 503."""
+    if isinstance(exc, _UNAVAILABLE_CLASSES):
         return True
     if isinstance(exc, ResponseError):
         return str(exc).startswith(_UNAVAILABLE_REPLIES)

@@ -378,6 +378,8 @@ def test_a_stopped_writer_leaves_the_last_events_to_the_turns_end(redis_url: str
         (ResponseError("BUSY Redis is busy running a script."), True),
         (RedisConnectionError("Connection refused"), True),
         (RedisTimeoutError("Timeout reading from 127.0.0.1:6379"), True),
+        (ResponseError("NOREPLICAS Not enough good replicas to write."), True),
+        (ConnectionRefusedError(111, "Connection refused"), True),
         (ResponseError("ERR Error running script: attempt to index a nil value"), False),
         (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
     ],

@@ -76,6 +76,9 @@ def _parsed(reply: str) -> Exception:
         "LOADING Redis is loading the dataset in memory",
         "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSCRIPT.",
         "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+        "NOREPLICAS Not enough good replicas to write.",
+        "TRYAGAIN Multiple keys request during rehashing of slot",
+        "CLUSTERDOWN The cluster is down",
     ],
 )
 def test_the_replies_of_a_store_that_cannot_serve_now_are_unavailable(reply: str) -> None:
