@@ -29,6 +29,7 @@ from shared import events as ev
 from shared import keys
 from shared.models import ContentBlock, PendingApproval, Verdict, new_id, now_rfc3339
 from shared.queue import TURN_FUNCTION, TurnJob, serialize_job_data
+from shared.scripts import APPEND_ALL
 
 DecidedBy = str
 TIMEOUT_REASON = "timed out"
@@ -93,26 +94,6 @@ def denial_text(resolution: Resolution) -> str:
 
 # ---- scripts --------------------------------------------------------------
 
-# Appends events (a list of {type, json without seq}) as APPEND_EVENTS does,
-# and publishes them as one message; `seq` is the last seq after it.
-_APPEND = """
-local function append_all(list, seq_key, log_key, maxlen, ttl_ms, channel)
-  if #list == 0 then return nil end
-  local n = #list
-  local seq = redis.call('INCRBY', seq_key, n) - n
-  local published = {}
-  for _, item in ipairs(list) do
-    seq = seq + 1
-    local data = '{"seq":' .. seq .. ',' .. string.sub(item[2], 2)
-    redis.call('XADD', log_key, 'MAXLEN', '~', maxlen, seq .. '-0', 't', item[1], 'd', data)
-    published[#published + 1] = data
-  end
-  redis.call('PEXPIRE', log_key, ttl_ms)
-  redis.call('PUBLISH', channel, table.concat(published, '\\n'))
-  return published[#published]
-end
-"""
-
 # KEYS: session, seq, log, suspended, approvals, running index, deadlines, appended.
 # ARGV[1]: msgpack of SuspendArgs.
 # -> 1 suspended (by this call, or by the same call sent before whose reply was
@@ -122,7 +103,7 @@ end
 # worker are one step; the blocking send that waits for it (reply_to) hears of
 # the last event, and answers that the turn waits.
 SUSPEND = (
-    _APPEND
+    APPEND_ALL
     + """
 local a = cmsgpack.unpack(ARGV[1])
 if redis.call('HGET', KEYS[1], 'state') ~= 'running'
@@ -162,7 +143,7 @@ return 1
 # mode "decide": one call, by a person. mode "expire": every call still pending,
 # denied because its deadline passed.
 RESOLVE = (
-    _APPEND
+    APPEND_ALL
     + """
 local a = cmsgpack.unpack(ARGV[1])
 if a.tenant ~= '' and redis.call('HGET', KEYS[1], 'tenant') ~= a.tenant then

@@ -185,6 +185,29 @@ if #written > 0 then call('MSET', unpack(written)) end
 return firsts
 """
 
+# A Lua function for the scripts that append one session's events in one step
+# (a turn's end, its suspension for approval, a decision): it appends `list`
+# (each {type, JSON without seq}) with the next seqs, renews the log's expiry,
+# and publishes them as one message.
+# -> the last event's JSON and its seq (nil when `list` is empty)
+APPEND_ALL = """
+local function append_all(list, seq_key, log_key, maxlen, ttl_ms, channel)
+  if #list == 0 then return nil end
+  local n = #list
+  local seq = redis.call('INCRBY', seq_key, n) - n
+  local published = {}
+  for _, item in ipairs(list) do
+    seq = seq + 1
+    local data = '{"seq":' .. seq .. ',' .. string.sub(item[2], 2)
+    redis.call('XADD', log_key, 'MAXLEN', '~', maxlen, seq .. '-0', 't', item[1], 'd', data)
+    published[#published + 1] = data
+  end
+  redis.call('PEXPIRE', log_key, ttl_ms)
+  redis.call('PUBLISH', channel, table.concat(published, '\\n'))
+  return published[#published], seq
+end
+"""
+
 # KEYS: session, messages, seq, log, running index, recent durations, appended,
 #       then the counter hashes the turn adds to.
 # ARGV: one JSON document, `shared.turns.FinishArgs` (named members, no slots to count).
@@ -197,7 +220,9 @@ return firsts
 # The terminal event also goes to the reply channel the claim named, if any.
 # The turn's last events, its end and what ops and metrics count of it are one
 # step and one round trip.
-FINISH_TURN = """
+FINISH_TURN = (
+    APPEND_ALL
+    + """
 local a = cjson.decode(ARGV[1])
 local found = redis.call('HMGET', KEYS[1], 'state', 'turn_id', 'started', 'lease_epoch',
                          'reply_to')
@@ -214,20 +239,10 @@ redis.call('HDEL', KEYS[1], 'turn_id', 'started', 'interrupt', 'claimed_ms', 're
            'lease_epoch')
 redis.call('DEL', KEYS[7])  -- the turn's appended mark: no append of it is current now
 if a.message ~= '' then redis.call('RPUSH', KEYS[2], a.message) end
-local n = #a.events
-local seq = redis.call('INCRBY', KEYS[3], n + 1) - n - 1
-local published = {}
-local function append(event_type, json)
-  seq = seq + 1
-  local data = '{"seq":' .. seq .. ',' .. string.sub(json, 2)
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', a.maxlen, seq .. '-0', 't', event_type, 'd', data)
-  published[#published + 1] = data
-end
-for _, event in ipairs(a.events) do append(event[1], event[2]) end
-append(a.terminal_type, a.terminal)
-redis.call('PEXPIRE', KEYS[4], a.log_ttl_ms)
-redis.call('PUBLISH', a.channel, table.concat(published, '\\n'))
-if reply_to then redis.call('PUBLISH', reply_to, published[#published]) end
+local events = a.events
+events[#events + 1] = {a.terminal_type, a.terminal}
+local last, seq = append_all(events, KEYS[3], KEYS[4], a.maxlen, a.log_ttl_ms, a.channel)
+if reply_to then redis.call('PUBLISH', reply_to, last) end
 redis.call('SREM', KEYS[5], a.session_id)
 if a.duration_ms >= 0 then
   redis.call('LPUSH', KEYS[6], a.duration_ms)
@@ -240,6 +255,7 @@ for _, counter in ipairs(a.counters) do
 end
 return seq
 """
+)
 
 # KEYS: session. ARGV: turn_id. -> 1 flagged | 0 not the running turn
 FLAG_INTERRUPT = """
