@@ -85,8 +85,8 @@ async def session_events(
 ) -> AsyncIterator[bytes]:
     """The stream's body: the events after `after`, from the log and then live,
     with the stream's own notices in between (`api.feed` says how)."""
-    # `api.feed`'s loop, inlined: this is the one generator a live event passes
-    # through per stream (each layer costs every event on every stream).
+    # The one generator a live event passes through per stream (each layer
+    # costs every event on every stream); `api.feed`'s Cursor refills it.
     SSE_CONNECTIONS.inc()
     try:
         async with hub.subscribe(sid) as queue:

@@ -33,6 +33,7 @@ from api.services import Services
 from shared import eventlog, keys
 from shared.events import (
     APPROVAL_REQUESTED,
+    APPROVAL_RESOLVED,
     TERMINAL_TYPES,
     TerminalView,
     decode_head,
@@ -43,7 +44,6 @@ from shared.queue import TurnJob, queued_job
 
 logger = logging.getLogger("sandstream.api")
 
-APPROVAL_RESOLVED = "tool_approval_resolved"
 # What a wait gives for a turn that began to wait for approval of tool calls
 # (`shared.approvals`): the send answers 202 with the calls to decide.
 AWAITING = TerminalView(seq=0, type=APPROVAL_REQUESTED, turn_id="", stop_reason="end_turn")

@@ -17,6 +17,7 @@ TERMINAL_TYPES = frozenset({"session_completed", "session_failed"})
 # What ends a wait on a turn (a blocking send, an interrupt): its end, or its
 # beginning to wait for approval of tool calls (the send then answers 202).
 APPROVAL_REQUESTED = "tool_approval_requested"
+APPROVAL_RESOLVED = "tool_approval_resolved"
 WAIT_ENDS = TERMINAL_TYPES | {APPROVAL_REQUESTED}
 
 
