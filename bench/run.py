@@ -36,6 +36,7 @@ from bench.http_load import Connection, prepare
 from bench.replay import bench_replay
 from bench.sse_clients import bare_sse_server, open_streams
 from shared import keys
+from shared.approvals import ApprovalStore
 from shared.models import new_id
 from shared.queue import connect, deserialize_job_data
 from shared.sandbox.confinement import Confinement, SandboxSpec
@@ -162,6 +163,11 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
         unconfined = Confinement(kind="none", settings=settings)
         session = await store.create_session("bench", sandbox.id, {}, settings.default_agent())
         writer = EventWriter(store)
+        approvals = ApprovalStore(
+            client,
+            log_max_events=settings.log_max_events,
+            log_ttl_seconds=settings.log_ttl_seconds,
+        )
         samples = []
         for i in range(turns + 10):
             started = time.perf_counter()
@@ -173,6 +179,7 @@ def measure_floor(redis_url: str, turns: int) -> list[float]:
             assert taken is not None
             runner = TurnRunner(
                 store=store,
+                approvals=approvals,
                 writer=writer,
                 settings=settings,
                 provider=DemoProvider(),

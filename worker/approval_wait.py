@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Literal
 
 from shared import events as ev
-from shared.approvals import ApprovalStore, CallPlan, SuspendedTurn
+from shared.approvals import CallPlan, SuspendedTurn
 from shared.models import PendingApproval, ToolUseBlock, now_rfc3339, rfc3339_of_ns
 from shared.turns import until_stored
 
@@ -68,12 +68,7 @@ async def suspend_for_approval(
         usage=runner.usage,
         calls=plan,
     )
-    store = runner.store
-    approvals = ApprovalStore(
-        store.redis,
-        log_max_events=store.log_max_events,
-        log_ttl_seconds=store.log_ttl_ms / 1000,
-    )
+    approvals = runner.approvals
     # Asked again while the store cannot take it and the lease holds, as the
     # turn's end is. One whose reply was lost and that is asked again finds the
     # turn suspended already (no longer this worker's): nothing is written twice.

@@ -164,6 +164,7 @@ class WorkerRuntime:
         sandbox = self.pool.take(spec)
         runner = TurnRunner(
             store=self.store,
+            approvals=self.approvals,
             writer=self.events,
             settings=self.settings,
             provider=provider,

@@ -23,7 +23,7 @@ import time
 from typing import Literal
 
 from shared import events as ev
-from shared.approvals import CallPlan, Resolution, SuspendedTurn, denial_text
+from shared.approvals import ApprovalStore, CallPlan, Resolution, SuspendedTurn, denial_text
 from shared.metrics import TurnFigures
 from shared.models import (
     AgentConfig,
@@ -73,6 +73,7 @@ class TurnRunner:
         self,
         *,
         store: SessionStore,
+        approvals: ApprovalStore,
         writer: EventWriter,
         settings: Settings,
         provider: Provider,
@@ -87,6 +88,7 @@ class TurnRunner:
         resumed: tuple[SuspendedTurn, dict[str, Resolution]] | None = None,
     ) -> None:
         self.store = store
+        self.approvals = approvals
         self.writer = writer
         self.settings = settings
         self.provider = provider
