@@ -30,10 +30,11 @@ from helpers import (
 )
 from redis.asyncio import Redis
 
+from bench.harness import user_message
 from shared import events as ev
 from shared import keys
 from shared.approvals import ApprovalStore, CallPlan, Resolution, SuspendedTurn
-from shared.models import Message, PendingApproval, TextBlock, ToolUseBlock, new_id, now_rfc3339
+from shared.models import PendingApproval, ToolUseBlock, new_id, now_rfc3339
 from shared.queue import TurnJob, connect, queued_job
 from shared.settings import Settings
 from shared.store import SessionStore
@@ -318,14 +319,7 @@ def test_a_continuation_lease_is_measured_from_its_own_start(redis_url: str) -> 
             sandbox = await store.create_sandbox("t", {})
             sid = (await store.create_session("t", sandbox.id, {}, settings.default_agent())).id
             turn = new_id()
-            user = Message(
-                id=new_id(),
-                session_id=sid,
-                role="user",
-                content=[TextBlock(text="go")],
-                timestamp=now_rfc3339(),
-                turn_id=turn,
-            )
+            user = user_message(sid, turn, "go")
             job = queued_job(TurnJob(session_id=sid, turn_id=turn))
             assert (await store.claim_turn(sid, "t", turn, user, job)).status == "ok"
             assert await store.start_turn(sid, turn, "w1")
@@ -418,14 +412,7 @@ async def _a_waiting_turn(
     sandbox = await store.create_sandbox("t", {})
     sid = (await store.create_session("t", sandbox.id, {}, settings.default_agent())).id
     turn = new_id()
-    user = Message(
-        id=new_id(),
-        session_id=sid,
-        role="user",
-        content=[TextBlock(text="go")],
-        timestamp=now_rfc3339(),
-        turn_id=turn,
-    )
+    user = user_message(sid, turn, "go")
     assert (await store.claim_turn(sid, "t", turn, user)).status == "ok"
     assert await store.start_turn(sid, turn, "w1")
     call = ToolUseBlock(id="call_1", name="bash", input={"command": "true"})

@@ -16,10 +16,11 @@ from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from bench.harness import user_message
 from shared import eventlog, keys, metrics
 from shared import events as ev
 from shared.approvals import ApprovalStore, SuspendedTurn
-from shared.models import Message, PendingApproval, Sandbox, TextBlock, new_id, now_rfc3339
+from shared.models import Message, PendingApproval, Sandbox, new_id, now_rfc3339
 from shared.settings import Settings
 from shared.store import SessionStore
 from shared.turns import FinishMode, TurnAppend, store_unavailable, worth_retrying
@@ -50,14 +51,7 @@ def run(redis_url: str, scenario: Callable[[SessionStore], Awaitable[T]]) -> T:
 
 
 def _user(sid: str, turn_id: str) -> Message:
-    return Message(
-        id=new_id(),
-        session_id=sid,
-        role="user",
-        content=[TextBlock(text="hi")],
-        timestamp=now_rfc3339(),
-        turn_id=turn_id,
-    )
+    return user_message(sid, turn_id, "hi")
 
 
 def _delta(sid: str, sandbox_id: str, turn_id: str, text: str, index: int = 0) -> ev.TextDelta:
