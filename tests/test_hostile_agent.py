@@ -209,13 +209,22 @@ def test_symlink_swaps_never_carry_a_file_tool_outside_the_workspace(
     ]
     try:
         results = scripted_turn(alpha, fake_llm, sid, model, calls)
-        reads = results[:100]
+        reads, writes = results[:100], results[100:200]
         # On a loaded machine the swapper may not run while a whole batch of
-        # reads does: more batches, until both sides of the swap were met.
+        # reads (or writes) does: more batches, until both sides of the swap
+        # were met by the reads and some write landed on the real directory.
         for _ in range(4):
             if {r["is_error"] for r in reads} == {True, False}:
                 break
             reads += scripted_turn(alpha, fake_llm, sid, model, [calls[0]])
+        for batch in range(1, 5):
+            if not all(r["is_error"] for r in writes):
+                break
+            more = [
+                ("write_file", {"path": f"race/w/pwned-{batch * 100 + i}", "content": "pwned"})
+                for i in range(100)
+            ]
+            writes += scripted_turn(alpha, fake_llm, sid, model, [more])
     finally:
         (workspace / "race" / "stop").touch()
         swapper.join(60)
@@ -223,7 +232,7 @@ def test_symlink_swaps_never_carry_a_file_tool_outside_the_workspace(
     text = json.dumps(results + reads)
     for secret in SECRETS:
         assert secret not in text
-    _, writes, edits, lists = (results[i * 100 : (i + 1) * 100] for i in range(4))
+    edits, lists = results[200:300], results[300:400]
     read_ok = [r for r in reads if not r["is_error"]]
     assert all(r["content"] == "SAFE\n" for r in read_ok)
     refused = [r for r in reads if r["is_error"]]
