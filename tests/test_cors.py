@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -60,7 +61,14 @@ def test_a_preflight_is_answered_before_authentication(cors: Stack, path: str) -
 
 def test_preflights_are_never_rate_limited(cors: Stack) -> None:
     headers = {"Authorization": f"Bearer {ALPHA_KEY}", "Origin": APP}
-    statuses = [httpx.get(cors.base_url + "/api/v1/sandboxes", headers=headers) for _ in range(4)]
+    for _ in range(3):  # a try that straddles a minute boundary sees two windows
+        minute = int(time.time() // 60)
+        statuses = [
+            httpx.get(cors.base_url + "/api/v1/sandboxes", headers=headers) for _ in range(4)
+        ]
+        if int(time.time() // 60) == minute:
+            break
+        time.sleep(1)
     assert statuses[-1].status_code == 429  # the key's budget is spent
     # The page can read why and when to retry.
     assert statuses[-1].headers["access-control-allow-origin"] == APP
