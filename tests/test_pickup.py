@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
+import redis
 from arq.worker import func
+from conftest import Stack
+from helpers import new_session, text_message, wait_until
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
-from shared.queue import connect
+from shared.queue import connect, deserialize_job_data, serialize_job_data
 from worker.pickup import FastPickupWorker
 
 
@@ -47,3 +51,72 @@ def test_a_pickup_the_store_fails_gives_its_slot_back(redis_url: str) -> None:
             await pool.aclose()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("keep_result", [0, 60])
+def test_a_finished_job_leaves_nothing_of_arqs_behind(redis_url: str, keep_result: int) -> None:
+    """A job that ran leaves no job record, retry count, in-progress mark or queue
+    entry: with no result kept (every turn's), in one script call; with a result
+    kept, arq's own way, which stores it."""
+
+    async def scenario() -> None:
+        pool = await connect(redis_url)
+        queue = f"{keys.QUEUE}:finish-test-{keep_result}"
+        worker = FastPickupWorker(
+            functions=[func(_job, name="job")],
+            redis_pool=pool,
+            queue_name=queue,
+            job_serializer=serialize_job_data,
+            job_deserializer=deserialize_job_data,
+            keep_result=keep_result,
+            poll_delay=0.05,
+            on_control=lambda data: None,
+            handle_signals=False,
+        )
+        running = asyncio.create_task(worker.main())
+        try:
+            before = await pool.info("commandstats")
+            job = await pool.enqueue_job("job", _queue_name=queue)
+            assert job is not None
+            for _ in range(200):
+                if worker.jobs_complete == 1 and not worker.tasks:
+                    break
+                await asyncio.sleep(0.05)
+            assert worker.jobs_complete == 1
+            left = sorted(k.decode() for k in await pool.keys(f"arq:*{job.job_id}*"))
+            assert await pool.zcard(queue) == 0
+            after = await pool.info("commandstats")
+            calls = {
+                name: after[name]["calls"] - before.get(name, {"calls": 0})["calls"]
+                for name in after
+            }
+            if keep_result:
+                assert left == [f"arq:result:{job.job_id}"]
+                assert (await job.result(timeout=1)) == "ran"
+            else:
+                assert left == []
+                # The MULTIs are arq's enqueue and its read of the job, none the
+                # finish's; it removes the queue entry, not one from the abort set.
+                assert calls.get("cmdstat_multi") == 2, calls
+                assert calls.get("cmdstat_zrem") == 1, calls
+                assert "cmdstat_set" not in calls or calls["cmdstat_set"] == 0, calls
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+            await pool.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_turn_leaves_no_job_record_or_result(stack: Stack) -> None:
+    """Through the service: once a turn's job is finished, arq keeps nothing of it
+    (its outcome is in the session)."""
+    store = redis.Redis.from_url(stack.env["SANDSTREAM_REDIS_URL"])
+    with stack.client() as client:
+        sid = new_session(client)
+        reply = client.post(f"/sessions/{sid}/messages", json=text_message("hello"))
+        assert reply.status_code == 200, reply.text
+        turn_id = reply.json()["turn_id"]
+    wait_until(lambda: not store.exists(f"arq:job:{turn_id}"), 10, "the job to finish")
+    assert store.keys(f"arq:*{turn_id}*") == []
