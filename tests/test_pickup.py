@@ -54,10 +54,9 @@ def test_a_pickup_the_store_fails_gives_its_slot_back(redis_url: str) -> None:
 
 
 @pytest.mark.parametrize("keep_result", [0, 60])
-def test_a_finished_job_leaves_nothing_of_arqs_behind(redis_url: str, keep_result: int) -> None:
+def test_a_finished_job_leaves_only_its_result_behind(redis_url: str, keep_result: int) -> None:
     """A job that ran leaves no job record, retry count, in-progress mark or queue
-    entry: with no result kept (every turn's), in one script call; with a result
-    kept, arq's own way, which stores it."""
+    entry, only its result if it is kept, and all in one script call."""
 
     async def scenario() -> None:
         pool = await connect(redis_url)
@@ -93,13 +92,13 @@ def test_a_finished_job_leaves_nothing_of_arqs_behind(redis_url: str, keep_resul
             if keep_result:
                 assert left == [f"arq:result:{job.job_id}"]
                 assert (await job.result(timeout=1)) == "ran"
+                assert 0 < await pool.pttl(f"arq:result:{job.job_id}") <= keep_result * 1000
             else:
                 assert left == []
-                # The MULTIs are arq's enqueue and its read of the job, none the
-                # finish's; it removes the queue entry, not one from the abort set.
-                assert calls.get("cmdstat_multi") == 2, calls
-                assert calls.get("cmdstat_zrem") == 1, calls
-                assert "cmdstat_set" not in calls or calls["cmdstat_set"] == 0, calls
+            # The MULTIs are arq's enqueue and its read of the job, none the
+            # finish's; it removes the queue entry, not one from the abort set.
+            assert calls.get("cmdstat_multi") == 2, calls
+            assert calls.get("cmdstat_zrem") == 1, calls
         finally:
             running.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -109,9 +108,9 @@ def test_a_finished_job_leaves_nothing_of_arqs_behind(redis_url: str, keep_resul
     asyncio.run(scenario())
 
 
-def test_a_turn_leaves_no_job_record_or_result(stack: Stack) -> None:
-    """Through the service: once a turn's job is finished, arq keeps nothing of it
-    (its outcome is in the session)."""
+def test_a_turn_leaves_only_its_jobs_result(stack: Stack) -> None:
+    """Through the service: once a turn's job is finished, arq keeps only its
+    result, for a minute."""
     store = redis.Redis.from_url(stack.env["SANDSTREAM_REDIS_URL"])
     with stack.client() as client:
         sid = new_session(client)
@@ -119,4 +118,5 @@ def test_a_turn_leaves_no_job_record_or_result(stack: Stack) -> None:
         assert reply.status_code == 200, reply.text
         turn_id = reply.json()["turn_id"]
     wait_until(lambda: not store.exists(f"arq:job:{turn_id}"), 10, "the job to finish")
-    assert store.keys(f"arq:*{turn_id}*") == []
+    assert store.keys(f"arq:*{turn_id}*") == [f"arq:result:{turn_id}".encode()]
+    assert 0 < store.pttl(f"arq:result:{turn_id}") <= 60_000

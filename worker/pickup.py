@@ -21,7 +21,12 @@ from collections.abc import Callable
 from typing import Any
 
 from arq.connections import log_redis_info
-from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.constants import (
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
 from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.commands.core import AsyncScript
@@ -45,14 +50,16 @@ return score
 """
 
 
-# A finished job forgotten: what arq's `finish_job` does with MULTI, DEL, two
-# ZREMs and EXEC (six commands a turn) for a job whose result is not kept, in
-# one call. arq's abort set is left alone: this worker never aborts jobs
-# (`allow_abort_jobs` is off) and nothing adds to it.
-# KEYS: in-progress key, retry key, job key, queue. ARGV: job id.
+# A finished job forgotten, its result kept if it has one: what arq's
+# `finish_job` does with MULTI, SET, two ZREMs, DEL and EXEC (six commands a
+# turn), in one call. arq's abort set is left alone: this worker never aborts
+# jobs (`allow_abort_jobs` is off) and nothing adds to it.
+# KEYS: in-progress key, retry key, job key, queue, result key.
+# ARGV: job id[, result, result expiry ms].
 _FORGET_JOB = """
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[1])
+if ARGV[2] then redis.call('SET', KEYS[5], ARGV[2], 'PX', ARGV[3]) end
 """
 
 
@@ -124,9 +131,8 @@ class FastPickupWorker(Worker):
         incr_score: int | None,
         keep_in_progress: float | None,
     ) -> None:
-        """arq's `finish_job`, in one Lua call for a finished job with no result to
-        keep (every turn's: the turn's outcome is in its session)."""
-        if not finish or result_data is not None or keep_in_progress is not None:
+        """arq's `finish_job`, in one Lua call for a finished job."""
+        if not finish or keep_in_progress is not None or (result_data and keep_result_forever):
             await super().finish_job(
                 job_id,
                 finish,
@@ -139,14 +145,18 @@ class FastPickupWorker(Worker):
             return
         if self._forget_job is None:
             self._forget_job = self.pool.register_script(_FORGET_JOB)
+        args: list[str | bytes | int] = [job_id]
+        if result_data:
+            args += [result_data, int((result_timeout_s or 0) * 1000)]
         await self._forget_job(
             keys=[
                 in_progress_key_prefix + job_id,
                 retry_key_prefix + job_id,
                 job_key_prefix + job_id,
                 self.queue_name,
+                result_key_prefix + job_id,
             ],
-            args=[job_id],
+            args=args,
         )
 
     def _job_done(self, job_id: str, task: asyncio.Task[None]) -> None:

@@ -402,8 +402,7 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
         job_serializer=serialize_job_data,
         job_deserializer=deserialize_job_data,
         max_jobs=settings.worker_max_jobs,
-        # The turn's outcome is in its session; arq's copy of it is never read.
-        keep_result=0,
+        keep_result=60,
         poll_delay=settings.worker_fallback_poll_seconds if settings.worker_fast_pickup else 0.5,
         on_startup=on_startup,
         on_shutdown=on_shutdown,
