@@ -22,11 +22,17 @@ CLAIM_TURN = """
 local session = redis.call('HMGET', KEYS[1], 'tenant', 'state', 'turn_id')
 if session[1] ~= ARGV[5] then return {'missing'} end
 if session[2] == 'running' then return {'running', session[3]} end
-redis.call('HSET', KEYS[1], 'state', 'running', 'turn_id', ARGV[1], 'updated_at', ARGV[3],
-           'claimed_ms', ARGV[4])
-redis.call('HDEL', KEYS[1], 'started', 'interrupt', 'reply_to', 'lease_epoch')
+local fields = {'state', 'running', 'turn_id', ARGV[1], 'updated_at', ARGV[3], 'claimed_ms', ARGV[4]}
+local stale = {'started', 'interrupt', 'lease_epoch'}
+if ARGV[11] and ARGV[11] ~= '' then
+  fields[#fields + 1] = 'reply_to'
+  fields[#fields + 1] = ARGV[11]
+else
+  stale[#stale + 1] = 'reply_to'
+end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('HDEL', KEYS[1], unpack(stale))
 redis.call('RPUSH', KEYS[2], ARGV[2])
-if ARGV[11] and ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'reply_to', ARGV[11]) end
 if KEYS[4] then
   redis.call('PSETEX', KEYS[4], ARGV[8], ARGV[6])
   redis.call('ZADD', KEYS[5], ARGV[7], ARGV[1])

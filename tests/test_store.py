@@ -21,6 +21,7 @@ from shared import eventlog, keys, metrics
 from shared import events as ev
 from shared.approvals import ApprovalStore, SuspendedTurn
 from shared.models import Message, PendingApproval, Sandbox, new_id, now_rfc3339
+from shared.queue import TurnJob, queued_job
 from shared.settings import Settings
 from shared.store import SessionStore
 from shared.turns import FinishMode, TurnAppend, store_unavailable, worth_retrying
@@ -636,3 +637,34 @@ def test_a_suspension_sent_again_after_a_lost_reply_writes_once(redis_url: str) 
         assert not await suspend("w2", msgspec.structs.replace(record, message_id=new_id()))
 
     run(redis_url, scenario)
+
+
+def test_a_claim_names_its_reply_channel_in_the_same_write_and_drops_a_stale_one(
+    redis_url: str,
+) -> None:
+    """A blocking send's claim stores its reply channel with the turn's fields (one
+    HSET); a later claim without one leaves no earlier turn's channel behind."""
+    own_db = redis_url.rsplit("/", 1)[0] + "/13"  # its queued jobs reach no worker
+
+    async def scenario(store: SessionStore) -> None:
+        await store.redis.flushdb()
+        sandbox = await store.create_sandbox("t", {})
+        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
+        first = new_id()
+        before = await store.redis.info("commandstats")
+        job = queued_job(TurnJob(session_id=sid, turn_id=first))
+        claimed = await store.claim_turn(
+            sid, "t", first, _user(sid, first), job, "ss:api:x:replies"
+        )
+        assert claimed.status == "ok"
+        after = await store.redis.info("commandstats")
+        assert after["cmdstat_hset"]["calls"] - before["cmdstat_hset"]["calls"] == 1
+        assert await store.redis.hget(keys.session(sid), "reply_to") == b"ss:api:x:replies"
+        assert await store.interrupt_unstarted(sid, sandbox.id, first)
+        second = new_id()
+        job = queued_job(TurnJob(session_id=sid, turn_id=second))
+        assert (await store.claim_turn(sid, "t", second, _user(sid, second), job)).status == "ok"
+        assert await store.redis.hget(keys.session(sid), "reply_to") is None
+        assert await store.redis.hget(keys.session(sid), "turn_id") == second.encode()
+
+    run(own_db, scenario)
