@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,9 +27,12 @@ from fake_llm import FakeLLM, Reply, anthropic_stream
 from helpers import free_port, new_session, text_message, wait_state
 from redis.exceptions import OutOfMemoryError
 
+from bench.harness import user_message
 from shared import keys
-from shared.queue import deserialize_job_data, serialize_job_data
+from shared.models import new_id
+from shared.queue import TurnJob, connect, deserialize_job_data, queued_job, serialize_job_data
 from shared.settings import Settings
+from worker.runtime import WorkerRuntime
 
 # lease 1 s, grace 3 s: a worker fences after 4 s without a renewal, a reaper
 # ends a turn whose lease stood still for 4.33 s.
@@ -261,6 +265,84 @@ def test_a_turn_that_ends_while_redis_is_full_is_stored_complete(
     worker_log = "".join(p.log.read_text() for p in stack.workers)
     # The turn met the full store (its last events or its end were refused).
     assert "the store refused" in worker_log
+
+
+def test_a_turn_that_cannot_begin_while_redis_is_full_fails_with_its_cause(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """The turn's workspace cannot be prepared, and Redis is full as the worker
+    ends the turn for that: the end is asked again until Redis takes it, and the
+    session fails at once with `sandbox_unavailable` (before: the refused end
+    escaped the job, and the session stayed running until a reaper ended it as
+    `worker_lost`, some 50 s later with the default lease)."""
+    root = tmp_path / "sandboxes"
+
+    async def oom_refusals(client: redis.asyncio.Redis) -> int:
+        count: int = (await client.info("errorstats")).get("errorstat_OOM", {}).get("count", 0)
+        return count
+
+    async def scenario() -> None:
+        redis_client = await connect(own_redis.url)
+        settings = Settings.from_env(
+            {"SANDSTREAM_SANDBOX_ROOT": str(root), "SANDSTREAM_PROVIDER": "demo"}
+        )
+        runtime = WorkerRuntime(redis_client, settings)
+        store = runtime.store
+        # Between the turn's start and its end the worker only reads from Redis,
+        # within a millisecond: to fill Redis in between, the worker's two
+        # workspace threads are kept busy (as a slow disk would), so the started
+        # turn waits for one to prepare its workspace; the test frees them once
+        # Redis is full. Nothing of the worker's own code is replaced.
+        gate = threading.Event()
+        loop = asyncio.get_running_loop()
+        busy = [loop.run_in_executor(runtime._disk, gate.wait, 30) for _ in range(2)]
+        running: asyncio.Task[bool] | None = None
+        try:
+            sandbox = await store.create_sandbox("t", {})
+            sid = (await store.create_session("t", sandbox.id, {}, settings.default_agent())).id
+            turn = new_id()
+            job = TurnJob(session_id=sid, turn_id=turn)
+            user = user_message(sid, turn, "go")
+            assert (await store.claim_turn(sid, "t", turn, user, queued_job(job))).status == "ok"
+            # The workspaces' volume is gone: no workspace can be made under it.
+            if root.is_dir():
+                root.rmdir()
+            root.write_text("")
+            running = asyncio.create_task(runtime.run_turn(job))
+            deadline = time.monotonic() + 10
+            while await redis_client.hget(keys.session(sid), "started") is None:
+                assert time.monotonic() < deadline and not running.done(), "no start"
+                await asyncio.sleep(0.02)
+            await redis_client.config_set("maxmemory", 1)  # noeviction: writes fail
+            with pytest.raises(OutOfMemoryError):
+                await redis_client.set("probe", "x")
+            refused = await oom_refusals(redis_client)
+            gate.set()
+            deadline = time.monotonic() + 10
+            while not running.done() and await oom_refusals(redis_client) == refused:
+                assert time.monotonic() < deadline, "the turn's end was not attempted"
+                await asyncio.sleep(0.02)
+            state = await redis_client.hget(keys.session(sid), "state")
+            await redis_client.config_set("maxmemory", 0)
+            lifted_at = time.monotonic()
+            assert state == b"running"
+            assert await asyncio.wait_for(running, 10) is True
+            ended_after = time.monotonic() - lifted_at
+            assert await redis_client.hget(keys.session(sid), "state") == b"active"
+            [(_, fields)] = await redis_client.xrevrange(keys.log(sid), count=1)
+            end = json.loads(fields[b"d"])
+            assert (end["type"], end["error"]["code"]) == ("session_failed", "sandbox_unavailable")
+            print(f"Redis full as the turn could not begin: it ended {ended_after:.2f} s after")
+        finally:
+            gate.set()
+            if running is not None and not running.done():
+                running.cancel()
+            await asyncio.gather(*busy, *([running] if running else []), return_exceptions=True)
+            await redis_client.config_set("maxmemory", 0)
+            await runtime.events.close()
+            await redis_client.aclose()
+
+    asyncio.run(scenario())
 
 
 def test_a_job_that_raised_a_store_error_gets_its_result_stored() -> None:

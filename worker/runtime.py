@@ -157,8 +157,15 @@ class WorkerRuntime:
             )
             ids = new_turn_ids(job.session_id, started.sandbox_id, job.turn_id)
             terminal = failed(ids, "error", code, text)
-            await self.store.finish_turn(
-                job.session_id, job.turn_id, "worker", None, terminal, worker_id=self.worker_id
+            # Asked again like the start: a second finish whose first landed
+            # finds the turn no longer current and changes nothing.
+            await until_stored(
+                lambda: self.store.finish_turn(
+                    job.session_id, job.turn_id, "worker", None, terminal, worker_id=self.worker_id
+                ),
+                what=f"the end of turn {job.turn_id}",
+                give_up=lambda: time.monotonic() > fence_at,
+                logger=logger,
             )
             return True
         sandbox = self.pool.take(spec)
