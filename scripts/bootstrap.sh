@@ -9,9 +9,11 @@ fi
 stamp=.venv/.sandstream-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # uv resolves and installs the same packages in seconds rather than a minute;
-  # plain pip when uv cannot be had.
+  # plain pip when uv cannot be had. Both leave the packages compiled to
+  # bytecode: where PYTHONDONTWRITEBYTECODE is set, each process would otherwise
+  # compile every module it imports (the model SDKs: seconds) at every start.
   if .venv/bin/python -m pip install --quiet uv; then
-    .venv/bin/uv pip install --quiet --python .venv/bin/python -e '.[dev]'
+    .venv/bin/uv pip install --quiet --compile-bytecode --python .venv/bin/python -e '.[dev]'
   else
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -e '.[dev]'
