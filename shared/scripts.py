@@ -22,7 +22,8 @@ CLAIM_TURN = """
 local session = redis.call('HMGET', KEYS[1], 'tenant', 'state', 'turn_id')
 if session[1] ~= ARGV[5] then return {'missing'} end
 if session[2] == 'running' then return {'running', session[3]} end
-local fields = {'state', 'running', 'turn_id', ARGV[1], 'updated_at', ARGV[3], 'claimed_ms', ARGV[4]}
+local fields = {'state', 'running', 'turn_id', ARGV[1], 'updated_at', ARGV[3],
+                'claimed_ms', ARGV[4]}
 local stale = {'started', 'interrupt', 'lease_epoch'}
 if ARGV[11] and ARGV[11] ~= '' then
   fields[#fields + 1] = 'reply_to'
