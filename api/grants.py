@@ -46,7 +46,7 @@ from typing import Literal
 import msgspec
 from redis.asyncio import Redis
 
-from shared import keys
+from shared import keys, scripts
 
 Scope = Literal["read", "stream", "send", "interrupt", "approve"]
 SCOPES: tuple[Scope, ...] = ("read", "stream", "send", "interrupt", "approve")
@@ -140,6 +140,13 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+async def count_in_window(redis: Redis, key: str) -> int:
+    """One more use of a per-minute budget, counted in `key` (its window's
+    counter, kept two minutes): the count so far, this one included."""
+    count = await redis.register_script(scripts.COUNT_IN_WINDOW)(keys=[key], args=[120])
+    return int(count)
+
+
 async def admit_stream(redis: Redis, credential_id: str, per_minute: int) -> int | None:
     """Count one stream (re)connection of a key or grant; None while within
     `per_minute`, else how long (ms) the client should wait before coming back.
@@ -155,12 +162,7 @@ async def admit_stream(redis: Redis, credential_id: str, per_minute: int) -> int
     if per_minute <= 0:
         return None
     now = time.time()
-    window = int(now // 60)
-    key = keys.stream_connects(credential_id, window)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.incr(key)
-        pipe.expire(key, 120)
-        count, _ = await pipe.execute()
+    count = await count_in_window(redis, keys.stream_connects(credential_id, int(now // 60)))
     if count <= per_minute:
         return None
     return int((60 - now % 60) * 1000) + random.randint(0, 5000)

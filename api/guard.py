@@ -122,12 +122,7 @@ async def _rate_limit(svc: Services, principal: Principal) -> None:
     if limit <= 0:
         return
     now = time.time()
-    window = int(now // 60)
-    key = keys.rate(principal.key_id, window)
-    async with svc.redis.pipeline(transaction=True) as pipe:
-        pipe.incr(key)
-        pipe.expire(key, 120)
-        count, _ = await pipe.execute()
+    count = await grants.count_in_window(svc.redis, keys.rate(principal.key_id, int(now // 60)))
     if count > limit:
         retry_after = max(1, int(60 - now % 60) + 1)
         raise Problem(

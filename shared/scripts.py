@@ -271,3 +271,12 @@ if found[1] ~= 'running' or found[2] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'interrupt', ARGV[1])
 return 1
 """
+
+# One more use of a per-minute budget (requests, stream connections) in its
+# window's counter; the window's first use sets the counter's expiry.
+# KEYS: the window's counter. ARGV: its expiry, s. -> the count, this one included
+COUNT_IN_WINDOW = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return count
+"""

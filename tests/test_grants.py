@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -104,6 +105,36 @@ def test_stream_admission_past_the_budget_says_when_to_come_back(redis_url: str)
         answers = asyncio.run(scenario())
     assert answers[:3] == [None, None, None]
     assert all(isinstance(ms, int) and 0 < ms <= 65_000 for ms in answers[3:])
+
+
+def test_a_budget_window_is_counted_in_one_call_and_expires(own_redis: RedisServer) -> None:
+    """Each use is one script call (INCR; EXPIRE on the window's first), not a
+    MULTI/INCR/EXPIRE/EXEC transaction; the window's counter expires."""
+
+    async def scenario() -> None:
+        client = redis.asyncio.Redis.from_url(own_redis.url)
+        key = f"ss:test:budget:{uuid.uuid4().hex}"
+        try:
+            await grants.count_in_window(client, key + ":warm")  # loads the script
+            before = await client.info("commandstats")
+            counts = [await grants.count_in_window(client, key) for _ in range(5)]
+            after = await client.info("commandstats")
+            assert counts == [1, 2, 3, 4, 5]
+            assert 0 < await client.ttl(key) <= 120
+            calls = {
+                name: stat["calls"] - before.get(name, {"calls": 0})["calls"]
+                for name, stat in after.items()
+                if name != "cmdstat_info"
+            }
+            assert {n: c for n, c in calls.items() if c} == {
+                "cmdstat_evalsha": 5,
+                "cmdstat_incr": 5,
+                "cmdstat_expire": 1,
+            }, calls
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
 
 
 # ---- over HTTP, against real processes ---------------------------------------
