@@ -280,3 +280,14 @@ local count = redis.call('INCR', KEYS[1])
 if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 return count
 """
+
+# Drop a session from the running index, unless it runs a turn again by now (a
+# reaper read it before a new claim added it back: dropped then, no reaper would
+# watch the new turn).
+# KEYS: session, running index. ARGV: session id. -> 1 dropped | 0 running
+FORGET_RUNNING = """
+local found = redis.call('HMGET', KEYS[1], 'state', 'turn_id')
+if found[1] == 'running' and found[2] then return 0 end
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+"""

@@ -261,6 +261,41 @@ def new_turn_ids(sid: str, sandbox_id: str, turn_id: str) -> TurnIds:
 LOST_TEXT = "the worker running this turn stopped responding"
 
 
+_STATE_FIELDS = [
+    "sandbox_id",
+    "state",
+    "turn_id",
+    "started",
+    "claimed_ms",
+    "agent",
+    "tenant",
+    "lease_epoch",
+    "job_id",
+    "awaiting",
+]
+
+
+def _turn_state(row: list[bytes | None]) -> TurnState | None:
+    """A TurnState from the session's `_STATE_FIELDS`; None when it does not exist."""
+    sandbox_id, state, turn_id, started, claimed_ms, agent, tenant, epoch, job, awaiting = row
+    if sandbox_id is None or state is None:
+        return None
+    job = job or b""
+    return TurnState(
+        sandbox_id=sandbox_id.decode(),
+        state=state.decode(),
+        turn_id=turn_id.decode() if turn_id else None,
+        started=started is not None,
+        claimed_ms=int(claimed_ms or 0),
+        agent=_agent_decoder.decode(agent) if agent else None,
+        tenant=(tenant or b"").decode(),
+        lease_epoch=int(epoch or 0),
+        # Only the current turn's: a former turn's continuation may be named still.
+        job_id=job.decode() if turn_id and job.startswith(turn_id + b":") else None,
+        awaiting=awaiting is not None and awaiting == turn_id,
+    )
+
+
 class TurnLifecycle:
     """The turn's steps in Redis; `SessionStore` is one (with sandboxes and sessions)."""
 
@@ -312,37 +347,16 @@ class TurnLifecycle:
         return ClaimResult("missing")
 
     async def turn_state(self, sid: str) -> TurnState | None:
-        row = await self.redis.hmget(  # type: ignore[misc]
-            keys.session(sid),
-            [
-                "sandbox_id",
-                "state",
-                "turn_id",
-                "started",
-                "claimed_ms",
-                "agent",
-                "tenant",
-                "lease_epoch",
-                "job_id",
-                "awaiting",
-            ],
-        )
-        if row[0] is None:
-            return None
-        job = row[8] or b""
-        return TurnState(
-            sandbox_id=row[0].decode(),
-            state=row[1].decode(),
-            turn_id=row[2].decode() if row[2] else None,
-            started=row[3] is not None,
-            claimed_ms=int(row[4] or 0),
-            agent=_agent_decoder.decode(row[5]) if row[5] else None,
-            tenant=(row[6] or b"").decode(),
-            lease_epoch=int(row[7] or 0),
-            # Only the current turn's: a former turn's continuation may be named still.
-            job_id=job.decode() if row[2] and job.startswith(row[2] + b":") else None,
-            awaiting=row[9] is not None and row[9] == row[2],
-        )
+        row = await self.redis.hmget(keys.session(sid), _STATE_FIELDS)  # type: ignore[misc]
+        return _turn_state(row)
+
+    async def turn_states(self, sids: list[str]) -> list[TurnState | None]:
+        """`turn_state` of each session, all in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hmget(keys.session(sid), _STATE_FIELDS)
+            rows = await pipe.execute()
+        return [_turn_state(row) for row in rows]
 
     async def start_turn(self, sid: str, turn_id: str, worker_id: str) -> StartedTurn | None:
         """Take the turn and its lease; None when it is not this job's to run."""
@@ -513,5 +527,7 @@ class TurnLifecycle:
     async def running_sessions(self) -> list[str]:
         return [s.decode() for s in await self.redis.smembers(keys.RUNNING)]  # type: ignore[misc]
 
-    async def forget_running(self, sid: str) -> None:
-        await self.redis.srem(keys.RUNNING, sid)  # type: ignore[misc]
+    async def forget_running(self, sid: str) -> bool:
+        """Drop the session from the running index unless it runs a turn now."""
+        forget = self.redis.register_script(scripts.FORGET_RUNNING)
+        return bool(await forget(keys=[keys.session(sid), keys.RUNNING], args=[sid]))

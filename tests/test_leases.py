@@ -32,6 +32,7 @@ from shared import keys
 from shared.models import new_id
 from shared.queue import TurnJob, connect, deserialize_job_data, queued_job, serialize_job_data
 from shared.settings import Settings
+from shared.store import SessionStore
 from worker.runtime import WorkerRuntime
 
 # lease 1 s, grace 3 s: a worker fences after 4 s without a renewal, a reaper
@@ -407,3 +408,95 @@ def test_a_turn_that_begins_to_wait_while_redis_is_full_waits_once_it_is_not(
         assert [p["tool_use_id"] for p in session["pending_approvals"]] == ["toolu_full"]
         worker_log = "".join(p.log.read_text() for p in stack.workers)
         assert "the store refused the suspension" in worker_log
+
+
+class _CountingConnection(redis.asyncio.Connection):
+    """A connection that counts what it writes to Redis: one write a round trip
+    (a single command or a whole pipeline)."""
+
+    writes = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).writes += 1
+        await super().send_packed_command(command, check_health)
+
+
+def test_a_reaper_pass_reads_all_running_sessions_in_one_round_trip(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """150 turns whose worker is gone: a pass reads their leases in one round trip
+    (before: one each), and a pass a lease's standstill later ends them all."""
+    count = 150
+
+    async def scenario() -> None:
+        redis_client = await connect(own_redis.url)
+        settings = Settings.from_env(
+            {
+                "SANDSTREAM_LEASE_SECONDS": "0.3",
+                "SANDSTREAM_LEASE_GRACE_SECONDS": "0.3",
+                "SANDSTREAM_SANDBOX_ROOT": str(tmp_path / "sandboxes"),
+            }
+        )
+        runtime = WorkerRuntime(redis_client, settings)
+        store = runtime.store
+        try:
+            sandbox = await store.create_sandbox("t", {})
+            sids = []
+            for _ in range(count):
+                sid = (await store.create_session("t", sandbox.id, {}, settings.default_agent())).id
+                turn = new_id()
+                job = queued_job(TurnJob(session_id=sid, turn_id=turn))
+                user = user_message(sid, turn, "go")
+                assert (await store.claim_turn(sid, "t", turn, user, job)).status == "ok"
+                assert await store.start_turn(sid, turn, "gone")
+                sids.append(sid)
+            pool = redis_client.connection_pool
+            await pool.disconnect()
+            pool.reset()  # new connections from here on, counting their writes
+            pool.connection_class = _CountingConnection
+            before = _CountingConnection.writes
+            assert await runtime.reap_once() == 0
+            # The overdue approvals, the running index, the leases (and the new
+            # connection's handshake): a few, not one a session.
+            assert _CountingConnection.writes - before <= 10, _CountingConnection.writes - before
+            assert set(runtime._seen) == set(sids)
+            await asyncio.sleep(settings.lost_after_seconds() + 0.1)
+            assert await runtime.reap_once() == count
+            for sid in sids:
+                [(_, fields)] = await redis_client.xrevrange(keys.log(sid), count=1)
+                end = json.loads(fields[b"d"])
+                assert (end["type"], end["stop_reason"]) == ("session_failed", "worker_lost")
+        finally:
+            await runtime.events.close()
+            await redis_client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_session_running_again_is_not_dropped_from_the_running_index(
+    own_redis: RedisServer,
+) -> None:
+    """The reaper drops a session that no longer runs a turn from the running
+    index; one that a new claim made running again since the reaper read it stays
+    (dropped, no reaper would watch its turn)."""
+
+    async def scenario() -> None:
+        redis_client = await connect(own_redis.url)
+        store = SessionStore(redis_client)
+        try:
+            sandbox = await store.create_sandbox("t", {})
+            sid = (await store.create_session("t", sandbox.id, {}, Settings().default_agent())).id
+            turn = new_id()
+            job = queued_job(TurnJob(session_id=sid, turn_id=turn))
+            assert await store.claim_turn(sid, "t", turn, user_message(sid, turn, "go"), job)
+            assert sid in await store.running_sessions()
+            assert not await store.forget_running(sid)  # it runs a turn
+            assert sid in await store.running_sessions()
+            assert await store.interrupt_unstarted(sid, sandbox.id, turn)
+            await redis_client.sadd(keys.RUNNING, sid)  # a stale entry
+            assert await store.forget_running(sid)
+            assert sid not in await store.running_sessions()
+        finally:
+            await redis_client.aclose()
+
+    asyncio.run(scenario())

@@ -51,7 +51,14 @@ from shared.sandbox.pool import SandboxPool
 from shared.sandbox.workspace import prepare_workspace
 from shared.settings import Settings
 from shared.store import SessionStore
-from shared.turns import decode_control, failed, new_turn_ids, until_stored, worth_retrying
+from shared.turns import (
+    TurnState,
+    decode_control,
+    failed,
+    new_turn_ids,
+    until_stored,
+    worth_retrying,
+)
 from worker.event_writer import EventWriter
 from worker.pickup import FastPickupWorker
 from worker.providers import ProviderFactory
@@ -74,6 +81,10 @@ class _Seen(msgspec.Struct):
     job_id: str | None
     epoch: int
     since: float
+
+
+# Sessions whose state a reaper's pass reads in one round trip.
+_REAP_READS = 500
 
 
 class WorkerRuntime:
@@ -293,39 +304,46 @@ class WorkerRuntime:
         running = await self.store.running_sessions()
         for sid in set(self._seen) - set(running):
             del self._seen[sid]
-        for sid in running:
-            state = await self.store.turn_state(sid)
+        for first in range(0, len(running), _REAP_READS):
+            batch = running[first : first + _REAP_READS]
+            states = await self.store.turn_states(batch)
             seen_at = time.monotonic()
-            if state is None or state.state != "running" or state.turn_id is None:
-                await self.store.forget_running(sid)
-                continue
-            if state.started:
-                seen = self._seen.get(sid)
-                lease = (state.turn_id, state.job_id, state.lease_epoch)
-                if seen is None or (seen.turn_id, seen.job_id, seen.epoch) != lease:
-                    self._seen[sid] = _Seen(*lease, seen_at)
-                    continue
-                if seen_at - seen.since < self.settings.lost_after_seconds():
-                    continue
-                del self._seen[sid]
-                done = await self.store.end_orphaned(
-                    sid, state.sandbox_id, state.turn_id, state.lease_epoch
-                )
-            elif await self._picked_up_long_ago(state.job_id or state.turn_id):
-                # A worker took the job but never started the turn: it died in
-                # between. arq would hand the job out again only after an hour.
-                done = await self.store.end_unstarted(sid, state.sandbox_id, state.turn_id, "lost")
-            elif now_ms - state.claimed_ms > settings.queued_turn_timeout_seconds * 1000:
-                done = await self.store.end_unstarted(
-                    sid, state.sandbox_id, state.turn_id, "queue_timeout"
-                )
-            else:
-                continue
-            if done:
-                logger.warning("turn %s of session %s ended by the reaper", state.turn_id, sid)
-            reaped += int(done)
+            for sid, state in zip(batch, states, strict=True):
+                reaped += await self._reap(sid, state, seen_at, now_ms)
         self._last_pass = time.monotonic()
         return reaped
+
+    async def _reap(self, sid: str, state: TurnState | None, seen_at: float, now_ms: float) -> int:
+        """One running session, as a reaper's pass read it at `seen_at`: 1 if ended."""
+        settings = self.settings
+        if state is None or state.state != "running" or state.turn_id is None:
+            await self.store.forget_running(sid)
+            return 0
+        if state.started:
+            seen = self._seen.get(sid)
+            lease = (state.turn_id, state.job_id, state.lease_epoch)
+            if seen is None or (seen.turn_id, seen.job_id, seen.epoch) != lease:
+                self._seen[sid] = _Seen(*lease, seen_at)
+                return 0
+            if seen_at - seen.since < settings.lost_after_seconds():
+                return 0
+            del self._seen[sid]
+            done = await self.store.end_orphaned(
+                sid, state.sandbox_id, state.turn_id, state.lease_epoch
+            )
+        elif await self._picked_up_long_ago(state.job_id or state.turn_id):
+            # A worker took the job but never started the turn: it died in
+            # between. arq would hand the job out again only after an hour.
+            done = await self.store.end_unstarted(sid, state.sandbox_id, state.turn_id, "lost")
+        elif now_ms - state.claimed_ms > settings.queued_turn_timeout_seconds * 1000:
+            done = await self.store.end_unstarted(
+                sid, state.sandbox_id, state.turn_id, "queue_timeout"
+            )
+        else:
+            return 0
+        if done:
+            logger.warning("turn %s of session %s ended by the reaper", state.turn_id, sid)
+        return int(done)
 
     async def _picked_up_long_ago(self, job_id: str) -> bool:
         """Whether arq marked the turn's job in progress longer ago than a lease may
