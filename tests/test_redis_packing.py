@@ -1,0 +1,57 @@
+"""Commands sent to Redis are packed by hiredis (shared/queue.py): byte for byte
+what redis-py would send, one buffer a command."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio.connection import Connection
+
+from shared.queue import connect
+
+COMMANDS: list[tuple[object, ...]] = [
+    ("SET", "key", "value"),
+    ("CLIENT SETINFO", "LIB-NAME", "redis-py"),  # a name of two words
+    (b"CONFIG GET", b"maxmemory"),
+    ("EVALSHA", "a" * 40, 2, b"k1", "k2", 1, 2.5, -3, b"", "", "\u00e9t\u00e9 \u2603"),
+    ("XADD", b"log", "MAXLEN", "~", 10_000, "5-0", "t", "text_delta", "d", b"x" * 70_000),
+    ("SET", memoryview(b"viewed key"), memoryview(b"viewed value")),
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_packed_as_redis_py_packs(redis_url: str, command: tuple[object, ...]) -> None:
+    async def scenario() -> None:
+        client = await connect(redis_url)
+        try:
+            ours = client.connection_pool.make_connection()
+            assert type(ours).__name__ == "PackedConnection"
+            packed = ours.pack_command(*command)  # type: ignore[arg-type]
+            assert len(packed) == 1  # one buffer: one write
+            theirs = Connection().pack_command(*command)  # type: ignore[arg-type]
+            assert packed[0] == b"".join(bytes(part) for part in theirs)
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_commands_and_pipelines_round_trip(redis_url: str) -> None:
+    async def scenario() -> None:
+        client = await connect(redis_url, socket_timeout=5)
+        try:
+            value = "\u00e9t\u00e9 " * 10_000
+            await client.set("ss:test:packing", value)
+            assert (await client.get("ss:test:packing")).decode() == value
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.incr("ss:test:packing:n")
+                pipe.expire("ss:test:packing:n", 60)
+                pipe.delete("ss:test:packing")
+                assert await pipe.execute() == [1, True, 1]
+            assert await client.execute_command("CLIENT INFO")
+        finally:
+            await client.delete("ss:test:packing:n")
+            await client.aclose()
+
+    asyncio.run(scenario())
