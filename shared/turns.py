@@ -261,23 +261,27 @@ def new_turn_ids(sid: str, sandbox_id: str, turn_id: str) -> TurnIds:
 LOST_TEXT = "the worker running this turn stopped responding"
 
 
+# A session's turn fields; the agent last, since a reaper's pass does not read it.
 _STATE_FIELDS = [
     "sandbox_id",
     "state",
     "turn_id",
     "started",
     "claimed_ms",
-    "agent",
     "tenant",
     "lease_epoch",
     "job_id",
     "awaiting",
+    "agent",
 ]
+_LEASE_FIELDS = _STATE_FIELDS[:-1]
 
 
 def _turn_state(row: list[bytes | None]) -> TurnState | None:
-    """A TurnState from the session's `_STATE_FIELDS`; None when it does not exist."""
-    sandbox_id, state, turn_id, started, claimed_ms, agent, tenant, epoch, job, awaiting = row
+    """A TurnState from the session's `_STATE_FIELDS` (or `_LEASE_FIELDS`: no
+    agent); None when the session does not exist."""
+    sandbox_id, state, turn_id, started, claimed_ms, tenant, epoch, job, awaiting = row[:9]
+    agent = row[9] if len(row) > 9 else None
     if sandbox_id is None or state is None:
         return None
     job = job or b""
@@ -313,6 +317,7 @@ class TurnLifecycle:
         self._append = redis.register_script(scripts.APPEND_EVENTS)
         self._finish = redis.register_script(scripts.FINISH_TURN)
         self._flag_interrupt = redis.register_script(scripts.FLAG_INTERRUPT)
+        self._forget_running = redis.register_script(scripts.FORGET_RUNNING)
 
     async def claim_turn(
         self,
@@ -351,10 +356,11 @@ class TurnLifecycle:
         return _turn_state(row)
 
     async def turn_states(self, sids: list[str]) -> list[TurnState | None]:
-        """`turn_state` of each session, all in one round trip."""
+        """`turn_state` of each session without its agent (a system prompt may be
+        long, and a reaper needs only the lease), all in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for sid in sids:
-                pipe.hmget(keys.session(sid), _STATE_FIELDS)
+                pipe.hmget(keys.session(sid), _LEASE_FIELDS)
             rows = await pipe.execute()
         return [_turn_state(row) for row in rows]
 
@@ -529,5 +535,4 @@ class TurnLifecycle:
 
     async def forget_running(self, sid: str) -> bool:
         """Drop the session from the running index unless it runs a turn now."""
-        forget = self.redis.register_script(scripts.FORGET_RUNNING)
-        return bool(await forget(keys=[keys.session(sid), keys.RUNNING], args=[sid]))
+        return bool(await self._forget_running(keys=[keys.session(sid), keys.RUNNING], args=[sid]))

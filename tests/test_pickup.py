@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis
 from arq.worker import func
-from conftest import Stack
+from conftest import RedisServer, Stack
 from helpers import new_session, text_message, wait_until
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -54,12 +54,15 @@ def test_a_pickup_the_store_fails_gives_its_slot_back(redis_url: str) -> None:
 
 
 @pytest.mark.parametrize("keep_result", [0, 60])
-def test_a_finished_job_leaves_only_its_result_behind(redis_url: str, keep_result: int) -> None:
+def test_a_finished_job_leaves_only_its_result_behind(
+    own_redis: RedisServer, keep_result: int
+) -> None:
     """A job that ran leaves no job record, retry count, in-progress mark or queue
-    entry, only its result if it is kept, and all in one script call."""
+    entry, only its result if it is kept, and all in one script call. (A Redis of
+    its own: the commands counted are this worker's only.)"""
 
     async def scenario() -> None:
-        pool = await connect(redis_url)
+        pool = await connect(own_redis.url)
         queue = f"{keys.QUEUE}:finish-test-{keep_result}"
         worker = FastPickupWorker(
             functions=[func(_job, name="job")],

@@ -169,7 +169,7 @@ def test_a_batch_sent_again_after_a_lost_reply_is_appended_once(redis_url: str) 
     assert run(redis_url, scenario) == [1, 2, 3]
 
 
-def test_one_call_publishes_once_per_live_channel_each_event_once(redis_url: str) -> None:
+def test_one_call_publishes_once_per_live_channel_each_event_once(own_redis: RedisServer) -> None:
     """Sessions share a few live channels: the turns of one call cost one PUBLISH
     per channel they are on, not one per session, and a subscriber of those
     channels gets every event once, in seq order per session, each naming its
@@ -212,11 +212,11 @@ def test_one_call_publishes_once_per_live_channel_each_event_once(redis_url: str
         await pubsub.aclose()  # type: ignore[no-untyped-call]
         assert seen == {sid: [(1, f"{sid}-0"), (2, f"{sid}-1")] for _, sid, _ in claimed}
 
-    run(redis_url, scenario)
+    run(own_redis.url, scenario)
 
 
 def test_a_turn_that_appended_is_fenced_by_its_mark_without_reading_the_session(
-    redis_url: str,
+    own_redis: RedisServer,
 ) -> None:
     """Only a turn's first append reads the session's hash to check the turn is
     current; later ones find the turn named by the appended mark they read anyway
@@ -232,7 +232,7 @@ def test_a_turn_that_appended_is_fenced_by_its_mark_without_reading_the_session(
         after = await store.redis.info("commandstats")
         return int(after["cmdstat_hget"]["calls"] - before["cmdstat_hget"]["calls"])
 
-    assert run(redis_url, scenario) == 0
+    assert run(own_redis.url, scenario) == 0
 
 
 @pytest.mark.parametrize("end", ["orphaned", "worker", "deleted"])
@@ -640,14 +640,13 @@ def test_a_suspension_sent_again_after_a_lost_reply_writes_once(redis_url: str) 
 
 
 def test_a_claim_names_its_reply_channel_in_the_same_write_and_drops_a_stale_one(
-    redis_url: str,
+    own_redis: RedisServer,
 ) -> None:
     """A blocking send's claim stores its reply channel with the turn's fields (one
-    HSET); a later claim without one leaves no earlier turn's channel behind."""
-    own_db = redis_url.rsplit("/", 1)[0] + "/13"  # its queued jobs reach no worker
+    HSET); a later claim without one leaves no earlier turn's channel behind. (A
+    Redis of its own: no worker takes its jobs, no one else's HSETs are counted.)"""
 
     async def scenario(store: SessionStore) -> None:
-        await store.redis.flushdb()
         sandbox = await store.create_sandbox("t", {})
         sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
         first = new_id()
@@ -667,4 +666,4 @@ def test_a_claim_names_its_reply_channel_in_the_same_write_and_drops_a_stale_one
         assert await store.redis.hget(keys.session(sid), "reply_to") is None
         assert await store.redis.hget(keys.session(sid), "turn_id") == second.encode()
 
-    run(own_db, scenario)
+    run(own_redis.url, scenario)

@@ -25,7 +25,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from arq.connections import ArqRedis
@@ -85,6 +85,15 @@ class _Seen(msgspec.Struct):
 
 # Sessions whose state a reaper's pass reads in one round trip.
 _REAP_READS = 500
+
+
+class _Sighting(NamedTuple):
+    """When a reaper's read of a batch of leases took place, as the lease rule
+    needs it: a lease seen for the first time is dated `first` (the reply), one
+    seen again `again` (the request)."""
+
+    first: float
+    again: float
 
 
 class WorkerRuntime:
@@ -306,26 +315,30 @@ class WorkerRuntime:
             del self._seen[sid]
         for first in range(0, len(running), _REAP_READS):
             batch = running[first : first + _REAP_READS]
+            # A lease is seen standing still from the reply on (the latest it
+            # can have been read) to the request (the earliest): never for
+            # longer than it did, however long a batch takes.
+            asked_at = time.monotonic()
             states = await self.store.turn_states(batch)
-            seen_at = time.monotonic()
+            seen = _Sighting(first=time.monotonic(), again=asked_at)
             for sid, state in zip(batch, states, strict=True):
-                reaped += await self._reap(sid, state, seen_at, now_ms)
+                reaped += await self._reap(sid, state, seen, now_ms)
         self._last_pass = time.monotonic()
         return reaped
 
-    async def _reap(self, sid: str, state: TurnState | None, seen_at: float, now_ms: float) -> int:
-        """One running session, as a reaper's pass read it at `seen_at`: 1 if ended."""
+    async def _reap(self, sid: str, state: TurnState | None, seen: _Sighting, now_ms: float) -> int:
+        """One running session, as a reaper's pass read it: 1 if ended."""
         settings = self.settings
         if state is None or state.state != "running" or state.turn_id is None:
             await self.store.forget_running(sid)
             return 0
         if state.started:
-            seen = self._seen.get(sid)
+            before = self._seen.get(sid)
             lease = (state.turn_id, state.job_id, state.lease_epoch)
-            if seen is None or (seen.turn_id, seen.job_id, seen.epoch) != lease:
-                self._seen[sid] = _Seen(*lease, seen_at)
+            if before is None or (before.turn_id, before.job_id, before.epoch) != lease:
+                self._seen[sid] = _Seen(*lease, seen.first)
                 return 0
-            if seen_at - seen.since < settings.lost_after_seconds():
+            if seen.again - before.since < settings.lost_after_seconds():
                 return 0
             del self._seen[sid]
             done = await self.store.end_orphaned(
