@@ -315,9 +315,10 @@ class WorkerRuntime:
             del self._seen[sid]
         for first in range(0, len(running), _REAP_READS):
             batch = running[first : first + _REAP_READS]
-            # A lease is seen standing still from the reply on (the latest it
-            # can have been read) to the request (the earliest): never for
-            # longer than it did, however long a batch takes.
+            # A lease seen first is dated by the reply (the latest it can have
+            # been read), one seen again by the request (the earliest): the
+            # standstill counted is never longer than the real one, however
+            # long a batch's read takes.
             asked_at = time.monotonic()
             states = await self.store.turn_states(batch)
             seen = _Sighting(first=time.monotonic(), again=asked_at)
