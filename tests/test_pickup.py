@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -123,3 +125,66 @@ def test_a_turn_leaves_only_its_jobs_result(stack: Stack) -> None:
     wait_until(lambda: not store.exists(f"arq:job:{turn_id}"), 10, "the job to finish")
     assert store.keys(f"arq:*{turn_id}*") == [f"arq:result:{turn_id}".encode()]
     assert 0 < store.pttl(f"arq:result:{turn_id}") <= 60_000
+
+
+@pytest.mark.parametrize("lost_in", ["listener", "main loop", "both"])
+def test_a_worker_stops_though_a_cancellation_is_lost(own_redis: RedisServer, lost_in: str) -> None:
+    """On Python 3.11, `asyncio.wait_for` (redis-py's sends under a socket
+    timeout) can drop a cancellation that meets the awaited call's end. A worker
+    whose main loop or pub/sub listener lost the one arq sends on SIGTERM went on
+    forever. Here the first cancellation of each is lost as that race loses it:
+    the worker still stops, within its poll interval."""
+
+    async def scenario() -> None:
+        pool = await connect(own_redis.url, socket_timeout=5)
+        worker = FastPickupWorker(
+            functions=[func(_job, name="job")],
+            redis_pool=pool,
+            queue_name=f"{keys.QUEUE}:stop-test",
+            poll_delay=0.5,
+            on_control=lambda data: None,
+            handle_signals=False,
+        )
+        lost: list[str] = []
+
+        def losing_one(name: str, call: Callable[..., Awaitable[Any]]) -> Any:
+            async def wrapped(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await call(*args, **kwargs)
+                except asyncio.CancelledError:
+                    if name in lost:
+                        raise
+                    lost.append(name)
+                    return None  # as wait_for returns the result it raced with
+
+            return wrapped
+
+        if lost_in in ("listener", "both"):
+            make_pubsub = pool.pubsub
+
+            def pubsub() -> Any:
+                real = make_pubsub()
+                real.get_message = losing_one("listener", real.get_message)
+                return real
+
+            pool.pubsub = pubsub  # type: ignore[method-assign]
+        if lost_in in ("main loop", "both"):
+            poll = worker._poll_iteration
+
+            async def slow_poll() -> None:
+                await poll()
+                await asyncio.sleep(10)  # the cancellation arrives in here
+
+            worker._poll_iteration = losing_one("main loop", slow_poll)  # type: ignore[method-assign]
+        worker.main_task = asyncio.create_task(worker.main())
+        try:
+            await asyncio.sleep(0.3)  # listening, and polling the queue
+            worker.handle_sig(signal.SIGTERM)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(worker.main_task), 5)
+        finally:
+            await pool.aclose()
+        assert sorted(lost) == sorted({"listener", "main loop"} if lost_in == "both" else {lost_in})
+        assert worker.main_task.done()
+
+    asyncio.run(scenario())

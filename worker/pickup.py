@@ -18,6 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from signal import Signals
 from typing import Any
 
 from arq.connections import log_redis_info
@@ -83,6 +84,14 @@ class FastPickupWorker(Worker):
         self._starved = False
         self._take_job: AsyncScript | None = None
         self._forget_job: AsyncScript | None = None
+        # Set as arq stops the worker (its `on_stop`, after it cancels `main`)
+        # and when `main` ends: `main`'s loop and the listener's end on it even if
+        # the cancellation meant for them was lost. Python 3.11's
+        # `asyncio.wait_for`, which redis-py's sends use under a socket timeout,
+        # drops one that meets the awaited call's end; the worker then never
+        # stopped after SIGTERM.
+        self._stopping = False
+        self.on_stop = self._stop
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
@@ -168,6 +177,9 @@ class FastPickupWorker(Worker):
             logger.error("job %s failed", job_id, exc_info=task.exception())
         self._release_sem_dec_counter_on_complete()
 
+    def _stop(self, signum: Signals) -> None:
+        self._stopping = True
+
     async def main(self) -> None:
         assert self._pool is not None, "FastPickupWorker needs redis_pool"
         await log_redis_info(self.pool, logger.info)
@@ -177,7 +189,7 @@ class FastPickupWorker(Worker):
         listener = asyncio.create_task(self._listen())
         try:
             last_poll = 0.0
-            while True:
+            while not self._stopping:
                 self._wake.clear()
                 # A busy worker, woken all the time, still polls as often as an
                 # idle one: for signals it missed, and arq's own housekeeping.
@@ -200,11 +212,17 @@ class FastPickupWorker(Worker):
                     await asyncio.sleep(min(1.0, self.poll_delay_s))
                     continue
                 try:
-                    await asyncio.wait_for(self._wake.wait(), self.poll_delay_s)
+                    async with asyncio.timeout(self.poll_delay_s):
+                        await self._wake.wait()
                 except TimeoutError:
                     self._poll_due = True
         finally:
-            listener.cancel()
+            self._stopping = True
+            # Cancelled again until it ends: a cancellation can be lost (above),
+            # and the listener otherwise ends at its next bounded wait.
+            while not listener.done():
+                listener.cancel()
+                await asyncio.wait({listener}, timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
 
@@ -213,14 +231,14 @@ class FastPickupWorker(Worker):
         if self._fast_pickup:
             channels.append(keys.WAKE_CHANNEL)
         wake = keys.WAKE_CHANNEL.encode()
-        while True:
+        while not self._stopping:
             pubsub = self.pool.pubsub()
             try:
                 await pubsub.subscribe(*channels)
                 # Anything enqueued while we were not listening is found now.
                 self._poll_due = True
                 self._wake.set()
-                while True:
+                while not self._stopping:
                     # A bounded wait: the connection has a socket timeout, which
                     # an idle subscriber must not mistake for a lost store.
                     message = await pubsub.get_message(timeout=self.poll_delay_s)
