@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import redis
+from arq.connections import ArqRedis
 from arq.worker import func
 from conftest import RedisServer, Stack
 from helpers import new_session, text_message, wait_until
@@ -24,20 +25,27 @@ async def _job(ctx: dict[str, Any]) -> str:
     return "ran"
 
 
+def _worker(pool: ArqRedis, queue: str, **options: Any) -> FastPickupWorker:
+    """An in-process worker of `_job` on a queue of its own (`keys.QUEUE:<queue>`)."""
+    return FastPickupWorker(
+        functions=[func(_job, name="job")],
+        redis_pool=pool,
+        queue_name=f"{keys.QUEUE}:{queue}",
+        job_serializer=serialize_job_data,
+        job_deserializer=deserialize_job_data,
+        on_control=lambda data: None,
+        handle_signals=False,
+        **options,
+    )
+
+
 def test_a_pickup_the_store_fails_gives_its_slot_back(redis_url: str) -> None:
     """Taking a job times out (a stalled Redis): the slot it held is free again,
     so a worker with one slot can still take the next job."""
 
     async def scenario() -> None:
         pool = await connect(redis_url)
-        worker = FastPickupWorker(
-            functions=[func(_job, name="job")],
-            redis_pool=pool,
-            queue_name=f"{keys.QUEUE}:pickup-test",
-            max_jobs=1,
-            on_control=lambda data: None,
-            handle_signals=False,
-        )
+        worker = _worker(pool, "pickup-test", max_jobs=1)
 
         async def stalled(**kwargs: Any) -> Any:
             raise RedisTimeoutError("Timeout reading from socket")
@@ -65,18 +73,10 @@ def test_a_finished_job_leaves_only_its_result_behind(
 
     async def scenario() -> None:
         pool = await connect(own_redis.url)
-        queue = f"{keys.QUEUE}:finish-test-{keep_result}"
-        worker = FastPickupWorker(
-            functions=[func(_job, name="job")],
-            redis_pool=pool,
-            queue_name=queue,
-            job_serializer=serialize_job_data,
-            job_deserializer=deserialize_job_data,
-            keep_result=keep_result,
-            poll_delay=0.05,
-            on_control=lambda data: None,
-            handle_signals=False,
+        worker = _worker(
+            pool, f"finish-test-{keep_result}", keep_result=keep_result, poll_delay=0.05
         )
+        queue = worker.queue_name
         running = asyncio.create_task(worker.main())
         try:
             before = await pool.info("commandstats")
@@ -137,14 +137,7 @@ def test_a_worker_stops_though_a_cancellation_is_lost(own_redis: RedisServer, lo
 
     async def scenario() -> None:
         pool = await connect(own_redis.url, socket_timeout=5)
-        worker = FastPickupWorker(
-            functions=[func(_job, name="job")],
-            redis_pool=pool,
-            queue_name=f"{keys.QUEUE}:stop-test",
-            poll_delay=0.5,
-            on_control=lambda data: None,
-            handle_signals=False,
-        )
+        worker = _worker(pool, "stop-test", poll_delay=0.5)
         lost: list[str] = []
 
         def losing_one(name: str, call: Callable[..., Awaitable[Any]]) -> Any:
