@@ -378,6 +378,9 @@ def test_a_turn_that_begins_to_wait_while_redis_is_full_waits_once_it_is_not(
     model = f"full-store-{time.monotonic_ns()}"
     env = {
         **RIDE_OUT,
+        # Redis is full for 2 s: a grace of 6 s (not 3) leaves a loaded machine's
+        # worker room to renew after it, lest it fence the turn itself.
+        "SANDSTREAM_LEASE_GRACE_SECONDS": "6",
         **model_env(fake_llm),
         # Made at start-up: the SDK's import during the turn can keep a loaded
         # machine's worker from renewing its short lease (test_approval_seams).
