@@ -326,26 +326,7 @@ def test_a_continuation_lease_is_measured_from_its_own_start(redis_url: str) -> 
             assert await runtime.reap_once() == 0
             assert sid in runtime._seen  # it saw the lease at epoch 1
             await asyncio.sleep(0.9)  # the model answers; the call waits; a person decides
-            call = ToolUseBlock(id="call_1", name="bash", input={"command": "true"})
-            record = SuspendedTurn(
-                turn_id=turn,
-                message_id=new_id(),
-                iteration=0,
-                blocks=[call],
-                usage=ev.Usage(),
-                calls=[CallPlan(index=0, verdict="ask")],
-            )
-            pending = PendingApproval(
-                tool_use_id="call_1", name="bash", input={}, index=0, expires_at=now_rfc3339()
-            )
-            assert await approvals.suspend(
-                sid=sid,
-                worker_id="w1",
-                record=record,
-                pending=[pending],
-                events=[],
-                deadline=time.time() + 60,
-            )
+            pending = await _suspend_for_bash(approvals, sid, turn)
             waiting = await approvals.waiting(sid)
             assert waiting is not None
             allow = Resolution(decision="allow", reason="", decided_by="k", decided_at="")
@@ -415,6 +396,12 @@ async def _a_waiting_turn(
     user = user_message(sid, turn, "go")
     assert (await store.claim_turn(sid, "t", turn, user)).status == "ok"
     assert await store.start_turn(sid, turn, "w1")
+    pending = await _suspend_for_bash(approvals, sid, turn)
+    return redis_client, approvals, sid, pending
+
+
+async def _suspend_for_bash(approvals: ApprovalStore, sid: str, turn: str) -> PendingApproval:
+    """Suspend the turn (its worker "w1") for one bash call, due in a minute."""
     call = ToolUseBlock(id="call_1", name="bash", input={"command": "true"})
     pending = PendingApproval(
         tool_use_id="call_1", name="bash", input={}, index=0, expires_at=now_rfc3339()
@@ -435,7 +422,7 @@ async def _a_waiting_turn(
         events=[],
         deadline=time.time() + 60,
     )
-    return redis_client, approvals, sid, pending
+    return pending
 
 
 def test_a_stale_overdue_listing_does_not_deny_a_wait_not_yet_due(redis_url: str) -> None:
