@@ -41,10 +41,12 @@ import hashlib
 import random
 import secrets
 import time
+import weakref
 from typing import Literal
 
 import msgspec
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 
 from shared import keys, scripts
 
@@ -140,11 +142,18 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+# The budget script of each Redis client, registered once (a request does not
+# hash the script again).
+_counters: weakref.WeakKeyDictionary[Redis, AsyncScript] = weakref.WeakKeyDictionary()
+
+
 async def count_in_window(redis: Redis, key: str) -> int:
     """One more use of a per-minute budget, counted in `key` (its window's
     counter, kept two minutes): the count so far, this one included."""
-    count = await redis.register_script(scripts.COUNT_IN_WINDOW)(keys=[key], args=[120])
-    return int(count)
+    script = _counters.get(redis)
+    if script is None:
+        script = _counters[redis] = redis.register_script(scripts.COUNT_IN_WINDOW)
+    return int(await script(keys=[key], args=[120]))
 
 
 async def admit_stream(redis: Redis, credential_id: str, per_minute: int) -> int | None:
