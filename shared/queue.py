@@ -13,12 +13,12 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-import hiredis
 import msgspec
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import expires_extra_ms, job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio.connection import AbstractConnection
+from redis.connection import HiredisRespSerializer
 from redis.typing import EncodableT
 
 from shared import keys
@@ -126,13 +126,13 @@ class _HiredisPacking:
     encoder: Encoder
 
     def pack_command(self, *args: EncodableT) -> list[bytes]:
-        # As redis-py does: a command name of several words is several arguments.
-        first = args[0]
-        if isinstance(first, str):
-            args = (*first.encode().split(), *args[1:])
-        elif isinstance(first, bytes) and b" " in first:
-            args = (*first.split(), *args[1:])
-        return [hiredis.pack_command(tuple(map(self.encoder.encode, args)))]
+        # redis-py's own hiredis packer (a command name of several words split
+        # as redis-py splits it), which its asyncio connections do not use.
+        packed: list[bytes] = _HIREDIS.pack(*map(self.encoder.encode, args))
+        return packed
+
+
+_HIREDIS = HiredisRespSerializer()
 
 
 def _packed(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
