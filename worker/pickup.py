@@ -141,7 +141,8 @@ class FastPickupWorker(Worker):
         keep_in_progress: float | None,
     ) -> None:
         """arq's `finish_job`, in one Lua call for a finished job."""
-        if not finish or keep_in_progress is not None or (result_data and keep_result_forever):
+        keep_as_arq_does = result_data and (keep_result_forever or not result_timeout_s)
+        if not finish or keep_in_progress is not None or keep_as_arq_does:
             await super().finish_job(
                 job_id,
                 finish,
