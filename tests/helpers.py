@@ -58,12 +58,14 @@ def wait_state(client: httpx.Client, sid: str, state: str, timeout: float = 15) 
         time.sleep(0.05)
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `check` until it holds; fail, naming `what`, after `timeout` seconds."""
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `check` until it holds; its value then. Fails, naming `what`, after
+    `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while not check():
+    while not (value := check()):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+    return value
 
 
 def run_in_sandbox(client: httpx.Client, sid: str, command: str) -> dict[str, Any]:

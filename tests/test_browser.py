@@ -25,10 +25,9 @@ from browser import (
     seq_events,
     stored_events,
     stored_transcript,
-    wait_until,
 )
 from conftest import ADMIN_KEY, ALPHA_KEY, Stack, nginx_proxy
-from helpers import StreamReader, new_session, text_message
+from helpers import StreamReader, new_session, text_message, wait_until
 from playwright.sync_api import Browser, Page
 
 

@@ -20,13 +20,12 @@ from helpers import StreamReader, new_session
 from redis.exceptions import RedisError
 
 from api.hub import DELETED, EventHub, Tick
-from api.problems import store_unavailable
 from api.services import Services
 from api.turns import wait_for_end
 from shared import keys
 from shared.queue import connect
 from shared.settings import Settings
-from shared.turns import TurnIds, failed
+from shared.turns import TurnIds, failed, store_unavailable
 
 
 def _kill_pubsub_connections(url: str, stop: threading.Event) -> None:

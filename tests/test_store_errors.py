@@ -14,7 +14,7 @@ from conftest import RedisServer, Stack
 from helpers import text_message, wait_state
 from redis._parsers import _RESP2Parser
 
-from api.problems import store_unavailable
+from shared.turns import store_unavailable
 
 
 def _assert_503(response: httpx.Response) -> None:
