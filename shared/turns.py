@@ -147,13 +147,16 @@ class TurnState(msgspec.Struct, kw_only=True):
 
 class TurnAppend(msgspec.Struct):
     """Events of one turn to append; `first`: the turn's first append (the log's
-    expiry is set then); `appended_before`: its events in the log already."""
+    expiry is set then); `appended_before`: its events in the log already;
+    `last_seq`: the seq of the last of them, when the caller knows it (from an
+    earlier append's reply): the events then go with their seqs (APPEND_EVENTS)."""
 
     session_id: str
     turn_id: str
     events: list[ev.Event]
     first: bool = False
     appended_before: int | None = None  # None: the caller does not count
+    last_seq: int | None = None
 
 
 _EVENT_TYPES = {
@@ -386,16 +389,22 @@ class TurnLifecycle:
         return bool(await self._flag_interrupt(keys=[keys.session(sid)], args=[turn_id]))
 
     async def append_events(
-        self, sid: str, turn_id: str, events: list[ev.Event], appended_before: int | None = None
+        self,
+        sid: str,
+        turn_id: str,
+        events: list[ev.Event],
+        appended_before: int | None = None,
+        last_seq: int | None = None,
     ) -> list[int]:
         """Append one turn's events in order, in one script call: each gets its
         seq, or every one 0 when the turn is no longer current (and none is
         appended). With `appended_before` (the turn's events appended so far),
-        sending a batch again after a lost reply appends nothing twice."""
+        sending a batch again after a lost reply appends nothing twice; with
+        `last_seq` too, the events go with their seqs (`TurnAppend`)."""
         if not events:
             return []
         [first] = await self.append_batch(
-            [TurnAppend(sid, turn_id, events, not appended_before, appended_before)]
+            [TurnAppend(sid, turn_id, events, not appended_before, appended_before, last_seq)]
         )
         if first < 0:
             raise RuntimeError(f"events of turn {turn_id} appended out of order")
@@ -412,20 +421,32 @@ class TurnLifecycle:
         script_keys: list[str] = []
         args: list[int | str | bytes] = [self.log_max_events, self.log_ttl_ms]
         for turn in turns:
-            sid = turn.session_id
-            script_keys += [keys.session(sid), keys.seq(sid), keys.log(sid), keys.appended(sid)]
-            args += [
+            sid, turn_id, before, last = (
+                turn.session_id,
                 turn.turn_id,
-                keys.events_channel(sid),
-                "1" if turn.first else "",
-                len(turn.events),
-                "" if turn.appended_before is None else turn.appended_before,
-            ]
-            for event in turn.events:
-                args.append(_EVENT_TYPES[type(event)])
-                # A copy, not a memoryview: redis-py sends each memoryview as a
-                # buffer of its own, and the packed call as one.
-                args.append(ev.encode_event(event)[1:])
+                turn.appended_before,
+                turn.last_seq,
+            )
+            script_keys += [keys.session(sid), keys.seq(sid), keys.log(sid), keys.appended(sid)]
+            n = len(turn.events)
+            args += [turn_id, keys.events_channel(sid), "1" if turn.first else "", n]
+            if before is None or last is None:
+                args += ["" if before is None else before, "", "", ""]
+                for event in turn.events:
+                    args.append(_EVENT_TYPES[type(event)])
+                    # A copy, not a memoryview: redis-py sends each memoryview as a
+                    # buffer of its own, and the packed call as one.
+                    args.append(ev.encode_event(event)[1:])
+                continue
+            # The marks are `<turn_id> <events> <last seq>` (keys.appended).
+            args += [before, f"{turn_id} {before} {last}", f"{turn_id} {before + n} {last + n}"]
+            args.append(last + n)
+            for seq, event in enumerate(turn.events, last + 1):
+                args += [
+                    f"{seq}-0",
+                    _EVENT_TYPES[type(event)],
+                    b'{"seq":%d,%b' % (seq, ev.encode_event(event)[1:]),
+                ]
         return [int(first) for first in await self._append(keys=script_keys, args=args)]
 
     async def finish_turn(

@@ -169,6 +169,112 @@ def test_a_batch_sent_again_after_a_lost_reply_is_appended_once(redis_url: str) 
     assert run(redis_url, scenario) == [1, 2, 3]
 
 
+def test_events_sent_with_their_seqs_go_in_as_the_script_would_number_them(
+    redis_url: str,
+) -> None:
+    """After a turn's first append the worker knows its seqs and sends each event
+    whole, with its entry id: the log, the live line, the session's seq and the
+    mark come out as when the script numbers them, and an append that does not
+    know them goes on from there."""
+
+    async def scenario(store: SessionStore) -> None:
+        sandbox, sid, turn = await _claimed(store)
+        pubsub = store.redis.pubsub()
+        await pubsub.subscribe(keys.events_channel(sid))
+        await pubsub.get_message(timeout=5)
+        texts = ["a", "b", "c", "d", "e"]
+        deltas = [_delta(sid, sandbox.id, turn, t) for t in texts]
+        assert await store.append_events(sid, turn, deltas[:2], 0) == [1, 2]
+        assert await store.append_events(sid, turn, deltas[2:4], 2, last_seq=2) == [3, 4]
+        assert await store.redis.get(keys.appended(sid)) == f"{turn} 4 4".encode()
+        assert await store.redis.get(keys.seq(sid)) == b"4"
+        assert await store.append_events(sid, turn, deltas[4:], 4) == [5]
+        logged = await eventlog.read_after(store.redis, sid, 0)
+        assert [e.seq for e in logged] == [1, 2, 3, 4, 5]
+        entries = await store.redis.xrange(keys.log(sid))
+        assert [entry_id for entry_id, _ in entries] == [f"{n}-0".encode() for n in range(1, 6)]
+        for (_, fields), delta, seq in zip(entries, deltas, range(1, 6), strict=True):
+            assert fields[b"t"] == b"text_delta"
+            assert fields[b"d"] == b'{"seq":%d,%b' % (seq, ev.encode_event(delta)[1:])
+        lines = []
+        while len(lines) < 5:
+            message = await pubsub.get_message(timeout=5)
+            assert message is not None
+            if message["type"] == "message":
+                lines += message["data"].split(b"\n")
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        assert lines == [fields[b"d"] for _, fields in entries]
+
+    run(redis_url, scenario)
+
+
+def test_events_with_their_seqs_sent_again_after_a_lost_reply_go_in_once(
+    redis_url: str,
+) -> None:
+    async def scenario(store: SessionStore) -> list[int]:
+        sandbox, sid, turn = await _claimed(store)
+        deltas = [_delta(sid, sandbox.id, turn, t) for t in "abcd"]
+        assert await store.append_events(sid, turn, deltas[:2], 0) == [1, 2]
+        assert await store.append_events(sid, turn, deltas[2:], 2, last_seq=2) == [3, 4]
+        # the same call again: its reply was lost
+        assert await store.append_events(sid, turn, deltas[2:], 2, last_seq=2) == [3, 4]
+        return [e.seq for e in await eventlog.read_after(store.redis, sid, 0)]
+
+    assert run(redis_url, scenario) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(("before", "last"), [(1, 2), (3, 2), (2, 1), (2, 3)])
+def test_events_with_seqs_the_log_does_not_match_are_refused_whole(
+    redis_url: str, before: int, last: int
+) -> None:
+    """A worker whose count or seq is not the log's appends nothing: its events
+    would take seqs that are not theirs."""
+
+    async def scenario(store: SessionStore) -> None:
+        sandbox, sid, turn = await _claimed(store)
+        deltas = [_delta(sid, sandbox.id, turn, t) for t in "abc"]
+        assert await store.append_events(sid, turn, deltas[:2], 0) == [1, 2]
+        with pytest.raises(RuntimeError, match="out of order"):
+            await store.append_events(sid, turn, deltas[2:], before, last_seq=last)
+        assert [e.seq for e in await eventlog.read_after(store.redis, sid, 0)] == [1, 2]
+        assert await store.redis.get(keys.appended(sid)) == f"{turn} 2 2".encode()
+        assert await store.redis.get(keys.seq(sid)) == b"2"
+
+    run(redis_url, scenario)
+
+
+def test_the_writer_sends_a_turns_seqs_once_the_log_has_given_them(redis_url: str) -> None:
+    """The writer's first call of a turn leaves the seqs to the script; its later
+    calls send each event with the seq the log will give it."""
+
+    async def scenario(store: SessionStore) -> list[int | None]:
+        sandbox, sid, turn = await _claimed(store)
+        sent: list[int | None] = []
+        append_batch = store.append_batch
+
+        async def recorded(turns: list[TurnAppend]) -> list[int]:
+            sent.extend(t.last_seq for t in turns)
+            return await append_batch(turns)
+
+        store.append_batch = recorded  # type: ignore[method-assign]
+        events = EventWriter(store)
+        part = events.open(sid, turn, lambda: None)
+        try:
+            for n, text in enumerate(["a", "b", "c"]):
+                part.put(_delta(sid, sandbox.id, turn, text, index=n))
+                part.put(_delta(sid, sandbox.id, turn, text, index=n + 10))
+                await events.flushed()
+        finally:
+            part.close()
+            await events.close()
+        logged = await eventlog.read_after(store.redis, sid, 0)
+        assert [e.seq for e in logged] == [1, 2, 3, 4, 5, 6]
+        assert [ev.decode_head(e.data).seq for e in logged] == [1, 2, 3, 4, 5, 6]
+        return sent
+
+    assert run(redis_url, scenario) == [None, 2, 4]
+
+
 def test_one_call_publishes_once_per_live_channel_each_event_once(own_redis: RedisServer) -> None:
     """Sessions share a few live channels: the turns of one call cost one PUBLISH
     per channel they are on, not one per session, and a subscriber of those
@@ -235,9 +341,10 @@ def test_a_turn_that_appended_is_fenced_by_its_mark_without_reading_the_session(
     assert run(own_redis.url, scenario) == 0
 
 
+@pytest.mark.parametrize("numbered_by", ["script", "worker"])
 @pytest.mark.parametrize("end", ["orphaned", "worker", "deleted"])
 def test_a_turn_that_ended_appends_nothing_more_though_its_mark_named_it(
-    redis_url: str, end: str
+    redis_url: str, end: str, numbered_by: str
 ) -> None:
     async def scenario(store: SessionStore) -> None:
         sandbox, sid, turn = await _claimed(store)
@@ -257,8 +364,9 @@ def test_a_turn_that_ended_appends_nothing_more_though_its_mark_named_it(
                 sid, turn, mode, None, done, epoch=state.lease_epoch, worker_id=worker
             )
         # The turn's worker, cut off, sends its next call, or the last one again.
-        assert await store.append_events(sid, turn, [delta], 2) == [0]
-        assert await store.append_events(sid, turn, [delta], 1) == [0]
+        known = numbered_by == "worker"
+        assert await store.append_events(sid, turn, [delta], 2, 2 if known else None) == [0]
+        assert await store.append_events(sid, turn, [delta], 1, 1 if known else None) == [0]
         if end == "deleted":
             assert not await store.redis.exists(keys.log(sid), keys.seq(sid))
         else:

@@ -67,6 +67,7 @@ class TurnEvents:
         "_writer",
         "appended",
         "in_flight",
+        "last_seq",
         "pending",
         "sending",
         "session_id",
@@ -88,6 +89,7 @@ class TurnEvents:
         self.pending: list[Event] = []
         self.in_flight = False
         self.appended = 0  # the turn's events in the log so far
+        self.last_seq: int | None = None  # the seq of the last of them, once known
         self.sending = 0  # events of the turn in the call in flight
         self._abandoned = False
         self._failure: BaseException | None = None
@@ -182,6 +184,7 @@ class TurnEvents:
             self.failed(RuntimeError(f"events of turn {self.turn_id} appended out of order"))
         else:
             self.appended += self.sending
+            self.last_seq = first_seq + self.sending - 1
         self.sending = 0
 
     def failed(self, failure: BaseException) -> None:
@@ -287,6 +290,7 @@ class EventWriter:
                         turn.pending,
                         turn.appended == 0,
                         turn.appended,
+                        turn.last_seq,
                     )
                 )
                 turn.sending = len(turn.pending)
