@@ -97,7 +97,10 @@ def test_text_only_reply_streams_as_it_arrives(
     client: httpx.Client, sandbox_id: str, wire: Wire, fake_llm: FakeLLM
 ) -> None:
     agent = _agent(client, sandbox_id, wire, system_prompt="Be brief.")
-    fake_llm.script(agent.model, wire.reply(("text", ["Hel", "lo ", "there"])))
+    reply = wire.reply(("text", ["Hel", "lo ", "there"]))
+    # Tokens that arrive together may go out joined; these arrive apart.
+    reply.delay = 0.05
+    fake_llm.script(agent.model, reply)
     response, events = _send(agent, "hi")
 
     assert response.status_code == 200

@@ -5,6 +5,7 @@ and the SDK's default transport kept when a proxy is configured."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,7 +15,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from worker.providers.transport import StreamTransport, lean_http_client
+from worker.providers.transport import StreamTransport, body_of, lean_http_client
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -80,6 +81,102 @@ def test_chunked_and_sized_bodies_and_keep_alive() -> None:
             echoed = await http.post(base + "/echo", content=b"hello")
             assert (echoed.status_code, echoed.content) == (201, b"hello")
             assert len(connections) == 1  # both on one kept-alive connection
+
+    asyncio.run(scenario())
+
+
+_CHUNKED = (
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    + b"b;ext=1\r\ndata: one\n\n\r\n"
+    + b"B\r\ndata: two\n\n\r\n"
+    + b"%x\r\n%s\r\n" % (100_000, b"x" * 100_000)
+    + b"0\r\nx-trailer: yes\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 7, 4096, len(_CHUNKED)])
+def test_a_chunked_body_cut_anywhere_between_reads_reads_whole(split: int) -> None:
+    """The body read off the connection (`body_of`, what the providers read) is
+    the chunks' data however the framing falls across network reads: sizes with
+    extensions, a chunk larger than a read, trailers; the connection is reused."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            # The framing (the first and last bytes) `split` bytes a write, the
+            # large chunk's data between in blocks.
+            cuts = [*range(0, 100, split), *range(100, len(_CHUNKED) - 100, 8192)]
+            cuts += range(len(_CHUNKED) - 100, len(_CHUNKED), split)
+            for at, end in zip(cuts, [*cuts[1:], len(_CHUNKED)], strict=True):
+                writer.write(_CHUNKED[at:end])
+                await writer.drain()
+                if split < 16:
+                    await asyncio.sleep(0.001)  # a read each
+
+    async def scenario() -> None:
+        async with serve(handler) as (port, connections), client() as http:
+            for _ in range(2):
+                async with http.stream("GET", f"http://127.0.0.1:{port}/") as response:
+                    body = body_of(response)
+                    assert body is not None
+                    pieces = [piece async for piece in body.pieces()]
+                assert b"".join(pieces) == b"data: one\n\ndata: two\n\n" + b"x" * 100_000
+            assert len(connections) == 1
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b"zz\r\nabc\r\n0\r\n\r\n", "not a number"),
+        (b"-3\r\nabc\r\n0\r\n\r\n", "negative"),
+        (b"3\r\nabcd\r\n0\r\n\r\n", "did not end with CRLF"),
+        (b"3\r\nabc\r\n", "ended early"),
+        (b"1" * 5000, "too long"),
+    ],
+)
+def test_a_chunked_body_framed_wrong_is_a_protocol_error(body: bytes, error: str) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + body)
+        await writer.drain()
+
+    async def scenario() -> None:
+        async with (
+            serve(handler) as (port, _),
+            client() as http,
+            http.stream("GET", f"http://127.0.0.1:{port}/") as response,
+        ):
+            read = body_of(response)
+            assert read is not None
+            with pytest.raises(httpx2.RemoteProtocolError, match=error):
+                [piece async for piece in read.pieces()]
+
+    asyncio.run(scenario())
+
+
+def test_a_body_with_a_content_coding_is_left_to_httpx() -> None:
+    """A compressed body is not read off the connection as it is: httpx undoes
+    the coding."""
+    packed = gzip.compress(b"data: one\n\n")
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s"
+            % (len(packed), packed)
+        )
+        await writer.drain()
+
+    async def scenario() -> None:
+        async with (
+            serve(handler) as (port, _),
+            client() as http,
+            http.stream("GET", f"http://127.0.0.1:{port}/") as response,
+        ):
+            assert body_of(response) is None
+            assert await response.aread() == b"data: one\n\n"
 
     asyncio.run(scenario())
 

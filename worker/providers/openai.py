@@ -31,7 +31,7 @@ from worker.providers.base import (
     ToolCallStart,
     parse_arguments,
 )
-from worker.providers.sdk import guarded_stream, sse_batches, stream_cut
+from worker.providers.sdk import event_batches, guarded_stream, stream_cut
 from worker.providers.transport import lean_http_client, model_timeouts
 from worker.tools import ToolSpec
 
@@ -222,7 +222,7 @@ class OpenAIProvider:
         # one starts or the response finishes.
         calls: dict[int, tuple[str, str, list[str]]] = {}
         ready: set[int] = set()
-        async for batch in sse_batches(response.iter_bytes()):
+        async for batch in event_batches(response):
             text: list[str] = []  # the text deltas of this read, given as one
             for data in batch:
                 if data == b"[DONE]":

@@ -23,6 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from worker.providers.base import ProviderError, StreamItem
+from worker.providers.transport import body_of
 
 _CONTEXT_HINTS = ("prompt is too long", "context length", "context_length", "too many tokens")
 _SECRET_LIKE = re.compile(r"(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+\S+)")
@@ -116,6 +117,14 @@ async def guarded_stream(
         ) from None
     except TRANSPORT_ERRORS:
         raise stream_cut(provider) from None
+
+
+def event_batches(response: Any) -> AsyncIterator[list[bytes]]:
+    """`sse_batches` of an SDK's raw streaming response: read off the lean
+    transport's connection when it can be (`transport.body_of`), else through
+    the SDK's byte iterator."""
+    body = body_of(response.http_response)
+    return sse_batches(response.iter_bytes() if body is None else body.pieces())
 
 
 async def sse_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:

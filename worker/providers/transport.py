@@ -28,6 +28,8 @@ from shared.settings import Settings
 
 _MAX_HEAD_BYTES = 64 * 1024
 _READ_SIZE = 64 * 1024
+_MAX_CHUNK_LINE = 4096
+_BODY = "sandstream.body"  # the response's extension that holds its `_Body`
 _PROXY_VARIABLES = (
     "HTTPS_PROXY",
     "HTTP_PROXY",
@@ -48,6 +50,16 @@ def _ssl_context() -> ssl.SSLContext:
 
             cafile = certifi.where()
     return ssl.create_default_context(cafile=cafile)
+
+
+def _chunk_size(line: bytes) -> int:
+    try:
+        size = int(line.split(b";", 1)[0].strip(), 16)
+    except ValueError:
+        raise httpx2.RemoteProtocolError("a chunk size is not a number") from None
+    if size < 0:
+        raise httpx2.RemoteProtocolError("a chunk size is negative")
+    return size
 
 
 class _Connection:
@@ -119,7 +131,17 @@ class _Body(httpx2.AsyncByteStream):
         if self._connection is not None:
             self._connection.writer.transport.abort()
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self.pieces()
+
+    def plain(self, encoding: str) -> bool:
+        """The body is the content itself (no content coding to undo), so it can be
+        read with `pieces` instead of through httpx's response."""
+        return encoding in ("", "identity") and self._connection is not None
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        """The body as it arrives: what each network read brought (without the
+        chunked framing), one await per read."""
         connection = self._connection
         if connection is None:
             return
@@ -152,17 +174,60 @@ class _Body(httpx2.AsyncByteStream):
                 self._timer = None
 
     async def _chunks(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+        """A chunked body's data, per network read: a streamed response sends a
+        chunk per event, so one read usually holds one or a few whole chunks,
+        and a chunk larger than a read comes out in parts as it arrives."""
+        buffer = b""
+        left = 0  # bytes of the current chunk's data still to come
+        crlf = False  # the CRLF that ends a chunk's data is still to come
         while True:
-            line = await self._read(reader.readline())
-            if not line.endswith(b"\n"):
+            out: list[bytes] = []
+            at, size = 0, len(buffer)
+            while at < size:
+                if left:
+                    take = min(left, size - at)
+                    out.append(buffer[at : at + take])
+                    at += take
+                    left -= take
+                    crlf = not left
+                    continue
+                if crlf:
+                    if size - at < 2:
+                        break
+                    if buffer[at : at + 2] != b"\r\n":
+                        raise httpx2.RemoteProtocolError("a chunk did not end with CRLF")
+                    at += 2
+                    crlf = False
+                    continue
+                end = buffer.find(b"\r\n", at)
+                if end < 0:
+                    if size - at > _MAX_CHUNK_LINE:
+                        raise httpx2.RemoteProtocolError("a chunk size line is too long")
+                    break
+                left = _chunk_size(buffer[at:end])
+                at = end + 2
+                if not left:  # the last chunk: then trailers, up to an empty line
+                    tail = buffer[at:]
+                    while not (tail[:2] == b"\r\n" or b"\r\n\r\n" in tail):
+                        if len(tail) > _MAX_HEAD_BYTES:
+                            raise httpx2.RemoteProtocolError("the trailers are too large")
+                        more = await self._read(reader.read(_READ_SIZE))
+                        if not more:
+                            raise httpx2.RemoteProtocolError("the chunked body ended early")
+                        tail += more
+                    end = 2 if tail[:2] == b"\r\n" else tail.index(b"\r\n\r\n") + 4
+                    if len(tail) > end:  # more than the response: not a connection to reuse
+                        self._keep_alive = False
+                    if out:
+                        yield b"".join(out)
+                    return
+            buffer = buffer[at:]
+            if out:
+                yield out[0] if len(out) == 1 else b"".join(out)
+            data = await self._read(reader.read(_READ_SIZE))
+            if not data:
                 raise httpx2.RemoteProtocolError("the chunked body ended early")
-            size = int(line.split(b";", 1)[0].strip() or b"0", 16)
-            if size == 0:
-                while (await self._read(reader.readline())).strip():
-                    pass  # trailers
-                return
-            piece = await self._read(reader.readexactly(size + 2))
-            yield piece[:-2]
+            buffer = buffer + data if buffer else data
 
     async def _read(self, awaitable: Any) -> bytes:
         try:
@@ -185,6 +250,17 @@ class _Body(httpx2.AsyncByteStream):
             self._transport.release(self._origin, connection)
         else:
             connection.close()
+
+
+def body_of(response: httpx2.Response) -> _Body | None:
+    """The body of a response this transport made, to read with `_Body.pieces`
+    (one await per network read, not the half-dozen layers of httpx's and the
+    SDK's byte iterators per chunk), when it carries the content as it is; None
+    otherwise (another transport, a content coding to undo, a body read already)."""
+    body = response.extensions.get(_BODY)
+    if isinstance(body, _Body) and body.plain(response.headers.get("content-encoding", "")):
+        return body
+    return None
 
 
 class StreamTransport(httpx2.AsyncBaseTransport):
@@ -231,7 +307,7 @@ class StreamTransport(httpx2.AsyncBaseTransport):
             status,
             headers=headers,
             stream=stream,
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason},
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason, _BODY: stream},
         )
 
     @staticmethod
