@@ -86,18 +86,21 @@ async def _measure(
     readers = [asyncio.create_task(listen(pubsub)) for pubsub in pubsubs]
     cpu_before, commands_before = await _counters(redis)
     ours_before = time.process_time()
+    last: dict[str, int | None] = {sid: None for sid, _ in turns}
     for n in range(rounds):
         # As the worker's writer sends them: each turn counts its events in the
-        # log, so that a call sent again appends nothing twice.
+        # log, so that a call sent again appends nothing twice, and after its
+        # first append sends them with their seqs.
         batch = [
-            TurnAppend(sid, turn, [_delta(sid, sandbox_id, turn, n)], n == 0, appended_before=n)
+            TurnAppend(sid, turn, [_delta(sid, sandbox_id, turn, n)], n == 0, n, last_seq=last[sid])
             for sid, turn in turns
         ]
         if batched:
-            await store.append_batch(batch)
+            firsts = await store.append_batch(batch)
         else:
-            for one in batch:
-                await store.append_batch([one])
+            firsts = [(await store.append_batch([one]))[0] for one in batch]
+        for (sid, _), first in zip(turns, firsts, strict=True):
+            last[sid] = first  # one event a round: the first is the last
     cpu_after, commands_after = await _counters(redis)
     # The listener's share counts too: the last rounds' events may still be on
     # their way to it when the writer's last call returns.
