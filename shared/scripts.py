@@ -121,7 +121,8 @@ return 1
 # The seqs the worker gives are right while the mark is the one it expects:
 # only this script appends to a log whose mark names a turn (the scripts that
 # end or suspend the turn remove the mark as they append), and it sets the
-# session's seq and the mark together. So after a turn's first append, the
+# session's seq and the mark together (an append that does not count removes
+# a mark naming its turn). So after a turn's first append, the
 # script compares two strings and adds entries as they come, instead of
 # reading the counter and building each entry's JSON and id: about 6 µs of
 # Redis CPU less an event (bench/README.md, "Streaming at scale").
@@ -218,6 +219,10 @@ for i = 1, #batch do
         if expected ~= nil then
           written[#written + 1] = KEYS[k + 3]
           written[#written + 1] = turn_id .. ' ' .. (before + n) .. ' ' .. seq
+        elseif marked then
+          -- An append that does not count moves the seq past the mark's: an
+          -- append with seqs would find the mark it expects and send ids taken.
+          call('DEL', KEYS[k + 3])
         end
       elseif before == expected + n then
         firsts[i] = last - n + 1

@@ -243,6 +243,34 @@ def test_events_with_seqs_the_log_does_not_match_are_refused_whole(
     run(redis_url, scenario)
 
 
+def test_an_append_that_does_not_count_leaves_no_mark_for_seqs_given_past_it(
+    redis_url: str,
+) -> None:
+    """An append without a count moves the log past the mark's seq: a later
+    append with the seqs the mark implied is refused whole, and the other turns
+    of its call are appended (the script does not stop halfway on an id taken)."""
+
+    async def scenario(store: SessionStore) -> None:
+        sandbox, sid, turn = await _claimed(store)
+        other_sandbox, other_sid, other_turn = await _claimed(store)
+        assert await store.append_events(sid, turn, [_delta(sid, sandbox.id, turn, "a")], 0)
+        mine = _delta(other_sid, other_sandbox.id, other_turn, "a")
+        assert await store.append_events(other_sid, other_turn, [mine], 0) == [1]
+        assert await store.append_events(sid, turn, [_delta(sid, sandbox.id, turn, "b")]) == [2]
+        firsts = await store.append_batch(
+            [
+                TurnAppend(other_sid, other_turn, [mine], False, 1, last_seq=1),
+                TurnAppend(sid, turn, [_delta(sid, sandbox.id, turn, "c")], False, 1, 1),
+            ]
+        )
+        assert firsts == [2, -1]
+        assert [e.seq for e in await eventlog.read_after(store.redis, sid, 0)] == [1, 2]
+        assert [e.seq for e in await eventlog.read_after(store.redis, other_sid, 0)] == [1, 2]
+        assert await store.redis.get(keys.appended(other_sid)) == f"{other_turn} 2 2".encode()
+
+    run(redis_url, scenario)
+
+
 def test_the_writer_sends_a_turns_seqs_once_the_log_has_given_them(redis_url: str) -> None:
     """The writer's first call of a turn leaves the seqs to the script; its later
     calls send each event with the seq the log will give it."""

@@ -120,6 +120,9 @@ def test_a_chunked_body_cut_anywhere_between_reads_reads_whole(split: int) -> No
                     body = body_of(response)
                     assert body is not None
                     pieces = [piece async for piece in body.pieces()]
+                    assert body_of(response) is None  # read once only
+                    with pytest.raises(httpx2.StreamConsumed):
+                        await anext(body.pieces())
                 assert b"".join(pieces) == b"data: one\n\ndata: two\n\n" + b"x" * 100_000
             assert len(connections) == 1
 
@@ -129,8 +132,12 @@ def test_a_chunked_body_cut_anywhere_between_reads_reads_whole(split: int) -> No
 @pytest.mark.parametrize(
     ("body", "error"),
     [
-        (b"zz\r\nabc\r\n0\r\n\r\n", "not a number"),
-        (b"-3\r\nabc\r\n0\r\n\r\n", "negative"),
+        (b"zz\r\nabc\r\n0\r\n\r\n", "not a hex number"),
+        (b"-3\r\nabc\r\n0\r\n\r\n", "not a hex number"),
+        (b"0x3\r\nabc\r\n0\r\n\r\n", "not a hex number"),
+        (b"-0\r\n\r\n", "not a hex number"),
+        (b"1_0\r\n" + b"a" * 16 + b"\r\n0\r\n\r\n", "not a hex number"),
+        (b"1" * 5000 + b"\r\n", "too long"),
         (b"3\r\nabcd\r\n0\r\n\r\n", "did not end with CRLF"),
         (b"3\r\nabc\r\n", "ended early"),
         (b"1" * 5000, "too long"),

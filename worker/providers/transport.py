@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,6 +30,7 @@ from shared.settings import Settings
 _MAX_HEAD_BYTES = 64 * 1024
 _READ_SIZE = 64 * 1024
 _MAX_CHUNK_LINE = 4096
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _BODY = "sandstream.body"  # the response's extension that holds its `_Body`
 _PROXY_VARIABLES = (
     "HTTPS_PROXY",
@@ -53,13 +55,12 @@ def _ssl_context() -> ssl.SSLContext:
 
 
 def _chunk_size(line: bytes) -> int:
-    try:
-        size = int(line.split(b";", 1)[0].strip(), 16)
-    except ValueError:
-        raise httpx2.RemoteProtocolError("a chunk size is not a number") from None
-    if size < 0:
-        raise httpx2.RemoteProtocolError("a chunk size is negative")
-    return size
+    """The size on a chunk's first line: hex digits only (Python's `int` would
+    also take a sign, a 0x prefix and underscores), before any extensions."""
+    digits = line.split(b";", 1)[0].rstrip(b" \t")
+    if not _HEX.fullmatch(digits):
+        raise httpx2.RemoteProtocolError("a chunk size is not a hex number")
+    return int(digits, 16)
 
 
 class _Connection:
@@ -113,6 +114,7 @@ class _Body(httpx2.AsyncByteStream):
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timed_out = False
+        self._read_once = False  # `pieces` was begun: the body is read only once
 
     def _watch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -137,11 +139,14 @@ class _Body(httpx2.AsyncByteStream):
     def plain(self, encoding: str) -> bool:
         """The body is the content itself (no content coding to undo), so it can be
         read with `pieces` instead of through httpx's response."""
-        return encoding in ("", "identity") and self._connection is not None
+        return encoding in ("", "identity") and self._connection is not None and not self._read_once
 
     async def pieces(self) -> AsyncIterator[bytes]:
         """The body as it arrives: what each network read brought (without the
         chunked framing), one await per read."""
+        if self._read_once:
+            raise httpx2.StreamConsumed()
+        self._read_once = True
         connection = self._connection
         if connection is None:
             return
@@ -199,9 +204,9 @@ class _Body(httpx2.AsyncByteStream):
                     at += 2
                     crlf = False
                     continue
-                end = buffer.find(b"\r\n", at)
+                end = buffer.find(b"\r\n", at, at + _MAX_CHUNK_LINE)
                 if end < 0:
-                    if size - at > _MAX_CHUNK_LINE:
+                    if size - at >= _MAX_CHUNK_LINE:
                         raise httpx2.RemoteProtocolError("a chunk size line is too long")
                     break
                 left = _chunk_size(buffer[at:end])
