@@ -8,6 +8,11 @@ same key with another body is a 422. Keys expire after `idempotency_seconds`;
 a `pending` claim after `idempotency_pending_seconds`, since a request that
 could not drop it (its process died, or the store went away as it failed) must
 not keep every retry out for the key's whole life.
+
+A send's claim settles the record in the script that claims the session and
+queues its turn (`Settlement`), and a failure drops the record only while it is
+still `pending`: a send whose reply from Redis was lost made its turn, and its
+retry replays that turn rather than finding the session running (409).
 """
 
 from __future__ import annotations
@@ -16,15 +21,19 @@ import asyncio
 import contextlib
 import hashlib
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import msgspec
 from litestar import Request
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 
 from api.problems import Problem
 from api.services import Services
-from shared import keys
+from shared import keys, scripts
+from shared.turns import Settlement
 
 HEADER = "idempotency-key"
 _PENDING_WAIT_SECONDS = 10.0
@@ -41,21 +50,36 @@ class IdemRecord(msgspec.Struct, kw_only=True):
 _decoder = msgspec.json.Decoder(IdemRecord)
 
 
+# The script that drops a pending record, of each Redis client, registered once.
+_droppers: weakref.WeakKeyDictionary[Redis, AsyncScript] = weakref.WeakKeyDictionary()
+
+
 class IdemClaim:
     """The first request's hold on a key: settle it with the outcome, or abandon it."""
 
-    def __init__(self, svc: Services, redis_key: str, digest: str) -> None:
+    def __init__(self, svc: Services, redis_key: str, digest: str, pending: bytes) -> None:
         self._svc = svc
         self._key = redis_key
         self._digest = digest
+        self._pending = pending
 
     async def settle(self, resource_id: str, after: int = 0) -> None:
         record = IdemRecord(digest=self._digest, state="done", resource_id=resource_id, after=after)
         ttl = self._svc.settings.idempotency_seconds
         await self._svc.redis.set(self._key, msgspec.json.encode(record), ex=ttl)
 
+    def settlement(self) -> Settlement:
+        """The record for a script to settle with the effect, in the same step."""
+        return Settlement(self._key, self._digest, self._svc.settings.idempotency_seconds)
+
     async def abandon(self) -> None:
-        await self._svc.redis.delete(self._key)
+        """Let a retry try again: drop the record while it is still this request's
+        `pending` one (a settled one stays, the effect having happened)."""
+        redis = self._svc.redis
+        script = _droppers.get(redis)
+        if script is None:
+            script = _droppers[redis] = redis.register_script(scripts.DROP_PENDING)
+        await script(keys=[self._key], args=[self._pending])
 
 
 @contextlib.asynccontextmanager
@@ -96,7 +120,7 @@ async def claim_or_replay(
     pending_ms = round(svc.settings.idempotency_pending_seconds * 1000)
     while True:
         if await svc.redis.set(redis_key, pending, nx=True, px=pending_ms):
-            return IdemClaim(svc, redis_key, digest)
+            return IdemClaim(svc, redis_key, digest, pending)
         raw = await svc.redis.get(redis_key)
         if raw is None:
             continue  # the first request failed and let go: try to go first

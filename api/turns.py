@@ -102,12 +102,10 @@ async def submitted_turn(
                 user_message,
                 queued_job(TurnJob(session_id=sid, turn_id=turn_id)),
                 reply_to=svc.hub.reply_channel if reply is not None else "",
+                settles=idem.settlement() if idem is not None else None,
             )
-        if idem is not None:
-            if claim.status == "ok":
-                await idem.settle(turn_id, after=claim.latest_seq)
-            else:
-                await idem.abandon()
+        if idem is not None and claim.status != "ok":  # settled with the claim if it is
+            await idem.abandon()
         if claim.status == "missing":
             raise not_found("session", sid)
         if claim.status == "running":

@@ -9,15 +9,19 @@ a stale worker, a reaper and an interrupt can race without corrupting a session.
 
 from __future__ import annotations
 
-# KEYS: session, messages, seq[, job, queue, running].
+# KEYS: session, messages, seq[, job, queue, running[, idempotency record]].
 # ARGV: turn_id, user message JSON, now, now_ms, tenant[, job payload, job score ms,
-#       job expiry ms, wake channel, session id, reply channel or ''].
+#       job expiry ms, wake channel, session id, reply channel or ''[, the
+#       request's digest, the record's ttl s]].
 # -> {"ok", latest_seq} | {"running", running_turn_id} | {"missing"} (also: not the tenant's)
 # With the job's keys, a claimed turn is queued in the same step, as arq's
 # `enqueue_job` would (job record with expiry, queue entry), added to the
 # running index, and idle workers are woken: a claimed turn is never left
 # without its job, and the send costs one round trip. A reply channel (of the API
 # process waiting for the turn) gets the terminal event too (FINISH_TURN).
+# With an Idempotency-Key's record, the claim settles it (`api.idempotency`):
+# a send whose reply was lost, sent again with its key, replays the turn it
+# made instead of finding the session running.
 CLAIM_TURN = """
 local session = redis.call('HMGET', KEYS[1], 'tenant', 'state', 'turn_id')
 if session[1] ~= ARGV[5] then return {'missing'} end
@@ -40,7 +44,19 @@ if KEYS[4] then
   redis.call('SADD', KEYS[6], ARGV[10])
   redis.call('PUBLISH', ARGV[9], ARGV[1])
 end
-return {'ok', tostring(tonumber(redis.call('GET', KEYS[3]) or '0'))}
+local latest = tonumber(redis.call('GET', KEYS[3]) or '0')
+if KEYS[7] then
+  local record = {digest = ARGV[12], state = 'done', resource_id = ARGV[1], after = latest}
+  redis.call('SET', KEYS[7], cjson.encode(record), 'EX', ARGV[13])
+end
+return {'ok', tostring(latest)}
+"""
+
+# KEYS: an Idempotency-Key's record. ARGV: the record while pending.
+# -> 1 dropped | 0 it is no longer that (settled, or another request's)
+DROP_PENDING = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 # KEYS: session, messages, metrics counters.

@@ -145,6 +145,15 @@ class TurnState(msgspec.Struct, kw_only=True):
     awaiting: bool = False
 
 
+class Settlement(msgspec.Struct, frozen=True):
+    """An Idempotency-Key's record (its Redis key, the request's digest, how long
+    it is kept) for the claim to settle with the turn it makes (CLAIM_TURN)."""
+
+    key: str
+    digest: str
+    ttl_seconds: int
+
+
 class TurnAppend(msgspec.Struct):
     """Events of one turn to append; `first`: the turn's first append (the log's
     expiry is set then); `appended_before`: its events in the log already;
@@ -330,10 +339,12 @@ class TurnLifecycle:
         user_message: Message,
         job: QueuedJob | None = None,
         reply_to: str = "",
+        settles: Settlement | None = None,
     ) -> ClaimResult:
         """Make the session the tenant's new turn's, storing the user message, and
         queue `job` (the turn's) in the same step. `reply_to`: a pub/sub channel
-        to publish the turn's terminal event on, besides the session's."""
+        to publish the turn's terminal event on, besides the session's;
+        `settles`: an Idempotency-Key's record, settled with the claim."""
         now = now_rfc3339()
         claim_keys = [keys.session(sid), keys.messages(sid), keys.seq(sid)]
         args: list[str | bytes | int] = [
@@ -346,6 +357,11 @@ class TurnLifecycle:
         if job is not None:
             claim_keys += job.keys()
             args += [*job.args(), reply_to]
+            if settles is not None:
+                claim_keys.append(settles.key)
+                args += [settles.digest, settles.ttl_seconds]
+        elif settles is not None:
+            raise ValueError("an Idempotency-Key is settled by a claim that queues its job")
         res = await self._claim(keys=claim_keys, args=args)
         status = res[0].decode()
         if status == "ok":

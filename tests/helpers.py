@@ -287,3 +287,83 @@ class Box:
             return await execute_tool(ctx, name, args, list(TOOLS))
 
         return self.call(run)
+
+
+class PausableProxy:
+    """A TCP proxy to Redis on loopback that can stop passing bytes both ways,
+    as a network partition would (connections stay open, nothing arrives), or
+    drop the replies on a connection from the request that holds a marker on."""
+
+    def __init__(self, target_port: int) -> None:
+        self.port = free_port()
+        self._target = target_port
+        self._loop = asyncio.new_event_loop()
+        self._flowing = asyncio.Event()
+        self._marker = b""
+        self.dropped = 0  # connections whose replies were dropped
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(5)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._flowing.set()
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        )
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.close()
+
+    async def _shutdown(self) -> None:
+        self._server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop.stop()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
+        muted: list[bool] = []  # the replies on this connection are dropped
+        await asyncio.gather(
+            self._pipe(reader, up_writer, muted, True),
+            self._pipe(up_reader, writer, muted, False),
+            return_exceptions=True,
+        )
+
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        muted: list[bool],
+        requests: bool,
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                await self._flowing.wait()
+                if requests and self._marker and self._marker in data and not muted:
+                    self._marker = b""
+                    self.dropped += 1
+                    muted.append(True)
+                if not requests and muted:
+                    continue
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    def drop_replies_to(self, marker: bytes) -> None:
+        """Drop every reply on the next connection to send a request holding
+        `marker`, from that request's on: it reaches Redis, its reply never
+        comes back."""
+        self._loop.call_soon_threadsafe(setattr, self, "_marker", marker)
+
+    def cut(self) -> None:
+        self._loop.call_soon_threadsafe(self._flowing.clear)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+        self._thread.join(5)

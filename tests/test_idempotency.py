@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 import uuid
+from collections.abc import Callable
 
 import httpx
-from conftest import Stack
-from helpers import text_message
+from conftest import Proc, Stack
+from helpers import PausableProxy, free_port, new_session, text_message
 
 
 def test_concurrent_retries_of_one_send_make_one_turn(
@@ -102,3 +105,70 @@ def test_keys_are_per_tenant(stack: Stack, client: httpx.Client) -> None:
     with stack.client(BETA_KEY) as beta:
         theirs = beta.post("/sandboxes", json={}, headers=headers).json()["id"]
     assert mine != theirs
+
+
+def test_a_send_whose_reply_from_redis_was_lost_is_replayed_on_retry(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """The claim's script ran, its reply never came back: the API answers 503,
+    though the turn is queued. A retry with the same key replays that turn,
+    instead of finding the session running (409) or, once the turn is over,
+    making a second one."""
+    stack = make_stack(redis_socket_timeout_seconds="1")
+    host_port, db = stack.env["SANDSTREAM_REDIS_URL"].rsplit("/", 1)
+    proxy = PausableProxy(int(host_port.rsplit(":", 1)[1]))
+    port = free_port()
+    api = Proc(
+        [sys.executable, "-m", "api"],
+        {
+            **stack.env,
+            "SANDSTREAM_PORT": str(port),
+            "SANDSTREAM_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/{db}",
+        },
+        stack.workdir / "api-proxied.log",
+    )
+    stack.procs.append(api)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and api.popen.poll() is None
+            time.sleep(0.1)
+        with stack.client() as client:
+            sid = new_session(client)
+            text = f"run: sleep 1; echo {uuid.uuid4().hex}"
+            headers = {"Idempotency-Key": str(uuid.uuid4())}
+            with httpx.Client(base_url=base + "/api/v1", headers=client.headers) as proxied:
+                # A first turn, so that Redis knows the claim's script: the lost
+                # call is then the claim itself, not a NOSCRIPT answer.
+                assert proxied.post(f"/sessions/{sid}/messages", json=text_message("hi")).is_success
+                proxy.drop_replies_to(text.encode())
+                lost = proxied.post(
+                    f"/sessions/{sid}/messages", json=text_message(text), headers=headers
+                )
+                assert proxy.dropped == 1
+                assert lost.status_code == 503, lost.text
+                stored = client.get(f"/sessions/{sid}").json()["messages"]
+                assert stored[-1]["content"] == text_message(text)["content"]  # it landed
+                retried = proxied.post(
+                    f"/sessions/{sid}/messages", json=text_message(text), headers=headers
+                )
+            assert retried.status_code == 200, retried.text
+            reply = retried.json()
+            assert reply["role"] == "assistant" and reply["turn_id"] == stored[-1]["turn_id"]
+            messages = client.get(f"/sessions/{sid}").json()["messages"]
+            assert [m["role"] for m in messages] == ["user", "assistant"] * 2
+            assert messages[3] == reply
+            # And once the turn is over, another retry still replays it.
+            again = client.post(
+                f"/sessions/{sid}/messages", json=text_message(text), headers=headers
+            )
+            assert again.status_code == 200 and again.json() == reply
+            assert len(client.get(f"/sessions/{sid}").json()["messages"]) == 4
+    finally:
+        proxy.stop()

@@ -24,7 +24,7 @@ import redis
 from arq.jobs import serialize_result
 from conftest import Proc, RedisServer, Stack, model_env
 from fake_llm import FakeLLM, Reply, anthropic_stream
-from helpers import free_port, new_session, text_message, wait_state
+from helpers import PausableProxy, new_session, text_message, wait_state
 from redis.exceptions import OutOfMemoryError
 
 from bench.harness import user_message
@@ -123,62 +123,6 @@ def test_a_worker_paused_past_its_lease_resumes_its_turn(
     print(f"worker stopped {pause:.1f} s with a 1 s lease: the turn ended {reply['stop_reason']}")
     assert reply["stop_reason"] == "end_turn"
     assert reply["content"][1]["content"] == "resumed\n"
-
-
-class PausableProxy:
-    """A TCP proxy to Redis on loopback that can stop passing bytes both ways,
-    as a network partition would (connections stay open, nothing arrives)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.port = free_port()
-        self._target = target_port
-        self._loop = asyncio.new_event_loop()
-        self._flowing = asyncio.Event()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        assert self._ready.wait(5)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._flowing.set()
-        self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        )
-        self._ready.set()
-        self._loop.run_forever()
-        self._loop.close()
-
-    async def _shutdown(self) -> None:
-        self._server.close()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._loop.stop()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._flowing.wait()
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
-        await asyncio.gather(
-            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
-        )
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                await self._flowing.wait()
-                writer.write(data)
-                await writer.drain()
-        finally:
-            writer.close()
-
-    def cut(self) -> None:
-        self._loop.call_soon_threadsafe(self._flowing.clear)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-        self._thread.join(5)
 
 
 def test_a_partitioned_worker_kills_its_tool_before_the_session_moves_on(
