@@ -1,18 +1,19 @@
 """Idempotency-Key: a retried POST gets the first request's outcome, never a second one.
 
 The first request with a key claims it in Redis (SET NX) as `pending` with a
-digest of what it asks; once its effect is decided it records the resulting id
-(`done`), or drops the claim if it failed (so a retry may try again). A retry
+digest of what it asks; the write that makes its effect records the resulting
+id (`done`) in the same step, or the request drops the claim if it failed (so a
+retry may try again). A retry
 with the same key and body waits out a `pending` claim and replays `done`; the
 same key with another body is a 422. Keys expire after `idempotency_seconds`;
 a `pending` claim after `idempotency_pending_seconds`, since a request that
 could not drop it (its process died, or the store went away as it failed) must
 not keep every retry out for the key's whole life.
 
-A send's claim settles the record in the script that claims the session and
-queues its turn (`Settlement`), and a failure drops the record only while it is
-still `pending`: a send whose reply from Redis was lost made its turn, and its
-retry replays that turn rather than finding the session running (409).
+A failure drops the record only while it is still `pending`: a request whose
+reply from Redis was lost made its effect (the turn, the session, the
+sandbox), and its retry replays that rather than making a second one or, for a
+send, finding the session running (409).
 """
 
 from __future__ import annotations
@@ -63,13 +64,9 @@ class IdemClaim:
         self._digest = digest
         self._pending = pending
 
-    async def settle(self, resource_id: str, after: int = 0) -> None:
-        record = IdemRecord(digest=self._digest, state="done", resource_id=resource_id, after=after)
-        ttl = self._svc.settings.idempotency_seconds
-        await self._svc.redis.set(self._key, msgspec.json.encode(record), ex=ttl)
-
     def settlement(self) -> Settlement:
-        """The record for a script to settle with the effect, in the same step."""
+        """The record for the write that makes the effect to settle in the same
+        step: the effect and its record are stored together or not at all."""
         return Settlement(self._key, self._digest, self._svc.settings.idempotency_seconds)
 
     async def abandon(self) -> None:

@@ -30,6 +30,20 @@ from shared.store import SandboxRecord
 logger = logging.getLogger("sandstream.api")
 
 
+async def _prepare(svc: Services, sandbox_id: str) -> None:
+    """The sandbox's workspace, made (or found) ready for files and turns."""
+    record = await svc.store.get_sandbox_record(sandbox_id)
+    assert record is not None
+    await asyncio.get_running_loop().run_in_executor(
+        svc.disk,
+        prepare_workspace,
+        svc.settings.sandbox_root,
+        sandbox_id,
+        record.uid,
+        svc.confinement.quota,
+    )
+
+
 class SandboxController(Controller):
     path = "/api/v1/sandboxes"
 
@@ -42,21 +56,19 @@ class SandboxController(Controller):
         tenant = tenant_of(request)
         idem = await claim_or_replay(request, svc, tenant, "sandbox", await request.body())
         if isinstance(idem, IdemRecord):
-            return await owned_sandbox(svc, idem.resource_id, tenant)
+            # Made by the first request, whose workspace may not be ready: its
+            # reply was lost, or preparing it failed.
+            sandbox = await owned_sandbox(svc, idem.resource_id, tenant)
+            await _prepare(svc, sandbox.id)
+            return sandbox
         async with released_on_error(idem):
-            sandbox = await svc.store.create_sandbox(tenant, body.metadata, body.network)
-            record = await svc.store.get_sandbox_record(sandbox.id)
-            assert record is not None
-            await asyncio.get_running_loop().run_in_executor(
-                svc.disk,
-                prepare_workspace,
-                svc.settings.sandbox_root,
-                sandbox.id,
-                record.uid,
-                svc.confinement.quota,
+            sandbox = await svc.store.create_sandbox(
+                tenant,
+                body.metadata,
+                body.network,
+                settles=idem.settlement() if idem is not None else None,
             )
-        if idem is not None:
-            await idem.settle(sandbox.id)
+            await _prepare(svc, sandbox.id)
         return sandbox
 
     @get("/")

@@ -71,10 +71,13 @@ class SessionController(Controller):
                 field="$.agent.model",
             )
         async with released_on_error(idem):
-            session = await svc.store.create_session(tenant, sandbox_id, body.metadata, agent)
-        if idem is not None:
-            await idem.settle(session.id)
-        return session
+            return await svc.store.create_session(
+                tenant,
+                sandbox_id,
+                body.metadata,
+                agent,
+                settles=idem.settlement() if idem is not None else None,
+            )
 
     @get("/sandboxes/{sandbox_id:str}/sessions")
     async def list_sessions(

@@ -27,6 +27,7 @@ from shared.models import (
 from shared.turns import (
     ClaimResult,
     FinishMode,
+    Settlement,
     StartedTurn,
     TurnAppend,
     TurnLifecycle,
@@ -84,8 +85,14 @@ class SessionStore(TurnLifecycle):
     # ---- sandboxes ---------------------------------------------------------
 
     async def create_sandbox(
-        self, tenant: str, metadata: dict[str, Any], network: bool = False
+        self,
+        tenant: str,
+        metadata: dict[str, Any],
+        network: bool = False,
+        settles: Settlement | None = None,
     ) -> Sandbox:
+        """A new sandbox; with `settles`, its Idempotency-Key's record is settled
+        in the same transaction."""
         now = now_rfc3339()
         record = SandboxRecord(
             id=new_id(),
@@ -96,9 +103,11 @@ class SessionStore(TurnLifecycle):
             tenant=tenant,
             uid=await self._new_uid(),
         )
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.redis.pipeline(transaction=settles is not None) as pipe:
             pipe.set(keys.sandbox(record.id), msgspec.json.encode(record))
             pipe.zadd(keys.tenant_sandboxes(tenant), {record.id: time.time()})
+            if settles is not None:
+                pipe.set(settles.key, settles.done(record.id), ex=settles.ttl_seconds)
             await pipe.execute()
         return record.public()
 
@@ -165,8 +174,15 @@ class SessionStore(TurnLifecycle):
     # ---- sessions ----------------------------------------------------------
 
     async def create_session(
-        self, tenant: str, sandbox_id: str, metadata: dict[str, Any], agent: AgentConfig
+        self,
+        tenant: str,
+        sandbox_id: str,
+        metadata: dict[str, Any],
+        agent: AgentConfig,
+        settles: Settlement | None = None,
     ) -> Session:
+        """A new session; with `settles`, its Idempotency-Key's record is settled
+        in the same transaction."""
         now = now_rfc3339()
         sid = new_id()
         record = {
@@ -181,9 +197,11 @@ class SessionStore(TurnLifecycle):
             "created_at": now,
             "updated_at": now,
         }
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.redis.pipeline(transaction=settles is not None) as pipe:
             pipe.hset(keys.session(sid), mapping=record)
             pipe.zadd(keys.sandbox_sessions(sandbox_id), {sid: time.time()})
+            if settles is not None:
+                pipe.set(settles.key, settles.done(sid), ex=settles.ttl_seconds)
             await pipe.execute()
         return Session(
             id=sid,

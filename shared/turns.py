@@ -147,11 +147,18 @@ class TurnState(msgspec.Struct, kw_only=True):
 
 class Settlement(msgspec.Struct, frozen=True):
     """An Idempotency-Key's record (its Redis key, the request's digest, how long
-    it is kept) for the claim to settle with the turn it makes (CLAIM_TURN)."""
+    it is kept), settled in the same step as the effect it stands for: the
+    claim that makes a turn (CLAIM_TURN), the write that makes a resource."""
 
     key: str
     digest: str
     ttl_seconds: int
+
+    def done(self, resource_id: str, after: int = 0) -> bytes:
+        """The record once settled (`api.idempotency.IdemRecord`)."""
+        return msgspec.json.encode(
+            {"digest": self.digest, "state": "done", "resource_id": resource_id, "after": after}
+        )
 
 
 class TurnAppend(msgspec.Struct):

@@ -6,9 +6,11 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import httpx
+import pytest
 from conftest import Proc, Stack
 from helpers import PausableProxy, free_port, new_session, text_message
 
@@ -107,14 +109,10 @@ def test_keys_are_per_tenant(stack: Stack, client: httpx.Client) -> None:
     assert mine != theirs
 
 
-def test_a_send_whose_reply_from_redis_was_lost_is_replayed_on_retry(
-    make_stack: Callable[..., Stack],
-) -> None:
-    """The claim's script ran, its reply never came back: the API answers 503,
-    though the turn is queued. A retry with the same key replays that turn,
-    instead of finding the session running (409) or, once the turn is over,
-    making a second one."""
-    stack = make_stack(redis_socket_timeout_seconds="1")
+@contextmanager
+def _proxied_api(stack: Stack) -> Iterator[tuple[httpx.Client, PausableProxy]]:
+    """A client of another API process of the stack, whose Redis is behind a proxy
+    that can lose replies (a 1 s socket timeout, `make_stack`'s settings)."""
     host_port, db = stack.env["SANDSTREAM_REDIS_URL"].rsplit("/", 1)
     proxy = PausableProxy(int(host_port.rsplit(":", 1)[1]))
     port = free_port()
@@ -139,36 +137,73 @@ def test_a_send_whose_reply_from_redis_was_lost_is_replayed_on_retry(
                 pass
             assert time.monotonic() < deadline and api.popen.poll() is None
             time.sleep(0.1)
-        with stack.client() as client:
-            sid = new_session(client)
-            text = f"run: sleep 1; echo {uuid.uuid4().hex}"
-            headers = {"Idempotency-Key": str(uuid.uuid4())}
-            with httpx.Client(base_url=base + "/api/v1", headers=client.headers) as proxied:
-                # A first turn, so that Redis knows the claim's script: the lost
-                # call is then the claim itself, not a NOSCRIPT answer.
-                assert proxied.post(f"/sessions/{sid}/messages", json=text_message("hi")).is_success
-                proxy.drop_replies_to(text.encode())
-                lost = proxied.post(
-                    f"/sessions/{sid}/messages", json=text_message(text), headers=headers
-                )
-                assert proxy.dropped == 1
-                assert lost.status_code == 503, lost.text
-                stored = client.get(f"/sessions/{sid}").json()["messages"]
-                assert stored[-1]["content"] == text_message(text)["content"]  # it landed
-                retried = proxied.post(
-                    f"/sessions/{sid}/messages", json=text_message(text), headers=headers
-                )
-            assert retried.status_code == 200, retried.text
-            reply = retried.json()
-            assert reply["role"] == "assistant" and reply["turn_id"] == stored[-1]["turn_id"]
-            messages = client.get(f"/sessions/{sid}").json()["messages"]
-            assert [m["role"] for m in messages] == ["user", "assistant"] * 2
-            assert messages[3] == reply
-            # And once the turn is over, another retry still replays it.
-            again = client.post(
-                f"/sessions/{sid}/messages", json=text_message(text), headers=headers
-            )
-            assert again.status_code == 200 and again.json() == reply
-            assert len(client.get(f"/sessions/{sid}").json()["messages"]) == 4
+        with stack.client() as direct:
+            headers = direct.headers
+        with httpx.Client(base_url=base + "/api/v1", headers=headers, timeout=30) as client:
+            yield client, proxy
     finally:
         proxy.stop()
+
+
+def test_a_send_whose_reply_from_redis_was_lost_is_replayed_on_retry(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """The claim's script ran, its reply never came back: the API answers 503,
+    though the turn is queued. A retry with the same key replays that turn,
+    instead of finding the session running (409) or, once the turn is over,
+    making a second one."""
+    stack = make_stack(redis_socket_timeout_seconds="1")
+    with _proxied_api(stack) as (proxied, proxy), stack.client() as client:
+        sid = new_session(client)
+        # A first turn, so that Redis knows the claim's script: the lost call is
+        # then the claim itself, not a NOSCRIPT answer.
+        assert proxied.post(f"/sessions/{sid}/messages", json=text_message("hi")).is_success
+        text = f"run: sleep 1; echo {uuid.uuid4().hex}"
+        headers = {"Idempotency-Key": str(uuid.uuid4())}
+        proxy.drop_replies_to(text.encode())
+        lost = proxied.post(f"/sessions/{sid}/messages", json=text_message(text), headers=headers)
+        assert proxy.dropped == 1
+        assert lost.status_code == 503, lost.text
+        stored = client.get(f"/sessions/{sid}").json()["messages"]
+        assert stored[-1]["content"] == text_message(text)["content"]  # it landed
+        retried = proxied.post(
+            f"/sessions/{sid}/messages", json=text_message(text), headers=headers
+        )
+        assert retried.status_code == 200, retried.text
+        reply = retried.json()
+        assert reply["role"] == "assistant" and reply["turn_id"] == stored[-1]["turn_id"]
+        messages = client.get(f"/sessions/{sid}").json()["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * 2
+        assert messages[3] == reply
+        # And once the turn is over, another retry still replays it.
+        again = client.post(f"/sessions/{sid}/messages", json=text_message(text), headers=headers)
+        assert again.status_code == 200 and again.json() == reply
+        assert len(client.get(f"/sessions/{sid}").json()["messages"]) == 4
+
+
+@pytest.mark.parametrize("what", ["sandbox", "session"])
+def test_a_create_whose_reply_from_redis_was_lost_is_replayed_on_retry(
+    make_stack: Callable[..., Stack], what: str
+) -> None:
+    """The create's write went in, its reply never came back (503): a retry with
+    the same key gets what it made, not a second one."""
+    stack = make_stack(redis_socket_timeout_seconds="1")
+    with _proxied_api(stack) as (proxied, proxy), stack.client() as client:
+        sandbox = client.post("/sandboxes", json={}).json()["id"]
+        path = "/sandboxes" if what == "sandbox" else f"/sandboxes/{sandbox}/sessions"
+        marker = uuid.uuid4().hex
+        body = {"metadata": {"marker": marker}}
+        headers = {"Idempotency-Key": str(uuid.uuid4())}
+        proxy.drop_replies_to(marker.encode())
+        lost = proxied.post(path, json=body, headers=headers)
+        assert proxy.dropped == 1
+        assert lost.status_code == 503, lost.text
+        retried = proxied.post(path, json=body, headers=headers)
+        assert retried.status_code == 201, retried.text
+        made = [r for r in client.get(path, params={"limit": "200"}).json()]
+        assert [r["id"] for r in made if r["metadata"] == {"marker": marker}] == [
+            retried.json()["id"]
+        ]
+        if what == "sandbox":  # its workspace is ready: a file goes in
+            put = client.put(f"/sandboxes/{retried.json()['id']}/files/a.txt", content=b"hello")
+            assert put.is_success, put.text
