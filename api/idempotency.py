@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
+import uuid
 import weakref
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -46,6 +47,9 @@ class IdemRecord(msgspec.Struct, kw_only=True):
     state: Literal["pending", "done"]
     resource_id: str = ""
     after: int = 0  # sends: the session's seq when the turn was claimed
+    # pending: the request's own claim, so that its record is told apart from a
+    # retry's with the same key and body (its claim expired, the retry took it)
+    claim: str = ""
 
 
 _decoder = msgspec.json.Decoder(IdemRecord)
@@ -67,7 +71,9 @@ class IdemClaim:
     def settlement(self) -> Settlement:
         """The record for the write that makes the effect to settle in the same
         step: the effect and its record are stored together or not at all."""
-        return Settlement(self._key, self._digest, self._svc.settings.idempotency_seconds)
+        return Settlement(
+            self._key, self._digest, self._svc.settings.idempotency_seconds, self._pending
+        )
 
     async def abandon(self) -> None:
         """Let a retry try again: drop the record while it is still this request's
@@ -112,7 +118,9 @@ async def claim_or_replay(
         )
     digest = hashlib.sha256(scope.encode() + b"\0" + body).hexdigest()
     redis_key = keys.idempotency(tenant, hashlib.sha256(key.encode()).hexdigest())
-    pending = msgspec.json.encode(IdemRecord(digest=digest, state="pending"))
+    pending = msgspec.json.encode(
+        IdemRecord(digest=digest, state="pending", claim=uuid.uuid4().hex)
+    )
     deadline = time.monotonic() + _PENDING_WAIT_SECONDS
     pending_ms = round(svc.settings.idempotency_pending_seconds * 1000)
     while True:

@@ -12,16 +12,17 @@ from __future__ import annotations
 # KEYS: session, messages, seq[, job, queue, running[, idempotency record]].
 # ARGV: turn_id, user message JSON, now, now_ms, tenant[, job payload, job score ms,
 #       job expiry ms, wake channel, session id, reply channel or ''[, the
-#       request's digest, the record's ttl s]].
+#       request's digest, the record's ttl s, the request's pending record]].
 # -> {"ok", latest_seq} | {"running", running_turn_id} | {"missing"} (also: not the tenant's)
 # With the job's keys, a claimed turn is queued in the same step, as arq's
 # `enqueue_job` would (job record with expiry, queue entry), added to the
 # running index, and idle workers are woken: a claimed turn is never left
 # without its job, and the send costs one round trip. A reply channel (of the API
 # process waiting for the turn) gets the terminal event too (FINISH_TURN).
-# With an Idempotency-Key's record, the claim settles it (`api.idempotency`):
-# a send whose reply was lost, sent again with its key, replays the turn it
-# made instead of finding the session running.
+# With an Idempotency-Key's record, the claim settles it (`api.idempotency`),
+# unless another request holds the key by now (SETTLE): a send whose reply was
+# lost, sent again with its key, replays the turn it made instead of finding
+# the session running.
 CLAIM_TURN = """
 local session = redis.call('HMGET', KEYS[1], 'tenant', 'state', 'turn_id')
 if session[1] ~= ARGV[5] then return {'missing'} end
@@ -44,15 +45,33 @@ if KEYS[4] then
   redis.call('SADD', KEYS[6], ARGV[10])
   redis.call('PUBLISH', ARGV[9], ARGV[1])
 end
-local latest = tonumber(redis.call('GET', KEYS[3]) or '0')
+local latest = redis.call('GET', KEYS[3]) or '0'
 if KEYS[7] then
-  local record = {digest = ARGV[12], state = 'done', resource_id = ARGV[1], after = latest}
-  redis.call('SET', KEYS[7], cjson.encode(record), 'EX', ARGV[13])
+  local held = redis.call('GET', KEYS[7])
+  if (not held) or held == ARGV[14] then
+    -- `after` as Redis keeps it: cjson would write a large number as a float
+    local record = cjson.encode({digest = ARGV[12], state = 'done', resource_id = ARGV[1]})
+    record = string.sub(record, 1, -2) .. ',"after":' .. latest .. '}'
+    redis.call('SET', KEYS[7], record, 'EX', ARGV[13])
+  end
 end
-return {'ok', tostring(latest)}
+return {'ok', latest}
 """
 
-# KEYS: an Idempotency-Key's record. ARGV: the record while pending.
+# Settle an Idempotency-Key's record with the effect it stands for, queued in
+# the effect's own transaction (a create): unless another request holds the key
+# by now (this one's `pending` expired, and a retry took it), whose record stays.
+# KEYS: the record. ARGV: this request's pending record, the settled one, ttl s.
+# -> 1 settled | 0 the key is another request's
+SETTLE = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+# KEYS: an Idempotency-Key's record. ARGV: the request's record while pending
+# (unique to the request: it names a claim of its own).
 # -> 1 dropped | 0 it is no longer that (settled, or another request's)
 DROP_PENDING = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end

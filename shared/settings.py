@@ -181,6 +181,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError("lease_seconds must be positive and lease_grace_seconds not negative")
         if self.idempotency_pending_seconds <= 0:
             raise ValueError("idempotency_pending_seconds must be positive")
+        if self.idempotency_seconds <= 0:
+            raise ValueError("idempotency_seconds must be positive")
         if self.redis_socket_timeout_seconds <= 0:
             raise ValueError("redis_socket_timeout_seconds must be positive")
         if self.provider_idle_timeout_seconds <= 0:

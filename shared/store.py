@@ -12,9 +12,10 @@ from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
-from shared import keys
+from shared import keys, scripts
 from shared.models import (
     AgentConfig,
     Message,
@@ -81,6 +82,16 @@ class SessionStore(TurnLifecycle):
     ) -> None:
         super().__init__(redis, log_max_events=log_max_events, log_ttl_seconds=log_ttl_seconds)
         self.sandbox_uid_base = sandbox_uid_base
+        self._settle = redis.register_script(scripts.SETTLE)
+
+    async def _settle_in(self, pipe: Pipeline, settles: Settlement, resource_id: str) -> None:
+        """Queue the settling of an Idempotency-Key's record in `pipe`, the
+        transaction that makes `resource_id` (SETTLE)."""
+        await self._settle(
+            keys=[settles.key],
+            args=[settles.pending, settles.done(resource_id), settles.ttl_seconds],
+            client=pipe,
+        )
 
     # ---- sandboxes ---------------------------------------------------------
 
@@ -107,7 +118,7 @@ class SessionStore(TurnLifecycle):
             pipe.set(keys.sandbox(record.id), msgspec.json.encode(record))
             pipe.zadd(keys.tenant_sandboxes(tenant), {record.id: time.time()})
             if settles is not None:
-                pipe.set(settles.key, settles.done(record.id), ex=settles.ttl_seconds)
+                await self._settle_in(pipe, settles, record.id)
             await pipe.execute()
         return record.public()
 
@@ -201,7 +212,7 @@ class SessionStore(TurnLifecycle):
             pipe.hset(keys.session(sid), mapping=record)
             pipe.zadd(keys.sandbox_sessions(sandbox_id), {sid: time.time()})
             if settles is not None:
-                pipe.set(settles.key, settles.done(sid), ex=settles.ttl_seconds)
+                await self._settle_in(pipe, settles, sid)
             await pipe.execute()
         return Session(
             id=sid,

@@ -153,6 +153,7 @@ class Settlement(msgspec.Struct, frozen=True):
     key: str
     digest: str
     ttl_seconds: int
+    pending: bytes  # the request's record while pending: the key is still its own
 
     def done(self, resource_id: str, after: int = 0) -> bytes:
         """The record once settled (`api.idempotency.IdemRecord`)."""
@@ -366,7 +367,7 @@ class TurnLifecycle:
             args += [*job.args(), reply_to]
             if settles is not None:
                 claim_keys.append(settles.key)
-                args += [settles.digest, settles.ttl_seconds]
+                args += [settles.digest, settles.ttl_seconds, settles.pending]
         elif settles is not None:
             raise ValueError("an Idempotency-Key is settled by a claim that queues its job")
         res = await self._claim(keys=claim_keys, args=args)

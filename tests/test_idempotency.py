@@ -2,17 +2,47 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import httpx
+import msgspec
 import pytest
 from conftest import Proc, Stack
 from helpers import PausableProxy, free_port, new_session, text_message
+from redis.asyncio import Redis
+
+from api.idempotency import IdemClaim, IdemRecord
+from api.services import Services
+from bench.harness import user_message
+from shared import events as ev
+from shared import keys
+from shared.models import new_id, now_rfc3339
+from shared.queue import TurnJob, queued_job
+from shared.sandbox.workspace import prepare_workspace
+from shared.settings import Settings
+from shared.store import SessionStore
+from shared.turns import Settlement
+
+
+def _failed(sid: str, sandbox_id: str, turn_id: str) -> ev.SessionFailed:
+    return ev.SessionFailed(
+        session_id=sid,
+        sandbox_id=sandbox_id,
+        turn_id=turn_id,
+        message_id="m",
+        created_at=now_rfc3339(),
+        error=ev.ErrorInfo(code="interrupted", message="x"),
+        stop_reason="error",
+    )
 
 
 def test_concurrent_retries_of_one_send_make_one_turn(
@@ -207,3 +237,78 @@ def test_a_create_whose_reply_from_redis_was_lost_is_replayed_on_retry(
         if what == "sandbox":  # its workspace is ready: a file goes in
             put = client.put(f"/sandboxes/{retried.json()['id']}/files/a.txt", content=b"hello")
             assert put.is_success, put.text
+
+
+def test_a_request_whose_claim_expired_leaves_the_key_to_the_one_that_took_it(
+    redis_url: str,
+) -> None:
+    """Request A's pending claim expired and a retry B (same key, same body) took
+    the key: A's effect, written late, does not settle B's record, nor does A's
+    failure drop it. With the key free, A's effect settles it."""
+
+    async def scenario() -> None:
+        client = Redis.from_url(redis_url)
+        store = SessionStore(client)
+        settings = Settings()
+        svc = cast(Services, SimpleNamespace(redis=client, settings=settings))
+        digest = "d" * 64
+
+        def pending(claim: str) -> bytes:
+            return msgspec.json.encode(IdemRecord(digest=digest, state="pending", claim=claim))
+
+        mine, theirs = pending("a"), pending("b")
+        key = f"ss:idem:test:{uuid.uuid4().hex}"
+        settles = Settlement(key, digest, 60, mine)
+        try:
+            sandbox = await store.create_sandbox("t", {})
+            await client.set(key, theirs)
+            await IdemClaim(svc, key, digest, mine).abandon()
+            assert await client.get(key) == theirs
+            await store.create_session("t", sandbox.id, {}, settings.default_agent(), settles)
+            assert await client.get(key) == theirs
+            sid = (await store.create_session("t", sandbox.id, {}, settings.default_agent())).id
+            turn = new_id()
+            job = queued_job(TurnJob(session_id=sid, turn_id=turn))
+            message = user_message(sid, turn, "hi")
+            assert (
+                await store.claim_turn(sid, "t", turn, message, job, "", settles)
+            ).status == "ok"
+            assert await client.get(key) == theirs
+            await IdemClaim(svc, key, digest, theirs).abandon()  # B's own: dropped
+            assert await client.get(key) is None
+            await store.finish_turn(sid, turn, "unstarted", None, _failed(sid, sandbox.id, turn))
+            turn = new_id()
+            job = queued_job(TurnJob(session_id=sid, turn_id=turn))
+            message = user_message(sid, turn, "again")
+            assert (
+                await store.claim_turn(sid, "t", turn, message, job, "", settles)
+            ).status == "ok"
+            record = msgspec.json.decode(await client.get(key) or b"", type=IdemRecord)
+            assert (record.state, record.resource_id, record.digest) == ("done", turn, digest)
+            assert record.after == int(await client.get(keys.seq(sid)) or 0)
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_workspace_made_by_two_requests_at_once_is_made_once(tmp_path: Path) -> None:
+    """Two requests for one sandbox (a create and its replay) prepare its
+    workspace at the same moment: both succeed."""
+    failures: list[BaseException] = []
+
+    def prepare(sandbox: str, start: threading.Barrier) -> None:
+        start.wait()
+        try:
+            prepare_workspace(str(tmp_path), sandbox, None, None)
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    for _ in range(50):
+        sandbox, start = new_id(), threading.Barrier(2)
+        threads = [threading.Thread(target=prepare, args=(sandbox, start)) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+    assert failures == []

@@ -32,10 +32,13 @@ def prepare_workspace(root: str, sandbox_id: str, uid: int | None, quota: DiskQu
     path = workspace_path(root, sandbox_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        if quota is not None:
-            quota.create(path)
-        else:
-            path.mkdir(mode=0o700)
+        try:
+            if quota is not None:
+                quota.create(path)
+            else:
+                path.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # made at the same moment for another request of the same sandbox
     if uid is not None and os.geteuid() == 0 and os.lstat(path).st_uid != uid:
         os.lchown(path, uid, uid)
     if quota is not None and not quota.apply(path, uid):
