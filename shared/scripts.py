@@ -191,21 +191,25 @@ local written = {}
 local channels = {}
 local order = {}
 local maxlen = ARGV[1]
+-- the lines a channel publishes, in the order of the turns that append to it
+local function lines_of(channel)
+  local lines = channels[channel]
+  if not lines then
+    lines = {}
+    channels[channel] = lines
+    order[#order + 1] = channel
+  end
+  return lines
+end
 for i = 1, #batch do
   local turn = batch[i]
   local h = turn[1]
   local turn_id, channel, n = ARGV[h], ARGV[h + 1], turn[2]
   local k = 4 * i - 3
   local mark = counters[turn[4]]
-  local lines = channels[channel]
   if turn[3] then
     if mark == ARGV[h + 5] then
-      local log = KEYS[k + 2]
-      if not lines then
-        lines = {}
-        channels[channel] = lines
-        order[#order + 1] = channel
-      end
+      local log, lines = KEYS[k + 2], lines_of(channel)
       for j = turn[6], turn[7], 3 do
         call('XADD', log, 'MAXLEN', '~', maxlen, ARGV[j], 't', ARGV[j + 1], 'd', ARGV[j + 2])
         lines[#lines + 1] = ARGV[j + 2]
@@ -236,12 +240,7 @@ for i = 1, #batch do
       if expected == nil or before == expected then
         local seq = tonumber(counters[turn[5]]) or 0
         firsts[i] = seq + 1
-        local log = KEYS[k + 2]
-        if not lines then
-          lines = {}
-          channels[channel] = lines
-          order[#order + 1] = channel
-        end
+        local log, lines = KEYS[k + 2], lines_of(channel)
         for j = turn[6], turn[7], 2 do
           seq = seq + 1
           local data = '{"seq":' .. seq .. ',' .. ARGV[j + 1]

@@ -16,7 +16,9 @@ import httpx
 from arq.jobs import Job
 from httpx_sse import connect_sse
 
+from shared import events as ev
 from shared import keys
+from shared.models import now_rfc3339
 from shared.queue import TURN_FUNCTION, connect, deserialize_job_data
 from shared.sandbox.confinement import Confinement, SandboxSpec
 from shared.sandbox.handle import OpenSandbox
@@ -367,3 +369,16 @@ class PausableProxy:
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
         self._thread.join(5)
+
+
+def failed_event(sid: str, sandbox_id: str, turn_id: str) -> ev.SessionFailed:
+    """A turn's terminal event, for the store's scripts that end it."""
+    return ev.SessionFailed(
+        session_id=sid,
+        sandbox_id=sandbox_id,
+        turn_id=turn_id,
+        message_id="m",
+        created_at=now_rfc3339(),
+        error=ev.ErrorInfo(code="x", message="y"),
+        stop_reason="error",
+    )

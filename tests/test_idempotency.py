@@ -17,32 +17,19 @@ import httpx
 import msgspec
 import pytest
 from conftest import Proc, Stack
-from helpers import PausableProxy, free_port, new_session, text_message
+from helpers import PausableProxy, failed_event, free_port, new_session, text_message
 from redis.asyncio import Redis
 
 from api.idempotency import IdemClaim, IdemRecord
 from api.services import Services
 from bench.harness import user_message
-from shared import events as ev
 from shared import keys
-from shared.models import new_id, now_rfc3339
+from shared.models import new_id
 from shared.queue import TurnJob, queued_job
 from shared.sandbox.workspace import prepare_workspace
 from shared.settings import Settings
 from shared.store import SessionStore
 from shared.turns import Settlement
-
-
-def _failed(sid: str, sandbox_id: str, turn_id: str) -> ev.SessionFailed:
-    return ev.SessionFailed(
-        session_id=sid,
-        sandbox_id=sandbox_id,
-        turn_id=turn_id,
-        message_id="m",
-        created_at=now_rfc3339(),
-        error=ev.ErrorInfo(code="interrupted", message="x"),
-        stop_reason="error",
-    )
 
 
 def test_concurrent_retries_of_one_send_make_one_turn(
@@ -276,7 +263,9 @@ def test_a_request_whose_claim_expired_leaves_the_key_to_the_one_that_took_it(
             assert await client.get(key) == theirs
             await IdemClaim(svc, key, digest, theirs).abandon()  # B's own: dropped
             assert await client.get(key) is None
-            await store.finish_turn(sid, turn, "unstarted", None, _failed(sid, sandbox.id, turn))
+            await store.finish_turn(
+                sid, turn, "unstarted", None, failed_event(sid, sandbox.id, turn)
+            )
             turn = new_id()
             job = queued_job(TurnJob(session_id=sid, turn_id=turn))
             message = user_message(sid, turn, "again")

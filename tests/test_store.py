@@ -11,6 +11,7 @@ from typing import TypeVar
 import msgspec
 import pytest
 from conftest import RedisServer
+from helpers import failed_event
 from redis.asyncio import Redis
 from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -67,18 +68,6 @@ def _delta(sid: str, sandbox_id: str, turn_id: str, text: str, index: int = 0) -
     )
 
 
-def _done(sid: str, sandbox_id: str, turn_id: str) -> ev.SessionFailed:
-    return ev.SessionFailed(
-        session_id=sid,
-        sandbox_id=sandbox_id,
-        turn_id=turn_id,
-        message_id="m",
-        created_at=now_rfc3339(),
-        error=ev.ErrorInfo(code="x", message="y"),
-        stop_reason="error",
-    )
-
-
 def test_only_one_of_many_concurrent_claims_wins(redis_url: str) -> None:
     async def scenario(store: SessionStore) -> list[str]:
         sandbox = await store.create_sandbox("t", {})
@@ -124,10 +113,15 @@ def test_a_stale_turn_can_neither_append_nor_finish(redis_url: str) -> None:
         sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
         old, new = new_id(), new_id()
         await store.claim_turn(sid, "t", old, _user(sid, old))
-        assert await store.finish_turn(sid, old, "unstarted", None, _done(sid, sandbox.id, old))
+        assert await store.finish_turn(
+            sid, old, "unstarted", None, failed_event(sid, sandbox.id, old)
+        )
         await store.claim_turn(sid, "t", new, _user(sid, new))
         assert await store.append_events(sid, old, [_delta(sid, sandbox.id, old, "x")]) == [0]
-        assert await store.finish_turn(sid, old, "worker", None, _done(sid, sandbox.id, old)) == 0
+        assert (
+            await store.finish_turn(sid, old, "worker", None, failed_event(sid, sandbox.id, old))
+            == 0
+        )
         state = await store.turn_state(sid)
         assert state is not None and state.turn_id == new and state.state == "running"
 
@@ -141,7 +135,7 @@ def test_started_turn_is_orphaned_only_at_the_lease_epoch_seen_standing_still(
         sandbox, sid, turn = await _claimed(store)
         assert await store.start_turn(sid, turn, "w1")
         assert not await store.start_turn(sid, turn, "w2")  # no second worker
-        done = _done(sid, sandbox.id, turn)
+        done = failed_event(sid, sandbox.id, turn)
         assert await store.finish_turn(sid, turn, "unstarted", None, done) == 0
         state = await store.turn_state(sid)
         assert state is not None and state.lease_epoch == 1
@@ -380,7 +374,7 @@ def test_a_turn_that_ended_appends_nothing_more_though_its_mark_named_it(
         delta = _delta(sid, sandbox.id, turn, "a")
         assert await store.append_events(sid, turn, [delta], 0) == [1]
         assert await store.append_events(sid, turn, [delta], 1) == [2]
-        done = _done(sid, sandbox.id, turn)
+        done = failed_event(sid, sandbox.id, turn)
         if end == "deleted":
             assert await store.delete_session(sid)
         else:
@@ -451,7 +445,7 @@ def test_a_turn_loads_the_history_its_agent_reads(redis_url: str) -> None:
                 started = await store.start_turn(session.id, turn, "w")
                 assert started is not None and started.history[-1].turn_id == turn
                 loaded[name].append(len(started.history))
-                done = _done(session.id, sandbox.id, turn)
+                done = failed_event(session.id, sandbox.id, turn)
                 assert await store.finish_turn(
                     session.id, turn, "worker", None, done, worker_id="w"
                 )
@@ -483,7 +477,7 @@ def test_a_stopped_writer_leaves_the_last_events_to_the_turns_end(redis_url: str
             assert len(await eventlog.read_after(store.redis, session.id, 0)) == 2
             rest = await writer.detach()
             assert [e.text for e in rest if isinstance(e, ev.TextDelta)] == ["c"]
-            done = _done(session.id, sandbox.id, turn)
+            done = failed_event(session.id, sandbox.id, turn)
             ended = await store.finish_turn(
                 session.id, turn, "worker", None, done, None, rest, worker_id="w1"
             )
@@ -538,7 +532,7 @@ def test_the_writer_sends_all_turns_events_in_one_call_and_refuses_a_stale_turn(
             await store.claim_turn(sid, "t", turn, _user(sid, turn))
             turns.append((sid, turn))
         stale_sid, stale_turn = turns[1]
-        done = _done(stale_sid, sandbox.id, stale_turn)
+        done = failed_event(stale_sid, sandbox.id, stale_turn)
         assert await store.finish_turn(stale_sid, stale_turn, "unstarted", None, done)
         superseded: list[str] = []
         events = EventWriter(store)
@@ -698,7 +692,7 @@ def test_a_worker_cannot_end_a_turn_whose_lease_it_no_longer_holds(redis_url: st
     async def scenario(store: SessionStore) -> None:
         sandbox, sid, turn = await _claimed(store)
         assert await store.start_turn(sid, turn, "w1")
-        done = _done(sid, sandbox.id, turn)
+        done = failed_event(sid, sandbox.id, turn)
         assert await store.finish_turn(sid, turn, "worker", None, done, worker_id="w2") == 0
         approvals = ApprovalStore(store.redis, log_max_events=100, log_ttl_seconds=60)
         call = PendingApproval(
