@@ -3,12 +3,12 @@
 The first request with a key claims it in Redis (SET NX) as `pending` with a
 digest of what it asks; the write that makes its effect records the resulting
 id (`done`) in the same step, or the request drops the claim if it failed (so a
-retry may try again). A retry
-with the same key and body waits out a `pending` claim and replays `done`; the
-same key with another body is a 422. Keys expire after `idempotency_seconds`;
-a `pending` claim after `idempotency_pending_seconds`, since a request that
-could not drop it (its process died, or the store went away as it failed) must
-not keep every retry out for the key's whole life.
+retry may try again). A retry with the same key and body waits out a `pending`
+claim and replays `done`; the same key with another body is a 422. Keys expire
+after `idempotency_seconds`; a `pending` claim after
+`idempotency_pending_seconds`, since a request that could not drop it (its
+process died, or the store went away as it failed) must not keep every retry
+out for the key's whole life.
 
 A failure drops the record only while it is still `pending`: a request whose
 reply from Redis was lost made its effect (the turn, the session, the

@@ -156,11 +156,11 @@ return 1
 # The seqs the worker gives are right while the mark is the one it expects:
 # only this script appends to a log whose mark names a turn (the scripts that
 # end or suspend the turn remove the mark as they append), and it sets the
-# session's seq and the mark together (an append that does not count removes
-# a mark naming its turn). So after a turn's first append, the
-# script compares two strings and adds entries as they come, instead of
-# reading the counter and building each entry's JSON and id: about 6 µs of
-# Redis CPU less an event (bench/README.md, "Streaming at scale").
+# session's seq and the mark together (an append that does not count removes a
+# mark naming its turn). So after a turn's first append, the script compares
+# two strings and adds entries as they come, instead of reading the counter and
+# building each entry's JSON and id: 4 to 6 µs of Redis CPU less an event
+# (bench/README.md, "Streaming at scale").
 # The arguments are flat rather than one encoded struct because this is the
 # script that runs for every token: decoding a struct in Lua (cmsgpack) cost
 # Redis about 1.3 µs more per event. The keys of many sessions in one script:

@@ -155,10 +155,11 @@ class Settlement(msgspec.Struct, frozen=True):
     ttl_seconds: int
     pending: bytes  # the request's record while pending: the key is still its own
 
-    def done(self, resource_id: str, after: int = 0) -> bytes:
-        """The record once settled (`api.idempotency.IdemRecord`)."""
+    def done(self, resource_id: str) -> bytes:
+        """The record once a resource is made (`api.idempotency.IdemRecord`; the
+        claim writes a send's, with the seq it claimed at, in Lua)."""
         return msgspec.json.encode(
-            {"digest": self.digest, "state": "done", "resource_id": resource_id, "after": after}
+            {"digest": self.digest, "state": "done", "resource_id": resource_id}
         )
 
 
