@@ -11,7 +11,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from api.guard import tenant_of
 from api.idempotency import IdemRecord, claim_or_replay, released_on_error
 from api.pagination import paged_response
-from api.problems import Problem
+from api.problems import Problem, not_found
 from api.services import (
     Services,
     decode_body,
@@ -33,7 +33,8 @@ logger = logging.getLogger("sandstream.api")
 async def _prepare(svc: Services, sandbox_id: str) -> None:
     """The sandbox's workspace, made (or found) ready for files and turns."""
     record = await svc.store.get_sandbox_record(sandbox_id)
-    assert record is not None
+    if record is None:  # deleted meanwhile (a replay racing a delete)
+        raise not_found("sandbox", sandbox_id)
     await asyncio.get_running_loop().run_in_executor(
         svc.disk,
         prepare_workspace,
