@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from arq.constants import in_progress_key_prefix
 from arq.jobs import serialize_result
 from conftest import Proc, RedisServer, Stack, model_env
 from fake_llm import FakeLLM, Reply, anthropic_stream
@@ -33,7 +34,7 @@ from shared.models import new_id
 from shared.queue import TurnJob, connect, deserialize_job_data, queued_job, serialize_job_data
 from shared.settings import Settings
 from shared.store import SessionStore
-from worker.runtime import WorkerRuntime
+from worker.runtime import JOB_TIMEOUT_EXTRA, WorkerRuntime
 
 # lease 1 s, grace 3 s: a worker fences after 4 s without a renewal, a reaper
 # ends a turn whose lease stood still for 4.33 s.
@@ -413,6 +414,56 @@ def test_a_reaper_pass_reads_all_running_sessions_in_one_round_trip(
                 [(_, fields)] = await redis_client.xrevrange(keys.log(sid), count=1)
                 end = json.loads(fields[b"d"])
                 assert (end["type"], end["stop_reason"]) == ("session_failed", "worker_lost")
+        finally:
+            await runtime.events.close()
+            await redis_client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_reaper_pass_reads_the_queued_turns_jobs_in_one_round_trip(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """150 turns not started: 50 only queued, 50 whose job a worker took just
+    now, 50 whose job a worker took longer ago than a lease may stand still (it
+    died before starting them). A pass reads what is left of their jobs'
+    in-progress keys in one round trip (before: one each), and ends those 50."""
+    count = 150
+
+    async def scenario() -> None:
+        redis_client = await connect(own_redis.url)
+        settings = Settings.from_env({"SANDSTREAM_SANDBOX_ROOT": str(tmp_path / "sandboxes")})
+        runtime = WorkerRuntime(redis_client, settings)
+        store = runtime.store
+        in_progress_ms = int((settings.turn_timeout_seconds + JOB_TIMEOUT_EXTRA + 10) * 1000)
+        long_ago = in_progress_ms - int(settings.lost_after_seconds() * 1000) - 5000
+        try:
+            sandbox = await store.create_sandbox("t", {})
+            sids: list[str] = []
+            for n in range(count):
+                sid = (await store.create_session("t", sandbox.id, {}, settings.default_agent())).id
+                turn = new_id()
+                job = queued_job(TurnJob(session_id=sid, turn_id=turn))
+                user = user_message(sid, turn, "go")
+                assert (await store.claim_turn(sid, "t", turn, user, job)).status == "ok"
+                if n % 3:
+                    ttl = long_ago if n % 3 == 2 else in_progress_ms
+                    await redis_client.set(in_progress_key_prefix + turn, b"1", px=ttl)
+                sids.append(sid)
+            pool = redis_client.connection_pool
+            await pool.disconnect()
+            pool.reset()  # new connections from here on, counting their writes
+            pool.connection_class = _CountingConnection
+            before = _CountingConnection.writes
+            reaped = await runtime.reap_once()
+            assert _CountingConnection.writes - before - reaped <= 10, (
+                _CountingConnection.writes - before - reaped
+            )
+            assert reaped == count // 3
+            for n, sid in enumerate(sids):
+                state = await store.turn_state(sid)
+                assert state is not None
+                assert state.state == ("active" if n % 3 == 2 else "running")
         finally:
             await runtime.events.close()
             await redis_client.aclose()

@@ -322,13 +322,22 @@ class WorkerRuntime:
             asked_at = time.monotonic()
             states = await self.store.turn_states(batch)
             seen = _Sighting(first=time.monotonic(), again=asked_at)
+            taken = await self._in_progress_ttls(states)
             for sid, state in zip(batch, states, strict=True):
-                reaped += await self._reap(sid, state, seen, now_ms)
+                reaped += await self._reap(sid, state, seen, now_ms, taken)
         self._last_pass = time.monotonic()
         return reaped
 
-    async def _reap(self, sid: str, state: TurnState | None, seen: _Sighting, now_ms: float) -> int:
-        """One running session, as a reaper's pass read it: 1 if ended."""
+    async def _reap(
+        self,
+        sid: str,
+        state: TurnState | None,
+        seen: _Sighting,
+        now_ms: float,
+        taken: dict[str, int],
+    ) -> int:
+        """One running session, as a reaper's pass read it (`taken`: the TTLs left
+        of arq's in-progress keys of the turns not started): 1 if ended."""
         settings = self.settings
         if state is None or state.state != "running" or state.turn_id is None:
             await self.store.forget_running(sid)
@@ -345,7 +354,7 @@ class WorkerRuntime:
             done = await self.store.end_orphaned(
                 sid, state.sandbox_id, state.turn_id, state.lease_epoch
             )
-        elif await self._picked_up_long_ago(state.job_id or state.turn_id):
+        elif self._picked_up_long_ago(taken.get(state.job_id or state.turn_id, -2)):
             # A worker took the job but never started the turn: it died in
             # between. arq would hand the job out again only after an hour.
             done = await self.store.end_unstarted(sid, state.sandbox_id, state.turn_id, "lost")
@@ -359,13 +368,32 @@ class WorkerRuntime:
             logger.warning("turn %s of session %s ended by the reaper", state.turn_id, sid)
         return int(done)
 
-    async def _picked_up_long_ago(self, job_id: str) -> bool:
+    async def _in_progress_ttls(self, states: list[TurnState | None]) -> dict[str, int]:
+        """What is left of arq's in-progress key (PTTL, ms) of each turn read that
+        runs but has not started, by job id: all in one round trip."""
+        jobs = [
+            state.job_id or state.turn_id
+            for state in states
+            if state is not None
+            and state.state == "running"
+            and state.turn_id is not None
+            and not state.started
+        ]
+        if not jobs:
+            return {}
+        async with self.store.redis.pipeline(transaction=False) as pipe:
+            for job_id in jobs:
+                pipe.pttl(in_progress_key_prefix + job_id)
+            ttls = await pipe.execute()
+        return {job_id: int(ttl) for job_id, ttl in zip(jobs, ttls, strict=True)}
+
+    def _picked_up_long_ago(self, ttl_ms: int) -> bool:
         """Whether arq marked the turn's job in progress longer ago than a lease may
         stand still.
 
         arq sets its in-progress key with a TTL of the job timeout plus 10 s when
-        a worker takes the job; what is left of that TTL says how long ago."""
-        ttl_ms = int(await self.store.redis.pttl(in_progress_key_prefix + job_id))
+        a worker takes the job; what is left of that TTL (`ttl_ms`, negative when
+        there is no such key) says how long ago."""
         if ttl_ms < 0:
             return False
         in_progress_ms = (self.settings.turn_timeout_seconds + JOB_TIMEOUT_EXTRA + 10) * 1000
