@@ -16,7 +16,7 @@ from typing import cast
 import httpx
 import msgspec
 import pytest
-from conftest import Proc, Stack
+from conftest import Proc, RedisServer, Stack
 from helpers import PausableProxy, failed_event, free_port, new_session, text_message
 from redis.asyncio import Redis
 
@@ -227,14 +227,15 @@ def test_a_create_whose_reply_from_redis_was_lost_is_replayed_on_retry(
 
 
 def test_a_request_whose_claim_expired_leaves_the_key_to_the_one_that_took_it(
-    redis_url: str,
+    own_redis: RedisServer,
 ) -> None:
     """Request A's pending claim expired and a retry B (same key, same body) took
     the key: A's effect, written late, does not settle B's record, nor does A's
     failure drop it. With the key free, A's effect settles it."""
 
     async def scenario() -> None:
-        client = Redis.from_url(redis_url)
+        # A Redis of its own: no worker takes the turns it queues.
+        client = Redis.from_url(own_redis.url)
         store = SessionStore(client)
         settings = Settings()
         svc = cast(Services, SimpleNamespace(redis=client, settings=settings))
