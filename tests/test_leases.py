@@ -34,7 +34,7 @@ from shared.models import new_id
 from shared.queue import TurnJob, connect, deserialize_job_data, queued_job, serialize_job_data
 from shared.settings import Settings
 from shared.store import SessionStore
-from worker.runtime import JOB_TIMEOUT_EXTRA, WorkerRuntime
+from worker.runtime import WorkerRuntime, job_in_progress_ms
 
 # lease 1 s, grace 3 s: a worker fences after 4 s without a renewal, a reaper
 # ends a turn whose lease stood still for 4.33 s.
@@ -369,6 +369,33 @@ class _CountingConnection(redis.asyncio.Connection):
         await super().send_packed_command(command, check_health)
 
 
+async def _queued_turns(
+    store: SessionStore, settings: Settings, count: int
+) -> list[tuple[str, str]]:
+    """`count` sessions, each with a turn claimed and its job queued: (sid, turn)."""
+    sandbox = await store.create_sandbox("t", {})
+    claimed = []
+    for _ in range(count):
+        sid = (await store.create_session("t", sandbox.id, {}, settings.default_agent())).id
+        turn = new_id()
+        job = queued_job(TurnJob(session_id=sid, turn_id=turn))
+        user = user_message(sid, turn, "go")
+        assert (await store.claim_turn(sid, "t", turn, user, job)).status == "ok"
+        claimed.append((sid, turn))
+    return claimed
+
+
+async def _counting_writes(client: redis.asyncio.Redis) -> Callable[[], int]:
+    """From here on, `client` makes new connections that count their writes:
+    how many it made since (one a round trip)."""
+    pool = client.connection_pool
+    await pool.disconnect()
+    pool.reset()  # type: ignore[no-untyped-call]
+    pool.connection_class = _CountingConnection
+    before = _CountingConnection.writes
+    return lambda: _CountingConnection.writes - before
+
+
 def test_a_reaper_pass_reads_all_running_sessions_in_one_round_trip(
     own_redis: RedisServer, tmp_path: Path
 ) -> None:
@@ -388,25 +415,15 @@ def test_a_reaper_pass_reads_all_running_sessions_in_one_round_trip(
         runtime = WorkerRuntime(redis_client, settings)
         store = runtime.store
         try:
-            sandbox = await store.create_sandbox("t", {})
-            sids = []
-            for _ in range(count):
-                sid = (await store.create_session("t", sandbox.id, {}, settings.default_agent())).id
-                turn = new_id()
-                job = queued_job(TurnJob(session_id=sid, turn_id=turn))
-                user = user_message(sid, turn, "go")
-                assert (await store.claim_turn(sid, "t", turn, user, job)).status == "ok"
+            claimed = await _queued_turns(store, settings, count)
+            for sid, turn in claimed:
                 assert await store.start_turn(sid, turn, "gone")
-                sids.append(sid)
-            pool = redis_client.connection_pool
-            await pool.disconnect()
-            pool.reset()  # new connections from here on, counting their writes
-            pool.connection_class = _CountingConnection
-            before = _CountingConnection.writes
+            sids = [sid for sid, _ in claimed]
+            writes = await _counting_writes(redis_client)
             assert await runtime.reap_once() == 0
             # The overdue approvals, the running index, the leases (and the new
             # connection's handshake): a few, not one a session.
-            assert _CountingConnection.writes - before <= 10, _CountingConnection.writes - before
+            assert writes() <= 10, writes()
             assert set(runtime._seen) == set(sids)
             await asyncio.sleep(settings.lost_after_seconds() + 0.1)
             assert await runtime.reap_once() == count
@@ -435,30 +452,18 @@ def test_a_reaper_pass_reads_the_queued_turns_jobs_in_one_round_trip(
         settings = Settings.from_env({"SANDSTREAM_SANDBOX_ROOT": str(tmp_path / "sandboxes")})
         runtime = WorkerRuntime(redis_client, settings)
         store = runtime.store
-        in_progress_ms = int((settings.turn_timeout_seconds + JOB_TIMEOUT_EXTRA + 10) * 1000)
+        in_progress_ms = job_in_progress_ms(settings)
         long_ago = in_progress_ms - int(settings.lost_after_seconds() * 1000) - 5000
         try:
-            sandbox = await store.create_sandbox("t", {})
-            sids: list[str] = []
-            for n in range(count):
-                sid = (await store.create_session("t", sandbox.id, {}, settings.default_agent())).id
-                turn = new_id()
-                job = queued_job(TurnJob(session_id=sid, turn_id=turn))
-                user = user_message(sid, turn, "go")
-                assert (await store.claim_turn(sid, "t", turn, user, job)).status == "ok"
+            claimed = await _queued_turns(store, settings, count)
+            for n, (_, turn) in enumerate(claimed):
                 if n % 3:
                     ttl = long_ago if n % 3 == 2 else in_progress_ms
                     await redis_client.set(in_progress_key_prefix + turn, b"1", px=ttl)
-                sids.append(sid)
-            pool = redis_client.connection_pool
-            await pool.disconnect()
-            pool.reset()  # new connections from here on, counting their writes
-            pool.connection_class = _CountingConnection
-            before = _CountingConnection.writes
+            sids = [sid for sid, _ in claimed]
+            writes = await _counting_writes(redis_client)
             reaped = await runtime.reap_once()
-            assert _CountingConnection.writes - before - reaped <= 10, (
-                _CountingConnection.writes - before - reaped
-            )
+            assert writes() - reaped <= 10, writes() - reaped
             assert reaped == count // 3
             for n, sid in enumerate(sids):
                 state = await store.turn_state(sid)

@@ -71,6 +71,12 @@ logger = logging.getLogger("sandstream.worker")
 JOB_TIMEOUT_EXTRA = 60
 
 
+def job_in_progress_ms(settings: Settings) -> int:
+    """The TTL arq gives a job's in-progress key as a worker takes it: the job's
+    timeout plus 10 s."""
+    return int((settings.turn_timeout_seconds + JOB_TIMEOUT_EXTRA + 10) * 1000)
+
+
 class _Seen(msgspec.Struct):
     """A started turn's lease as a reaper saw it: since when (monotonic) at this epoch.
 
@@ -396,8 +402,8 @@ class WorkerRuntime:
         there is no such key) says how long ago."""
         if ttl_ms < 0:
             return False
-        in_progress_ms = (self.settings.turn_timeout_seconds + JOB_TIMEOUT_EXTRA + 10) * 1000
-        return in_progress_ms - ttl_ms > self.settings.lost_after_seconds() * 1000
+        taken_ms_ago = job_in_progress_ms(self.settings) - ttl_ms
+        return taken_ms_ago > self.settings.lost_after_seconds() * 1000
 
 
 async def run_turn(ctx: dict[str, Any], payload: Any) -> str:
