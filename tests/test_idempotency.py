@@ -255,24 +255,25 @@ def test_a_request_whose_claim_expired_leaves_the_key_to_the_one_that_took_it(
             await store.create_session("t", sandbox.id, {}, settings.default_agent(), settles)
             assert await client.get(key) == theirs
             sid = (await store.create_session("t", sandbox.id, {}, settings.default_agent())).id
-            turn = new_id()
-            job = queued_job(TurnJob(session_id=sid, turn_id=turn))
-            message = user_message(sid, turn, "hi")
-            assert (
-                await store.claim_turn(sid, "t", turn, message, job, "", settles)
-            ).status == "ok"
+
+            async def claim(text: str) -> str:
+                """A send with the key: its turn, claimed and queued."""
+                turn = new_id()
+                job = queued_job(TurnJob(session_id=sid, turn_id=turn))
+                claimed = await store.claim_turn(
+                    sid, "t", turn, user_message(sid, turn, text), job, "", settles
+                )
+                assert claimed.status == "ok"
+                return turn
+
+            turn = await claim("hi")
             assert await client.get(key) == theirs
             await IdemClaim(svc, key, digest, theirs).abandon()  # B's own: dropped
             assert await client.get(key) is None
             await store.finish_turn(
                 sid, turn, "unstarted", None, failed_event(sid, sandbox.id, turn)
             )
-            turn = new_id()
-            job = queued_job(TurnJob(session_id=sid, turn_id=turn))
-            message = user_message(sid, turn, "again")
-            assert (
-                await store.claim_turn(sid, "t", turn, message, job, "", settles)
-            ).status == "ok"
+            turn = await claim("again")
             record = msgspec.json.decode(await client.get(key) or b"", type=IdemRecord)
             assert (record.state, record.resource_id, record.digest) == ("done", turn, digest)
             assert record.after == int(await client.get(keys.seq(sid)) or 0)

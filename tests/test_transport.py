@@ -144,23 +144,14 @@ def test_a_chunked_body_cut_anywhere_between_reads_reads_whole(split: int) -> No
     ],
 )
 def test_a_chunked_body_framed_wrong_is_a_protocol_error(body: bytes, error: str) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + body)
-        await writer.drain()
+    async def check(response: httpx2.Response) -> None:
+        read = body_of(response)
+        assert read is not None
+        with pytest.raises(httpx2.RemoteProtocolError, match=error):
+            [piece async for piece in read.pieces()]
 
-    async def scenario() -> None:
-        async with (
-            serve(handler) as (port, _),
-            client() as http,
-            http.stream("GET", f"http://127.0.0.1:{port}/") as response,
-        ):
-            read = body_of(response)
-            assert read is not None
-            with pytest.raises(httpx2.RemoteProtocolError, match=error):
-                [piece async for piece in read.pieces()]
-
-    asyncio.run(scenario())
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    asyncio.run(_one_response(head + body, check))
 
 
 def test_a_body_with_a_content_coding_is_left_to_httpx() -> None:
@@ -168,24 +159,29 @@ def test_a_body_with_a_content_coding_is_left_to_httpx() -> None:
     the coding."""
     packed = gzip.compress(b"data: one\n\n")
 
+    async def check(response: httpx2.Response) -> None:
+        assert body_of(response) is None
+        assert await response.aread() == b"data: one\n\n"
+
+    head = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n"
+    asyncio.run(_one_response(head % len(packed) + packed, check))
+
+
+async def _one_response(raw: bytes, check: Callable[[httpx2.Response], Awaitable[None]]) -> None:
+    """A server that answers one GET with `raw` (head and body), and `check`
+    of the streamed response."""
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s"
-            % (len(packed), packed)
-        )
+        writer.write(raw)
         await writer.drain()
 
-    async def scenario() -> None:
-        async with (
-            serve(handler) as (port, _),
-            client() as http,
-            http.stream("GET", f"http://127.0.0.1:{port}/") as response,
-        ):
-            assert body_of(response) is None
-            assert await response.aread() == b"data: one\n\n"
-
-    asyncio.run(scenario())
+    async with (
+        serve(handler) as (port, _),
+        client() as http,
+        http.stream("GET", f"http://127.0.0.1:{port}/") as response,
+    ):
+        await check(response)
 
 
 def test_a_connection_closed_in_the_pool_is_replaced() -> None:
