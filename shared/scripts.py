@@ -9,6 +9,19 @@ a stale worker, a reaper and an interrupt can race without corrupting a session.
 
 from __future__ import annotations
 
+# A Lua function for the scripts that settle an Idempotency-Key's record with
+# the effect it stands for (CLAIM_TURN, SETTLE): unless another request holds
+# the key by now (this one's `pending` expired, and a retry took it), whose
+# record stays. -> true settled | false the key is another request's
+SETTLE_IF_OURS = """
+local function settle_if_ours(key, pending, record, ttl)
+  local held = redis.call('GET', key)
+  if held and held ~= pending then return false end
+  redis.call('SET', key, record, 'EX', ttl)
+  return true
+end
+"""
+
 # KEYS: session, messages, seq[, job, queue, running[, idempotency record]].
 # ARGV: turn_id, user message JSON, now, now_ms, tenant[, job payload, job score ms,
 #       job expiry ms, wake channel, session id, reply channel or ''[, the
@@ -20,10 +33,12 @@ from __future__ import annotations
 # without its job, and the send costs one round trip. A reply channel (of the API
 # process waiting for the turn) gets the terminal event too (FINISH_TURN).
 # With an Idempotency-Key's record, the claim settles it (`api.idempotency`),
-# unless another request holds the key by now (SETTLE): a send whose reply was
-# lost, sent again with its key, replays the turn it made instead of finding
-# the session running.
-CLAIM_TURN = """
+# unless another request holds the key by now (SETTLE_IF_OURS): a send whose
+# reply was lost, sent again with its key, replays the turn it made instead of
+# finding the session running.
+CLAIM_TURN = (
+    SETTLE_IF_OURS
+    + """
 local session = redis.call('HMGET', KEYS[1], 'tenant', 'state', 'turn_id')
 if session[1] ~= ARGV[5] then return {'missing'} end
 if session[2] == 'running' then return {'running', session[3]} end
@@ -47,28 +62,25 @@ if KEYS[4] then
 end
 local latest = redis.call('GET', KEYS[3]) or '0'
 if KEYS[7] then
-  local held = redis.call('GET', KEYS[7])
-  if (not held) or held == ARGV[14] then
-    -- `after` as Redis keeps it: cjson would write a large number as a float
-    local record = cjson.encode({digest = ARGV[12], state = 'done', resource_id = ARGV[1]})
-    record = string.sub(record, 1, -2) .. ',"after":' .. latest .. '}'
-    redis.call('SET', KEYS[7], record, 'EX', ARGV[13])
-  end
+  -- `after` as Redis keeps it: cjson would write a large number as a float
+  local record = cjson.encode({digest = ARGV[12], state = 'done', resource_id = ARGV[1]})
+  record = string.sub(record, 1, -2) .. ',"after":' .. latest .. '}'
+  settle_if_ours(KEYS[7], ARGV[14], record, ARGV[13])
 end
 return {'ok', latest}
 """
+)
 
-# Settle an Idempotency-Key's record with the effect it stands for, queued in
-# the effect's own transaction (a create): unless another request holds the key
-# by now (this one's `pending` expired, and a retry took it), whose record stays.
-# KEYS: the record. ARGV: this request's pending record, the settled one, ttl s.
-# -> 1 settled | 0 the key is another request's
-SETTLE = """
-local held = redis.call('GET', KEYS[1])
-if held and held ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-return 1
+# Settle an Idempotency-Key's record, queued in the transaction of the effect
+# it stands for (a create). KEYS: the record. ARGV: this request's pending
+# record, the settled one, ttl s. -> 1 settled | 0 the key is another request's
+SETTLE = (
+    SETTLE_IF_OURS
+    + """
+if settle_if_ours(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 1 end
+return 0
 """
+)
 
 # KEYS: an Idempotency-Key's record. ARGV: the request's record while pending
 # (unique to the request: it names a claim of its own).
