@@ -25,7 +25,7 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 from litestar import Request
@@ -35,21 +35,11 @@ from redis.commands.core import AsyncScript
 from api.problems import Problem
 from api.services import Services
 from shared import keys, scripts
-from shared.turns import Settlement
+from shared.turns import IdemRecord, Settlement
 
 HEADER = "idempotency-key"
 _PENDING_WAIT_SECONDS = 10.0
 _POLL = 0.02
-
-
-class IdemRecord(msgspec.Struct, kw_only=True):
-    digest: str
-    state: Literal["pending", "done"]
-    resource_id: str = ""
-    after: int = 0  # sends: the session's seq when the turn was claimed
-    # pending: the request's own claim, so that its record is told apart from a
-    # retry's with the same key and body (its claim expired, the retry took it)
-    claim: str = ""
 
 
 _decoder = msgspec.json.Decoder(IdemRecord)

@@ -9,7 +9,7 @@ from typing import Any
 from litestar import Controller, Request, Response, delete, get, post
 
 from api.guard import tenant_of
-from api.idempotency import IdemRecord, claim_or_replay, released_on_error
+from api.idempotency import claim_or_replay, released_on_error
 from api.pagination import paged_response
 from api.problems import Problem, not_found
 from api.services import (
@@ -26,6 +26,7 @@ from shared.sandbox.files import ClearReply, FileRefused, FileServiceBroken
 from shared.sandbox.handle import OpenSandbox, SandboxRefused
 from shared.sandbox.workspace import prepare_workspace, remove_empty_workspace, workspace_path
 from shared.store import SandboxRecord
+from shared.turns import IdemRecord
 
 logger = logging.getLogger("sandstream.api")
 

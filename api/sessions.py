@@ -11,7 +11,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from api.approvals import awaiting_reply, end_waiting_turn
 from api.browser import absolute_url
 from api.guard import tenant_of
-from api.idempotency import IdemRecord, claim_or_replay, released_on_error
+from api.idempotency import claim_or_replay, released_on_error
 from api.pagination import paged_response
 from api.problems import Problem, not_found
 from api.schemas import InterruptResult, TurnAccepted
@@ -38,6 +38,7 @@ from shared.models import (
     SessionWithMessages,
     check_metadata,
 )
+from shared.turns import IdemRecord
 
 logger = logging.getLogger("sandstream.api")
 

@@ -145,6 +145,18 @@ class TurnState(msgspec.Struct, kw_only=True):
     awaiting: bool = False
 
 
+class IdemRecord(msgspec.Struct, kw_only=True):
+    """An Idempotency-Key's record in Redis (`api.idempotency`)."""
+
+    digest: str
+    state: Literal["pending", "done"]
+    resource_id: str = ""
+    after: int = 0  # sends: the session's seq when the turn was claimed
+    # pending: the request's own claim, so that its record is told apart from a
+    # retry's with the same key and body (its claim expired, the retry took it)
+    claim: str = ""
+
+
 class Settlement(msgspec.Struct, frozen=True):
     """An Idempotency-Key's record (its Redis key, the request's digest, how long
     it is kept), settled in the same step as the effect it stands for: the
@@ -156,10 +168,10 @@ class Settlement(msgspec.Struct, frozen=True):
     pending: bytes  # the request's record while pending: the key is still its own
 
     def done(self, resource_id: str) -> bytes:
-        """The record once a resource is made (`api.idempotency.IdemRecord`; the
-        claim writes a send's, with the seq it claimed at, in Lua)."""
+        """The record once a resource is made (the claim writes a send's, with the
+        seq it claimed at, in Lua)."""
         return msgspec.json.encode(
-            {"digest": self.digest, "state": "done", "resource_id": resource_id}
+            IdemRecord(digest=self.digest, state="done", resource_id=resource_id)
         )
 
 

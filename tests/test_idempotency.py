@@ -20,7 +20,7 @@ from conftest import Proc, RedisServer, Stack
 from helpers import PausableProxy, failed_event, free_port, new_session, text_message
 from redis.asyncio import Redis
 
-from api.idempotency import IdemClaim, IdemRecord
+from api.idempotency import IdemClaim
 from api.services import Services
 from bench.harness import user_message
 from shared import keys
@@ -29,7 +29,7 @@ from shared.queue import TurnJob, queued_job
 from shared.sandbox.workspace import prepare_workspace
 from shared.settings import Settings
 from shared.store import SessionStore
-from shared.turns import Settlement
+from shared.turns import IdemRecord, Settlement
 
 
 def test_concurrent_retries_of_one_send_make_one_turn(
