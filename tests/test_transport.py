@@ -167,6 +167,34 @@ def test_a_body_with_a_content_coding_is_left_to_httpx() -> None:
     asyncio.run(_one_response(head % len(packed) + packed, check))
 
 
+def test_a_body_that_stalls_before_its_trailers_times_out() -> None:
+    """The idle timeout covers the wait for the trailers after the last chunk
+    too: the read raises httpx's ReadTimeout, not a hang."""
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n0\r\n")
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    async def scenario() -> None:
+        async with (
+            serve(stall) as (port, _),
+            client(timeout=0.3) as http,
+            http.stream("GET", f"http://127.0.0.1:{port}/") as response,
+        ):
+            body = body_of(response)
+            assert body is not None
+            pieces = body.pieces()
+            assert await anext(pieces) == b"first"
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(httpx2.ReadTimeout):
+                await anext(pieces)
+            assert asyncio.get_running_loop().time() - started < 5
+
+    asyncio.run(scenario())
+
+
 async def _one_response(raw: bytes, check: Callable[[httpx2.Response], Awaitable[None]]) -> None:
     """A server that answers one GET with `raw` (head and body), and `check`
     of the streamed response."""

@@ -212,6 +212,8 @@ class _Body(httpx2.AsyncByteStream):
                 left = _chunk_size(buffer[at:end])
                 at = end + 2
                 if not left:  # the last chunk: then trailers, up to an empty line
+                    if out:  # what came is not held back while they are awaited
+                        yield out[0] if len(out) == 1 else b"".join(out)
                     tail = buffer[at:]
                     while not (tail[:2] == b"\r\n" or b"\r\n\r\n" in tail):
                         if len(tail) > _MAX_HEAD_BYTES:
@@ -223,8 +225,6 @@ class _Body(httpx2.AsyncByteStream):
                     end = 2 if tail[:2] == b"\r\n" else tail.index(b"\r\n\r\n") + 4
                     if len(tail) > end:  # more than the response: not a connection to reuse
                         self._keep_alive = False
-                    if out:
-                        yield b"".join(out)
                     return
             buffer = buffer[at:]
             if out:
