@@ -33,6 +33,8 @@ from bench.harness import (
     user_message,
 )
 from bench.http_load import Connection, prepare
+from bench.providers import HEADER as PROVIDERS_HEADER
+from bench.providers import bench_providers
 from bench.replay import bench_replay
 from bench.sse_clients import bare_sse_server, open_streams
 from shared import keys
@@ -363,6 +365,16 @@ def bench_stream(redis_url: str, counts: list[int], chunks: int, interval: float
     )
 
 
+def bench_provider_reads(count: int, chunks: int, rounds: int) -> None:
+    table(
+        f"6d. the providers alone: {count} model streams at once of {chunks} chunks, one per "
+        "20 ms; CPU of the reading process (items: what the provider handed over, tokens of "
+        "one read joined)",
+        PROVIDERS_HEADER,
+        bench_providers(count, chunks, 0.02, rounds),
+    )
+
+
 def bench_turns(redis_url: str, count: int) -> None:
     table(
         f"6c. a turn's own cost: {count} turns at once of a {turn_cost.CHUNKS}-chunk model; "
@@ -402,9 +414,10 @@ def main() -> None:
     parser.add_argument("--streams", default="1000", help="comma-separated stream counts")
     parser.add_argument(
         "--only",
-        default="latency,throughput,fanout,idle,files,streaming,turns,appends,files_api,replay",
+        default="latency,throughput,fanout,idle,files,streaming,turns,appends,providers,"
+        "files_api,replay",
         help="comma-separated benchmarks to run (latency, throughput, fanout, idle, files, "
-        "streaming, turns, appends, files_api, replay)",
+        "streaming, turns, appends, providers, files_api, replay)",
     )
     parser.add_argument(
         "--turns", default="20,200,500", help="comma-separated concurrent streaming turns"
@@ -431,6 +444,8 @@ def main() -> None:
             bench_turns(url, 20 if args.quick else 200)
         if "appends" in only:
             bench_append_path(url, *((20, 10) if args.quick else (200, 100)))
+        if "providers" in only:
+            bench_provider_reads(*((10, 20, 1) if args.quick else (200, 100, 2)))
         if "files_api" in only:
             if args.quick:
                 bench_files_api(url, 20, 1000, 3)
