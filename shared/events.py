@@ -121,7 +121,7 @@ class EventHead(msgspec.Struct):
     seq: int
     type: str
     turn_id: str | None = None
-    # Every stored event names its session: the live channels are shared.
+    # Every stored event names its session: the live channel is shared.
     session_id: str = ""
 
 

@@ -126,14 +126,18 @@ def approvals(sid: str) -> str:
     return f"{PREFIX}:{{{sid}}}:approvals"
 
 
-# Sessions' live events go out on a few channels shared by many sessions
-# rather than a channel each: one call of a worker's event writer carries the
-# events of all its turns, and publishes them in one message per channel
-# instead of one per session (each event names its session, by which the API
-# routes it). An API process subscribes to the channels of the sessions it
-# streams and skips the lines of others. Every process must agree on the
-# number, so it is fixed here rather than a setting.
-LIVE_CHANNELS = 8
+# Sessions' live events go out on a channel shared by sessions rather than a
+# channel each: one call of a worker's event writer carries the events of all
+# its turns, and publishes them in one message per channel instead of one per
+# session (each event names its session, by which the API routes it). An API
+# process subscribes to the channels of the sessions it streams and skips the
+# lines of others. There is one: with more, each call publishes once on every
+# channel its turns are on (with eight, 5 or 6 publishes a call at 200 turns,
+# about 0.2 commands a chunk), while an API process that follows a few dozen
+# sessions is on every channel anyway and hears the same lines, in more
+# messages. Only one that follows a handful of sessions hears fewer. Every
+# process must agree on the number, so it is fixed here rather than a setting.
+LIVE_CHANNELS = 1
 
 
 def events_channel(sid: str) -> str:
