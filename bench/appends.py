@@ -9,8 +9,9 @@ Reported per event: Redis CPU (INFO, before and after), Redis commands, and
 the writing process's CPU. Unlike the streaming benchmark, the offered load
 is fixed, so the figures do not move with how far a loaded machine lags.
 Sessions share the live channels, so every API process that streams sessions on
-a channel hears all of its events: one row has 8 listeners, and the last two
-what an API process's hub spends on a line of a session it does not stream.
+a channel hears all of its events: one row has 8 listeners, two what packing
+the writer's call costs, and the last two what an API process's hub spends on a
+line of a session it does not stream.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import time
 import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import Connection
 
 from api.hub import EventHub
 from bench.harness import user_message
 from shared import events as ev
 from shared import keys
 from shared.models import new_id, now_rfc3339
+from shared.queue import connect
 from shared.settings import Settings
 from shared.store import SessionStore, TurnAppend
 
@@ -132,6 +135,31 @@ def _skipped_us(line: bytes, repeat: int) -> float:
     return (time.perf_counter() - started) / repeat * 1e6
 
 
+async def _packing_us(redis_url: str, count: int, repeat: int) -> tuple[float, float]:
+    """µs an event to pack the writer's call for `count` turns of one delta each
+    (with their seqs, as after a turn's first append): by the connections of
+    sandstream's processes (`shared.queue.connect`) and by redis-py's own."""
+    redis = await connect(redis_url)
+    try:
+        store = SessionStore(redis)
+        sandbox_id, turn_id = new_id(), new_id()
+        batch = [
+            TurnAppend(sid, turn_id, [_delta(sid, sandbox_id, turn_id, 1)], False, 1, last_seq=1)
+            for sid in (new_id() for _ in range(count))
+        ]
+        script_keys, args = store.append_call(batch)
+        command = ("EVALSHA", "0" * 40, len(script_keys), *script_keys, *args)
+        figures = []
+        for connection in (redis.connection_pool.make_connection(), Connection()):
+            started = time.perf_counter()
+            for _ in range(repeat):
+                connection.pack_command(*command)
+            figures.append((time.perf_counter() - started) / repeat / count * 1e6)
+        return figures[0], figures[1]
+    finally:
+        await redis.aclose()
+
+
 def _tool_result_line(size: int) -> bytes:
     sid = new_id()
     result = ev.ToolResult(
@@ -155,6 +183,7 @@ def bench_appends(redis_url: str, count: int, rounds: int) -> list[list[str]]:
     sid = new_id()
     delta = _delta(sid, new_id(), new_id(), 0)
     delta_line = b'{"seq":1,' + msgspec.json.encode(delta)[1:]
+    ours, theirs = asyncio.run(_packing_us(redis_url, count, 200))
     return [
         [f"one call for {count} turns", *asyncio.run(_measure(redis_url, count, rounds, True))],
         [
@@ -162,6 +191,8 @@ def bench_appends(redis_url: str, count: int, rounds: int) -> list[list[str]]:
             *asyncio.run(_measure(redis_url, count, rounds, True, listeners=8)),
         ],
         ["baseline: one call per turn", *asyncio.run(_measure(redis_url, count, rounds, False))],
+        ["packing the writer's call for them (sandstream's connections)", "-", "-", f"{ours:.2f}"],
+        ["baseline: the same call packed by redis-py's connection", "-", "-", f"{theirs:.2f}"],
         [
             "an API process skipping another session's text delta",
             "-",

@@ -13,12 +13,13 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+import hiredis
 import msgspec
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import expires_extra_ms, job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio.connection import AbstractConnection
-from redis.connection import HiredisRespSerializer
+from redis.exceptions import DataError
 from redis.typing import EncodableT
 
 from shared import keys
@@ -121,18 +122,24 @@ class _HiredisPacking:
     """Commands packed by hiredis (C) into one buffer. redis-py packs them in
     Python, an argument at a time: for a worker's append call (a dozen arguments
     an event) that was about a fifth of what writing an event cost the worker
-    (bench 6b, "client µs/event")."""
+    (bench 6b, "client µs/event"). The arguments go to hiredis as they are:
+    it takes the types redis-py's encoder takes (str as UTF-8, bytes,
+    memoryview, int, float written as `repr` writes it) and refuses the others
+    (bool and None included), so the per-argument encoder, which cost about
+    as much again, is skipped."""
 
     encoder: Encoder
 
     def pack_command(self, *args: EncodableT) -> list[bytes]:
-        # redis-py's own hiredis packer (a command name of several words split
-        # as redis-py splits it), which its asyncio connections do not use.
-        packed: list[bytes] = _HIREDIS.pack(*map(self.encoder.encode, args))
-        return packed
-
-
-_HIREDIS = HiredisRespSerializer()
+        # A command name of several words ("SCRIPT LOAD") is split as redis-py splits it.
+        head = args[0].encode() if isinstance(args[0], str) else args[0]
+        words = tuple(head.split()) if isinstance(head, bytes) and b" " in head else (head,)
+        try:
+            # (hiredis's stub gives the tuple one item, and leaves bytearray out:
+            # hiredis refuses it at run time, as redis-py's encoder does)
+            return [hiredis.pack_command(words + args[1:])]  # type: ignore[arg-type]
+        except TypeError as error:
+            raise DataError(str(error)) from error
 
 
 def _packed(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:

@@ -455,6 +455,11 @@ class TurnLifecycle:
         reply, a turn's events already in are not appended twice."""
         if not turns:
             return []
+        script_keys, args = self.append_call(turns)
+        return [int(first) for first in await self._append(keys=script_keys, args=args)]
+
+    def append_call(self, turns: list[TurnAppend]) -> tuple[list[str], list[int | str | bytes]]:
+        """The keys and arguments of the append script's call for `turns`."""
         script_keys: list[str] = []
         args: list[int | str | bytes] = [self.log_max_events, self.log_ttl_ms]
         for turn in turns:
@@ -484,7 +489,7 @@ class TurnLifecycle:
                     _EVENT_TYPES[type(event)],
                     b'{"seq":%d,%b' % (seq, ev.encode_event(event)[1:]),
                 ]
-        return [int(first) for first in await self._append(keys=script_keys, args=args)]
+        return script_keys, args
 
     async def finish_turn(
         self,

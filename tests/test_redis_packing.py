@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 from redis.asyncio.connection import Connection
+from redis.exceptions import DataError
 
 from shared.queue import connect
 
@@ -17,6 +18,8 @@ COMMANDS: list[tuple[object, ...]] = [
     ("EVALSHA", "a" * 40, 2, b"k1", "k2", 1, 2.5, -3, b"", "", "\u00e9t\u00e9 \u2603"),
     ("XADD", b"log", "MAXLEN", "~", 10_000, "5-0", "t", "text_delta", "d", b"x" * 70_000),
     ("SET", memoryview(b"viewed key"), memoryview(b"viewed value")),
+    ("SET", "floats", 1e20, 1e-07, 0.1 + 0.2, -0.0, float("inf"), 10**20),
+    ("script load", "return 1"),  # a name of two words, lower case
 ]
 
 
@@ -31,6 +34,28 @@ def test_packed_as_redis_py_packs(redis_url: str, command: tuple[object, ...]) -
             assert len(packed) == 1  # one buffer: one write
             theirs = Connection().pack_command(*command)  # type: ignore[arg-type]
             assert packed[0] == b"".join(bytes(part) for part in theirs)
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("bad", [True, None, bytearray(b"x"), object(), ["a"]])
+def test_arguments_redis_py_refuses_are_refused(redis_url: str, bad: object) -> None:
+    """What redis-py's encoder refuses, the packer refuses with the same error type
+    (nothing is half sent)."""
+
+    async def scenario() -> None:
+        client = await connect(redis_url)
+        try:
+            ours = client.connection_pool.make_connection()
+            with pytest.raises(DataError):
+                Connection().pack_command("SET", "key", bad)  # type: ignore[arg-type]
+            with pytest.raises(DataError):
+                ours.pack_command("SET", "key", bad)  # type: ignore[arg-type]
+            with pytest.raises(DataError):
+                await client.set("ss:test:packing:bad", bad)  # type: ignore[arg-type]
+            assert await client.exists("ss:test:packing:bad") == 0
         finally:
             await client.aclose()
 
