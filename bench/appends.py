@@ -2,14 +2,14 @@
 
 N turns, each with one text delta per round (as when every turn's model sends a
 chunk between two of the writer's calls), appended by the append script while
-one connection subscribes to every session's live channel, as an API process does.
+one connection subscribes to the sessions' live channel, as an API process does.
 Ours: one call per round for all N turns (`EventWriter`); baseline in the same
 run: one call per turn per round (how each turn wrote its own events before).
 Reported per event: Redis CPU (INFO, before and after), Redis commands, and
 the writing process's CPU. Unlike the streaming benchmark, the offered load
 is fixed, so the figures do not move with how far a loaded machine lags.
-Sessions share the live channels, so every API process that streams sessions on
-a channel hears all of its events: one row has 8 listeners, two what packing
+Sessions share the live channel, so every API process that streams any session
+hears all of their events: one row has 8 listeners, two what packing
 the writer's call costs, and the last two what an API process's hub spends on a
 line of a session it does not stream.
 """
@@ -68,8 +68,8 @@ def _delta(sid: str, sandbox_id: str, turn: str, n: int) -> ev.TextDelta:
 async def _measure(
     redis_url: str, count: int, rounds: int, batched: bool, listeners: int = 1
 ) -> list[str]:
-    """`listeners`: connections subscribed to every channel, as that many API
-    processes streaming sessions on each channel would be."""
+    """`listeners`: connections subscribed to the live channel, as that many API
+    processes streaming sessions would be."""
     redis = Redis.from_url(redis_url)
     listener = Redis.from_url(redis_url)
     store = SessionStore(redis)
@@ -83,7 +83,7 @@ async def _measure(
     async def listen(pubsub: PubSub) -> None:
         nonlocal received
         async for message in pubsub.listen():
-            if message["type"] == "message":  # events of a channel's sessions, one a line
+            if message["type"] == "message":  # events of the call's sessions, one a line
                 received += message["data"].count(b"\n") + 1
 
     readers = [asyncio.create_task(listen(pubsub)) for pubsub in pubsubs]
@@ -126,7 +126,7 @@ async def _measure(
 
 def _skipped_us(line: bytes, repeat: int) -> float:
     """What an API process's hub spends on a line of a session it does not
-    stream (live channels are shared): µs a line, over `repeat` messages."""
+    stream (the live channel is shared): µs a line, over `repeat` messages."""
     hub = EventHub(Redis())  # never started: only its routing of a message runs
     reply: list[bytes | int] = [b"message", b"ss:live:0", line]
     started = time.perf_counter()
@@ -187,7 +187,7 @@ def bench_appends(redis_url: str, count: int, rounds: int) -> list[list[str]]:
     return [
         [f"one call for {count} turns", *asyncio.run(_measure(redis_url, count, rounds, True))],
         [
-            "the same, 8 listeners (API processes) on every channel",
+            "the same, 8 listeners (API processes) on the live channel",
             *asyncio.run(_measure(redis_url, count, rounds, True, listeners=8)),
         ],
         ["baseline: one call per turn", *asyncio.run(_measure(redis_url, count, rounds, False))],

@@ -6,8 +6,6 @@ Keys of one session share the hash tag `{<sid>}` and keys of one sandbox the tag
 
 from __future__ import annotations
 
-import zlib
-
 PREFIX = "ss"
 
 # arq queue name; jobs and results live under arq's own prefixes.
@@ -126,28 +124,22 @@ def approvals(sid: str) -> str:
     return f"{PREFIX}:{{{sid}}}:approvals"
 
 
-# Sessions' live events go out on a channel shared by sessions rather than a
-# channel each: one call of a worker's event writer carries the events of all
-# its turns, and publishes them in one message per channel instead of one per
-# session (each event names its session, by which the API routes it). An API
-# process subscribes to the channels of the sessions it streams and skips the
-# lines of others. There is one: with more, each call publishes once on every
-# channel its turns are on (with eight, 5 or 6 publishes a call at 200 turns,
-# about 0.2 commands a chunk), while an API process that follows a few dozen
-# sessions is on every channel anyway and hears the same lines, in more
-# messages. Only one that follows a handful of sessions hears fewer. Every
-# process must agree on the number, so it is fixed here rather than a setting.
-LIVE_CHANNELS = 1
-
-
-_LIVE = tuple(f"{PREFIX}:live:{n}" for n in range(LIVE_CHANNELS))
+# Sessions' live events go out on one channel shared by all sessions rather
+# than a channel each: one call of a worker's event writer carries the events
+# of all its turns, and publishes them in one message (each event names its
+# session, by which the API routes it). An API process subscribes while it
+# streams any session and skips the lines of others. One rather than a few
+# hashed by session: with eight, each call published once on every channel its
+# turns were on (5 or 6 a call at 200 turns, about 0.2 commands a chunk), while
+# an API process following a few dozen sessions was on every channel anyway
+# and heard the same lines, in more messages; only one following a handful
+# heard fewer.
+LIVE_CHANNEL = f"{PREFIX}:live:0"
 
 
 def events_channel(sid: str) -> str:
-    """Pub/sub channel on which the session's events go out live (shared)."""
-    if LIVE_CHANNELS == 1:  # named for every turn of every call: no hash to take
-        return _LIVE[0]
-    return _LIVE[zlib.crc32(sid.encode()) % LIVE_CHANNELS]
+    """Pub/sub channel on which the session's events go out live (shared by all)."""
+    return LIVE_CHANNEL
 
 
 def session_keys(sid: str) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import hiredis
@@ -19,10 +19,12 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import expires_extra_ms, job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import DataError
 from redis.typing import EncodableT
 
 from shared import keys
+
+if TYPE_CHECKING:
+    from redis._parsers.encoders import Encoder
 
 TURN_FUNCTION = "run_turn"
 
@@ -119,22 +121,33 @@ class _HiredisPacking:
     """Commands packed by hiredis (C) into one buffer, from their arguments as
     they are. redis-py's asyncio connections pack in Python, an argument at a
     time; its hiredis packer runs its per-argument encoder first, which cost
-    about as much again as the packing. hiredis takes the types that encoder
-    takes (str as UTF-8, bytes, memoryview, int, float written as `repr` writes
-    it) and refuses the others (bool and None included). For the worker's
-    append call, 1.4 to 2.2 µs an event against 9.6 to 10.3 packed by redis-py's
-    connection (bench 6b), and 5.6 with the encoder first."""
+    about as much again as the packing. hiredis takes str (as UTF-8), bytes,
+    memoryview, int and float (written as `repr` writes it) as they are, which
+    is what the encoder makes of them too; what it does not take (an int
+    subclass such as an IntEnum, and what the encoder refuses: bool, None,
+    bytearray...) goes through the encoder, as redis-py would send it or with
+    redis-py's DataError. For the worker's append call, 1.4 to 2.2 µs an event
+    against 9.6 to 10.3 packed by redis-py's connection (bench 6b), and 5.6
+    with the encoder first. A memoryview must be C-contiguous (hiredis sends
+    the bytes from its start); nothing here sends a view to Redis."""
+
+    encoder: Encoder
 
     def pack_command(self, *args: EncodableT) -> list[bytes]:
         # A command name of several words ("SCRIPT LOAD") is split as redis-py splits it.
-        head = args[0].encode() if isinstance(args[0], str) else args[0]
-        words = tuple(head.split()) if isinstance(head, bytes) and b" " in head else (head,)
+        head = args[0]
+        if isinstance(head, str):
+            words: tuple[EncodableT, ...] = tuple(head.encode().split())
+        elif isinstance(head, bytes) and b" " in head:
+            words = tuple(head.split())
+        else:
+            words = (head,)
+        command = words + args[1:]
         try:
-            # (hiredis's stub gives the tuple one item, and leaves bytearray out:
-            # hiredis refuses it at run time, as redis-py's encoder does)
-            return [hiredis.pack_command(words + args[1:])]  # type: ignore[arg-type]
-        except TypeError as error:
-            raise DataError(str(error)) from error
+            # (hiredis's stub gives the tuple one item)
+            return [hiredis.pack_command(command)]  # type: ignore[arg-type]
+        except TypeError:
+            return [hiredis.pack_command(tuple(map(self.encoder.encode, command)))]
 
 
 def _packed(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:

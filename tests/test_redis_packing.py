@@ -1,15 +1,30 @@
 """Commands sent to Redis are packed by hiredis (shared/queue.py): byte for byte
-what redis-py would send, one buffer a command."""
+what redis-py would send, one buffer a command (a memoryview must be
+C-contiguous; nothing sends a view)."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 
 import pytest
 from redis.asyncio.connection import Connection
 from redis.exceptions import DataError
 
 from shared.queue import connect
+
+
+class _Priority(enum.IntEnum):
+    HIGH = 1
+
+
+class _Count(int):
+    pass
+
+
+class _Fraction(float):
+    pass
+
 
 COMMANDS: list[tuple[object, ...]] = [
     ("SET", "key", "value"),
@@ -20,6 +35,9 @@ COMMANDS: list[tuple[object, ...]] = [
     ("SET", memoryview(b"viewed key"), memoryview(b"viewed value")),
     ("SET", "floats", 1e20, 1e-07, 0.1 + 0.2, -0.0, float("inf"), 10**20),
     ("script load", "return 1"),  # a name of two words, lower case
+    ("SET\tkey", "value"),  # split on any white space, as redis-py does
+    ("", "PING"),  # an empty name: no word
+    ("SET", "key", _Priority.HIGH, _Count(5), _Fraction(0.5)),  # subclasses of int and float
 ]
 
 

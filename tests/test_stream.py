@@ -88,17 +88,12 @@ def test_client_that_leaves_frees_its_subscription(
 def test_sessions_sharing_a_live_channel_each_get_only_their_own_events(
     client: httpx.Client, redis_client: redis.Redis
 ) -> None:
-    """Live channels are shared by sessions: a stream gets its own session's
-    events only, and the channel stays subscribed while any session on it has
-    a client on this API process."""
-    by_channel: dict[str, list[str]] = {}
-    for _ in range(3 * keys.LIVE_CHANNELS):
-        sid = new_session(client)
-        sessions = by_channel.setdefault(keys.events_channel(sid), [])
-        sessions.append(sid)
-        if len(sessions) == 2:
-            break
-    channel, (first, second) = next((c, s) for c, s in by_channel.items() if len(s) == 2)
+    """The live channel is shared by sessions: a stream gets its own session's
+    events only, and the channel stays subscribed while any session has a
+    client on this API process."""
+    first, second = new_session(client), new_session(client)
+    channel = keys.events_channel(first)
+    assert keys.events_channel(second) == channel
     second_reader = StreamReader(client, second)
     first_reader = StreamReader(client, first)
     assert redis_client.pubsub_numsub(channel) == [(channel.encode(), 1)]
