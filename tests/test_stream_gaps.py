@@ -136,13 +136,19 @@ def test_a_stream_is_gapless_or_announces_the_gap(redis_url: str, steps: list[St
     last id seen, and keepalive ticks: the reader's view never skips a seq
     unless a `log_truncated` says where and how far, and it ends at the latest."""
 
+    at = "set-up"  # the step an example that stands still stands at
+    readers: list[Client] = []
+
     async def run() -> None:
+        nonlocal at
         client, hub, store, sid, turn_id = await _setup(redis_url, buffer_bytes=2048)
         reader = Client(client, hub, sid)
+        readers.append(reader)
         latest = 0
         try:
             reader.open()
-            for kind, n in steps:
+            for index, (kind, n) in enumerate(steps):
+                at = f"step {index}"
                 if kind == "append":
                     seqs = await store.append_events(
                         sid, turn_id, [_event(sid, turn_id, 200) for _ in range(n)]
@@ -157,15 +163,25 @@ def test_a_stream_is_gapless_or_announces_the_gap(redis_url: str, steps: list[St
                     reader.open()
                 elif kind == "tick":
                     await asyncio.sleep(0.06)
+            at = f"the last read, to {latest}"
             await reader.read(10_000, latest)
             assert reader.last == latest
         finally:
+            at = "the stream's close"
             await reader.close()
+            at = "the hub's stop"
             await hub.stop()
+            at = "the clean-up"
             await client.delete(keys.session(sid), keys.log(sid), keys.seq(sid))
             await client.aclose()
 
-    asyncio.run(run())
+    # An example takes a few tenths of a second; one that stands still fails
+    # with where it stood rather than at the suite's time limit.
+    try:
+        asyncio.run(asyncio.wait_for(run(), 60))
+    except TimeoutError:
+        last = readers[0].last if readers else None
+        raise AssertionError(f"the example stood still at {at}, its reader at {last}") from None
 
 
 def test_a_resync_after_an_overflow_announces_what_was_trimmed(redis_url: str) -> None:
