@@ -396,6 +396,11 @@ def test_interrupt_mid_stream_closes_the_model_stream(
     assert reply["stop_reason"] == "interrupted"
     assert reply["content"][0]["text"].startswith("word0")
     assert events[-1]["stop_reason"] == "interrupted"
+    # The model's server hears the close on its own thread, a moment after the
+    # worker closed the connection and ended the turn: wait for it, bounded.
+    deadline = time.monotonic() + 5
+    while not fake_llm.disconnects[agent.model] and time.monotonic() < deadline:
+        time.sleep(0.01)
     (closed_at,) = fake_llm.disconnects[agent.model]
     assert closed_at - interrupted_at < 1.0
 
