@@ -23,18 +23,15 @@ import contextlib
 import hashlib
 import time
 import uuid
-import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 from litestar import Request
-from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 
 from api.problems import Problem
 from api.services import Services
-from shared import keys, scripts
+from shared import keys
 from shared.turns import IdemRecord, Settlement
 
 HEADER = "idempotency-key"
@@ -43,10 +40,6 @@ _POLL = 0.02
 
 
 _decoder = msgspec.json.Decoder(IdemRecord)
-
-
-# The script that drops a pending record, of each Redis client, registered once.
-_droppers: weakref.WeakKeyDictionary[Redis, AsyncScript] = weakref.WeakKeyDictionary()
 
 
 class IdemClaim:
@@ -66,13 +59,8 @@ class IdemClaim:
         )
 
     async def abandon(self) -> None:
-        """Let a retry try again: drop the record while it is still this request's
-        `pending` one (a settled one stays, the effect having happened)."""
-        redis = self._svc.redis
-        script = _droppers.get(redis)
-        if script is None:
-            script = _droppers[redis] = redis.register_script(scripts.DROP_PENDING)
-        await script(keys=[self._key], args=[self._pending])
+        """Let a retry try again (`SessionStore.drop_pending`)."""
+        await self._svc.store.drop_pending(self.settlement())
 
 
 @contextlib.asynccontextmanager

@@ -83,6 +83,7 @@ class SessionStore(TurnLifecycle):
         super().__init__(redis, log_max_events=log_max_events, log_ttl_seconds=log_ttl_seconds)
         self.sandbox_uid_base = sandbox_uid_base
         self._settle = redis.register_script(scripts.SETTLE)
+        self._drop_pending = redis.register_script(scripts.DROP_PENDING)
 
     async def _settle_in(self, pipe: Pipeline, settles: Settlement, resource_id: str) -> None:
         """Queue the settling of an Idempotency-Key's record in `pipe`, the
@@ -92,6 +93,11 @@ class SessionStore(TurnLifecycle):
             args=[settles.pending, settles.done(resource_id), settles.ttl_seconds],
             client=pipe,
         )
+
+    async def drop_pending(self, settles: Settlement) -> bool:
+        """Let a retry try again: drop an Idempotency-Key's record while it is still
+        this request's `pending` one (a settled one stays: the effect happened)."""
+        return bool(await self._drop_pending(keys=[settles.key], args=[settles.pending]))
 
     # ---- sandboxes ---------------------------------------------------------
 

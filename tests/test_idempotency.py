@@ -238,7 +238,7 @@ def test_a_request_whose_claim_expired_leaves_the_key_to_the_one_that_took_it(
         client = Redis.from_url(own_redis.url)
         store = SessionStore(client)
         settings = Settings()
-        svc = cast(Services, SimpleNamespace(redis=client, settings=settings))
+        svc = cast(Services, SimpleNamespace(redis=client, settings=settings, store=store))
         digest = "d" * 64
 
         def pending(claim: str) -> bytes:
