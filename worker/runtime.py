@@ -77,6 +77,13 @@ def job_in_progress_ms(settings: Settings) -> int:
     return int((settings.turn_timeout_seconds + JOB_TIMEOUT_EXTRA + 10) * 1000)
 
 
+def _unstarted_job(state: TurnState | None) -> str | None:
+    """The job of a turn that runs but that no worker has started; else None."""
+    if state is None or state.state != "running" or state.turn_id is None or state.started:
+        return None
+    return state.job_id or state.turn_id
+
+
 class _Seen(msgspec.Struct):
     """A started turn's lease as a reaper saw it: since when (monotonic) at this epoch.
 
@@ -328,7 +335,7 @@ class WorkerRuntime:
             asked_at = time.monotonic()
             states = await self.store.turn_states(batch)
             seen = _Sighting(first=time.monotonic(), again=asked_at)
-            taken = await self._in_progress_ttls(states)
+            taken = await self._in_progress_ttls(batch, states)
             for sid, state in zip(batch, states, strict=True):
                 reaped += await self._reap(sid, state, seen, now_ms, taken)
         self._last_pass = time.monotonic()
@@ -342,8 +349,8 @@ class WorkerRuntime:
         now_ms: float,
         taken: dict[str, int],
     ) -> int:
-        """One running session, as a reaper's pass read it (`taken`: the TTLs left
-        of arq's in-progress keys of the turns not started): 1 if ended."""
+        """One running session, as a reaper's pass read it (`taken`: by session,
+        the TTL left of arq's in-progress key of a turn not started): 1 if ended."""
         settings = self.settings
         if state is None or state.state != "running" or state.turn_id is None:
             await self.store.forget_running(sid)
@@ -360,7 +367,7 @@ class WorkerRuntime:
             done = await self.store.end_orphaned(
                 sid, state.sandbox_id, state.turn_id, state.lease_epoch
             )
-        elif self._picked_up_long_ago(taken.get(state.job_id or state.turn_id, -2)):
+        elif self._picked_up_long_ago(taken.get(sid, -2)):
             # A worker took the job but never started the turn: it died in
             # between. arq would hand the job out again only after an hour.
             done = await self.store.end_unstarted(sid, state.sandbox_id, state.turn_id, "lost")
@@ -374,24 +381,23 @@ class WorkerRuntime:
             logger.warning("turn %s of session %s ended by the reaper", state.turn_id, sid)
         return int(done)
 
-    async def _in_progress_ttls(self, states: list[TurnState | None]) -> dict[str, int]:
+    async def _in_progress_ttls(
+        self, sids: list[str], states: list[TurnState | None]
+    ) -> dict[str, int]:
         """What is left of arq's in-progress key (PTTL, ms) of each turn read that
-        runs but has not started, by job id: all in one round trip."""
-        jobs = [
-            state.job_id or state.turn_id
-            for state in states
-            if state is not None
-            and state.state == "running"
-            and state.turn_id is not None
-            and not state.started
-        ]
+        runs but has not started, by session: all in one round trip."""
+        jobs = {
+            sid: job
+            for sid, job in zip(sids, map(_unstarted_job, states), strict=True)
+            if job is not None
+        }
         if not jobs:
             return {}
         async with self.store.redis.pipeline(transaction=False) as pipe:
-            for job_id in jobs:
+            for job_id in jobs.values():
                 pipe.pttl(in_progress_key_prefix + job_id)
             ttls = await pipe.execute()
-        return {job_id: int(ttl) for job_id, ttl in zip(jobs, ttls, strict=True)}
+        return {sid: int(ttl) for sid, ttl in zip(jobs, ttls, strict=True)}
 
     def _picked_up_long_ago(self, ttl_ms: int) -> bool:
         """Whether arq marked the turn's job in progress longer ago than a lease may
