@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -86,6 +88,7 @@ class Client:
                 return
             chunk = await asyncio.wait_for(self._stream.__anext__(), 5)
             for event, seq, data in _parse(chunk):
+                assert data.get("session_id", self.sid) == self.sid  # its session's only
                 if event == "log_truncated":
                     # A gap is announced where it starts.
                     assert data["after"] == self.last, (data, self.last)
@@ -182,6 +185,61 @@ def test_a_stream_is_gapless_or_announces_the_gap(redis_url: str, steps: list[St
     except TimeoutError:
         last = readers[0].last if readers else None
         raise AssertionError(f"the example stood still at {at}, its reader at {last}") from None
+
+
+def test_a_stream_keeps_its_own_events_whole_while_the_live_channel_floods(
+    redis_url: str,
+) -> None:
+    """All sessions' live events share one channel, so an API process following
+    one session hears every other session's too. While two other writers flood
+    the channel with lines of another session, the stream still gets each of its
+    own events once, in order, none announced lost, and nothing else."""
+    stop = threading.Event()
+    published = [0, 0]
+
+    def flood(slot: int) -> None:
+        other = str(uuid.uuid4())
+        # (far ahead of the stream's seqs: a line routed to it would not pass as old)
+        line = b'{"seq":1000000,' + msgspec.json.encode(_event(other, "t", 50))[1:]
+        payload = b"\n".join([line] * 50)
+        writer = redis.Redis.from_url(redis_url)
+        try:
+            while not stop.is_set() and published[slot] < 200_000:
+                writer.publish(keys.LIVE_CHANNEL, payload)
+                published[slot] += 1
+        finally:
+            writer.close()
+
+    async def run() -> None:
+        client, hub, store, sid, turn_id = await _setup(redis_url, buffer_bytes=1 << 20)
+        reader = Client(client, hub, sid)
+        try:
+            reader.open()
+            await reader.read(1, 1)  # the stream's opening: subscribed
+            floods = [threading.Thread(target=flood, args=(n,)) for n in range(2)]
+            for thread in floods:
+                thread.start()
+            latest = 0
+            for _ in range(20):
+                seqs = await store.append_events(
+                    sid, turn_id, [_event(sid, turn_id, 100) for _ in range(10)]
+                )
+                latest = seqs[-1]
+                await reader.read(5, latest)
+            await reader.read(10_000, latest)
+            stop.set()
+            for thread in floods:
+                thread.join(10)
+            assert (reader.last, reader.truncations) == (latest, 0)
+            assert min(published) > 0  # the channel was flooded meanwhile
+        finally:
+            stop.set()
+            await reader.close()
+            await hub.stop()
+            await client.delete(keys.session(sid), keys.log(sid), keys.seq(sid))
+            await client.aclose()
+
+    asyncio.run(asyncio.wait_for(run(), 60))
 
 
 def test_a_resync_after_an_overflow_announces_what_was_trimmed(redis_url: str) -> None:
