@@ -18,10 +18,10 @@ from httpx_sse import connect_sse
 
 from shared import events as ev
 from shared import keys
-from shared.models import now_rfc3339
 from shared.queue import TURN_FUNCTION, connect, deserialize_job_data
 from shared.sandbox.confinement import Confinement, SandboxSpec
 from shared.sandbox.handle import OpenSandbox
+from shared.turns import failed, new_turn_ids
 from worker.tools import TOOLS, ToolContext, ToolOutcome, execute_tool
 
 T = TypeVar("T")
@@ -373,12 +373,4 @@ class PausableProxy:
 
 def failed_event(sid: str, sandbox_id: str, turn_id: str) -> ev.SessionFailed:
     """A turn's terminal event, for the store's scripts that end it."""
-    return ev.SessionFailed(
-        session_id=sid,
-        sandbox_id=sandbox_id,
-        turn_id=turn_id,
-        message_id="m",
-        created_at=now_rfc3339(),
-        error=ev.ErrorInfo(code="x", message="y"),
-        stop_reason="error",
-    )
+    return failed(new_turn_ids(sid, sandbox_id, turn_id), "error", "x", "y")

@@ -25,7 +25,7 @@ from shared.models import Message, PendingApproval, Sandbox, new_id, now_rfc3339
 from shared.queue import TurnJob, queued_job
 from shared.settings import Settings
 from shared.store import SessionStore
-from shared.turns import FinishMode, TurnAppend, store_unavailable, worth_retrying
+from shared.turns import FinishMode, TurnAppend, TurnIds, store_unavailable, worth_retrying
 from worker.event_writer import EventWriter, TurnSuperseded
 
 T = TypeVar("T")
@@ -57,15 +57,8 @@ def _user(sid: str, turn_id: str) -> Message:
 
 
 def _delta(sid: str, sandbox_id: str, turn_id: str, text: str, index: int = 0) -> ev.TextDelta:
-    return ev.TextDelta(
-        session_id=sid,
-        sandbox_id=sandbox_id,
-        turn_id=turn_id,
-        message_id="m",
-        created_at=now_rfc3339(),
-        index=index,
-        text=text,
-    )
+    ids = TurnIds(session_id=sid, sandbox_id=sandbox_id, turn_id=turn_id, message_id="m")
+    return ev.TextDelta(**ids.stamped(), index=index, text=text)
 
 
 def test_only_one_of_many_concurrent_claims_wins(redis_url: str) -> None:
