@@ -154,6 +154,58 @@ def test_a_chunked_body_framed_wrong_is_a_protocol_error(body: bytes, error: str
     asyncio.run(_one_response(head + body, check))
 
 
+def test_bytes_after_a_chunked_body_are_never_read_as_the_next_response() -> None:
+    """A server that sends more than its response (here a whole second response,
+    in the same write as the last chunk) leaves the connection out of use: the
+    next request goes on a new one and gets the server's answer to it, not the
+    bytes that came early."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n0\r\n\r\n"
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly"
+            )
+            await writer.drain()
+
+    async def scenario() -> None:
+        async with serve(handler) as (port, connections), client() as http:
+            for _ in range(2):
+                async with http.stream("GET", f"http://127.0.0.1:{port}/") as response:
+                    body = body_of(response)
+                    assert body is not None
+                    assert [piece async for piece in body.pieces()] == [b"first"]
+            assert len(connections) == 2
+
+    asyncio.run(scenario())
+
+
+def test_bytes_sent_to_an_idle_connection_are_never_read_as_the_next_response() -> None:
+    """A server that writes to a connection after its response, unasked (here a
+    whole response, a moment later): the connection is not used again, and the
+    next request gets the server's answer to it."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
+            await writer.drain()
+
+    async def scenario() -> None:
+        async with serve(handler) as (port, connections), client() as http:
+            for _ in range(2):
+                response = await http.get(f"http://127.0.0.1:{port}/")
+                assert response.content == b"first"
+                await asyncio.sleep(0.2)  # the unasked bytes arrive meanwhile
+            assert len(connections) == 2
+
+    asyncio.run(scenario())
+
+
 def test_a_body_with_a_content_coding_is_left_to_httpx() -> None:
     """A compressed body is not read off the connection as it is: httpx undoes
     the coding."""

@@ -72,6 +72,13 @@ class _Connection:
     def close(self) -> None:
         self.writer.close()
 
+    def unexpected_bytes(self) -> bool:
+        """Whether the idle connection was closed, or sent bytes nobody asked for
+        since its last response (they would be read as the next one's): either
+        way it is not to be used again. (asyncio's StreamReader keeps what
+        arrived in `_buffer` and has no public way to ask.)"""
+        return self.reader.at_eof() or bool(self.reader._buffer)  # type: ignore[attr-defined]
+
 
 async def _timed(awaitable: Any, seconds: float | None, error: type[Exception]) -> Any:
     """`awaitable`, or httpx's `error` past `seconds` (no task of its own)."""
@@ -363,7 +370,7 @@ class StreamTransport(httpx2.AsyncBaseTransport):
         idle = self._idle.get(origin)
         while idle:
             connection = idle.pop()
-            if not connection.writer.is_closing() and not connection.reader.at_eof():
+            if not (connection.writer.is_closing() or connection.unexpected_bytes()):
                 connection.reused = True
                 return connection
             connection.close()
