@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 import time
@@ -303,3 +304,26 @@ def test_a_workspace_made_by_two_requests_at_once_is_made_once(tmp_path: Path) -
         for thread in threads:
             thread.join(10)
     assert failures == []
+
+
+@pytest.mark.parametrize("kind", ["file", "dangling symlink", "symlink to a directory", "fifo"])
+def test_a_workspace_path_taken_by_something_else_is_refused(tmp_path: Path, kind: str) -> None:
+    """Preparing a workspace takes only a directory of its own at its path (a
+    create and its replay may make it at once): anything else there is an error,
+    never followed or used as the workspace."""
+    root = tmp_path / "root"
+    root.mkdir()
+    sandbox = new_id()
+    path = root / sandbox
+    if kind == "file":
+        path.write_bytes(b"")
+    elif kind == "dangling symlink":
+        path.symlink_to(tmp_path / "nowhere")
+    elif kind == "symlink to a directory":
+        (tmp_path / "elsewhere").mkdir()
+        path.symlink_to(tmp_path / "elsewhere")
+    else:
+        os.mkfifo(path)
+    with pytest.raises(NotADirectoryError):
+        prepare_workspace(str(root), sandbox, None, None)
+    assert not (tmp_path / "nowhere").exists()

@@ -10,8 +10,10 @@ write to; what is inside it is only ever touched from inside the sandbox.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 from pathlib import Path
 
 from shared.models import is_uuid
@@ -39,6 +41,10 @@ def prepare_workspace(root: str, sandbox_id: str, uid: int | None, quota: DiskQu
                 path.mkdir(mode=0o700)
         except FileExistsError:
             pass  # made at the same moment for another request of the same sandbox
+    # What is there must be a directory of its own: not a file, a symlink (to
+    # be followed by the chown, the quota and the sandbox's mounts) or a pipe.
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "the workspace is not a directory", str(path))
     if uid is not None and os.geteuid() == 0 and os.lstat(path).st_uid != uid:
         os.lchown(path, uid, uid)
     if quota is not None and not quota.apply(path, uid):
