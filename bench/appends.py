@@ -10,8 +10,9 @@ the writing process's CPU. Unlike the streaming benchmark, the offered load
 is fixed, so the figures do not move with how far a loaded machine lags.
 Sessions share the live channel, so every API process that streams any session
 hears all of their events: one row has 8 listeners, two what packing
-the writer's call costs, and the last two what an API process's hub spends on a
-line of a session it does not stream.
+the writer's call costs, the next what Redis spends on a turn's end (its reply
+a hundred chunks long, the end script's arguments as long), and the last two
+what an API process's hub spends on a line of a session it does not stream.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from api.hub import EventHub
 from bench.harness import user_message
 from shared import events as ev
 from shared import keys
-from shared.models import new_id, now_rfc3339
+from shared.metrics import TurnFigures
+from shared.models import Message, TextBlock, new_id, now_rfc3339
 from shared.queue import connect
 from shared.settings import Settings
 from shared.store import SessionStore, TurnAppend
+from shared.turns import TurnIds, completed
 
 
 async def _counters(redis: Redis) -> tuple[float, int]:
@@ -124,6 +127,44 @@ async def _measure(
     ]
 
 
+async def _finish_us(redis_url: str, count: int, chunks: int) -> list[str]:
+    """Redis CPU and commands to end each of `count` turns whose reply is `chunks`
+    text deltas long: the reply is stored and goes out twice more, in
+    text_complete and in the terminal event, all in the script that ends the turn."""
+    redis = Redis.from_url(redis_url)
+    store = SessionStore(redis)
+    sandbox_id, turns = await _turns(store, count)
+    text = "".join(f"{n}@{time.time():.6f} " for n in range(chunks))
+    ends = []
+    for sid, turn in turns:
+        ids = TurnIds(session_id=sid, sandbox_id=sandbox_id, turn_id=turn, message_id=new_id())
+        message = Message(
+            id=ids.message_id,
+            session_id=sid,
+            role="assistant",
+            content=[TextBlock(text=text)],
+            timestamp=now_rfc3339(),
+            turn_id=turn,
+        )
+        rest = [ev.TextComplete(**ids.stamped(), index=0, text=text)]
+        usage = ev.Usage(input_tokens=9, output_tokens=chunks)
+        terminal = completed(ids, message, "end_turn", usage)
+        ends.append((sid, turn, message, terminal, rest))
+    figures = TurnFigures(events=chunks + 1, duration_seconds=2.0, first_token_seconds=0.01)
+    cpu_before, commands_before = await _counters(redis)
+    for sid, turn, message, terminal, rest in ends:
+        # As an interrupt of a queued turn ends it: the same script, no lease to hold.
+        if not await store.finish_turn(sid, turn, "unstarted", message, terminal, figures, rest):
+            raise RuntimeError(f"turn {turn} did not end")
+    cpu_after, commands_after = await _counters(redis)
+    await redis.aclose()
+    return [
+        f"{(cpu_after - cpu_before) / count * 1e6:.1f}",
+        f"{(commands_after - commands_before - 2) / count:.2f}",  # less the INFO calls
+        "-",
+    ]
+
+
 def _skipped_us(line: bytes, repeat: int) -> float:
     """What an API process's hub spends on a line of a session it does not
     stream (the live channel is shared): µs a line, over `repeat` messages."""
@@ -193,6 +234,10 @@ def bench_appends(redis_url: str, count: int, rounds: int) -> list[list[str]]:
         ["baseline: one call per turn", *asyncio.run(_measure(redis_url, count, rounds, False))],
         ["packing the writer's call for them (sandstream's connections)", "-", "-", f"{ours:.2f}"],
         ["baseline: the same call packed by redis-py's connection", "-", "-", f"{theirs:.2f}"],
+        [
+            f"a turn's end, its reply 100 chunks of text (per turn, over {count})",
+            *asyncio.run(_finish_us(redis_url, count, 100)),
+        ],
         [
             "an API process skipping another session's text delta",
             "-",

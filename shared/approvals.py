@@ -202,7 +202,7 @@ class SuspendArgs(_LogArgs, kw_only=True):
     # JSON documents travel as text: Lua's msgpack reads no binary type.
     record: str
     pending: list[tuple[str, str]]
-    events: list[tuple[str, str]]
+    events: list[tuple[str, str]]  # (type, JSON without seq and its opening brace)
     deadline_ms: int
 
 
@@ -210,7 +210,7 @@ class ResolveArgs(_LogArgs, kw_only=True):
     tenant: str
     mode: Literal["decide", "expire"]
     now_ms: int
-    # (the call's field, stored value, event JSON without seq)
+    # (the call's field, stored value, event JSON without seq and its opening brace)
     decisions: list[tuple[str, str, str]]
     job_id: str
     job_expiry_ms: int
@@ -272,7 +272,9 @@ class ApprovalStore:
             pending=[
                 (CALL + p.tool_use_id, (PENDING + _encoder.encode(p)).decode()) for p in pending
             ],
-            events=[(str(e.__struct_config__.tag), ev.encode_event(e).decode()) for e in events],
+            events=[
+                (str(e.__struct_config__.tag), ev.encode_event(e)[1:].decode()) for e in events
+            ],
             deadline_ms=int(deadline * 1000),
         )
         script_keys = [
@@ -346,7 +348,7 @@ class ApprovalStore:
                 decided_by=resolution.decided_by,
             )
             stored = (DECIDED + _encoder.encode(resolution)).decode()
-            rows.append((CALL + call.tool_use_id, stored, ev.encode_event(event).decode()))
+            rows.append((CALL + call.tool_use_id, stored, ev.encode_event(event)[1:].decode()))
         args = ResolveArgs(
             **self._log_args(sid, waiting.turn_id),
             tenant=tenant,

@@ -217,12 +217,11 @@ class _Counter(msgspec.Struct):
 
 
 class FinishArgs(msgspec.Struct, kw_only=True):
-    """The one argument of FINISH_TURN (decoded there with cjson)."""
+    """The first argument of FINISH_TURN (decoded there with cjson); the texts
+    follow it as arguments of their own (FINISH_TURN)."""
 
     turn_id: str
     mode: FinishMode
-    message: str  # the assistant message's JSON, or ''
-    terminal: str  # the terminal event's JSON without seq
     terminal_type: str
     maxlen: int
     channel: str
@@ -232,7 +231,7 @@ class FinishArgs(msgspec.Struct, kw_only=True):
     duration_ms: int  # -1: not measured
     epoch: int  # "orphaned": the lease epoch seen standing still
     worker_id: str  # "worker": the worker that must hold the turn's lease
-    events: list[tuple[str, str]]  # (type, JSON without seq), before the terminal one
+    event_types: list[str]  # of the events before the terminal one
     counters: list[_Counter]
 
 
@@ -534,11 +533,10 @@ class TurnLifecycle:
             ttl = _OUTCOME_TTL_SECONDS if key == bucket else 0
             counters.append(_Counter(script_keys.index(key) + 1, field, increment, ttl))
         duration = figures.duration_seconds
+        events = events or []
         args = FinishArgs(
             turn_id=turn_id,
             mode=mode,
-            message="" if message is None else msgspec.json.encode(message).decode(),
-            terminal=ev.encode_event(terminal).decode(),
             terminal_type=str(terminal.__struct_config__.tag),
             maxlen=self.log_max_events,
             channel=keys.events_channel(sid),
@@ -548,12 +546,16 @@ class TurnLifecycle:
             duration_ms=-1 if duration is None else round(duration * 1000),
             epoch=epoch,
             worker_id=worker_id,
-            events=[
-                (str(e.__struct_config__.tag), ev.encode_event(e).decode()) for e in events or []
-            ],
+            event_types=[str(e.__struct_config__.tag) for e in events],
             counters=counters,
         )
-        return int(await self._finish(keys=script_keys, args=[_finish_encoder.encode(args)]))
+        texts = [
+            b"" if message is None else msgspec.json.encode(message),
+            *(ev.encode_event(e)[1:] for e in (terminal, *events)),
+        ]
+        return int(
+            await self._finish(keys=script_keys, args=[_finish_encoder.encode(args), *texts])
+        )
 
     # ---- endings decided from outside the turn --------------------------------
 
