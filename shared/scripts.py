@@ -361,8 +361,12 @@ if a.duration_ms >= 0 then
 end
 for _, counter in ipairs(a.counters) do
   local key = KEYS[counter.key]
-  redis.call('HINCRBY', key, counter.field, counter.by)
-  if counter.ttl > 0 then redis.call('EXPIRE', key, counter.ttl) end
+  -- A counter that expires gets its expiry as it gains a field (counts only grow,
+  -- so the count is the increment just then): each later end in the same hash
+  -- saves a command, and the hash still lasts its ttl past its first count.
+  if redis.call('HINCRBY', key, counter.field, counter.by) == counter.by and counter.ttl > 0 then
+    redis.call('EXPIRE', key, counter.ttl)
+  end
 end
 return seq
 """

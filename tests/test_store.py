@@ -21,11 +21,18 @@ from bench.harness import user_message
 from shared import eventlog, keys, metrics
 from shared import events as ev
 from shared.approvals import ApprovalStore, SuspendedTurn
-from shared.models import Message, PendingApproval, Sandbox, new_id, now_rfc3339
+from shared.models import Message, PendingApproval, Sandbox, TextBlock, new_id, now_rfc3339
 from shared.queue import TurnJob, queued_job
 from shared.settings import Settings
 from shared.store import SessionStore
-from shared.turns import FinishMode, TurnAppend, TurnIds, store_unavailable, worth_retrying
+from shared.turns import (
+    FinishMode,
+    TurnAppend,
+    TurnIds,
+    completed,
+    store_unavailable,
+    worth_retrying,
+)
 from worker.event_writer import EventWriter, TurnSuperseded
 
 T = TypeVar("T")
@@ -421,6 +428,49 @@ def test_appends_are_one_round_trip_and_survive_a_script_flush(tmp_path: Path) -
         assert run(server.url, scenario) == list(range(1, 56))
     finally:
         server.stop()
+
+
+def test_an_outcome_bucket_expires_from_its_first_count_of_each_outcome(redis_url: str) -> None:
+    """The ops report's buckets of turn outcomes expire; a turn's end sets the
+    expiry only as its outcome first enters the bucket, not at every end."""
+
+    async def scenario(store: SessionStore) -> list[tuple[int, bool]]:
+        redis = store.redis
+
+        async def expires() -> int:
+            stats = await redis.info("commandstats")
+            return int(stats.get("cmdstat_expire", {}).get("calls", 0))
+
+        # Three ends in one bucket: not within a few seconds of the next one.
+        while time.time() % keys.STATS_BUCKET_SECONDS > keys.STATS_BUCKET_SECONDS - 5:
+            await asyncio.sleep(0.5)
+        bucket = keys.turn_outcomes(int(time.time()) // keys.STATS_BUCKET_SECONDS)
+        seen = []
+        for outcome in ("failed", "failed", "completed"):
+            sandbox, sid, turn = await _claimed(store)
+            ids = TurnIds(session_id=sid, sandbox_id=sandbox.id, turn_id=turn, message_id=new_id())
+            reply = Message(
+                id=ids.message_id,
+                session_id=sid,
+                role="assistant",
+                content=[TextBlock(text="done")],
+                timestamp=now_rfc3339(),
+                turn_id=turn,
+            )
+            done: ev.TerminalEvent = (
+                failed_event(sid, sandbox.id, turn)
+                if outcome == "failed"
+                else completed(ids, reply, "end_turn", ev.Usage(input_tokens=1, output_tokens=1))
+            )
+            before = await expires()
+            assert await store.finish_turn(sid, turn, "unstarted", None, done) > 0
+            ttl = await redis.ttl(bucket)
+            seen.append((await expires() - before, 0 < ttl <= 2 * 3600))
+        return seen
+
+    # The first failure and the first completion set it; the second failure
+    # finds its field there, and the bucket keeps the expiry it has.
+    assert run(redis_url, scenario) == [(1, True), (0, True), (1, True)]
 
 
 def test_a_turn_loads_the_history_its_agent_reads(redis_url: str) -> None:
