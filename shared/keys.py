@@ -138,7 +138,9 @@ LIVE_CHANNEL = f"{PREFIX}:live:0"
 
 
 def events_channel(sid: str) -> str:
-    """Pub/sub channel on which the session's events go out live (shared by all)."""
+    """Pub/sub channel on which the session's events go out live: the one every
+    session shares, so the worker's call for all its turns publishes once
+    (APPEND_EVENTS takes `LIVE_CHANNEL` once a call)."""
     return LIVE_CHANNEL
 
 

@@ -142,10 +142,11 @@ return 1
 """
 
 # KEYS: for each turn of the batch, in order, its session, seq, log and appended keys.
-# ARGV: maxlen, log ttl ms, then for each turn: turn_id, channel, '1' on the
-#       turn's first append (the log's expiry is set then; the turn's end renews
-#       it) or '', its number of events n, how many of its events the worker
-#       counts in the log already ('' when it does not count), then
+# ARGV: maxlen, log ttl ms, the live channel (`keys.LIVE_CHANNEL`), then for
+#       each turn: turn_id, '1' on the turn's first append (the log's expiry is
+#       set then; the turn's end renews it) or '', its number of events n, how
+#       many of its events the worker counts in the log already ('' when it does
+#       not count), then
 #       - when the worker knows the seq of its turn's last event: the appended
 #         mark it expects, the mark once its events are in, and the seq of the
 #         last of them; then n times the event's entry id (`<seq>-0`), its type
@@ -158,8 +159,8 @@ return 1
 # One call carries the pending events of every turn a worker runs, so the
 # script's own cost, the round trip and the counters (read once, written once)
 # are paid per call rather than per turn; what stays per turn is one XADD per
-# event. Events are published once per channel (`keys.events_channel`, shared
-# by many sessions), one JSON a line, in the order of the turns in the call.
+# event. The call's events are published in one message on the live channel,
+# one JSON a line, in the order of the turns in the call.
 # The appended key (`<turn_id> <events> <last seq>`) makes a call that is sent
 # again after a lost reply harmless: a turn whose events are in already gets its
 # seqs again. It is also the fence after a turn's first append: the mark is
@@ -181,10 +182,10 @@ APPEND_EVENTS = """
 local call = redis.call
 local batch = {}
 local read = {}
-local a = 3
+local a = 4
 while a <= #ARGV do
-  local n = tonumber(ARGV[a + 3])
-  local known = ARGV[a + 5] ~= ''
+  local n = tonumber(ARGV[a + 2])
+  local known = ARGV[a + 4] ~= ''
   local i = #batch + 1
   local k = 4 * i - 3
   read[#read + 1] = KEYS[k + 3]
@@ -194,45 +195,34 @@ while a <= #ARGV do
     seq_at = #read
   end
   local width = known and 3 or 2
-  batch[i] = {a, n, known, #read - (known and 0 or 1), seq_at, a + 8, a + 7 + width * n}
-  a = a + 8 + width * n
+  batch[i] = {a, n, known, #read - (known and 0 or 1), seq_at, a + 7, a + 6 + width * n}
+  a = a + 7 + width * n
 end
 local counters = call('MGET', unpack(read))
 local firsts = {}
 local written = {}
-local channels = {}
-local order = {}
+local lines = {}  -- what the live channel carries, in the order of the turns
 local maxlen = ARGV[1]
--- the lines a channel publishes, in the order of the turns that append to it
-local function lines_of(channel)
-  local lines = channels[channel]
-  if not lines then
-    lines = {}
-    channels[channel] = lines
-    order[#order + 1] = channel
-  end
-  return lines
-end
 for i = 1, #batch do
   local turn = batch[i]
   local h = turn[1]
-  local turn_id, channel, n = ARGV[h], ARGV[h + 1], turn[2]
+  local turn_id, n = ARGV[h], turn[2]
   local k = 4 * i - 3
   local mark = counters[turn[4]]
   if turn[3] then
-    if mark == ARGV[h + 5] then
-      local log, lines = KEYS[k + 2], lines_of(channel)
+    if mark == ARGV[h + 4] then
+      local log = KEYS[k + 2]
       for j = turn[6], turn[7], 3 do
         call('XADD', log, 'MAXLEN', '~', maxlen, ARGV[j], 't', ARGV[j + 1], 'd', ARGV[j + 2])
         lines[#lines + 1] = ARGV[j + 2]
       end
-      firsts[i] = tonumber(ARGV[h + 7]) - n + 1
+      firsts[i] = tonumber(ARGV[h + 6]) - n + 1
       written[#written + 1] = KEYS[k + 1]
-      written[#written + 1] = ARGV[h + 7]
-      written[#written + 1] = KEYS[k + 3]
       written[#written + 1] = ARGV[h + 6]
-    elseif mark == ARGV[h + 6] then
-      firsts[i] = tonumber(ARGV[h + 7]) - n + 1  -- in already: a call sent again
+      written[#written + 1] = KEYS[k + 3]
+      written[#written + 1] = ARGV[h + 5]
+    elseif mark == ARGV[h + 5] then
+      firsts[i] = tonumber(ARGV[h + 6]) - n + 1  -- in already: a call sent again
     elseif (mark and string.sub(mark, 1, #turn_id + 1) == turn_id .. ' ')
         or call('HGET', KEYS[k], 'turn_id') == turn_id then
       firsts[i] = -1
@@ -240,7 +230,7 @@ for i = 1, #batch do
       firsts[i] = 0
     end
   else
-    local expected = tonumber(ARGV[h + 4])
+    local expected = tonumber(ARGV[h + 3])
     local before, last, marked = 0, 0, false
     if mark then
       local t, c, l = string.match(mark, '^(%S+) (%d+) (%d+)$')
@@ -252,14 +242,14 @@ for i = 1, #batch do
       if expected == nil or before == expected then
         local seq = tonumber(counters[turn[5]]) or 0
         firsts[i] = seq + 1
-        local log, lines = KEYS[k + 2], lines_of(channel)
+        local log = KEYS[k + 2]
         for j = turn[6], turn[7], 2 do
           seq = seq + 1
           local data = '{"seq":' .. seq .. ',' .. ARGV[j + 1]
           call('XADD', log, 'MAXLEN', '~', maxlen, seq .. '-0', 't', ARGV[j], 'd', data)
           lines[#lines + 1] = data
         end
-        if ARGV[h + 2] == '1' then call('PEXPIRE', log, ARGV[2]) end
+        if ARGV[h + 1] == '1' then call('PEXPIRE', log, ARGV[2]) end
         written[#written + 1] = KEYS[k + 1]
         written[#written + 1] = seq
         if expected ~= nil then
@@ -280,9 +270,7 @@ for i = 1, #batch do
     end
   end
 end
-for c = 1, #order do
-  call('PUBLISH', order[c], table.concat(channels[order[c]], '\\n'))
-end
+if #lines > 0 then call('PUBLISH', ARGV[3], table.concat(lines, '\\n')) end
 if #written > 0 then call('MSET', unpack(written)) end
 return firsts
 """
@@ -320,7 +308,7 @@ end
 #       without seq and without its opening brace; then each of `event_types`'
 #       events so. The large texts are arguments of their own, not members of
 #       the document: decoding them from it made a copy of each in Lua, about 40
-#       µs of Redis CPU a turn for a turn of a hundred chunks (bench 6c).
+#       µs of Redis CPU a turn for a reply of a hundred chunks (bench 6b).
 # mode "worker": the running worker ends its turn, while it holds the lease (a
 #   turn it suspended for approval, or that another worker resumed, is not its).
 # mode "unstarted": end a turn no worker has picked up (interrupt, queue timeout).

@@ -460,7 +460,7 @@ class TurnLifecycle:
     def append_call(self, turns: list[TurnAppend]) -> tuple[list[str], list[int | str | bytes]]:
         """The keys and arguments of the append script's call for `turns`."""
         script_keys: list[str] = []
-        args: list[int | str | bytes] = [self.log_max_events, self.log_ttl_ms]
+        args: list[int | str | bytes] = [self.log_max_events, self.log_ttl_ms, keys.LIVE_CHANNEL]
         for turn in turns:
             sid, turn_id, before, last = (
                 turn.session_id,
@@ -470,7 +470,7 @@ class TurnLifecycle:
             )
             script_keys += [keys.session(sid), keys.seq(sid), keys.log(sid), keys.appended(sid)]
             n = len(turn.events)
-            args += [turn_id, keys.events_channel(sid), "1" if turn.first else "", n]
+            args += [turn_id, "1" if turn.first else "", n]
             if before is None or last is None:
                 args += ["" if before is None else before, "", "", ""]
                 for event in turn.events:
