@@ -11,13 +11,16 @@ is fixed, so the figures do not move with how far a loaded machine lags.
 Sessions share the live channel, so every API process that streams any session
 hears all of their events: one row has 8 listeners, two what packing
 the writer's call costs, the next what Redis spends on a turn's end (its reply
-a hundred chunks long, the end script's arguments as long), and the last two
-what an API process's hub spends on a line of a session it does not stream.
+a hundred chunks long, the end script's arguments as long), the next two what
+a kilobyte costs Redis as a script's argument against a plain command's (why the
+scripts take each text once and copy it as little as they can), and the last
+two what an API process's hub spends on a line of a session it does not stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import msgspec
@@ -165,6 +168,31 @@ async def _finish_us(redis_url: str, count: int, chunks: int) -> list[str]:
     ]
 
 
+async def _argument_us(redis_url: str, size: int, count: int) -> tuple[float, float]:
+    """Redis CPU a KiB of argument costs: `count` pipelined calls of a script that
+    does nothing with one distinct `size`-byte argument, and, as the baseline,
+    as many SETs of the same values. Lua hashes every byte of every string a
+    script receives or makes."""
+    redis = Redis.from_url(redis_url)
+    values = [os.urandom(size // 2).hex() for _ in range(count)]
+    sha = await redis.script_load("return 1")
+    figures = []
+    for script in (True, False):
+        cpu_before, _ = await _counters(redis)
+        async with redis.pipeline(transaction=False) as pipe:
+            for value in values:
+                if script:
+                    pipe.evalsha(sha, 0, value)
+                else:
+                    pipe.set("bench:argument", value)
+            await pipe.execute()
+        cpu_after, _ = await _counters(redis)
+        figures.append((cpu_after - cpu_before) / count / (size / 1024) * 1e6)
+    await redis.delete("bench:argument")
+    await redis.aclose()
+    return figures[0], figures[1]
+
+
 def _skipped_us(line: bytes, repeat: int) -> float:
     """What an API process's hub spends on a line of a session it does not
     stream (the live channel is shared): µs a line, over `repeat` messages."""
@@ -225,6 +253,7 @@ def bench_appends(redis_url: str, count: int, rounds: int) -> list[list[str]]:
     delta = _delta(sid, new_id(), new_id(), 0)
     delta_line = b'{"seq":1,' + msgspec.json.encode(delta)[1:]
     ours, theirs = asyncio.run(_packing_us(redis_url, count, 200))
+    in_script, in_set = asyncio.run(_argument_us(redis_url, 4096, count * 10))
     return [
         [f"one call for {count} turns", *asyncio.run(_measure(redis_url, count, rounds, True))],
         [
@@ -238,6 +267,8 @@ def bench_appends(redis_url: str, count: int, rounds: int) -> list[list[str]]:
             f"a turn's end, its reply 100 chunks of text (per turn, over {count})",
             *asyncio.run(_finish_us(redis_url, count, 100)),
         ],
+        ["a 4 KiB argument of a script, Redis µs per KiB", f"{in_script:.2f}", "-", "-"],
+        ["baseline: the same values SET, Redis µs per KiB", f"{in_set:.2f}", "-", "-"],
         [
             "an API process skipping another session's text delta",
             "-",
