@@ -264,7 +264,7 @@ def bench_appends(redis_url: str, count: int, rounds: int) -> list[list[str]]:
         ["packing the writer's call for them (sandstream's connections)", "-", "-", f"{ours:.2f}"],
         ["baseline: the same call packed by redis-py's connection", "-", "-", f"{theirs:.2f}"],
         [
-            f"a turn's end, its reply 100 chunks of text (per turn, over {count})",
+            f"a turn's end, its reply 100 chunks of text: per end, over {count}",
             *asyncio.run(_finish_us(redis_url, count, 100)),
         ],
         ["a 4 KiB argument of a script, Redis µs per KiB", f"{in_script:.2f}", "-", "-"],

@@ -322,6 +322,11 @@ FINISH_TURN = (
     APPEND_ALL
     + """
 local a = cjson.decode(ARGV[1])
+-- Checked before any write: a script that fails halfway keeps what it wrote.
+if #ARGV ~= 3 + #a.event_types then
+  return redis.error_reply('ERR FINISH_TURN: ' .. #a.event_types .. ' event types, '
+                           .. (#ARGV - 3) .. ' events')
+end
 local found = redis.call('HMGET', KEYS[1], 'state', 'turn_id', 'started', 'lease_epoch',
                          'reply_to')
 if found[1] ~= 'running' or found[2] ~= a.turn_id then return 0 end

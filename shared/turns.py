@@ -533,7 +533,7 @@ class TurnLifecycle:
             ttl = _OUTCOME_TTL_SECONDS if key == bucket else 0
             counters.append(_Counter(script_keys.index(key) + 1, field, increment, ttl))
         duration = figures.duration_seconds
-        events = events or []
+        events = list(events or [])  # read twice below: types, then texts
         args = FinishArgs(
             turn_id=turn_id,
             mode=mode,

@@ -474,6 +474,41 @@ def test_an_outcome_bucket_expires_from_its_first_count_of_each_outcome(redis_ur
     assert run(redis_url, scenario) == [(1, True), (0, True), (1, True)]
 
 
+def test_a_turn_end_missing_one_of_its_texts_is_refused_before_any_write(redis_url: str) -> None:
+    """FINISH_TURN takes each event's text as an argument of its own: a call whose
+    texts do not match its event types is refused whole, instead of failing
+    halfway with the session freed and no terminal event in the log."""
+
+    async def scenario(store: SessionStore) -> tuple[bool, str, bool, int, int]:
+        sandbox, sid, turn = await _claimed(store)
+        finish = store._finish
+
+        async def one_text_short(keys: list[str], args: list[bytes]) -> object:
+            return await finish(keys=keys, args=args[:-1])
+
+        store._finish = one_text_short  # type: ignore[assignment]
+        delta = _delta(sid, sandbox.id, turn, "left over")
+        done = failed_event(sid, sandbox.id, turn)
+        refused = False
+        try:
+            await store.finish_turn(sid, turn, "unstarted", None, done, None, [delta])
+        except ResponseError as exc:
+            refused = "FINISH_TURN" in str(exc)
+        state = await store.turn_state(sid)
+        assert state is not None
+        redis = store.redis
+        return (
+            refused,
+            state.state,
+            state.turn_id == turn,
+            await redis.xlen(keys.log(sid)),
+            await redis.llen(keys.messages(sid)),
+        )
+
+    # Still running, its turn current, no event logged, only the user's message.
+    assert run(redis_url, scenario) == (True, "running", True, 0, 1)
+
+
 def test_a_turn_loads_the_history_its_agent_reads(redis_url: str) -> None:
     """The demo agent answers the turn's message alone: its turns load that one
     message, however long the conversation; a model's turns load all of it."""
