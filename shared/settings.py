@@ -130,6 +130,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # sooner joined into one event: fewer, larger events for Redis and the API
     # at the price of up to this much delay after the first. 0: each at once.
     text_delta_window_ms: float = 0.0
+    # A worker writes its turns' events in one Redis call every 2 ms or so; one
+    # carrying many turns gathers them for longer, 0.05 ms a turn up to this many
+    # ms: fewer, larger calls (less CPU for Redis, the worker and the API a
+    # chunk) for up to this much more delay. A turn's first events never wait
+    # for it. 2 or less: every call as soon as 2 ms allow.
+    event_gather_max_ms: float = 10.0
     worker_fallback_poll_seconds: float = 5.0
     worker_fast_pickup: bool = True
     reaper_interval_seconds: float = 5.0
@@ -158,6 +164,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError(f"provider must be demo, anthropic or openai, not {self.provider!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
+        if self.event_gather_max_ms < 0:
+            raise ValueError("event_gather_max_ms must not be negative")
         if self.sandbox_idle_seconds < 0:
             raise ValueError("sandbox_idle_seconds must not be negative")
         if self.sandbox_idle_max < 0:

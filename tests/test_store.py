@@ -763,6 +763,54 @@ def test_text_deltas_within_the_text_window_go_out_as_one_after_the_first(
     assert run(redis_url, scenario) == ["first", "second"]
 
 
+def test_a_writer_carrying_many_turns_gathers_longer_but_first_events_go_at_once(
+    redis_url: str,
+) -> None:
+    """A busy writer starts its calls further apart the more turns it carries
+    (here 0.1 s a turn, at most 1 s); a turn's first events cut that short, and a
+    stopped turn no longer counts."""
+
+    async def scenario(store: SessionStore) -> tuple[list[float], list[list[str]], float]:
+        loop = asyncio.get_running_loop()
+        calls: list[tuple[float, list[str]]] = []
+        append = store.append_batch
+
+        async def timed(batch: list[TurnAppend]) -> list[int]:
+            calls.append((loop.time(), [b.events[0].text for b in batch]))  # type: ignore[union-attr]
+            return await append(batch)
+
+        store.append_batch = timed  # type: ignore[method-assign]
+        writer = EventWriter(store, max_gather=1.0, gather_per_turn=0.1)
+        claimed = [await _claimed(store) for _ in range(10)]
+        turns = [writer.open(sid, turn, lambda: None) for _, sid, turn in claimed[:9]]
+        assert writer.gather() == pytest.approx(0.9)
+        for (sandbox, sid, turn), part in zip(claimed, turns, strict=False):
+            part.put(_delta(sid, sandbox.id, turn, "first"))
+        await writer.flushed()  # an idle writer sends at once
+        for (sandbox, sid, turn), part in zip(claimed, turns, strict=False):
+            part.put(_delta(sid, sandbox.id, turn, "second"))
+        await asyncio.sleep(0.05)
+        sandbox, sid, turn = claimed[9]
+        tenth = writer.open(sid, turn, lambda: None)
+        tenth.put(_delta(sid, sandbox.id, turn, "first"))  # waits 2 ms, not a second
+        await writer.flushed()
+        for (sandbox, sid, turn), part in zip(claimed, [*turns, tenth], strict=True):
+            part.put(_delta(sid, sandbox.id, turn, "third"))
+        await writer.flushed()  # 10 turns: a second after the call before
+        for part in [*turns, tenth]:
+            part.stop()
+        gather = writer.gather()
+        await writer.close()
+        starts = [at - calls[0][0] for at, _ in calls]
+        return starts, [sorted(set(texts)) for _, texts in calls], gather
+
+    starts, texts, gather = run(redis_url, scenario)
+    assert texts == [["first"], ["first", "second"], ["third"]]
+    assert starts[1] < 0.5  # the tenth turn's first event did not wait out 0.9 s
+    assert starts[2] - starts[1] >= 1.0  # 10 turns carried: 1 s, the most
+    assert gather == 0.002  # none carried: the floor
+
+
 def test_a_worker_cannot_end_a_turn_whose_lease_it_no_longer_holds(redis_url: str) -> None:
     """A turn its worker suspended for approval (say, the suspension's reply was
     lost and the worker, seeing an error, went on to end the turn as failed) or

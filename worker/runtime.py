@@ -125,7 +125,11 @@ class WorkerRuntime:
             log_ttl_seconds=settings.log_ttl_seconds,
         )
         self.running: dict[str, TurnRunner] = {}
-        self.events = EventWriter(self.store, text_window=settings.text_delta_window_ms / 1000)
+        self.events = EventWriter(
+            self.store,
+            text_window=settings.text_delta_window_ms / 1000,
+            max_gather=settings.event_gather_max_ms / 1000,
+        )
         self.providers = ProviderFactory(settings)
         self.confinement = Confinement.detect(settings, "worker")
         # The reaper's memory of leases, and when its last pass that reached
