@@ -57,7 +57,8 @@ MIN_CALL_INTERVAL = 0.002
 # and its most (`SANDSTREAM_EVENT_GATHER_MAX_MS`, MAX_GATHER by default): with
 # 200 turns streaming, calls 10 ms apart instead of 2 cost Redis a fifth less a
 # chunk, and the worker and the API about a sixth, for about 7 ms more of
-# added latency (bench/README.md, "Calls gathered for longer by a busy writer").
+# added latency (bench/README.md, "A turn's end without copies, calls gathered
+# by a busy writer").
 GATHER_PER_TURN = 0.00005
 MAX_GATHER = 0.010
 
