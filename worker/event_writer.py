@@ -286,7 +286,7 @@ class EventWriter:
             if self._call is not None:
                 await asyncio.shield(self._call)
             else:
-                await asyncio.sleep(0)  # the writer task takes them next
+                await asyncio.sleep(0.001)  # the writer takes them next, or gathers
 
     async def close(self) -> None:
         if self._task is not None:
