@@ -6,6 +6,7 @@ one. Nothing else in the code base reads `os.environ` for service settings.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any
@@ -164,8 +165,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError(f"provider must be demo, anthropic or openai, not {self.provider!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
-        if self.event_gather_max_ms < 0:
-            raise ValueError("event_gather_max_ms must not be negative")
+        if not 0 <= self.event_gather_max_ms < math.inf:
+            raise ValueError("event_gather_max_ms must be a number of ms, not negative")
         if self.sandbox_idle_seconds < 0:
             raise ValueError("sandbox_idle_seconds must not be negative")
         if self.sandbox_idle_max < 0:

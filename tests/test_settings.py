@@ -31,6 +31,9 @@ def test_settings_come_from_the_environment() -> None:
         ("SANDSTREAM_PORT", "eighty"),
         ("SANDSTREAM_PROVIDER", "gemini"),
         ("SANDSTREAM_AUTH", "maybe"),
+        ("SANDSTREAM_EVENT_GATHER_MAX_MS", "-1"),
+        ("SANDSTREAM_EVENT_GATHER_MAX_MS", "nan"),
+        ("SANDSTREAM_EVENT_GATHER_MAX_MS", "inf"),
     ],
 )
 def test_bad_settings_stop_the_process_with_a_message(name: str, value: str) -> None:

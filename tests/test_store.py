@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import msgspec
 import pytest
+import uvloop
 from conftest import RedisServer
 from helpers import failed_event
 from redis.asyncio import Redis
@@ -809,6 +810,44 @@ def test_a_writer_carrying_many_turns_gathers_longer_but_first_events_go_at_once
     assert starts[1] < 0.5  # the tenth turn's first event did not wait out 0.9 s
     assert starts[2] - starts[1] >= 1.0  # 10 turns carried: 1 s, the most
     assert gather == 0.002  # none carried: the floor
+
+
+def test_a_gather_ends_once_its_time_is_up_on_the_workers_event_loop(redis_url: str) -> None:
+    """uvloop's clock (the worker's loop) moves in whole milliseconds: a gather of
+    5.05 ms that worked its wait out again once its timeout fired found a hair
+    left until the next tick, and went round again, each new timeout firing at
+    once (some 20 to 60 times a call). It ends once a call now."""
+
+    async def scenario() -> float:
+        redis = Redis.from_url(redis_url)
+        store = SessionStore(redis)
+        claimed = [await _claimed(store) for _ in range(3)]
+        writer = EventWriter(store, max_gather=0.02, gather_per_turn=0.0050505 / 3)
+        turns = [writer.open(sid, turn, lambda: None) for _, sid, turn in claimed]
+        for (sandbox, sid, turn), part in zip(claimed, turns, strict=True):
+            part.put(_delta(sid, sandbox.id, turn, "first"))
+        await writer.flushed()
+        real = asyncio.timeout
+        entered = 0
+
+        def counted(delay: float | None) -> asyncio.Timeout:
+            nonlocal entered
+            entered += 1
+            return real(delay)
+
+        asyncio.timeout = counted  # type: ignore[assignment]
+        sandbox, sid, turn = claimed[0]
+        try:
+            for n in range(30):
+                turns[0].put(_delta(sid, sandbox.id, turn, f"{n}"))
+                await writer.flushed()
+        finally:
+            asyncio.timeout = real
+            await writer.close()
+            await redis.aclose()
+        return entered / 30
+
+    assert uvloop.run(scenario()) <= 2
 
 
 def test_a_worker_cannot_end_a_turn_whose_lease_it_no_longer_holds(redis_url: str) -> None:

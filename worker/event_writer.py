@@ -318,10 +318,16 @@ class EventWriter:
                 if gap <= self._min_interval:
                     await asyncio.sleep(wait)
                     break
-                # A turn's first events cut a longer gather short.
-                with contextlib.suppress(TimeoutError):
+                # A turn's first events cut a longer gather short (to the floor,
+                # on the next turn of this loop).
+                try:
                     async with asyncio.timeout(wait):
                         await self._first.wait()
+                except TimeoutError:
+                    # Over: uvloop's clock moves in whole milliseconds, so the
+                    # wait worked out again could stay a hair above 0 until the
+                    # next tick, each new timeout firing at once.
+                    break
             started = loop.time()
             self._first.clear()
             self._has_work.clear()
