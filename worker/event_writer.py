@@ -56,7 +56,7 @@ MIN_CALL_INTERVAL = 0.002
 # A busy writer gathers this long per turn it carries, between MIN_CALL_INTERVAL
 # and its most (`SANDSTREAM_EVENT_GATHER_MAX_MS`, MAX_GATHER by default): with
 # 200 turns streaming, calls 10 ms apart instead of 2 cost Redis a fifth less a
-# chunk, and the worker and the API about a sixth, for about 7 ms more of
+# chunk, and the worker and the API about an eighth, for about 6 ms more of
 # added latency (bench/README.md, "A turn's end without copies, calls gathered
 # by a busy writer").
 GATHER_PER_TURN = 0.00005
