@@ -132,8 +132,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # at the price of up to this much delay after the first. 0: each at once.
     text_delta_window_ms: float = 0.0
     # A worker writes its turns' events in one Redis call every 2 ms or so; one
-    # carrying many turns gathers them for longer, 0.05 ms a turn up to this many
-    # ms: fewer, larger calls (less CPU for Redis, the worker and the API a
+    # whose turns stream by the hundred gathers them for longer, 0.05 ms a turn
+    # that put events in the last quarter second, up to this many ms: fewer,
+    # larger calls (less CPU for Redis, the worker and the API a
     # chunk) for up to this much more delay. A turn's first events never wait
     # for it. 2 or less: every call as soon as 2 ms allow.
     event_gather_max_ms: float = 10.0

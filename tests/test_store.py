@@ -34,7 +34,7 @@ from shared.turns import (
     store_unavailable,
     worth_retrying,
 )
-from worker.event_writer import EventWriter, TurnSuperseded
+from worker.event_writer import STREAMING_WITHIN, EventWriter, TurnSuperseded
 
 T = TypeVar("T")
 DEFAULT_AGENT = Settings().default_agent()
@@ -764,14 +764,14 @@ def test_text_deltas_within_the_text_window_go_out_as_one_after_the_first(
     assert run(redis_url, scenario) == ["first", "second"]
 
 
-def test_a_writer_carrying_many_turns_gathers_longer_but_first_events_go_at_once(
+def test_a_writer_whose_turns_stream_gathers_longer_but_first_events_go_at_once(
     redis_url: str,
 ) -> None:
-    """A busy writer starts its calls further apart the more turns it carries
-    (here 0.1 s a turn, at most 1 s); a turn's first events cut that short, and a
-    stopped turn no longer counts."""
+    """A busy writer starts its calls further apart the more of its turns stream
+    (here 0.1 s a turn, at most 1 s); a turn's first events cut that short, and
+    neither a turn that has put nothing lately nor a stopped one counts."""
 
-    async def scenario(store: SessionStore) -> tuple[list[float], list[list[str]], float]:
+    async def scenario(store: SessionStore) -> tuple[list[float], list[list[str]], list[float]]:
         loop = asyncio.get_running_loop()
         calls: list[tuple[float, list[str]]] = []
         append = store.append_batch
@@ -784,9 +784,10 @@ def test_a_writer_carrying_many_turns_gathers_longer_but_first_events_go_at_once
         writer = EventWriter(store, max_gather=1.0, gather_per_turn=0.1)
         claimed = [await _claimed(store) for _ in range(10)]
         turns = [writer.open(sid, turn, lambda: None) for _, sid, turn in claimed[:9]]
-        assert writer.gather() == pytest.approx(0.9)
+        gathers = [writer.gather()]  # nothing put yet: the floor
         for (sandbox, sid, turn), part in zip(claimed, turns, strict=False):
             part.put(_delta(sid, sandbox.id, turn, "first"))
+        gathers.append(writer.gather())  # 9 streaming
         await writer.flushed()  # an idle writer sends at once
         for (sandbox, sid, turn), part in zip(claimed, turns, strict=False):
             part.put(_delta(sid, sandbox.id, turn, "second"))
@@ -798,18 +799,22 @@ def test_a_writer_carrying_many_turns_gathers_longer_but_first_events_go_at_once
         for (sandbox, sid, turn), part in zip(claimed, [*turns, tenth], strict=True):
             part.put(_delta(sid, sandbox.id, turn, "third"))
         await writer.flushed()  # 10 turns: a second after the call before
+        await asyncio.sleep(STREAMING_WITHIN)
+        gathers.append(writer.gather())  # carried, but quiet lately
+        tenth.put(_delta(sid, sandbox.id, turn, "fourth"))
+        gathers.append(writer.gather())  # one streaming again
         for part in [*turns, tenth]:
             part.stop()
-        gather = writer.gather()
+        gathers.append(writer.gather())  # none carried
         await writer.close()
         starts = [at - calls[0][0] for at, _ in calls]
-        return starts, [sorted(set(texts)) for _, texts in calls], gather
+        return starts, [sorted(set(texts)) for _, texts in calls], gathers
 
-    starts, texts, gather = run(redis_url, scenario)
+    starts, texts, gathers = run(redis_url, scenario)
     assert texts == [["first"], ["first", "second"], ["third"]]
     assert starts[1] < 0.5  # the tenth turn's first event did not wait out 0.9 s
-    assert starts[2] - starts[1] >= 1.0  # 10 turns carried: 1 s, the most
-    assert gather == 0.002  # none carried: the floor
+    assert starts[2] - starts[1] >= 1.0  # 10 turns streaming: 1 s, the most
+    assert gathers == [0.002, pytest.approx(0.9), 0.002, pytest.approx(0.1), 0.002]
 
 
 def test_a_gather_ends_once_its_time_is_up_on_the_workers_event_loop(redis_url: str) -> None:

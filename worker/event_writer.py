@@ -7,10 +7,11 @@ with hundreds of turns streaming at once; here one writer task per worker sends
 whatever every turn has piled up as one script call, so order is kept (one call
 in flight at a time) while the turns go on producing. A busy writer starts its
 calls a couple of milliseconds apart, so each carries many turns' events; one
-carrying many turns gathers for longer (up to `SANDSTREAM_EVENT_GATHER_MAX_MS`),
-since each call costs Redis, the worker and the API processes a share of their
-own whatever it carries. A turn's first events never wait for that: they go out
-in the next call a couple of milliseconds on.
+whose turns stream by the hundred gathers for longer (up to
+`SANDSTREAM_EVENT_GATHER_MAX_MS`), since each call costs Redis, the worker and
+the API processes a share of their own whatever it carries. A turn's first
+events never wait for that: they go out in the next call a couple of
+milliseconds on.
 
 Text deltas of one block that pile up behind a call in flight are joined into
 one event: the text and its order are what clients get either way, and a
@@ -53,13 +54,16 @@ MAX_TURNS_PER_CALL = 500
 # round trip are then a small share of each event's) for about 1 ms of added
 # latency on average (bench/README.md, "Streaming at scale").
 MIN_CALL_INTERVAL = 0.002
-# A busy writer gathers this long per turn it carries, between MIN_CALL_INTERVAL
-# and its most (`SANDSTREAM_EVENT_GATHER_MAX_MS`, MAX_GATHER by default): with
+# A busy writer gathers this long per turn that put events within the last
+# STREAMING_WITHIN seconds (turns waiting on a tool or a slow model do not
+# count: they would add delay to the others for nothing), between
+# MIN_CALL_INTERVAL and its most (`SANDSTREAM_EVENT_GATHER_MAX_MS`, MAX_GATHER by default): with
 # 200 turns streaming, calls 10 ms apart instead of 2 cost Redis a fifth less a
 # chunk, and the worker and the API about an eighth, for about 6 ms more of
 # added latency (bench/README.md, "A turn's end without copies, calls gathered
 # by a busy writer").
 GATHER_PER_TURN = 0.00005
+STREAMING_WITHIN = 0.25
 MAX_GATHER = 0.010
 
 
@@ -83,6 +87,7 @@ class TurnEvents:
         "in_flight",
         "last_seq",
         "pending",
+        "put_at",
         "sending",
         "session_id",
         "taken_at",
@@ -110,6 +115,7 @@ class TurnEvents:
         self._stopped = False  # no more sending: the turn's end takes what is left
         self._detached = False
         self.taken_at = -math.inf  # when a call last took this turn's events (loop time)
+        self.put_at = -math.inf  # when the turn last put an event (loop time)
         self._held = False  # text deltas wait for the text window (`EventWriter`)
 
     def put(self, event: Event) -> None:
@@ -117,6 +123,7 @@ class TurnEvents:
         stopped (`on_superseded`), and `detach` reports why."""
         if self._failure is not None:
             return
+        self.put_at = self._writer.loop.time()
         if self._detached:
             logger.warning("turn %s: an event after the turn's end was dropped", self.turn_id)
             return
@@ -226,7 +233,7 @@ class EventWriter:
         self._max_gather = max_gather
         self._gather_per_turn = gather_per_turn
         # The turns that may still send (weakly: a turn dropped without its stop
-        # leaves no trace), whose number sets how long a busy writer gathers.
+        # leaves no trace); those streaming set how long a busy writer gathers.
         self._carried: weakref.WeakSet[TurnEvents] = weakref.WeakSet()
         # A turn's first events are ready: the next call goes at the floor.
         self._first = asyncio.Event()
@@ -255,9 +262,11 @@ class EventWriter:
 
     def gather(self) -> float:
         """How far apart a busy writer starts its calls (seconds): longer the more
-        turns it carries, at least the floor, at most the most."""
-        spread = len(self._carried) * self._gather_per_turn
-        return max(self._min_interval, min(self._max_gather, spread))
+        of its turns stream (put events within STREAMING_WITHIN), at least the
+        floor, at most the most."""
+        since = self.loop.time() - STREAMING_WITHIN
+        streaming = sum(1 for turn in self._carried if turn.put_at >= since)
+        return max(self._min_interval, min(self._max_gather, streaming * self._gather_per_turn))
 
     @property
     def sending(self) -> bool:
