@@ -1,9 +1,9 @@
 """EventHub: one pub/sub connection per API process, fanned out to its clients.
 
 A connection per SSE client would tie Redis's connection count to the number of
-open browsers. Instead each process subscribes to a session's live channel
-(`keys.events_channel`, shared by many sessions) when the first local client of
-a session on it arrives and unsubscribes when the last one leaves; each event
+open browsers. Instead each process subscribes to the live channel
+(`keys.LIVE_CHANNEL`, shared by all sessions) when the first local client of
+a session arrives and unsubscribes when the last one leaves; each event
 goes to the clients of the session it names, copied into each client's queue,
 bounded in bytes (not events: one tool
 result may be a thousand times a text delta). A client too slow to keep up, or
@@ -204,7 +204,7 @@ class EventHub:
         """A queue of the session's live events; subscribed before this returns.
         A wait that only needs the channel (its turn's end resolves `expect_reply`)
         asks for a buffer of 0 bytes: its queue never holds more than a marker."""
-        channel = keys.events_channel(sid).encode()
+        channel = keys.LIVE_CHANNEL.encode()
         queue = ClientQueue(self._buffer_bytes if buffer_bytes is None else buffer_bytes)
         # The lock keeps the order of SUBSCRIBE and UNSUBSCRIBE on the wire the
         # order of our decisions: a client leaving while another arrives must

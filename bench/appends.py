@@ -80,10 +80,9 @@ async def _measure(
     listener = Redis.from_url(redis_url)
     store = SessionStore(redis)
     sandbox_id, turns = await _turns(store, count)
-    channels = {keys.events_channel(sid) for sid, _ in turns}
     pubsubs = [listener.pubsub() for _ in range(listeners)]
     for pubsub in pubsubs:
-        await pubsub.subscribe(*channels)
+        await pubsub.subscribe(keys.LIVE_CHANNEL)
     received = 0
 
     async def listen(pubsub: PubSub) -> None:

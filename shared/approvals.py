@@ -248,7 +248,7 @@ class ApprovalStore:
             "now": now_rfc3339(),
             "maxlen": self.log_max_events,
             "ttl_ms": self.log_ttl_ms,
-            "channel": keys.events_channel(sid),
+            "channel": keys.LIVE_CHANNEL,
         }
 
     async def suspend(

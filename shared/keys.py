@@ -137,13 +137,6 @@ def approvals(sid: str) -> str:
 LIVE_CHANNEL = f"{PREFIX}:live:0"
 
 
-def events_channel(sid: str) -> str:
-    """Pub/sub channel on which the session's events go out live: the one every
-    session shares, so the worker's call for all its turns publishes once
-    (APPEND_EVENTS takes `LIVE_CHANNEL` once a call)."""
-    return LIVE_CHANNEL
-
-
 def session_keys(sid: str) -> list[str]:
     # A turn's lease is held in the session's hash (`started`, `lease_epoch`).
     return [

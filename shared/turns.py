@@ -539,7 +539,7 @@ class TurnLifecycle:
             mode=mode,
             terminal_type=str(terminal.__struct_config__.tag),
             maxlen=self.log_max_events,
-            channel=keys.events_channel(sid),
+            channel=keys.LIVE_CHANNEL,
             now=now_rfc3339(),
             log_ttl_ms=self.log_ttl_ms,
             session_id=sid,

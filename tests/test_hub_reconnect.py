@@ -89,7 +89,7 @@ def test_a_wait_through_a_hub_reconnect_leaves_nothing_registered(
         sid, turn_id = str(uuid.uuid4()), str(uuid.uuid4())
         running = {"state": "running", "turn_id": turn_id, "sandbox_id": "s", "started": "w"}
         await redis_client.hset(keys.session(sid), mapping=running)
-        channel = keys.events_channel(sid)
+        channel = keys.LIVE_CHANNEL
         try:
             waiting = asyncio.create_task(wait_for_end(svc, sid, turn_id, 0, 8))
             for _ in range(200):  # subscribed to the session's channel

@@ -73,7 +73,7 @@ def test_keepalive_has_no_id_and_reports_latest_seq(client: httpx.Client, sessio
 def test_client_that_leaves_frees_its_subscription(
     client: httpx.Client, session_id: str, redis_client: redis.Redis
 ) -> None:
-    channel = keys.events_channel(session_id)
+    channel = keys.LIVE_CHANNEL
     with client.stream("GET", f"/sessions/{session_id}/stream") as response:
         assert response.status_code == 200
         chunks = response.iter_bytes()
@@ -92,8 +92,7 @@ def test_sessions_sharing_a_live_channel_each_get_only_their_own_events(
     events only, and the channel stays subscribed while any session has a
     client on this API process."""
     first, second = new_session(client), new_session(client)
-    channel = keys.events_channel(first)
-    assert keys.events_channel(second) == channel
+    channel = keys.LIVE_CHANNEL
     second_reader = StreamReader(client, second)
     first_reader = StreamReader(client, first)
     assert redis_client.pubsub_numsub(channel) == [(channel.encode(), 1)]
@@ -117,7 +116,7 @@ def test_many_clients_share_one_subscription(
     client: httpx.Client, session_id: str, redis_client: redis.Redis
 ) -> None:
     readers = [StreamReader(client, session_id) for _ in range(5)]
-    channel = keys.events_channel(session_id)
+    channel = keys.LIVE_CHANNEL
     time.sleep(0.2)
     assert redis_client.pubsub_numsub(channel) == [(channel.encode(), 1)]
     _run_turns(client, session_id, ["hello all"])
