@@ -43,9 +43,10 @@ def prepare_workspace(root: str, sandbox_id: str, uid: int | None, quota: DiskQu
             pass  # made at the same moment for another request of the same sandbox
     # What is there must be a directory of its own: not a file, a symlink (to
     # be followed by the chown, the quota and the sandbox's mounts) or a pipe.
-    if not stat.S_ISDIR(os.lstat(path).st_mode):
+    found = os.lstat(path)
+    if not stat.S_ISDIR(found.st_mode):
         raise NotADirectoryError(errno.ENOTDIR, "the workspace is not a directory", str(path))
-    if uid is not None and os.geteuid() == 0 and os.lstat(path).st_uid != uid:
+    if uid is not None and os.geteuid() == 0 and found.st_uid != uid:
         os.lchown(path, uid, uid)
     if quota is not None and not quota.apply(path, uid):
         logger.warning("workspace of sandbox %s has no disk quota (made before quotas)", sandbox_id)
