@@ -29,11 +29,11 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.connection import Connection
 
 from api.hub import EventHub
-from bench.harness import user_message
+from bench.harness import assistant_message, user_message
 from shared import events as ev
 from shared import keys
 from shared.metrics import TurnFigures
-from shared.models import Message, TextBlock, new_id, now_rfc3339
+from shared.models import new_id, now_rfc3339
 from shared.queue import connect
 from shared.settings import Settings
 from shared.store import SessionStore, TurnAppend
@@ -140,14 +140,7 @@ async def _finish_us(redis_url: str, count: int, chunks: int) -> list[str]:
     ends = []
     for sid, turn in turns:
         ids = TurnIds(session_id=sid, sandbox_id=sandbox_id, turn_id=turn, message_id=new_id())
-        message = Message(
-            id=ids.message_id,
-            session_id=sid,
-            role="assistant",
-            content=[TextBlock(text=text)],
-            timestamp=now_rfc3339(),
-            turn_id=turn,
-        )
+        message = assistant_message(ids, text)
         rest = [ev.TextComplete(**ids.stamped(), index=0, text=text)]
         usage = ev.Usage(input_tokens=9, output_tokens=chunks)
         terminal = completed(ids, message, "end_turn", usage)

@@ -18,7 +18,8 @@ import httpx
 import redis
 
 from shared import keys
-from shared.models import Message, TextBlock, new_id, now_rfc3339
+from shared.models import Message, Role, TextBlock, new_id, now_rfc3339
+from shared.turns import TurnIds
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_KEY = "bench-key-0123456789abcdef"
@@ -150,10 +151,19 @@ def percentile(samples: list[float], p: float) -> float:
 
 def user_message(session_id: str, turn_id: str, text: str) -> Message:
     """The user message that opens turn `turn_id`, as the API stores it."""
+    return _text_message("user", new_id(), session_id, turn_id, text)
+
+
+def assistant_message(ids: TurnIds, text: str) -> Message:
+    """The reply of the turn `ids` names, all text, as its end stores it."""
+    return _text_message("assistant", ids.message_id, ids.session_id, ids.turn_id, text)
+
+
+def _text_message(role: Role, message_id: str, session_id: str, turn_id: str, text: str) -> Message:
     return Message(
-        id=new_id(),
+        id=message_id,
         session_id=session_id,
-        role="user",
+        role=role,
         content=[TextBlock(text=text)],
         timestamp=now_rfc3339(),
         turn_id=turn_id,

@@ -18,11 +18,11 @@ from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bench.harness import user_message
+from bench.harness import assistant_message, user_message
 from shared import eventlog, keys, metrics
 from shared import events as ev
 from shared.approvals import ApprovalStore, SuspendedTurn
-from shared.models import Message, PendingApproval, Sandbox, TextBlock, new_id, now_rfc3339
+from shared.models import Message, PendingApproval, Sandbox, new_id, now_rfc3339
 from shared.queue import TurnJob, queued_job
 from shared.settings import Settings
 from shared.store import SessionStore
@@ -446,14 +446,7 @@ def test_an_outcome_bucket_expires_from_its_first_count_of_each_outcome(redis_ur
         for outcome in ("failed", "failed", "completed"):
             sandbox, sid, turn = await _claimed(store)
             ids = TurnIds(session_id=sid, sandbox_id=sandbox.id, turn_id=turn, message_id=new_id())
-            reply = Message(
-                id=ids.message_id,
-                session_id=sid,
-                role="assistant",
-                content=[TextBlock(text="done")],
-                timestamp=now_rfc3339(),
-                turn_id=turn,
-            )
+            reply = assistant_message(ids, "done")
             done: ev.TerminalEvent = (
                 failed_event(sid, sandbox.id, turn)
                 if outcome == "failed"
