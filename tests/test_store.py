@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,7 +35,7 @@ from shared.turns import (
     store_unavailable,
     worth_retrying,
 )
-from worker.event_writer import STREAMING_WITHIN, EventWriter, TurnSuperseded
+from worker.event_writer import STREAMING_WITHIN, EventWriter, TurnEvents, TurnSuperseded
 
 T = TypeVar("T")
 DEFAULT_AGENT = Settings().default_agent()
@@ -803,6 +804,64 @@ def test_a_writer_whose_turns_stream_gathers_longer_but_first_events_go_at_once(
     assert starts[1] < 0.5  # the tenth turn's first event did not wait out 0.9 s
     assert starts[2] - starts[1] >= 1.0  # 10 turns streaming: 1 s, the most
     assert gathers == [0.002, pytest.approx(0.9), 0.002, pytest.approx(0.1), 0.002]
+
+
+def test_a_gathering_writer_rides_out_a_stalled_store_and_logs_every_event_once(
+    own_redis: RedisServer,
+) -> None:
+    """Ten streaming turns on a writer that gathers (0.2 s a call) while Redis is
+    stopped for a second and a half (SIGSTOP: it holds the connections and
+    answers nothing): calls time out and are sent again, some of them taken
+    after all once Redis runs on (their replies lost). Every event of every turn
+    is in its log once, in order, with gap-free seqs, and the writer goes on."""
+
+    async def scenario() -> tuple[dict[str, str], dict[str, str], list[bool]]:
+        redis = Redis.from_url(own_redis.url, socket_timeout=0.5)
+        store = SessionStore(redis)
+        claimed = [await _claimed(store) for _ in range(10)]
+        writer = EventWriter(store, max_gather=0.2, gather_per_turn=0.02)
+        turns = [writer.open(sid, turn, lambda: None) for _, sid, turn in claimed]
+        put: dict[str, str] = {sid: "" for _, sid, _ in claimed}
+
+        async def produce(sandbox_id: str, sid: str, turn: str, part: TurnEvents) -> None:
+            for n in range(30):
+                part.put(_delta(sid, sandbox_id, turn, f"{n},"))
+                put[sid] += f"{n},"
+                await asyncio.sleep(0.05)
+
+        async def stall() -> None:
+            await asyncio.sleep(0.4)
+            assert own_redis.proc is not None
+            own_redis.proc.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(1.5)
+            finally:
+                own_redis.proc.send_signal(signal.SIGCONT)
+
+        await asyncio.gather(
+            stall(),
+            *(
+                produce(sandbox.id, sid, turn, part)
+                for (sandbox, sid, turn), part in zip(claimed, turns, strict=True)
+            ),
+        )
+        async with asyncio.timeout(30):
+            await writer.flushed()
+        await writer.close()
+        logged: dict[str, str] = {}
+        gapless = []
+        for _, sid, _ in claimed:
+            events = await eventlog.read_after(redis, sid, 0)
+            gapless.append([e.seq for e in events] == list(range(1, len(events) + 1)))
+            logged[sid] = "".join(
+                msgspec.json.decode(e.data, type=ev.TextDelta).text for e in events
+            )
+        await redis.aclose()
+        return logged, put, gapless
+
+    logged, put, gapless = asyncio.run(scenario())
+    assert logged == put
+    assert all(gapless)
 
 
 def test_a_gather_ends_once_its_time_is_up_on_the_workers_event_loop(redis_url: str) -> None:
