@@ -1,10 +1,12 @@
 """EventWriter: the events of every turn a worker runs, appended in order, all
 turns' pending events in one Redis call.
 
-The append script assigns each event its seq. A call per event, or per turn,
-would cost Redis a script run, a round trip and its bookkeeping per text delta
-with hundreds of turns streaming at once; here one writer task per worker sends
-whatever every turn has piled up as one script call, so order is kept (one call
+A turn's first append gets its seqs from the append script; after that the
+writer knows them and sends each event with its seq (`SessionStore.append_batch`:
+a transaction of plain commands, fenced by the turn's appended mark). A call per
+event, or per turn, would cost Redis a round trip and its bookkeeping per text
+delta with hundreds of turns streaming at once; here one writer task per worker
+sends whatever every turn has piled up as one call, so order is kept (one call
 in flight at a time) while the turns go on producing. A busy writer starts its
 calls a couple of milliseconds apart, so each carries many turns' events; one
 whose turns stream by the hundred gathers for longer (up to
@@ -45,12 +47,12 @@ from shared.turns import TurnAppend, until_stored
 
 logger = logging.getLogger("sandstream.turn")
 
-# Turns per script call: bounds the call's arguments (Lua's `unpack` of the
-# keys) and how long one call holds Redis.
+# Turns per call: bounds the call's arguments (Lua's `unpack` of the keys) and
+# how long one call holds Redis.
 MAX_TURNS_PER_CALL = 500
 # Calls start at least this far apart. A writer that has been idle sends at
 # once; a busy one gathers its turns' events for this long, so a call carries
-# tens of turns (the script's fixed cost, about 20 µs of Redis CPU, and the
+# tens of turns (the call's fixed cost, about 20 µs of Redis CPU, and the
 # round trip are then a small share of each event's) for about 1 ms of added
 # latency on average (bench/README.md, "Streaming at scale").
 MIN_CALL_INTERVAL = 0.002
