@@ -25,6 +25,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
+    ExecAbortError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -71,6 +72,11 @@ def store_unavailable(exc: BaseException) -> bool:
     turn waits out and retries, and what the API answers with 503."""
     if isinstance(exc, _UNAVAILABLE_CLASSES):
         return True
+    if isinstance(exc, ExecAbortError):
+        # EXEC refused for what held as it ran (`TurnLifecycle._append_watched`):
+        # "Transaction discarded because of: <the reply a command would get>".
+        cause = str(exc).partition("because of: ")[2]
+        return cause.startswith(("OOM", "READONLY", *_UNAVAILABLE_REPLIES))
     if isinstance(exc, ResponseError):
         return str(exc).startswith(_UNAVAILABLE_REPLIES)
     return isinstance(exc, RedisError) and "out of memory" in str(exc).lower()
@@ -550,7 +556,8 @@ class TurnLifecycle:
                     _mark(turn.turn_id, before + n, last + n),
                 ]
             commands.append(("MSET", *written))
-            commands.append(("PUBLISH", keys.LIVE_CHANNEL, b"\n".join(lines)))
+            if lines:
+                commands.append(("PUBLISH", keys.LIVE_CHANNEL, b"\n".join(lines)))
             if rest:
                 script_keys, args = self.append_call(rest)
                 commands.append(

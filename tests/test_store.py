@@ -15,7 +15,13 @@ import uvloop
 from conftest import RedisServer
 from helpers import failed_event
 from redis.asyncio import Redis
-from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
+from redis.exceptions import (
+    BusyLoadingError,
+    ExecAbortError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -396,6 +402,67 @@ def test_events_with_their_seqs_refused_for_want_of_memory_go_in_once_memory_is_
         server.stop()
 
 
+def test_events_with_their_seqs_refused_as_the_transaction_runs_are_asked_again(
+    tmp_path: Path,
+) -> None:
+    """The store runs out of memory after the transaction's commands are queued
+    and before EXEC runs: Redis refuses the EXEC (EXECABORT), the writer sees the
+    store as full, not the call as wrong, so it asks again rather than failing
+    the turns (as it did before: every turn of the call failed); nothing of it
+    was written, and once memory is back it goes in once."""
+    server = RedisServer(tmp_path)
+    try:
+
+        async def scenario(store: SessionStore) -> None:
+            sandbox, sid, turn = await _claimed(store)
+            assert await store.append_events(sid, turn, [_delta(sid, sandbox.id, turn, "a")], 0)
+            known = TurnAppend(sid, turn, [_delta(sid, sandbox.id, turn, "b")], False, 1, 1)
+            others = Redis.from_url(server.url)
+            pool = store.redis.connection_pool
+            get_connection = pool.get_connection
+            held: list[int] = []
+
+            async def exec_held_back() -> Any:
+                connection = await get_connection()
+                send = connection.send_packed_command
+
+                async def send_packed_command(command: Any, check_health: bool = True) -> None:
+                    data = b"".join(command) if isinstance(command, list) else command
+                    at = data.rfind(b"*1\r\n$4\r\nEXEC\r\n")
+                    if at <= 0 or held:
+                        return await send(command, check_health)
+                    held.append(1)
+                    await send([data[:at]], check_health)
+                    for _ in range(400):  # until Redis has queued them (CLIENT LIST)
+                        if any(int(c["multi"]) > 0 for c in await others.client_list()):
+                            break
+                        await asyncio.sleep(0.005)
+                    await others.config_set("maxmemory", 1)
+                    await send([data[at:]], check_health)
+
+                connection.send_packed_command = send_packed_command  # type: ignore[method-assign]
+                return connection
+
+            pool.get_connection = exec_held_back  # type: ignore[assignment, method-assign]
+            try:
+                with pytest.raises(ExecAbortError) as refused:
+                    await store.append_batch([known])
+                assert held == [1]
+                assert worth_retrying(refused.value)
+                assert await store.redis.xlen(keys.log(sid)) == 1
+                assert await store.redis.get(keys.appended(sid)) == f"{turn} 1 1".encode()
+                await others.config_set("maxmemory", 0)
+                assert await store.append_batch([known]) == [2]
+            finally:
+                pool.get_connection = get_connection  # type: ignore[method-assign]
+                await others.aclose()
+            assert [e.seq for e in await eventlog.read_after(store.redis, sid, 0)] == [1, 2]
+
+        run(server.url, scenario)
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize(("before", "last"), [(1, 2), (3, 2), (2, 1), (2, 3)])
 def test_events_with_seqs_the_log_does_not_match_are_refused_whole(
     redis_url: str, before: int, last: int
@@ -755,6 +822,12 @@ def test_a_stopped_writer_leaves_the_last_events_to_the_turns_end(redis_url: str
         (ConnectionRefusedError(111, "Connection refused"), True),
         (ResponseError("ERR Error running script: attempt to index a nil value"), False),
         (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
+        # EXEC refused for what held as it ran (redis-py drops the EXECABORT code)
+        (ExecAbortError("Transaction discarded because of: OOM command not allowed"), True),
+        (ExecAbortError("Transaction discarded because of: BUSY Redis is busy"), True),
+        (ExecAbortError("Transaction discarded because of: READONLY You can't write"), True),
+        (ExecAbortError("Transaction discarded because of previous errors."), False),
+        (ExecAbortError("Transaction discarded because of: WRONGTYPE Operation"), False),
     ],
 )
 def test_store_errors_that_a_turn_waits_out(error: Exception, unavailable: bool) -> None:

@@ -344,7 +344,11 @@ class EventWriter:
             self._has_work.clear()
             turns: list[TurnEvents] = []
             batch: list[TurnAppend] = []
+            emptied: list[TurnEvents] = []  # since they were ready (a call failed)
             for turn in self._ready:
+                if not turn.pending:
+                    emptied.append(turn)
+                    continue
                 turn.taken_at = started
                 turns.append(turn)
                 # A turn's first append (none of its events in yet) sets the log's expiry.
@@ -363,7 +367,7 @@ class EventWriter:
                 turn.in_flight = True
                 if len(turns) == MAX_TURNS_PER_CALL:
                     break
-            for turn in turns:
+            for turn in (*turns, *emptied):
                 del self._ready[turn]
             if self._ready:
                 self._has_work.set()
