@@ -225,17 +225,31 @@ def test_events_with_their_seqs_sent_again_after_a_lost_reply_go_in_once(
     assert run(redis_url, scenario) == [1, 2, 3, 4]
 
 
+Send = Callable[[Any, bool], Awaitable[None]]
+
+
+def _sends_through(store: SessionStore, wrap: Callable[[Send], Send]) -> Callable[[], None]:
+    """Each connection the store's pool hands out sends through `wrap(its send)`;
+    the function returned puts the pool back."""
+    pool = store.redis.connection_pool
+    get_connection = pool.get_connection
+
+    async def wrapped() -> Any:
+        connection = await get_connection()
+        connection.send_packed_command = wrap(connection.send_packed_command)  # type: ignore[method-assign]
+        return connection
+
+    pool.get_connection = wrapped  # type: ignore[assignment, method-assign]
+    return lambda: setattr(pool, "get_connection", get_connection)
+
+
 def _between_check_and_write(store: SessionStore, step: Callable[[], Awaitable[None]]) -> list[int]:
     """Run `step` when the watched append has read the marks and is about to send
     its transaction (the second send on its connection); the list counts the
     times it ran."""
-    pool = store.redis.connection_pool
-    get_connection = pool.get_connection
     ran: list[int] = []
 
-    async def watched_connection() -> Any:
-        connection = await get_connection()
-        send = connection.send_packed_command
+    def wrap(send: Send) -> Send:
         sends = 0
 
         async def send_packed_command(command: Any, check_health: bool = True) -> None:
@@ -246,10 +260,9 @@ def _between_check_and_write(store: SessionStore, step: Callable[[], Awaitable[N
                 await step()
             await send(command, check_health)
 
-        connection.send_packed_command = send_packed_command  # type: ignore[method-assign]
-        return connection
+        return send_packed_command
 
-    pool.get_connection = watched_connection  # type: ignore[assignment, method-assign]
+    _sends_through(store, wrap)
     return ran
 
 
@@ -418,14 +431,9 @@ def test_events_with_their_seqs_refused_as_the_transaction_runs_are_asked_again(
             assert await store.append_events(sid, turn, [_delta(sid, sandbox.id, turn, "a")], 0)
             known = TurnAppend(sid, turn, [_delta(sid, sandbox.id, turn, "b")], False, 1, 1)
             others = Redis.from_url(server.url)
-            pool = store.redis.connection_pool
-            get_connection = pool.get_connection
             held: list[int] = []
 
-            async def exec_held_back() -> Any:
-                connection = await get_connection()
-                send = connection.send_packed_command
-
+            def exec_held_back(send: Send) -> Send:
                 async def send_packed_command(command: Any, check_health: bool = True) -> None:
                     data = b"".join(command) if isinstance(command, list) else command
                     at = data.rfind(b"*1\r\n$4\r\nEXEC\r\n")
@@ -440,10 +448,9 @@ def test_events_with_their_seqs_refused_as_the_transaction_runs_are_asked_again(
                     await others.config_set("maxmemory", 1)
                     await send([data[at:]], check_health)
 
-                connection.send_packed_command = send_packed_command  # type: ignore[method-assign]
-                return connection
+                return send_packed_command
 
-            pool.get_connection = exec_held_back  # type: ignore[assignment, method-assign]
+            put_back = _sends_through(store, exec_held_back)
             try:
                 with pytest.raises(ExecAbortError) as refused:
                     await store.append_batch([known])
@@ -454,7 +461,7 @@ def test_events_with_their_seqs_refused_as_the_transaction_runs_are_asked_again(
                 await others.config_set("maxmemory", 0)
                 assert await store.append_batch([known]) == [2]
             finally:
-                pool.get_connection = get_connection  # type: ignore[method-assign]
+                put_back()
                 await others.aclose()
             assert [e.seq for e in await eventlog.read_after(store.redis, sid, 0)] == [1, 2]
 
