@@ -387,42 +387,15 @@ def test_events_with_their_seqs_go_in_without_a_script_beside_a_first_append(
         server.stop()
 
 
+@pytest.mark.parametrize("when", ["queued", "at_exec"])
 def test_events_with_their_seqs_refused_for_want_of_memory_go_in_once_memory_is_back(
-    tmp_path: Path,
+    tmp_path: Path, when: str
 ) -> None:
-    """A store out of memory refuses the transaction's writes as they are queued:
-    the call fails as the store being full (a turn waits that out), nothing of
-    it is written, and the same call sent again later goes in once."""
-    server = RedisServer(tmp_path)
-    try:
-
-        async def scenario(store: SessionStore) -> None:
-            sandbox, sid, turn = await _claimed(store)
-            assert await store.append_events(sid, turn, [_delta(sid, sandbox.id, turn, "a")], 0)
-            known = TurnAppend(sid, turn, [_delta(sid, sandbox.id, turn, "b")], False, 1, 1)
-            await store.redis.config_set("maxmemory", 1)
-            with pytest.raises(OutOfMemoryError) as refused:
-                await store.append_batch([known])
-            assert store_unavailable(refused.value)
-            assert await store.redis.xlen(keys.log(sid)) == 1
-            assert await store.redis.get(keys.appended(sid)) == f"{turn} 1 1".encode()
-            await store.redis.config_set("maxmemory", 0)
-            assert await store.append_batch([known]) == [2]
-            assert [e.seq for e in await eventlog.read_after(store.redis, sid, 0)] == [1, 2]
-
-        run(server.url, scenario)
-    finally:
-        server.stop()
-
-
-def test_events_with_their_seqs_refused_as_the_transaction_runs_are_asked_again(
-    tmp_path: Path,
-) -> None:
-    """The store runs out of memory after the transaction's commands are queued
-    and before EXEC runs: Redis refuses the EXEC (EXECABORT), the writer sees the
-    store as full, not the call as wrong, so it asks again rather than failing
-    the turns (as it did before: every turn of the call failed); nothing of it
-    was written, and once memory is back it goes in once."""
+    """A store out of memory refuses the transaction: as its writes are queued,
+    or at EXEC when memory ran out after they were queued (EXECABORT). Either
+    way the call fails as the store being full, which a turn waits out (at EXEC
+    it failed every turn of the call, before a helper's attack), nothing of it
+    is written, and the same call sent again later goes in once."""
     server = RedisServer(tmp_path)
     try:
 
@@ -450,12 +423,14 @@ def test_events_with_their_seqs_refused_as_the_transaction_runs_are_asked_again(
 
                 return send_packed_command
 
-            put_back = _sends_through(store, exec_held_back)
+            if when == "queued":
+                await others.config_set("maxmemory", 1)
+            put_back = _sends_through(store, exec_held_back if when == "at_exec" else lambda s: s)
             try:
-                with pytest.raises(ExecAbortError) as refused:
+                with pytest.raises(ExecAbortError if when == "at_exec" else OutOfMemoryError) as e:
                     await store.append_batch([known])
-                assert held == [1]
-                assert worth_retrying(refused.value)
+                assert held == ([1] if when == "at_exec" else [])
+                assert worth_retrying(e.value)
                 assert await store.redis.xlen(keys.log(sid)) == 1
                 assert await store.redis.get(keys.appended(sid)) == f"{turn} 1 1".encode()
                 await others.config_set("maxmemory", 0)
