@@ -349,7 +349,7 @@ def test_events_with_their_seqs_go_in_without_a_script_beside_a_first_append(
     tmp_path: Path,
 ) -> None:
     """A call of turns whose seqs the worker knows runs no script: a transaction
-    of plain commands (the script's way cost Redis about a third more CPU an
+    of plain commands (the script's way cost Redis about 1.7 times the CPU an
     event, bench 6b). A turn's first append in the same call goes by the script
     inside that transaction, and when the scripts are gone (a restarted Redis)
     it is sent again on its own; each event goes in once."""
