@@ -494,10 +494,10 @@ class TurnLifecycle:
         Why: the script's way cost Redis about 1.7 times the CPU an event (bench
         6b: 5.6-8.2 µs against 3.4-3.8), as a script turns each of its arguments
         into a Lua string (hashing every byte) and each command's arguments and
-        reply back again. The fence
-        is the same: a turn whose mark is as expected is current, and its log
-        ends at the seq it knows (APPEND_EVENTS); a turn that stops being current
-        loses its mark in the same step, which WATCH sees.
+        reply back again. The fence is the same: a turn whose mark is as
+        expected is current, and its log ends at the seq it knows
+        (APPEND_EVENTS); a turn that stops being current loses its mark in the
+        same step, which WATCH sees.
         """
         marks = [keys.appended(turn.session_id) for turn in known]
         pool = self.redis.connection_pool
