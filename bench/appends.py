@@ -9,7 +9,9 @@ Reported per event: Redis CPU (INFO, before and after), Redis commands, and
 the writing process's CPU. Unlike the streaming benchmark, the offered load
 is fixed, so the figures do not move with how far a loaded machine lags.
 Sessions share the live channel, so every API process that streams any session
-hears all of their events: one row has 8 listeners, two what packing
+hears all of their events: one row has 8 listeners, pairs of rows compare
+appending a call of N turns' deltas by the append script and by a transaction
+of plain commands (for N from 2 to 64), two what packing
 the writer's call costs, the next what Redis spends on a turn's end (its reply
 a hundred chunks long, the end script's arguments as long), the next two what
 a kilobyte costs Redis as a script's argument against a plain command's (why the
@@ -72,13 +74,21 @@ def _delta(sid: str, sandbox_id: str, turn: str, n: int) -> ev.TextDelta:
 
 
 async def _measure(
-    redis_url: str, count: int, rounds: int, batched: bool, listeners: int = 1
+    redis_url: str,
+    count: int,
+    rounds: int,
+    batched: bool,
+    listeners: int = 1,
+    watched_min_events: int | None = None,
 ) -> list[str]:
     """`listeners`: connections subscribed to the live channel, as that many API
-    processes streaming sessions would be."""
+    processes streaming sessions would be; `watched_min_events`: the store's
+    (`TurnLifecycle.watched_min_events`), when not its default."""
     redis = Redis.from_url(redis_url)
     listener = Redis.from_url(redis_url)
     store = SessionStore(redis)
+    if watched_min_events is not None:
+        store.watched_min_events = watched_min_events
     sandbox_id, turns = await _turns(store, count)
     pubsubs = [listener.pubsub() for _ in range(listeners)]
     for pubsub in pubsubs:
@@ -239,6 +249,22 @@ def _tool_result_line(size: int) -> bytes:
 
 HEADER = ["", "Redis µs/event", "Redis cmds/event", "client µs/event (writer and listeners)"]
 
+# Turns (one delta each) a call carries, in the rows comparing the script's way
+# of appending events with their seqs to the transaction's.
+BY_WAY_TURNS = (2, 8, 16, 64)
+
+
+def _by_way(redis_url: str) -> list[list[str]]:
+    """A call of N turns' deltas with their seqs, by the append script and by a
+    transaction of plain commands: what sets `shared.turns.WATCHED_MIN_EVENTS`."""
+    rows = []
+    for n in BY_WAY_TURNS:
+        rounds = max(40, 4000 // n)
+        for way, least in (("the script", 1 << 30), ("a transaction", 0)):
+            figures = asyncio.run(_measure(redis_url, n, rounds, True, watched_min_events=least))
+            rows.append([f"a call of {n} turns' deltas, by {way}", *figures])
+    return rows
+
 
 def bench_appends(redis_url: str, count: int, rounds: int) -> list[list[str]]:
     sid = new_id()
@@ -253,6 +279,7 @@ def bench_appends(redis_url: str, count: int, rounds: int) -> list[list[str]]:
             *asyncio.run(_measure(redis_url, count, rounds, True, listeners=8)),
         ],
         ["baseline: one call per turn", *asyncio.run(_measure(redis_url, count, rounds, False))],
+        *_by_way(redis_url),
         ["packing the writer's call for them (sandstream's connections)", "-", "-", f"{ours:.2f}"],
         ["baseline: the same call packed by redis-py's connection", "-", "-", f"{theirs:.2f}"],
         [

@@ -34,6 +34,7 @@ from shared.queue import TurnJob, queued_job
 from shared.settings import Settings
 from shared.store import SessionStore
 from shared.turns import (
+    WATCHED_MIN_EVENTS,
     FinishMode,
     TurnAppend,
     TurnIds,
@@ -171,35 +172,39 @@ def test_a_batch_sent_again_after_a_lost_reply_is_appended_once(redis_url: str) 
     assert run(redis_url, scenario) == [1, 2, 3]
 
 
+@pytest.mark.parametrize("known", [2, WATCHED_MIN_EVENTS])
 def test_events_sent_with_their_seqs_go_in_as_the_script_would_number_them(
-    redis_url: str,
+    redis_url: str, known: int
 ) -> None:
     """After a turn's first append the worker knows its seqs and sends each event
-    whole, with its entry id: the log, the live line, the session's seq and the
-    mark come out as when the script numbers them, and an append that does not
-    know them goes on from there."""
+    whole, with its entry id (by the script for a few, by a transaction of plain
+    commands for WATCHED_MIN_EVENTS or more): the log, the live line, the
+    session's seq and the mark come out as when the script numbers them, and an
+    append that does not know them goes on from there."""
 
     async def scenario(store: SessionStore) -> None:
         sandbox, sid, turn = await _claimed(store)
         pubsub = store.redis.pubsub()
         await pubsub.subscribe(keys.LIVE_CHANNEL)
         await pubsub.get_message(timeout=5)
-        texts = ["a", "b", "c", "d", "e"]
-        deltas = [_delta(sid, sandbox.id, turn, t) for t in texts]
+        total = known + 3
+        deltas = [_delta(sid, sandbox.id, turn, f"t{i}") for i in range(total)]
         assert await store.append_events(sid, turn, deltas[:2], 0) == [1, 2]
-        assert await store.append_events(sid, turn, deltas[2:4], 2, last_seq=2) == [3, 4]
-        assert await store.redis.get(keys.appended(sid)) == f"{turn} 4 4".encode()
-        assert await store.redis.get(keys.seq(sid)) == b"4"
-        assert await store.append_events(sid, turn, deltas[4:], 4) == [5]
+        end = 2 + known
+        seqs = list(range(3, end + 1))
+        assert await store.append_events(sid, turn, deltas[2:end], 2, last_seq=2) == seqs
+        assert await store.redis.get(keys.appended(sid)) == f"{turn} {end} {end}".encode()
+        assert await store.redis.get(keys.seq(sid)) == str(end).encode()
+        assert await store.append_events(sid, turn, deltas[end:], end) == [end + 1]
         logged = await eventlog.read_after(store.redis, sid, 0)
-        assert [e.seq for e in logged] == [1, 2, 3, 4, 5]
+        assert [e.seq for e in logged] == list(range(1, total + 1))
         entries = await store.redis.xrange(keys.log(sid))
-        assert [entry_id for entry_id, _ in entries] == [f"{n}-0".encode() for n in range(1, 6)]
-        for (_, fields), delta, seq in zip(entries, deltas, range(1, 6), strict=True):
+        assert [i for i, _ in entries] == [f"{n}-0".encode() for n in range(1, total + 1)]
+        for (_, fields), delta, seq in zip(entries, deltas, range(1, total + 1), strict=True):
             assert fields[b"t"] == b"text_delta"
             assert fields[b"d"] == b'{"seq":%d,%b' % (seq, ev.encode_event(delta)[1:])
         lines = []
-        while len(lines) < 5:
+        while len(lines) < total:
             message = await pubsub.get_message(timeout=5)
             assert message is not None
             if message["type"] == "message":
@@ -322,8 +327,9 @@ def test_a_turn_taken_away_between_the_check_and_the_write_appends_nothing(
                     )
 
             ran = _between_check_and_write(store, take_away)
+            half = WATCHED_MIN_EVENTS // 2  # the two turns' events make a transaction
             batch = [
-                TurnAppend(s, t, [_delta(s, sandbox.id, t, "b")], False, 1, last_seq=1)
+                TurnAppend(s, t, [_delta(s, sandbox.id, t, "b")] * half, False, 1, last_seq=1)
                 for s, t in ((sid, turn), (other_sid, other_turn))
             ]
             # A suspended turn is still the session's, its log past what the
@@ -334,7 +340,7 @@ def test_a_turn_taken_away_between_the_check_and_the_write_appends_nothing(
         finally:
             await others.aclose()
         other = await eventlog.read_after(store.redis, other_sid, 0)
-        assert [(e.seq, e.type) for e in other] == [(1, "text_delta"), (2, "text_delta")]
+        assert [e.seq for e in other] == list(range(1, half + 2))
         logged = await eventlog.read_after(store.redis, sid, 0)
         if end == "deleted":
             assert logged == []
@@ -345,40 +351,53 @@ def test_a_turn_taken_away_between_the_check_and_the_write_appends_nothing(
     run(redis_url, scenario)
 
 
-def test_events_with_their_seqs_go_in_without_a_script_beside_a_first_append(
+def test_a_call_of_many_events_with_their_seqs_goes_in_without_a_script(
     tmp_path: Path,
 ) -> None:
-    """A call of turns whose seqs the worker knows runs no script: a transaction
-    of plain commands (the script's way cost Redis about 1.7 times the CPU an
-    event, bench 6b). A turn's first append in the same call goes by the script
-    inside that transaction, and when the scripts are gone (a restarted Redis)
-    it is sent again on its own; each event goes in once."""
+    """A call whose turns' events with seqs number WATCHED_MIN_EVENTS or more runs
+    no script: a transaction of plain commands (the script's way cost Redis
+    more CPU an event for such calls, bench 6b); a smaller one is one EVALSHA
+    (cheaper there, and fewer commands). A turn's first append in a large call
+    goes by the script inside that transaction, and when the scripts are gone
+    (a restarted Redis) it is sent again on its own; each event goes in once."""
     server = RedisServer(tmp_path)
     try:
 
         async def scenario(store: SessionStore) -> None:
             sandbox, sid, turn = await _claimed(store)
             _, new_sid, new_turn = await _claimed(store)
+            store.watched_min_events = 0  # a call with no seqs to give still goes
             assert await store.append_events(sid, turn, [_delta(sid, sandbox.id, turn, "a")], 0)
-            known = TurnAppend(sid, turn, [_delta(sid, sandbox.id, turn, "b")], False, 1, 1)
-            before = await store.redis.info("commandstats")
-            assert await store.append_batch([known]) == [2]
-            after = await store.redis.info("commandstats")
-            assert (
-                "cmdstat_evalsha" not in after
-                or after["cmdstat_evalsha"]["calls"] == (before["cmdstat_evalsha"]["calls"])
-            )
-            assert (
-                after["cmdstat_exec"]["calls"]
-                == before.get("cmdstat_exec", {"calls": 0})["calls"] + 1
-            )
+            store.watched_min_events = WATCHED_MIN_EVENTS
+
+            async def calls(batch: list[TurnAppend]) -> tuple[list[int], int, int]:
+                before = await store.redis.info("commandstats")
+                firsts = await store.append_batch(batch)
+                after = await store.redis.info("commandstats")
+
+                def count(name: str) -> int:
+                    return int(
+                        after.get(name, {"calls": 0})["calls"]
+                        - before.get(name, {"calls": 0})["calls"]
+                    )
+
+                return firsts, count("cmdstat_evalsha"), count("cmdstat_exec")
+
+            few = [_delta(sid, sandbox.id, turn, "b")] * (WATCHED_MIN_EVENTS - 1)
+            assert await calls([TurnAppend(sid, turn, few, False, 1, 1)]) == ([2], 1, 0)
+            last = WATCHED_MIN_EVENTS
+            many = [_delta(sid, sandbox.id, turn, "c")] * WATCHED_MIN_EVENTS
+            known = TurnAppend(sid, turn, many, False, last, last)
+            assert await calls([known]) == ([last + 1], 0, 1)
+            last += WATCHED_MIN_EVENTS
             await store.redis.script_flush()
             first = TurnAppend(
                 new_sid, new_turn, [_delta(new_sid, sandbox.id, new_turn, "x")], True, 0
             )
-            known = TurnAppend(sid, turn, [_delta(sid, sandbox.id, turn, "c")], False, 2, 2)
-            assert await store.append_batch([first, known]) == [1, 3]
-            assert [e.seq for e in await eventlog.read_after(store.redis, sid, 0)] == [1, 2, 3]
+            known = TurnAppend(sid, turn, many, False, last, last)
+            assert await store.append_batch([first, known]) == [1, last + 1]
+            logged = await eventlog.read_after(store.redis, sid, 0)
+            assert [e.seq for e in logged] == list(range(1, last + WATCHED_MIN_EVENTS + 1))
             assert [e.seq for e in await eventlog.read_after(store.redis, new_sid, 0)] == [1]
             assert await store.redis.get(keys.appended(new_sid)) == f"{new_turn} 1 1".encode()
 
@@ -402,7 +421,8 @@ def test_events_with_their_seqs_refused_for_want_of_memory_go_in_once_memory_is_
         async def scenario(store: SessionStore) -> None:
             sandbox, sid, turn = await _claimed(store)
             assert await store.append_events(sid, turn, [_delta(sid, sandbox.id, turn, "a")], 0)
-            known = TurnAppend(sid, turn, [_delta(sid, sandbox.id, turn, "b")], False, 1, 1)
+            many = [_delta(sid, sandbox.id, turn, "b")] * WATCHED_MIN_EVENTS
+            known = TurnAppend(sid, turn, many, False, 1, 1)
             others = Redis.from_url(server.url)
             held: list[int] = []
 
@@ -438,7 +458,8 @@ def test_events_with_their_seqs_refused_for_want_of_memory_go_in_once_memory_is_
             finally:
                 put_back()
                 await others.aclose()
-            assert [e.seq for e in await eventlog.read_after(store.redis, sid, 0)] == [1, 2]
+            logged = await eventlog.read_after(store.redis, sid, 0)
+            assert [e.seq for e in logged] == list(range(1, WATCHED_MIN_EVENTS + 2))
 
         run(server.url, scenario)
     finally:
