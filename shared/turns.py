@@ -64,10 +64,13 @@ _UNAVAILABLE_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOW
 
 # A call goes in by a transaction of plain commands (`_append_watched`) when its
 # events with seqs number this many or more, otherwise by the script. The
-# transaction costs Redis less CPU an event but more a call (a round trip and
-# two commands more): bench 6b, "a call of N turns' deltas", puts the two even
-# at about 8 events a call in CPU; at 16 the transaction takes a fifth less
-# CPU an event for a tenth more commands, at 64 two fifths less for 4 % more.
+# transaction costs Redis less CPU an event but more a call: a round trip and
+# two commands more. Bench 6b, "a call of N turns' deltas", puts the two even at
+# about 8 events a call in CPU; at 16 the transaction takes a fifth less CPU an
+# event for a tenth more commands, at 64 two fifths less for 4 % more. Small
+# calls are those of a few streaming turns, where Redis has CPU to spare and the
+# commands count more (a hosted Redis may bill them): with 20 turns streaming
+# the script's way made 3.1-3.4 commands a chunk against 3.9-4.3 (bench 6).
 WATCHED_MIN_EVENTS = 16
 
 _message_decoder = msgspec.json.Decoder(Message)
