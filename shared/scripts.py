@@ -174,11 +174,12 @@ return 1
 # two strings and adds entries as they come, instead of reading the counter and
 # building each entry's JSON and id: 4 to 6 µs of Redis CPU less an event
 # (bench/README.md, "Streaming at scale").
-# A call whose turns all have their seqs runs no script: the worker writes the
-# same entries, seqs and marks as plain commands in a transaction on the marks it
-# read (`TurnLifecycle._append_watched`), which costs Redis about 40 % less CPU
-# an event; a turn's first append, and any turn whose mark is not the one it
-# expects, still comes here (in that transaction, or after it).
+# A call of many events with seqs (`turns.WATCHED_MIN_EVENTS`) runs no script for
+# them: the worker writes the same entries, seqs and marks as plain commands in
+# a transaction on the marks it read (`TurnLifecycle._append_watched`), which
+# costs Redis about 40 % less CPU an event in large calls; a turn's first
+# append, and any turn whose mark is not the one it expects, still comes here
+# (in that transaction, or after it).
 # The arguments are flat rather than one encoded struct because this is the
 # script that runs for every token: decoding a struct in Lua (cmsgpack) cost
 # Redis about 1.3 µs more per event. The keys of many sessions in one script:

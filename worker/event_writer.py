@@ -2,8 +2,9 @@
 turns' pending events in one Redis call.
 
 A turn's first append gets its seqs from the append script; after that the
-writer knows them and sends each event with its seq (`SessionStore.append_batch`:
-a transaction of plain commands, fenced by the turn's appended mark). A call per
+writer knows them and sends each event with its seq, fenced by the turn's
+appended mark (`SessionStore.append_batch`: by the script, or in a call of many
+events by a transaction of plain commands). A call per
 event, or per turn, would cost Redis a round trip and its bookkeeping per text
 delta with hundreds of turns streaming at once; here one writer task per worker
 sends whatever every turn has piled up as one call, so order is kept (one call
