@@ -28,6 +28,7 @@ from api.sandboxes import SandboxController
 from api.services import Services
 from api.sessions import SessionController
 from api.stream import StreamController
+from shared.heap import freeze_startup_heap
 from shared.logs import configure_logging
 from shared.queue import connect, warn_if_unauthenticated
 from shared.settings import Settings
@@ -62,6 +63,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         )
         await hub.start()
         app.state.services = Services(settings, redis, hub, keyring)
+        frozen = freeze_startup_heap()
+        logger.info("start-up heap frozen: %d objects out of the collector's full passes", frozen)
         restore = _drain_on_stop_signal(hub)
         try:
             yield

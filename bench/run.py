@@ -384,6 +384,15 @@ def bench_turns(redis_url: str, count: int) -> None:
     )
 
 
+def bench_first_turns(redis_url: str, count: int, rounds: int, chunks: int) -> None:
+    table(
+        f"6e. a worker's first turns: {rounds} rounds of {count} turns at once on one "
+        f"service, each a model stream of {chunks} chunks, one per 20 ms",
+        streaming.HEADER,
+        streaming.bench_first_turns(redis_url, count, rounds, chunks, 0.02),
+    )
+
+
 def bench_append_path(redis_url: str, count: int, rounds: int) -> None:
     table(
         f"6b. the append path: {count} turns, one text delta each per round, {rounds} rounds",
@@ -414,10 +423,10 @@ def main() -> None:
     parser.add_argument("--streams", default="1000", help="comma-separated stream counts")
     parser.add_argument(
         "--only",
-        default="latency,throughput,fanout,idle,files,streaming,turns,appends,providers,"
-        "files_api,replay",
+        default="latency,throughput,fanout,idle,files,streaming,turns,first_turns,appends,"
+        "providers,files_api,replay",
         help="comma-separated benchmarks to run (latency, throughput, fanout, idle, files, "
-        "streaming, turns, appends, providers, files_api, replay)",
+        "streaming, turns, first_turns, appends, providers, files_api, replay)",
     )
     parser.add_argument(
         "--turns", default="20,200,500", help="comma-separated concurrent streaming turns"
@@ -442,6 +451,8 @@ def main() -> None:
                 bench_stream(url, [int(n) for n in args.turns.split(",")], 100, 0.02)
         if "turns" in only:
             bench_turns(url, 20 if args.quick else 200)
+        if "first_turns" in only:
+            bench_first_turns(url, *((5, 2, 20) if args.quick else (20, 3, 100)))
         if "appends" in only:
             bench_append_path(url, *((20, 10) if args.quick else (200, 100)))
         if "providers" in only:

@@ -150,6 +150,12 @@ def _redis_counters(client: redis.Redis) -> _Counters:
 
 
 def measure(redis_url: str, model: str, wire: str, count: int) -> Run:
+    return measure_rounds(redis_url, model, wire, count, 1)[0]
+
+
+def measure_rounds(redis_url: str, model: str, wire: str, count: int, rounds: int) -> list[Run]:
+    """`rounds` runs of `count` turns at once, one after the other on the same
+    service (new sessions each time): the first is a fresh worker's first turns."""
     direct = asyncio.run(_direct_all(model, wire, count))
     os.environ.update(
         OPENAI_BASE_URL=model + "/v1",
@@ -160,18 +166,22 @@ def measure(redis_url: str, model: str, wire: str, count: int) -> Run:
     # The model is the service's default, so its SDK is loaded at start-up, as
     # in a deployment that uses it.
     settings = {"provider": wire, "model": "paced", "worker_max_jobs": str(max(count, 20))}
+    runs = []
     with service(redis_url, **settings) as svc:
-        with httpx.Client(base_url=svc.base + "/api/v1", headers=AUTH, timeout=60) as client:
-            sandbox = client.post("/sandboxes", json={}).json()["id"]
-            agent = {"provider": wire, "model": "paced"}
-            sids = [
-                client.post(f"/sandboxes/{sandbox}/sessions", json={"agent": agent}).json()["id"]
-                for _ in range(count)
-            ]
         counters = redis.Redis.from_url(redis_url)
-        return asyncio.run(
-            _through_all(svc.base, sids, svc.api_pids[0], svc.worker_pids[0], counters, direct)
-        )
+        for _ in range(rounds):
+            with httpx.Client(base_url=svc.base + "/api/v1", headers=AUTH, timeout=60) as client:
+                sandbox = client.post("/sandboxes", json={}).json()["id"]
+                agent = {"provider": wire, "model": "paced"}
+                sids = [
+                    client.post(f"/sandboxes/{sandbox}/sessions", json={"agent": agent}).json()[
+                        "id"
+                    ]
+                    for _ in range(count)
+                ]
+            pids = svc.api_pids[0], svc.worker_pids[0]
+            runs.append(asyncio.run(_through_all(svc.base, sids, *pids, counters, direct)))
+    return runs
 
 
 async def _direct_all(model: str, wire: str, count: int) -> list[Stream]:
@@ -287,4 +297,17 @@ def bench_streaming(
             for count in counts:
                 run = measure(redis_url, model, wire, count)
                 rows.append([f"{count} turns, {wire}", *row(run, chunks, interval)])
+    return rows
+
+
+def bench_first_turns(
+    redis_url: str, count: int, rounds: int, chunks: int, interval: float
+) -> list[list[str]]:
+    """`rounds` rounds of `count` turns on one service per wire format: the first
+    round is a fresh worker's first turns, the others what follows them."""
+    rows = []
+    with paced_model(chunks, interval) as model:
+        for wire in ("openai", "anthropic"):
+            for n, run in enumerate(measure_rounds(redis_url, model, wire, count, rounds), 1):
+                rows.append([f"round {n}, {count} turns, {wire}", *row(run, chunks, interval)])
     return rows

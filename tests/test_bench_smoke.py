@@ -30,6 +30,7 @@ def test_bench_quick_run_prints_every_table() -> None:
         "6b. the append path",
         "6c. a turn's own cost",
         "6d. the providers alone",
+        "6e. a worker's first turns",
         "7. files API",
         "8. files_changed",
         "10. replay",
