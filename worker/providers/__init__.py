@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import logging
 
+from shared.heap import freeze_new_objects
 from shared.models import AgentConfig
 from shared.settings import Settings
 from worker.providers.base import Provider, ProviderError
@@ -82,4 +83,8 @@ class ProviderFactory:
             )
             return provider
 
-        return await asyncio.to_thread(make)
+        provider = await asyncio.to_thread(make)
+        # The SDK's objects (imported now if not at start-up) are kept out of the
+        # collector's full passes, as the start-up heap is (`shared.heap`).
+        freeze_new_objects()
+        return provider
