@@ -13,8 +13,8 @@ def freeze_startup_heap() -> int:
     Why: a worker that has imported the model SDKs holds some hundreds of
     thousands of objects, and the first full pass over them held its event loop
     for about 100 ms: every turn streaming then lost that much, at once (bench
-    6d, a worker's first turns). Later full passes walk them again. Returns the
-    number of objects frozen."""
+    6e, a worker's first turns). Unfrozen, every later full pass walks them
+    again. Returns the number of objects frozen."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
