@@ -227,6 +227,15 @@ def _mark(turn_id: str, appended: int, last_seq: int) -> str:
     return f"{turn_id} {appended} {last_seq}"
 
 
+def _numbered(turn: TurnAppend, last_seq: int) -> list[tuple[str, str, bytes]]:
+    """The turn's events as the log takes them after `last_seq`: each one's
+    entry id, type and JSON with its seq (the line the live channel carries)."""
+    return [
+        (f"{seq}-0", _EVENT_TYPES[type(event)], b'{"seq":%d,%b' % (seq, ev.encode_event(event)[1:]))
+        for seq, event in enumerate(turn.events, last_seq + 1)
+    ]
+
+
 class StartedTurn(msgspec.Struct, kw_only=True):
     sandbox_id: str
     agent: AgentConfig | None
@@ -513,6 +522,8 @@ class TurnLifecycle:
         same step, which WATCH sees.
         """
         marks = [keys.appended(turn.session_id) for turn in known]
+        # A connection of the pool's own, not redis-py's pipeline: a watching
+        # pipeline sends WATCH and MGET one round trip each; here they go as one.
         pool = self.redis.connection_pool
         connection = await pool.get_connection()
         try:
@@ -544,21 +555,10 @@ class TurnLifecycle:
                 sid, before, last = turn.session_id, turn.appended_before, turn.last_seq
                 assert before is not None and last is not None
                 log = keys.log(sid)
-                for seq, event in enumerate(turn.events, last + 1):
-                    line = b'{"seq":%d,%b' % (seq, ev.encode_event(event)[1:])
+                maxlen = self.log_max_events
+                for entry_id, kind, line in _numbered(turn, last):
                     commands.append(
-                        (
-                            "XADD",
-                            log,
-                            "MAXLEN",
-                            "~",
-                            self.log_max_events,
-                            f"{seq}-0",
-                            "t",
-                            _EVENT_TYPES[type(event)],
-                            "d",
-                            line,
-                        )
+                        ("XADD", log, "MAXLEN", "~", maxlen, entry_id, "t", kind, "d", line)
                     )
                     lines.append(line)
                 n = len(turn.events)
@@ -639,12 +639,8 @@ class TurnLifecycle:
                 continue
             args += [before, _mark(turn_id, before, last), _mark(turn_id, before + n, last + n)]
             args.append(last + n)
-            for seq, event in enumerate(turn.events, last + 1):
-                args += [
-                    f"{seq}-0",
-                    _EVENT_TYPES[type(event)],
-                    b'{"seq":%d,%b' % (seq, ev.encode_event(event)[1:]),
-                ]
+            for entry in _numbered(turn, last):
+                args += entry
         return script_keys, args
 
     async def finish_turn(
