@@ -63,8 +63,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         )
         await hub.start()
         app.state.services = Services(settings, redis, hub, keyring)
-        frozen = freeze_startup_heap()
-        logger.info("start-up heap frozen: %d objects out of the collector's full passes", frozen)
+        freeze_startup_heap()
         restore = _drain_on_stop_signal(hub)
         try:
             yield

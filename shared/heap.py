@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import logging
+
+logger = logging.getLogger("sandstream.heap")
 
 
 def freeze_startup_heap() -> int:
@@ -17,7 +20,9 @@ def freeze_startup_heap() -> int:
     again. Returns the number of objects frozen."""
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
+    frozen = gc.get_freeze_count()
+    logger.info("start-up heap frozen: %d objects out of the collector's full passes", frozen)
+    return frozen
 
 
 def freeze_new_objects() -> int:

@@ -450,8 +450,7 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
         ctx["runtime"] = runtime
         warn_if_unauthenticated(settings.redis_url, settings.redis_password, logger)
         await runtime.providers.warm()
-        frozen = freeze_startup_heap()
-        logger.info("start-up heap frozen: %d objects out of the collector's full passes", frozen)
+        freeze_startup_heap()
         reaper.append(asyncio.create_task(runtime.reap_forever()))
         reaper.append(asyncio.create_task(runtime.heartbeat_forever()))
         logger.info(
