@@ -1059,18 +1059,23 @@ def test_a_writer_whose_turns_stream_gathers_longer_but_first_events_go_at_once(
     assert gathers == [0.002, pytest.approx(0.9), 0.002, pytest.approx(0.1), 0.002]
 
 
+@pytest.mark.parametrize("way", ["transaction", "script"])
 def test_a_gathering_writer_rides_out_a_stalled_store_and_logs_every_event_once(
-    own_redis: RedisServer,
+    own_redis: RedisServer, way: str
 ) -> None:
     """Ten streaming turns on a writer that gathers (0.2 s a call) while Redis is
     stopped for a second and a half (SIGSTOP: it holds the connections and
     answers nothing): calls time out and are sent again, some of them taken
     after all once Redis runs on (their replies lost). Every event of every turn
-    is in its log once, in order, with gap-free seqs, and the writer goes on."""
+    is in its log once, in order, with gap-free seqs, and the writer goes on;
+    with the events after each turn's first append written by a transaction of
+    plain commands (a call carries some 40 of them) and by the script alike."""
 
     async def scenario() -> tuple[dict[str, str], dict[str, str], list[bool]]:
         redis = Redis.from_url(own_redis.url, socket_timeout=0.5)
         store = SessionStore(redis)
+        store.watched_min_events = 1 if way == "transaction" else 1 << 30
+        execs = (await redis.info("commandstats")).get("cmdstat_exec", {"calls": 0})["calls"]
         claimed = [await _claimed(store) for _ in range(10)]
         writer = EventWriter(store, max_gather=0.2, gather_per_turn=0.02)
         turns = [writer.open(sid, turn, lambda: None) for _, sid, turn in claimed]
@@ -1109,6 +1114,9 @@ def test_a_gathering_writer_rides_out_a_stalled_store_and_logs_every_event_once(
             logged[sid] = "".join(
                 msgspec.json.decode(e.data, type=ev.TextDelta).text for e in events
             )
+        stats = await redis.info("commandstats")
+        transactions = stats.get("cmdstat_exec", {"calls": 0})["calls"] - execs
+        assert (transactions > 0) == (way == "transaction"), transactions
         await redis.aclose()
         return logged, put, gapless
 
