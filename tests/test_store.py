@@ -1059,6 +1059,57 @@ def test_a_writer_whose_turns_stream_gathers_longer_but_first_events_go_at_once(
     assert gathers == [0.002, pytest.approx(0.9), 0.002, pytest.approx(0.1), 0.002]
 
 
+def test_a_turn_whose_call_was_refused_sends_nothing_more_not_even_an_empty_batch(
+    own_redis: RedisServer,
+) -> None:
+    """A call the store refuses for good (here: Redis's ACL denies the append
+    script, NOPERM) fails its turns, and the events a turn put while that call
+    was in flight are dropped with them. The turn, queued again by those events,
+    is not sent again with none (before: the writer sent it in a call of no
+    events, and the transaction's way published an empty live message)."""
+
+    async def scenario() -> tuple[list[int], list[str]]:
+        redis = Redis.from_url(own_redis.url)
+        store = SessionStore(redis)
+        sandbox, sid, turn = await _claimed(store)
+        sent: list[int] = []  # the events each call carried for the turn
+        append_batch = store.append_batch
+        held = asyncio.Event()
+        go_on = asyncio.Event()
+
+        async def watched_append(batch: list[TurnAppend]) -> list[int]:
+            sent.extend(len(t.events) for t in batch)
+            if len(sent) == 2:  # the call after the first: held in flight
+                held.set()
+                await go_on.wait()
+            return await append_batch(batch)
+
+        store.append_batch = watched_append  # type: ignore[method-assign]
+        superseded: list[str] = []
+        writer = EventWriter(store)
+        part = writer.open(sid, turn, lambda: superseded.append(turn))
+        part.put(_delta(sid, sandbox.id, turn, "a"))
+        await writer.flushed()
+        part.put(_delta(sid, sandbox.id, turn, "b"))
+        async with asyncio.timeout(5):
+            await held.wait()
+        part.put(_delta(sid, sandbox.id, turn, "c"))  # queued again, behind the call
+        await redis.execute_command("ACL", "SETUSER", "default", "-evalsha")
+        go_on.set()
+        async with asyncio.timeout(5):
+            while not superseded:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # the writer's next passes, had it more to send
+        await writer.close()
+        await redis.execute_command("ACL", "SETUSER", "default", "+evalsha")
+        await redis.aclose()
+        return sent, superseded
+
+    sent, superseded = asyncio.run(scenario())
+    assert superseded
+    assert sent == [1, 1]
+
+
 @pytest.mark.parametrize("way", ["transaction", "script"])
 def test_a_gathering_writer_rides_out_a_stalled_store_and_logs_every_event_once(
     own_redis: RedisServer, way: str
