@@ -35,6 +35,9 @@ READY_PROBE = f"{PREFIX}:api:ready-probe"
 SANDBOX_UIDS = f"{PREFIX}:sandbox-uids"
 # Hash: fleet-wide turn counters for Prometheus (`shared.metrics`).
 METRICS_COUNTERS = f"{PREFIX}:metrics:counters"
+# List: what turns that ended add to the counters, histograms and recent
+# durations, not yet folded into them (`shared.metrics.Tally`).
+METRICS_TALLIES = f"{PREFIX}:metrics:tallies"
 
 
 def metrics_histogram(name: str) -> str:

@@ -9,10 +9,20 @@ Why Redis and not a metrics port on each worker: workers open no listening port
 (nothing to expose on a host that runs agents' commands, nothing to configure
 in a process manager), a counter survives its worker's restart instead of
 resetting, a worker that dies between two scrapes loses nothing it counted, and
-one scrape of any API replica shows the whole fleet. The cost is a few HINCRBYs
-per turn inside scripts the turn runs anyway: no round trip of their own. The series are therefore
+one scrape of any API replica shows the whole fleet. The series are therefore
 the same on every API replica: aggregate them with `max`, not `sum` (the alert
 rules and dashboard in `deploy/` do).
+
+What a turn's end adds goes in as one record, a tally (`tally`), pushed onto a
+short list by the script that ends the turn: one command there, where adding to
+each counter, bucket and sum was one each (six to eight a turn, more with tool
+calls), a twentieth of the Redis commands of a streamed turn of a hundred
+chunks. Every TALLY_FOLD_AT tallies the same script folds them into the hashes
+(FOLD_TALLIES), so the list stays short. Readers add the tallies not yet folded
+to what the hashes hold, read together in one transaction (`read_folded`): a
+scrape sees a turn's figures as soon as the turn has ended, and a fold between
+two reads cannot count a tally twice or not at all. A tally is in Redis from
+the moment its turn ends, in the same step, so a worker that dies loses none.
 """
 
 from __future__ import annotations
@@ -20,12 +30,15 @@ from __future__ import annotations
 import bisect
 import math
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 import msgspec
 from redis.asyncio import Redis
 
 from shared import keys
-from shared.ops import QueueReport
+
+if TYPE_CHECKING:
+    from shared.ops import QueueReport
 
 _SEP = "|"
 # Where prometheus_client keeps each API process's figures when several uvicorn
@@ -84,6 +97,69 @@ class TurnFigures(msgspec.Struct, kw_only=True):
     tools: list[tuple[str, float]] = []
 
 
+# The hashes a tally adds to, in the order its entries name them (1-based, as
+# in Lua): the counters, then each histogram's.
+TALLIED = (keys.METRICS_COUNTERS, *(keys.metrics_histogram(h.name) for h in HISTOGRAMS))
+# Tallies kept before the script that pushes one folds them all into the hashes.
+TALLY_FOLD_AT = 64
+# Recent turn durations kept for the ops report (FOLD_TALLIES trims to these).
+DURATIONS_KEPT = 1000
+
+
+class Tally(msgspec.Struct, array_like=True):
+    """What one turn's end adds to the fleet's figures: its duration (for the
+    ops report's recent durations, -1: not measured) and its increments, each
+    (index in TALLIED, hash field, increment). As JSON, an array of arrays,
+    which the fold decodes in Lua."""
+
+    duration_ms: int
+    adds: list[tuple[int, str, int]]
+
+
+def tally(result: str, reason: str, figures: TurnFigures) -> Tally:
+    """The tally of a turn that ended: `increments` by hash, and its duration."""
+    duration = figures.duration_seconds
+    return Tally(
+        duration_ms=-1 if duration is None else round(duration * 1000),
+        adds=[
+            (TALLIED.index(key) + 1, field, by)
+            for key, field, by in increments(result, reason, figures)
+        ],
+    )
+
+
+_tally_decoder = msgspec.json.Decoder(Tally)
+
+
+class Folded(msgspec.Struct, kw_only=True):
+    """The fleet's figures with the tallies not yet folded added."""
+
+    hashes: list[dict[str, int]]  # in TALLIED's order
+    durations: list[int]  # recent turn durations, ms, newest first
+
+
+async def read_folded(redis: Redis) -> Folded:
+    """The tallied hashes and recent durations as the fold would leave them,
+    read in one transaction with the tallies still pending."""
+    async with redis.pipeline(transaction=True) as pipe:
+        for key in TALLIED:
+            pipe.hgetall(key)
+        pipe.lrange(keys.TURN_DURATIONS, 0, -1)
+        pipe.lrange(keys.METRICS_TALLIES, 0, -1)
+        *raw_hashes, raw_durations, raw_tallies = await pipe.execute()
+    hashes = [{k.decode(): int(v) for k, v in raw.items()} for raw in raw_hashes]
+    pending = []
+    for raw in raw_tallies:
+        record = _tally_decoder.decode(raw)
+        if record.duration_ms >= 0:
+            pending.append(record.duration_ms)
+        for index, field, by in record.adds:
+            fields = hashes[index - 1]
+            fields[field] = fields.get(field, 0) + by
+    durations = [*reversed(pending), *(int(d) for d in raw_durations)]
+    return Folded(hashes=hashes, durations=durations[:DURATIONS_KEPT])
+
+
 def increments(result: str, reason: str, figures: TurnFigures) -> list[tuple[str, str, int]]:
     """What a turn adds to the fleet's counters, as (hash key, field, increment).
     `result` is "completed" or "failed"; `reason` the stop reason of a completed
@@ -107,12 +183,7 @@ def increments(result: str, reason: str, figures: TurnFigures) -> list[tuple[str
 
 async def render_fleet(redis: Redis, queue: QueueReport, workers_alive: int) -> str:
     """The fleet-wide series, in Prometheus' text exposition format."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.hgetall(keys.METRICS_COUNTERS)
-        for hist in HISTOGRAMS:
-            pipe.hgetall(keys.metrics_histogram(hist.name))
-        counters_raw, *hists_raw = await pipe.execute()
-    counters = {k.decode(): int(v) for k, v in counters_raw.items()}
+    counters, *hists = (await read_folded(redis)).hashes
     out: list[str] = []
     queue_label = f'{{queue="{keys.QUEUE}"}}'
     gauges = (
@@ -154,8 +225,8 @@ async def render_fleet(redis: Redis, queue: QueueReport, workers_alive: int) -> 
         for field, count in sorted(counters.items()):
             if field.startswith(prefix):
                 out.append(f'{name}{{reason="{_escape(field[len(prefix) :])}"}} {count}\n')
-    for hist, raw in zip(HISTOGRAMS, hists_raw, strict=True):
-        _histogram(out, hist, {k.decode(): int(v) for k, v in raw.items()})
+    for hist, fields in zip(HISTOGRAMS, hists, strict=True):
+        _histogram(out, hist, fields)
     return "".join(out)
 
 

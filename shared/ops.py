@@ -12,7 +12,7 @@ import msgspec
 from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
-from shared import keys
+from shared import keys, metrics
 
 _SCAN_LIMIT = 1000
 
@@ -49,16 +49,15 @@ async def queue_report(redis: Redis) -> QueueReport:
         pipe.zcard(keys.QUEUE)
         pipe.scard(keys.RUNNING)
         pipe.zcard(keys.APPROVAL_DEADLINES)
-        pipe.lrange(keys.TURN_DURATIONS, 0, -1)
         bucket = int(time.time()) // keys.STATS_BUCKET_SECONDS
         buckets = 3600 // keys.STATS_BUCKET_SECONDS
         for b in range(bucket - buckets + 1, bucket + 1):
             pipe.hgetall(keys.turn_outcomes(b))
         results = await pipe.execute()
     progress = results[: len(entries)]
-    total, running, awaiting, durations = results[len(entries) : len(entries) + 4]
+    total, running, awaiting = results[len(entries) : len(entries) + 3]
     outcomes: dict[str, int] = {}
-    for counts in results[len(entries) + 4 :]:
+    for counts in results[len(entries) + 3 :]:
         for name, count in counts.items():
             outcomes[name.decode()] = outcomes.get(name.decode(), 0) + int(count)
     queued_scores = [
@@ -80,7 +79,7 @@ async def queue_report(redis: Redis) -> QueueReport:
         running_turns=int(running),
         awaiting_approval=int(awaiting),
         turns_last_hour=outcomes,
-        turn_duration_ms=_percentiles(sorted(int(d) for d in durations)),
+        turn_duration_ms=_percentiles(sorted((await metrics.read_folded(redis)).durations)),
     )
 
 

@@ -39,20 +39,26 @@ end
 CLAIM_TURN = (
     SETTLE_IF_OURS
     + """
-local session = redis.call('HMGET', KEYS[1], 'tenant', 'state', 'turn_id')
+local session = redis.call('HMGET', KEYS[1], 'tenant', 'state', 'turn_id', 'started',
+                           'interrupt', 'lease_epoch', 'reply_to')
 if session[1] ~= ARGV[5] then return {'missing'} end
 if session[2] == 'running' then return {'running', session[3]} end
 local fields = {'state', 'running', 'turn_id', ARGV[1], 'updated_at', ARGV[3],
                 'claimed_ms', ARGV[4]}
-local stale = {'started', 'interrupt', 'lease_epoch'}
-if ARGV[11] and ARGV[11] ~= '' then
+local replying = ARGV[11] and ARGV[11] ~= ''
+if replying then
   fields[#fields + 1] = 'reply_to'
   fields[#fields + 1] = ARGV[11]
-else
-  stale[#stale + 1] = 'reply_to'
 end
 redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('HDEL', KEYS[1], unpack(stale))
+-- What an earlier turn left of its own (a turn's end removes these; a session
+-- whose turn was ended otherwise may keep some): deleted only when there, as a
+-- send costs one command less so.
+local stale = {}
+for i, name in ipairs({'started', 'interrupt', 'lease_epoch', 'reply_to'}) do
+  if session[3 + i] and not (replying and name == 'reply_to') then stale[#stale + 1] = name end
+end
+if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 if KEYS[4] then
   redis.call('PSETEX', KEYS[4], ARGV[8], ARGV[6])
@@ -307,8 +313,40 @@ local function append_all(list, seq_key, log_key, maxlen, ttl_ms, channel)
 end
 """
 
+# A Lua function that folds the tallies of turns that ended (`shared.metrics.Tally`,
+# each a JSON array `[duration ms, [[hash index, field, increment], ...]]`)
+# into the hashes they add to and the recent durations, and empties their list:
+# one HINCRBY per field the tallies name together, one LPUSH of their durations
+# (the newest first, as they ended) and one LTRIM to `kept`.
+FOLD_TALLIES = """
+local function fold_tallies(tallies_key, durations_key, hashes, kept)
+  local sums, order, took = {}, {}, {}
+  for _, raw in ipairs(redis.call('LRANGE', tallies_key, 0, -1)) do
+    local tally = cjson.decode(raw)
+    if tally[1] >= 0 then took[#took + 1] = tally[1] end
+    for _, add in ipairs(tally[2]) do
+      local name = add[1] .. ' ' .. add[2]
+      if sums[name] == nil then
+        sums[name] = 0
+        order[#order + 1] = add
+      end
+      sums[name] = sums[name] + add[3]
+    end
+  end
+  for _, add in ipairs(order) do
+    redis.call('HINCRBY', hashes[add[1]], add[2], sums[add[1] .. ' ' .. add[2]])
+  end
+  if #took > 0 then
+    redis.call('LPUSH', durations_key, unpack(took))
+    redis.call('LTRIM', durations_key, 0, kept - 1)
+  end
+  redis.call('DEL', tallies_key)
+end
+"""
+
 # KEYS: session, messages, seq, log, running index, recent durations, appended,
-#       then the counter hashes the turn adds to.
+#       tallies, the hashes a tally adds to (`shared.metrics.TALLIED`), then the
+#       counter hashes the turn adds to directly (the outcomes' time bucket).
 # ARGV: a JSON document, `shared.turns.FinishArgs` (named members, no slots to
 #       count); the assistant message's JSON or ''; the terminal event's JSON
 #       without seq and without its opening brace; then each of `event_types`'
@@ -326,6 +364,7 @@ end
 # step and one round trip.
 FINISH_TURN = (
     APPEND_ALL
+    + FOLD_TALLIES
     + """
 local a = cjson.decode(ARGV[1])
 -- Checked before any write: a script that fails halfway keeps what it wrote.
@@ -354,9 +393,10 @@ events[#events + 1] = {a.terminal_type, ARGV[3]}
 local last, seq = append_all(events, KEYS[3], KEYS[4], a.maxlen, a.log_ttl_ms, a.channel)
 if reply_to then redis.call('PUBLISH', reply_to, last) end
 redis.call('SREM', KEYS[5], a.session_id)
-if a.duration_ms >= 0 then
-  redis.call('LPUSH', KEYS[6], a.duration_ms)
-  redis.call('LTRIM', KEYS[6], 0, 999)
+if redis.call('RPUSH', KEYS[8], a.tally) >= a.fold_at then
+  local hashes = {}
+  for i = 1, a.tallied do hashes[i] = KEYS[8 + i] end
+  fold_tallies(KEYS[8], KEYS[6], hashes, a.durations_kept)
 end
 for _, counter in ipairs(a.counters) do
   local key = KEYS[counter.key]

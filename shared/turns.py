@@ -261,7 +261,10 @@ class FinishArgs(msgspec.Struct, kw_only=True):
     now: str
     log_ttl_ms: int
     session_id: str
-    duration_ms: int  # -1: not measured
+    tally: str  # `metrics.Tally`'s JSON, pushed onto the tallies' list
+    fold_at: int  # tallies kept before they are folded (`metrics.TALLY_FOLD_AT`)
+    tallied: int  # how many hashes a tally adds to (KEYS after the tallies' list)
+    durations_kept: int
     epoch: int  # "orphaned": the lease epoch seen standing still
     worker_id: str  # "worker": the worker that must hold the turn's lease
     event_types: list[str]  # of the events before the terminal one
@@ -377,6 +380,7 @@ class TurnLifecycle:
         # what is left gets `log_truncated`, never a silent hole.
         self.log_ttl_ms = int(log_ttl_seconds * 1000)
         self.watched_min_events = WATCHED_MIN_EVENTS
+        self.tally_fold_at = metrics.TALLY_FOLD_AT
         self._claim = redis.register_script(scripts.CLAIM_TURN)
         self._start = redis.register_script(scripts.START_TURN)
         self._renew = redis.register_script(scripts.RENEW_LEASE)
@@ -675,17 +679,11 @@ class TurnLifecycle:
             keys.RUNNING,
             keys.TURN_DURATIONS,
             keys.appended(sid),
+            keys.METRICS_TALLIES,
+            *metrics.TALLIED,
+            bucket,
         ]
-        counters = []
-        for key, field, increment in [
-            (bucket, outcome, 1),
-            *metrics.increments(result, reason, figures),
-        ]:
-            if key not in script_keys:
-                script_keys.append(key)
-            ttl = _OUTCOME_TTL_SECONDS if key == bucket else 0
-            counters.append(_Counter(script_keys.index(key) + 1, field, increment, ttl))
-        duration = figures.duration_seconds
+        counters = [_Counter(len(script_keys), outcome, 1, _OUTCOME_TTL_SECONDS)]
         events = list(events or [])  # read twice below: types, then texts
         args = FinishArgs(
             turn_id=turn_id,
@@ -696,7 +694,10 @@ class TurnLifecycle:
             now=now_rfc3339(),
             log_ttl_ms=self.log_ttl_ms,
             session_id=sid,
-            duration_ms=-1 if duration is None else round(duration * 1000),
+            tally=_finish_encoder.encode(metrics.tally(result, reason, figures)).decode(),
+            fold_at=self.tally_fold_at,
+            tallied=len(metrics.TALLIED),
+            durations_kept=metrics.DURATIONS_KEPT,
             epoch=epoch,
             worker_id=worker_id,
             event_types=[str(e.__struct_config__.tag) for e in events],

@@ -181,3 +181,55 @@ def test_a_worker_stops_though_a_cancellation_is_lost(own_redis: RedisServer, lo
         assert worker.main_task.done()
 
     asyncio.run(scenario())
+
+
+def test_a_job_is_taken_in_two_commands_and_one_not_due_is_left_unmarked(
+    own_redis: RedisServer,
+) -> None:
+    """Taking a due job sets its in-progress mark only if absent and reads its
+    score: SET NX and ZSCORE, where EXISTS, ZSCORE and PSETEX were one command
+    more a turn. A job not due yet, or taken already, is not taken, and keeps no
+    mark of this worker's. (A Redis of its own: the commands counted are this
+    test's only.)"""
+
+    async def scenario() -> None:
+        pool = await connect(own_redis.url)
+        worker = _worker(pool, "take-test", max_jobs=5)
+        try:
+            due = await pool.enqueue_job("job", _queue_name=worker.queue_name)
+            later = await pool.enqueue_job("job", _queue_name=worker.queue_name, _defer_by=60)
+            assert due is not None and later is not None
+
+            async def take(job_id: str) -> dict[str, int]:
+                before = await pool.info("commandstats")
+                await worker.start_jobs([job_id.encode()])
+                after = await pool.info("commandstats")
+                return {
+                    name.removeprefix("cmdstat_"): after[name]["calls"]
+                    - before.get(name, {"calls": 0})["calls"]
+                    for name in after
+                }
+
+            calls = await take(due.job_id)
+            assert list(worker.tasks) == [due.job_id]
+            taken = {
+                k: v for k, v in calls.items() if v and k not in ("info", "evalsha", "script|load")
+            }
+            assert taken == {"set": 1, "zscore": 1}, calls
+            mark = f"arq:in-progress:{due.job_id}"
+            assert 0 < await pool.pttl(mark) <= worker.in_progress_timeout_s * 1000
+
+            await asyncio.wait_for(asyncio.gather(*worker.tasks.values()), 10)
+            await take(later.job_id)  # not due: not taken, no mark
+            assert not await pool.exists(f"arq:in-progress:{later.job_id}")
+            elsewhere = await pool.enqueue_job("job", _queue_name=worker.queue_name)
+            assert elsewhere is not None
+            theirs = f"arq:in-progress:{elsewhere.job_id}"
+            await pool.set(theirs, b"another worker's", px=30_000)
+            await take(elsewhere.job_id)  # taken by another: its mark stays as it was
+            assert await pool.get(theirs) == b"another worker's"
+            assert not worker.tasks
+        finally:
+            await pool.aclose()
+
+    asyncio.run(scenario())

@@ -1329,3 +1329,186 @@ def test_a_claim_names_its_reply_channel_in_the_same_write_and_drops_a_stale_one
         assert await store.redis.hget(keys.session(sid), "turn_id") == second.encode()
 
     run(own_redis.url, scenario)
+
+
+async def _command_calls(redis: Redis, action: Awaitable[T]) -> tuple[T, dict[str, int]]:
+    """What `action` (not yet awaited) returned, and the calls of each command it
+    made Redis run (those inside scripts included; INFO's own left out)."""
+    before = await redis.info("commandstats")
+    result = await action
+    after = await redis.info("commandstats")
+    calls = {
+        name.removeprefix("cmdstat_"): after[name]["calls"]
+        - before.get(name, {"calls": 0})["calls"]
+        for name in after
+    }
+    return result, {name: n for name, n in calls.items() if n and name != "info"}
+
+
+def _figures(i: int) -> metrics.TurnFigures:
+    """Figures that differ from turn to turn: durations across buckets, some
+    turns unmeasured, tool calls on some."""
+    return metrics.TurnFigures(
+        events=i,
+        duration_seconds=None if i % 5 == 4 else 0.03 * (i + 1),
+        first_token_seconds=0.004 * (i + 1),
+        tools=[("bash", 0.02 * i), ("read_file", 0.5)] if i % 3 == 0 else [],
+    )
+
+
+def test_a_turn_s_end_tallies_its_figures_in_one_command_and_every_few_ends_folds_them(
+    tmp_path: Path,
+) -> None:
+    """A turn's end puts what it adds to the fleet's counters, histograms and
+    recent durations in one tally (one RPUSH), where it was one HINCRBY per
+    field and an LPUSH and LTRIM (eight to twelve commands here); every
+    `tally_fold_at` ends the script that ends one folds them all in. Read at any
+    point (`read_folded`, the ops report, /metrics), the figures are what
+    adding each turn's increments at its end gives. (A Redis of its own: the
+    commands counted are this test's only.)"""
+    server = RedisServer(tmp_path)
+    fold_at = 4
+    turns = 2 * fold_at + 1
+
+    async def scenario(store: SessionStore) -> None:
+        store.tally_fold_at = fold_at
+        expected: list[dict[str, int]] = [{} for _ in metrics.TALLIED]
+        durations: list[int] = []
+        for i in range(turns):
+            sandbox, sid, turn = await _claimed(store)
+            assert await store.start_turn(sid, turn, "w1") is not None
+            counted = expected[0]  # a start is counted as it happens (START_TURN)
+            counted[metrics.STARTED] = counted.get(metrics.STARTED, 0) + 1
+            ids = TurnIds(session_id=sid, sandbox_id=sandbox.id, turn_id=turn, message_id="m")
+            message = assistant_message(ids, "done")
+            end = completed(ids, message, "end_turn", ev.Usage())
+            figures = _figures(i)
+            seq, calls = await _command_calls(
+                store.redis,
+                store.finish_turn(sid, turn, "worker", message, end, figures, worker_id="w1"),
+            )
+            assert seq > 0
+            for key, field, by in metrics.increments("completed", "end_turn", figures):
+                fields = expected[metrics.TALLIED.index(key)]
+                fields[field] = fields.get(field, 0) + by
+            if figures.duration_seconds is not None:
+                durations.insert(0, round(figures.duration_seconds * 1000))
+            pending = await store.redis.llen(keys.METRICS_TALLIES)
+            if (i + 1) % fold_at:
+                # The outcomes' bucket only; the message and the tally.
+                assert calls.get("hincrby") == 1 and calls.get("rpush") == 2, calls
+                assert "lpush" not in calls and "ltrim" not in calls, calls
+                assert pending == (i + 1) % fold_at
+            else:
+                assert pending == 0
+                assert calls.get("lpush") == 1 and calls.get("ltrim") == 1, calls
+                hashes = [
+                    {k.decode(): int(v) for k, v in (await store.redis.hgetall(key)).items()}
+                    for key in metrics.TALLIED
+                ]
+                assert hashes == expected
+                kept = await store.redis.lrange(keys.TURN_DURATIONS, 0, -1)
+                assert [int(d) for d in kept] == durations
+            folded = await metrics.read_folded(store.redis)
+            assert folded.hashes == expected
+            assert folded.durations == durations
+
+    try:
+        run(server.url, scenario)
+    finally:
+        server.stop()
+
+
+def test_figures_read_while_turns_end_and_fold_count_each_turn_once(redis_url: str) -> None:
+    """Turns ending on many connections at once, folding every second tally,
+    while the figures are read over and over: a read sees the hashes and the
+    tallies not yet folded together, so no count ever goes back or past the
+    turns that ended, and at the end each turn is counted once."""
+    turns = 60
+    finished = metrics.finished_field("completed", "end_turn")
+
+    async def scenario(store: SessionStore) -> None:
+        store.tally_fold_at = 2
+        await store.redis.delete(keys.METRICS_COUNTERS, keys.METRICS_TALLIES)
+        claimed = []
+        for _ in range(turns):
+            sandbox, sid, turn = await _claimed(store)
+            assert await store.start_turn(sid, turn, "w1") is not None
+            claimed.append((sandbox, sid, turn))
+        ending = ended = 0  # ends sent, ends whose reply came
+
+        async def end(sandbox: Sandbox, sid: str, turn: str) -> None:
+            nonlocal ending, ended
+            ids = TurnIds(session_id=sid, sandbox_id=sandbox.id, turn_id=turn, message_id="m")
+            message = assistant_message(ids, "done")
+            end = completed(ids, message, "end_turn", ev.Usage())
+            ending += 1
+            assert await store.finish_turn(
+                sid, turn, "worker", message, end, _figures(1), worker_id="w1"
+            )
+            ended += 1
+
+        reads = 0
+
+        async def read() -> None:
+            nonlocal reads
+            last = 0
+            for _ in range(2000):
+                before = ended
+                counters = (await metrics.read_folded(store.redis)).hashes[0]
+                count = counters.get(finished, 0)
+                assert before <= count <= ending and count >= last, (before, count, ending)
+                last = count
+                reads += 1
+                if count == turns:
+                    return
+
+        await asyncio.wait_for(
+            asyncio.gather(read(), read(), *(end(*c) for c in claimed)), timeout=60
+        )
+        assert reads > 2  # the reads went on while turns ended
+        assert (await metrics.read_folded(store.redis)).hashes[0][finished] == turns
+
+    run(redis_url, scenario)
+
+
+def test_a_claim_removes_what_an_earlier_turn_left_only_when_it_is_there(tmp_path: Path) -> None:
+    """A turn that ended as turns do leaves none of its lease, interrupt or reply
+    channel behind, so the next claim deletes nothing (one command less a send);
+    a session that kept some (a turn ended otherwise) still has them removed, and
+    a claim that names a reply channel keeps its own."""
+    server = RedisServer(tmp_path)
+
+    async def scenario(store: SessionStore) -> None:
+        sandbox, sid, turn = await _claimed(store)
+        assert await store.finish_turn(
+            sid, turn, "unstarted", None, failed_event(sid, sandbox.id, turn)
+        )
+        second = new_id()
+        job = queued_job(TurnJob(session_id=sid, turn_id=second))
+        claim = lambda turn_id, job, reply_to="": store.claim_turn(  # noqa: E731
+            sid, "t", turn_id, _user(sid, turn_id), job, reply_to
+        )
+        result, calls = await _command_calls(store.redis, claim(second, job))
+        assert result.status == "ok"
+        assert "hdel" not in calls, calls
+        assert await store.finish_turn(
+            sid, second, "unstarted", None, failed_event(sid, sandbox.id, second)
+        )
+        left = {"started": "w0", "interrupt": "x", "lease_epoch": "3", "reply_to": "old"}
+        for reply_to in ("", "mine"):
+            await store.redis.hset(keys.session(sid), mapping=left)
+            third = new_id()
+            job = queued_job(TurnJob(session_id=sid, turn_id=third))
+            result, calls = await _command_calls(store.redis, claim(third, job, reply_to))
+            assert result.status == "ok" and calls.get("hdel") == 1, calls
+            fields = await store.redis.hmget(keys.session(sid), *left)
+            assert fields == [None, None, None, reply_to.encode() or None]
+            assert await store.finish_turn(
+                sid, third, "unstarted", None, failed_event(sid, sandbox.id, third)
+            )
+
+    try:
+        run(server.url, scenario)
+    finally:
+        server.stop()

@@ -39,14 +39,19 @@ logger = logging.getLogger("sandstream.worker")
 
 
 # Take a queued job if it is due and nobody has it: what arq's `start_jobs` does
-# with WATCH/EXISTS/ZSCORE/MULTI/EXEC (four round trips), in one.
+# with WATCH/EXISTS/ZSCORE/MULTI/EXEC (four round trips), in one. The
+# in-progress key is set only if absent (SET NX) and dropped again if the job is
+# not due after all: two commands inside for a job taken, where EXISTS, ZSCORE
+# and PSETEX were three (nobody sees the key in between).
 # KEYS: in-progress key, queue. ARGV: job id, now ms, in-progress ttl ms.
 # -> the job's score | false
 _TAKE_JOB = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+if not redis.call('SET', KEYS[1], '1', 'PX', ARGV[3], 'NX') then return false end
 local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
-redis.call('PSETEX', KEYS[1], ARGV[3], '1')
+if not score or tonumber(score) > tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[1])
+  return false
+end
 return score
 """
 
