@@ -28,6 +28,7 @@ from api.sandboxes import SandboxController
 from api.services import Services
 from api.sessions import SessionController
 from api.stream import StreamController
+from shared import scripts
 from shared.heap import freeze_startup_heap
 from shared.logs import configure_logging
 from shared.queue import connect, warn_if_unauthenticated
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         )
         await hub.start()
         app.state.services = Services(settings, redis, hub, keyring)
+        await scripts.load_registered(redis)
         freeze_startup_heap()
         restore = _drain_on_stop_signal(hub)
         try:

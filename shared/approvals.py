@@ -26,7 +26,7 @@ from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
 from shared import events as ev
-from shared import keys
+from shared import keys, scripts
 from shared.models import ContentBlock, PendingApproval, Verdict, new_id, now_rfc3339
 from shared.queue import TURN_FUNCTION, TurnJob, serialize_job_data
 from shared.scripts import APPEND_ALL
@@ -238,8 +238,8 @@ class ApprovalStore:
         self.redis = redis
         self.log_max_events = log_max_events
         self.log_ttl_ms = int(log_ttl_seconds * 1000)
-        self._suspend = redis.register_script(SUSPEND)
-        self._resolve = redis.register_script(RESOLVE)
+        self._suspend = scripts.register(redis, SUSPEND)
+        self._resolve = scripts.register(redis, RESOLVE)
 
     def _log_args(self, sid: str, turn_id: str) -> dict[str, Any]:
         return {

@@ -82,8 +82,8 @@ class SessionStore(TurnLifecycle):
     ) -> None:
         super().__init__(redis, log_max_events=log_max_events, log_ttl_seconds=log_ttl_seconds)
         self.sandbox_uid_base = sandbox_uid_base
-        self._settle = redis.register_script(scripts.SETTLE)
-        self._drop_pending = redis.register_script(scripts.DROP_PENDING)
+        self._settle = scripts.register(redis, scripts.SETTLE)
+        self._drop_pending = scripts.register(redis, scripts.DROP_PENDING)
 
     async def _settle_in(self, pipe: Pipeline, settles: Settlement, resource_id: str) -> None:
         """Queue the settling of an Idempotency-Key's record in `pipe`, the

@@ -381,13 +381,13 @@ class TurnLifecycle:
         self.log_ttl_ms = int(log_ttl_seconds * 1000)
         self.watched_min_events = WATCHED_MIN_EVENTS
         self.tally_fold_at = metrics.TALLY_FOLD_AT
-        self._claim = redis.register_script(scripts.CLAIM_TURN)
-        self._start = redis.register_script(scripts.START_TURN)
-        self._renew = redis.register_script(scripts.RENEW_LEASE)
-        self._append = redis.register_script(scripts.APPEND_EVENTS)
-        self._finish = redis.register_script(scripts.FINISH_TURN)
-        self._flag_interrupt = redis.register_script(scripts.FLAG_INTERRUPT)
-        self._forget_running = redis.register_script(scripts.FORGET_RUNNING)
+        self._claim = scripts.register(redis, scripts.CLAIM_TURN)
+        self._start = scripts.register(redis, scripts.START_TURN)
+        self._renew = scripts.register(redis, scripts.RENEW_LEASE)
+        self._append = scripts.register(redis, scripts.APPEND_EVENTS)
+        self._finish = scripts.register(redis, scripts.FINISH_TURN)
+        self._flag_interrupt = scripts.register(redis, scripts.FLAG_INTERRUPT)
+        self._forget_running = scripts.register(redis, scripts.FORGET_RUNNING)
 
     async def claim_turn(
         self,

@@ -30,10 +30,9 @@ from arq.constants import (
 )
 from arq.utils import timestamp_ms
 from arq.worker import Worker
-from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from shared import keys
+from shared import keys, scripts
 
 logger = logging.getLogger("sandstream.worker")
 
@@ -87,8 +86,9 @@ class FastPickupWorker(Worker):
         # frees up while jobs were left waiting for one.
         self._poll_due = True
         self._starved = False
-        self._take_job: AsyncScript | None = None
-        self._forget_job: AsyncScript | None = None
+        assert self._pool is not None, "FastPickupWorker needs redis_pool"
+        self._take_job = scripts.register(self._pool, _TAKE_JOB)
+        self._forget_job = scripts.register(self._pool, _FORGET_JOB)
         # Set as arq stops the worker (its `on_stop`, after it cancels `main`)
         # and when `main` ends: `main`'s loop and the listener's end on it even if
         # the cancellation meant for them was lost. Python 3.11's
@@ -108,8 +108,6 @@ class FastPickupWorker(Worker):
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's `start_jobs`, with the claim of each job as one Lua call."""
-        if self._take_job is None:
-            self._take_job = self.pool.register_script(_TAKE_JOB)
         for job_id_b in job_ids:
             await self.sem.acquire()
             if self.job_counter >= self.max_jobs:
@@ -158,8 +156,6 @@ class FastPickupWorker(Worker):
                 keep_in_progress,
             )
             return
-        if self._forget_job is None:
-            self._forget_job = self.pool.register_script(_FORGET_JOB)
         args: list[str | bytes | int] = [job_id]
         if result_data:
             args += [result_data, int((result_timeout_s or 0) * 1000)]

@@ -125,6 +125,7 @@ class WorkerRuntime:
             log_max_events=settings.log_max_events,
             log_ttl_seconds=settings.log_ttl_seconds,
         )
+        self._beat = scripts.register(redis, scripts.WORKER_HEARTBEAT)
         self.running: dict[str, TurnRunner] = {}
         self.events = EventWriter(
             self.store,
@@ -275,7 +276,6 @@ class WorkerRuntime:
         """This worker's own heartbeat key, for ops and for `python -m worker check`."""
         started_at = now_rfc3339()
         interval = self.settings.worker_heartbeat_seconds
-        beat = self.store.redis.register_script(scripts.WORKER_HEARTBEAT)
         while True:
             try:
                 now = time.time()
@@ -288,7 +288,7 @@ class WorkerRuntime:
                     "last_heartbeat": now_rfc3339(),
                 }
                 fields = [str(item) for pair in record.items() for item in pair]
-                await beat(
+                await self._beat(
                     keys=[keys.worker(self.worker_id), keys.WORKERS],
                     args=[int(interval * 3) + 1, now, now - 3600, self.worker_id, *fields],
                 )
@@ -450,6 +450,7 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
         ctx["runtime"] = runtime
         warn_if_unauthenticated(settings.redis_url, settings.redis_password, logger)
         await runtime.providers.warm()
+        await scripts.load_registered(redis)
         freeze_startup_heap()
         reaper.append(asyncio.create_task(runtime.reap_forever()))
         reaper.append(asyncio.create_task(runtime.heartbeat_forever()))
