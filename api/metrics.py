@@ -32,7 +32,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.services import services_of
 from shared.metrics import MULTIPROC_ENV, render_fleet
-from shared.ops import queue_report, worker_reports
+from shared.ops import queue_and_figures, worker_reports
 from shared.sandbox.process import process_alive
 
 SSE_CONNECTIONS = Gauge(
@@ -83,9 +83,9 @@ class MetricsController(Controller):
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         own = generate_latest(registry)
         try:
-            queue = await queue_report(svc.redis)
+            queue, figures = await queue_and_figures(svc.redis)
             workers = await worker_reports(svc.redis, svc.settings.worker_heartbeat_seconds * 3)
-            fleet = _REDIS_UP.format(1) + await render_fleet(svc.redis, queue, len(workers))
+            fleet = _REDIS_UP.format(1) + render_fleet(figures, queue, len(workers))
         except (RedisConnectionError, RedisTimeoutError, OSError):
             # The process's own figures still count; the fleet's are in Redis.
             fleet = _REDIS_UP.format(0)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Sequence
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
@@ -98,7 +99,8 @@ class TurnFigures(msgspec.Struct, kw_only=True):
 
 
 # The hashes a tally adds to, in the order its entries name them (1-based, as
-# in Lua): the counters, then each histogram's.
+# in Lua): the counters, then each histogram's. Tallies pending in Redis name
+# them so across versions: a new hash goes at the end.
 TALLIED = (keys.METRICS_COUNTERS, *(keys.metrics_histogram(h.name) for h in HISTOGRAMS))
 # Tallies kept before the script that pushes one folds them all into the hashes.
 TALLY_FOLD_AT = 64
@@ -106,18 +108,32 @@ TALLY_FOLD_AT = 64
 DURATIONS_KEPT = 1000
 
 
+# The buckets of turn outcomes a fold adds to (`keys.turn_outcomes`, each
+# `keys.STATS_BUCKET_SECONDS` long): the hour the ops report reads, and the
+# bucket after the folding process's own, for a worker whose clock is ahead. An
+# outcome whose bucket is older by the time its tally is folded is past every
+# report's hour, and is dropped.
+OUTCOME_BUCKETS_BEFORE = 3600 // keys.STATS_BUCKET_SECONDS - 1
+# How long a bucket of turn outcomes is kept once it has counts.
+OUTCOME_TTL_SECONDS = 2 * 3600
+
+
 class Tally(msgspec.Struct, array_like=True):
     """What one turn's end adds to the fleet's figures: its duration (for the
-    ops report's recent durations, -1: not measured) and its increments, each
-    (index in TALLIED, hash field, increment). As JSON, an array of arrays,
-    which the fold decodes in Lua."""
+    ops report's recent durations, -1: not measured), its increments, each
+    (index in TALLIED, hash field, increment), and its outcome (`<terminal
+    type>:<stop reason>`) with the bucket of the time it ended in. As JSON, an
+    array, which the fold decodes in Lua."""
 
     duration_ms: int
     adds: list[tuple[int, str, int]]
+    bucket: int
+    outcome: str
 
 
-def tally(result: str, reason: str, figures: TurnFigures) -> Tally:
-    """The tally of a turn that ended: `increments` by hash, and its duration."""
+def tally(result: str, reason: str, figures: TurnFigures, outcome: str, bucket: int) -> Tally:
+    """The tally of a turn that ended: `increments` by hash, its duration and
+    its outcome."""
     duration = figures.duration_seconds
     return Tally(
         duration_ms=-1 if duration is None else round(duration * 1000),
@@ -125,7 +141,15 @@ def tally(result: str, reason: str, figures: TurnFigures) -> Tally:
             (TALLIED.index(key) + 1, field, by)
             for key, field, by in increments(result, reason, figures)
         ],
+        bucket=bucket,
+        outcome=outcome,
     )
+
+
+def outcome_buckets(now: float) -> list[int]:
+    """The buckets of turn outcomes a fold at `now` adds to, oldest first."""
+    bucket = int(now) // keys.STATS_BUCKET_SECONDS
+    return list(range(bucket - OUTCOME_BUCKETS_BEFORE, bucket + 2))
 
 
 _tally_decoder = msgspec.json.Decoder(Tally)
@@ -136,28 +160,44 @@ class Folded(msgspec.Struct, kw_only=True):
 
     hashes: list[dict[str, int]]  # in TALLIED's order
     durations: list[int]  # recent turn durations, ms, newest first
+    outcomes: dict[str, int]  # turn outcomes over the buckets asked for
 
 
-async def read_folded(redis: Redis) -> Folded:
-    """The tallied hashes and recent durations as the fold would leave them,
-    read in one transaction with the tallies still pending."""
+async def read_folded(redis: Redis, buckets: Sequence[int] = ()) -> Folded:
+    """The tallied hashes, recent durations and the outcomes of `buckets` as the
+    fold would leave them, read in one transaction with the tallies still
+    pending: a fold in between cannot make a tally count twice or not at all."""
     async with redis.pipeline(transaction=True) as pipe:
         for key in TALLIED:
             pipe.hgetall(key)
+        for bucket in buckets:
+            pipe.hgetall(keys.turn_outcomes(bucket))
         pipe.lrange(keys.TURN_DURATIONS, 0, -1)
         pipe.lrange(keys.METRICS_TALLIES, 0, -1)
         *raw_hashes, raw_durations, raw_tallies = await pipe.execute()
     hashes = [{k.decode(): int(v) for k, v in raw.items()} for raw in raw_hashes]
+    outcomes: dict[str, int] = {}
+    for counts in hashes[len(TALLIED) :]:
+        for name, count in counts.items():
+            outcomes[name] = outcomes.get(name, 0) + count
     pending = []
     for raw in raw_tallies:
-        record = _tally_decoder.decode(raw)
+        try:
+            record = _tally_decoder.decode(raw)
+        except msgspec.DecodeError:
+            continue  # as the fold leaves it out (FOLD_TALLIES)
         if record.duration_ms >= 0:
             pending.append(record.duration_ms)
         for index, field, by in record.adds:
-            fields = hashes[index - 1]
-            fields[field] = fields.get(field, 0) + by
+            if 1 <= index <= len(TALLIED):  # else a hash of another version's
+                fields = hashes[index - 1]
+                fields[field] = fields.get(field, 0) + by
+        if record.bucket in buckets:
+            outcomes[record.outcome] = outcomes.get(record.outcome, 0) + 1
     durations = [*reversed(pending), *(int(d) for d in raw_durations)]
-    return Folded(hashes=hashes, durations=durations[:DURATIONS_KEPT])
+    return Folded(
+        hashes=hashes[: len(TALLIED)], durations=durations[:DURATIONS_KEPT], outcomes=outcomes
+    )
 
 
 def increments(result: str, reason: str, figures: TurnFigures) -> list[tuple[str, str, int]]:
@@ -181,9 +221,9 @@ def increments(result: str, reason: str, figures: TurnFigures) -> list[tuple[str
     return out
 
 
-async def render_fleet(redis: Redis, queue: QueueReport, workers_alive: int) -> str:
+def render_fleet(figures: Folded, queue: QueueReport, workers_alive: int) -> str:
     """The fleet-wide series, in Prometheus' text exposition format."""
-    counters, *hists = (await read_folded(redis)).hashes
+    counters, *hists = figures.hashes
     out: list[str] = []
     queue_label = f'{{queue="{keys.QUEUE}"}}'
     gauges = (

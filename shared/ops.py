@@ -41,6 +41,11 @@ class WorkerReport(msgspec.Struct, kw_only=True):
 
 
 async def queue_report(redis: Redis) -> QueueReport:
+    return (await queue_and_figures(redis))[0]
+
+
+async def queue_and_figures(redis: Redis) -> tuple[QueueReport, metrics.Folded]:
+    """The queue's report, and the fleet's figures it was made from."""
     now_ms = time.time() * 1000
     entries = await redis.zrange(keys.QUEUE, 0, _SCAN_LIMIT - 1, withscores=True)
     async with redis.pipeline(transaction=False) as pipe:
@@ -49,17 +54,11 @@ async def queue_report(redis: Redis) -> QueueReport:
         pipe.zcard(keys.QUEUE)
         pipe.scard(keys.RUNNING)
         pipe.zcard(keys.APPROVAL_DEADLINES)
-        bucket = int(time.time()) // keys.STATS_BUCKET_SECONDS
-        buckets = 3600 // keys.STATS_BUCKET_SECONDS
-        for b in range(bucket - buckets + 1, bucket + 1):
-            pipe.hgetall(keys.turn_outcomes(b))
         results = await pipe.execute()
     progress = results[: len(entries)]
-    total, running, awaiting = results[len(entries) : len(entries) + 3]
-    outcomes: dict[str, int] = {}
-    for counts in results[len(entries) + 3 :]:
-        for name, count in counts.items():
-            outcomes[name.decode()] = outcomes.get(name.decode(), 0) + int(count)
+    total, running, awaiting = results[len(entries) :]
+    # The last hour's buckets of outcomes.
+    folded = await metrics.read_folded(redis, metrics.outcome_buckets(time.time())[:-1])
     queued_scores = [
         score
         for (_, score), busy in zip(entries, progress, strict=True)
@@ -70,7 +69,7 @@ async def queue_report(redis: Redis) -> QueueReport:
     # Past the scan limit, the rest counts as queued.
     queued = len(queued_scores) + max(0, int(total) - len(entries))
     oldest = (now_ms - min(queued_scores)) / 1000 if queued_scores else 0.0
-    return QueueReport(
+    report = QueueReport(
         name=keys.QUEUE,
         queued=queued,
         deferred=deferred,
@@ -78,9 +77,10 @@ async def queue_report(redis: Redis) -> QueueReport:
         oldest_queued_seconds=round(oldest, 3),
         running_turns=int(running),
         awaiting_approval=int(awaiting),
-        turns_last_hour=outcomes,
-        turn_duration_ms=_percentiles(sorted((await metrics.read_folded(redis)).durations)),
+        turns_last_hour=folded.outcomes,
+        turn_duration_ms=_percentiles(sorted(folded.durations)),
     )
+    return report, folded
 
 
 def _percentiles(ordered: list[int]) -> dict[str, int]:

@@ -349,31 +349,76 @@ end
 """
 
 # A Lua function that folds the tallies of turns that ended (`shared.metrics.Tally`,
-# each a JSON array `[duration ms, [[hash index, field, increment], ...]]`)
-# into the hashes they add to and the recent durations, and empties their list:
-# one HINCRBY per field the tallies name together, one LPUSH of their durations
-# (the newest first, as they ended) and one LTRIM to `kept`.
+# each a JSON array `[duration ms, [[hash index, field, increment], ...],
+# outcome bucket, outcome]`) into the hashes they add to, the recent durations
+# and the buckets of outcomes, and empties their list: one HINCRBY per field
+# the tallies name together, one LPUSH of their durations (the newest first, as
+# they ended; no more than `kept`) and one LTRIM to `kept`. `buckets` are the
+# keys of the outcome buckets numbered `first` on; an outcome of another bucket
+# is dropped (older: past the hour any report reads). A bucket that gains a
+# field gets its expiry (counts only grow, so the field is new when its count
+# is what was added).
+# It cannot fail once the turn's end has written (FINISH_TURN): a tally it
+# cannot read (not of that shape) it leaves out, and an entry naming a hash this
+# version does not know, as `metrics.read_folded` does; its writes are
+# `redis.pcall`s; and each increment is sent as an integer's digits (Lua holds
+# numbers as doubles, which Redis writes as 1e+17 from there on), a sum nearing
+# 2^53 sent before it grows past what a double holds exactly. The list is
+# emptied whatever happened: no tally is folded twice.
 FOLD_TALLIES = """
-local function fold_tallies(tallies_key, durations_key, hashes, kept)
-  local sums, order, took = {}, {}, {}
-  for _, raw in ipairs(redis.call('LRANGE', tallies_key, 0, -1)) do
-    local tally = cjson.decode(raw)
-    if tally[1] >= 0 then took[#took + 1] = tally[1] end
-    for _, add in ipairs(tally[2]) do
-      local name = add[1] .. ' ' .. add[2]
-      if sums[name] == nil then
-        sums[name] = 0
-        order[#order + 1] = add
-      end
-      sums[name] = sums[name] + add[3]
+local exact = 2 ^ 53
+local function integer(n)
+  return type(n) == 'number' and n == math.floor(n) and math.abs(n) < 2 ^ 63
+end
+local function readable(tally)
+  if type(tally) ~= 'table' or #tally ~= 4 or not integer(tally[1])
+      or type(tally[2]) ~= 'table' or not integer(tally[3]) or type(tally[4]) ~= 'string' then
+    return false
+  end
+  for _, entry in ipairs(tally[2]) do
+    if type(entry) ~= 'table' or #entry ~= 3 or not integer(entry[1])
+        or type(entry[2]) ~= 'string' or not integer(entry[3]) then
+      return false
     end
   end
-  for _, add in ipairs(order) do
-    redis.call('HINCRBY', hashes[add[1]], add[2], sums[add[1] .. ' ' .. add[2]])
+  return true
+end
+local function fold_tallies(tallies_key, durations_key, hashes, kept, buckets, first, ttl)
+  local sums, order, took = {}, {}, {}
+  local function write(at, field, by)
+    local key = hashes[at] or buckets[at - #hashes]
+    local count = redis.pcall('HINCRBY', key, field, string.format('%.0f', by))
+    if at > #hashes and count == by then redis.pcall('EXPIRE', key, ttl) end
+  end
+  local function add(at, field, by)
+    if math.abs(by) >= exact then return write(at, field, by) end
+    local name = at .. ' ' .. field
+    local sum = sums[name]
+    if sum == nil then
+      sum = 0
+      order[#order + 1] = {at, field, name}
+    elseif math.abs(sum + by) >= exact then
+      write(at, field, sum)
+      sum = 0
+    end
+    sums[name] = sum + by
+  end
+  for _, raw in ipairs(redis.call('LRANGE', tallies_key, 0, -1)) do
+    local read, tally = pcall(cjson.decode, raw)
+    if read and readable(tally) then
+      if tally[1] >= 0 then took[#took + 1] = string.format('%.0f', tally[1]) end
+      for _, entry in ipairs(tally[2]) do
+        if hashes[entry[1]] then add(entry[1], entry[2], entry[3]) end
+      end
+      if buckets[tally[3] - first + 1] then add(#hashes + tally[3] - first + 1, tally[4], 1) end
+    end
+  end
+  for _, entry in ipairs(order) do
+    if sums[entry[3]] ~= 0 then write(entry[1], entry[2], sums[entry[3]]) end
   end
   if #took > 0 then
-    redis.call('LPUSH', durations_key, unpack(took))
-    redis.call('LTRIM', durations_key, 0, kept - 1)
+    redis.pcall('LPUSH', durations_key, unpack(took, math.max(1, #took - kept + 1)))
+    redis.pcall('LTRIM', durations_key, 0, kept - 1)
   end
   redis.call('DEL', tallies_key)
 end
@@ -381,7 +426,7 @@ end
 
 # KEYS: session, messages, seq, log, running index, recent durations, appended,
 #       tallies, the hashes a tally adds to (`shared.metrics.TALLIED`), then the
-#       counter hashes the turn adds to directly (the outcomes' time bucket).
+#       buckets of outcomes a fold adds to (`shared.metrics.outcome_buckets`).
 # ARGV: a JSON document, `shared.turns.FinishArgs` (named members, no slots to
 #       count); the assistant message's JSON or ''; the terminal event's JSON
 #       without seq and without its opening brace; then each of `event_types`'
@@ -429,18 +474,11 @@ local last, seq = append_all(events, KEYS[3], KEYS[4], a.maxlen, a.log_ttl_ms, a
 if reply_to then redis.call('PUBLISH', reply_to, last) end
 redis.call('SREM', KEYS[5], a.session_id)
 if redis.call('RPUSH', KEYS[8], a.tally) >= a.fold_at then
-  local hashes = {}
+  local hashes, buckets = {}, {}
   for i = 1, a.tallied do hashes[i] = KEYS[8 + i] end
-  fold_tallies(KEYS[8], KEYS[6], hashes, a.durations_kept)
-end
-for _, counter in ipairs(a.counters) do
-  local key = KEYS[counter.key]
-  -- A counter that expires gets its expiry as it gains a field (counts only grow,
-  -- so the count is the increment just then): each later end in the same hash
-  -- saves a command, and the hash still lasts its ttl past its first count.
-  if redis.call('HINCRBY', key, counter.field, counter.by) == counter.by and counter.ttl > 0 then
-    redis.call('EXPIRE', key, counter.ttl)
-  end
+  for i = 9 + a.tallied, #KEYS do buckets[#buckets + 1] = KEYS[i] end
+  fold_tallies(KEYS[8], KEYS[6], hashes, a.durations_kept, buckets, a.first_bucket,
+               a.outcome_ttl)
 end
 return seq
 """

@@ -45,8 +45,6 @@ FinishMode = Literal["worker", "unstarted", "orphaned"]
 FailedReason = Literal["error", "timeout", "worker_lost"]
 CompletedReason = Literal["end_turn", "interrupted", "max_iterations"]
 
-# How long a bucket of turn outcomes (`/api/v1/ops/queues`) is kept.
-_OUTCOME_TTL_SECONDS = 2 * 3600
 # Replies of a store that is there but cannot take this write now.
 # What a Redis that is fine but cannot serve now answers: out of memory, a
 # replica (after a failover), loading its data (`BusyLoadingError`, a connection
@@ -242,13 +240,6 @@ class StartedTurn(msgspec.Struct, kw_only=True):
     history: list[Message]  # the whole conversation, or its last message (START_TURN)
 
 
-class _Counter(msgspec.Struct):
-    key: int  # 1-based index into the script's KEYS
-    field: str
-    by: int
-    ttl: int  # seconds, 0: none
-
-
 class FinishArgs(msgspec.Struct, kw_only=True):
     """The first argument of FINISH_TURN (decoded there with cjson); the texts
     follow it as arguments of their own (FINISH_TURN)."""
@@ -265,10 +256,11 @@ class FinishArgs(msgspec.Struct, kw_only=True):
     fold_at: int  # tallies kept before they are folded (`metrics.TALLY_FOLD_AT`)
     tallied: int  # how many hashes a tally adds to (KEYS after the tallies' list)
     durations_kept: int
+    first_bucket: int  # the number of the first bucket of outcomes in KEYS
+    outcome_ttl: int
     epoch: int  # "orphaned": the lease epoch seen standing still
     worker_id: str  # "worker": the worker that must hold the turn's lease
     event_types: list[str]  # of the events before the terminal one
-    counters: list[_Counter]
 
 
 _finish_encoder = msgspec.json.Encoder()
@@ -669,8 +661,12 @@ class TurnLifecycle:
             if isinstance(terminal, ev.SessionCompleted)
             else ("failed", terminal.error.code)
         )
-        bucket = keys.turn_outcomes(int(time.time()) // keys.STATS_BUCKET_SECONDS)
+        now = time.time()
+        buckets = metrics.outcome_buckets(now)
         outcome = f"{terminal.__struct_config__.tag}:{terminal.stop_reason}"
+        tally = metrics.tally(
+            result, reason, figures, outcome, int(now) // keys.STATS_BUCKET_SECONDS
+        )
         script_keys = [
             keys.session(sid),
             keys.messages(sid),
@@ -681,9 +677,8 @@ class TurnLifecycle:
             keys.appended(sid),
             keys.METRICS_TALLIES,
             *metrics.TALLIED,
-            bucket,
+            *map(keys.turn_outcomes, buckets),
         ]
-        counters = [_Counter(len(script_keys), outcome, 1, _OUTCOME_TTL_SECONDS)]
         events = list(events or [])  # read twice below: types, then texts
         args = FinishArgs(
             turn_id=turn_id,
@@ -694,14 +689,15 @@ class TurnLifecycle:
             now=now_rfc3339(),
             log_ttl_ms=self.log_ttl_ms,
             session_id=sid,
-            tally=_finish_encoder.encode(metrics.tally(result, reason, figures)).decode(),
+            tally=_finish_encoder.encode(tally).decode(),
             fold_at=self.tally_fold_at,
             tallied=len(metrics.TALLIED),
             durations_kept=metrics.DURATIONS_KEPT,
+            first_bucket=buckets[0],
+            outcome_ttl=metrics.OUTCOME_TTL_SECONDS,
             epoch=epoch,
             worker_id=worker_id,
             event_types=[str(e.__struct_config__.tag) for e in events],
-            counters=counters,
         )
         texts = [
             b"" if message is None else msgspec.json.encode(message),

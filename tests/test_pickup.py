@@ -18,7 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
 from shared.queue import connect, deserialize_job_data, serialize_job_data
-from worker.pickup import FastPickupWorker
+from worker.pickup import RETRY_KEY_TTL_S, FastPickupWorker
 
 
 async def _job(ctx: dict[str, Any]) -> str:
@@ -100,9 +100,10 @@ def test_a_finished_job_leaves_only_its_result_behind(
                 assert 0 < await pool.pttl(f"arq:result:{job.job_id}") <= keep_result * 1000
             else:
                 assert left == []
-            # The MULTIs are arq's enqueue and its read of the job, none the
-            # finish's; it removes the queue entry, not one from the abort set.
-            assert calls.get("cmdstat_multi") == 2, calls
+            # The one MULTI is arq's enqueue: the job is read as it is taken
+            # (TAKE_JOB), not in a transaction of arq's, and the finish has
+            # none; it removes the queue entry, not one from the abort set.
+            assert calls.get("cmdstat_multi") == 1, calls
             assert calls.get("cmdstat_zrem") == 1, calls
         finally:
             running.cancel()
@@ -183,52 +184,105 @@ def test_a_worker_stops_though_a_cancellation_is_lost(own_redis: RedisServer, lo
     asyncio.run(scenario())
 
 
-def test_a_job_is_taken_in_two_commands_and_one_not_due_is_left_unmarked(
+def test_a_job_is_taken_and_read_in_one_call_and_one_not_due_is_left_unmarked(
     own_redis: RedisServer,
 ) -> None:
-    """Taking a due job sets its in-progress mark only if absent and reads its
-    score: SET NX and ZSCORE, where EXISTS, ZSCORE and PSETEX were one command
-    more a turn. A job not due yet, or taken already, is not taken, and keeps no
-    mark of this worker's. (A Redis of its own: the commands counted are this
-    test's only.)"""
+    """Taking a due job sets its in-progress mark only if absent (SET NX, where
+    EXISTS and PSETEX were two commands), reads its score, and reads the job and
+    counts its try as arq's `run_job` would next in a MULTI/EXEC of its own:
+    arq runs the job from what the take read, and the turn costs three commands
+    and a round trip less. A job not due yet, or taken already, is not taken,
+    and keeps no mark of this worker's. (A Redis of its own: the commands
+    counted are this test's only.)"""
+    gate = asyncio.Event()
+
+    async def gated(ctx: dict[str, Any]) -> str:
+        await gate.wait()
+        return f"ran try {ctx['job_try']}"
 
     async def scenario() -> None:
         pool = await connect(own_redis.url)
         worker = _worker(pool, "take-test", max_jobs=5)
+        worker.functions["job"] = func(gated, name="job")  # type: ignore[assignment]
         try:
             due = await pool.enqueue_job("job", _queue_name=worker.queue_name)
             later = await pool.enqueue_job("job", _queue_name=worker.queue_name, _defer_by=60)
             assert due is not None and later is not None
 
-            async def take(job_id: str) -> dict[str, int]:
+            async def calls(action: Awaitable[object]) -> dict[str, int]:
                 before = await pool.info("commandstats")
-                await worker.start_jobs([job_id.encode()])
+                await action
                 after = await pool.info("commandstats")
-                return {
+                counted = {
                     name.removeprefix("cmdstat_"): after[name]["calls"]
                     - before.get(name, {"calls": 0})["calls"]
                     for name in after
                 }
+                ignored = ("info", "evalsha", "script|load")
+                return {k: v for k, v in counted.items() if v and k not in ignored}
 
-            calls = await take(due.job_id)
+            taken = await calls(worker.start_jobs([due.job_id.encode()]))
             assert list(worker.tasks) == [due.job_id]
-            taken = {
-                k: v for k, v in calls.items() if v and k not in ("info", "evalsha", "script|load")
-            }
-            assert taken == {"set": 1, "zscore": 1}, calls
+            assert taken == {"set": 1, "zscore": 1, "get": 1, "incr": 1, "expire": 1}, taken
             mark = f"arq:in-progress:{due.job_id}"
             assert 0 < await pool.pttl(mark) <= worker.in_progress_timeout_s * 1000
+            retries = f"arq:retry:{due.job_id}"
+            assert await pool.get(retries) == b"1"
+            assert 0 < await pool.ttl(retries) <= RETRY_KEY_TTL_S
 
-            await asyncio.wait_for(asyncio.gather(*worker.tasks.values()), 10)
-            await take(later.job_id)  # not due: not taken, no mark
+            async def run() -> None:
+                gate.set()
+                await asyncio.wait_for(asyncio.gather(*worker.tasks.values()), 10)
+
+            ran = await calls(run())
+            assert "multi" not in ran and "get" not in ran, ran  # nothing read again
+            assert (await due.result(timeout=1)) == "ran try 1"
+
+            await worker.start_jobs([later.job_id.encode()])  # not due: not taken, no mark
             assert not await pool.exists(f"arq:in-progress:{later.job_id}")
+            assert not await pool.exists(f"arq:retry:{later.job_id}")
             elsewhere = await pool.enqueue_job("job", _queue_name=worker.queue_name)
             assert elsewhere is not None
             theirs = f"arq:in-progress:{elsewhere.job_id}"
             await pool.set(theirs, b"another worker's", px=30_000)
-            await take(elsewhere.job_id)  # taken by another: its mark stays as it was
+            await worker.start_jobs([elsewhere.job_id.encode()])  # another's: its mark stays
             assert await pool.get(theirs) == b"another worker's"
             assert not worker.tasks
+        finally:
+            await pool.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_what_the_take_read_decides_as_arq_would(own_redis: RedisServer) -> None:
+    """arq's own checks run on what the take read: a job tried as often as its
+    function allows already is failed without running, and so is one whose
+    record is gone; each leaves its failure as the result."""
+    ran: list[str] = []
+
+    async def job(ctx: dict[str, Any]) -> str:
+        ran.append(ctx["job_id"])
+        return "ran"
+
+    async def scenario() -> None:
+        pool = await connect(own_redis.url)
+        worker = _worker(pool, "take-checks", max_jobs=5)
+        worker.functions["job"] = func(job, name="job", max_tries=2)  # type: ignore[assignment]
+        try:
+            tried = await pool.enqueue_job("job", _queue_name=worker.queue_name)
+            gone = await pool.enqueue_job("job", _queue_name=worker.queue_name)
+            fresh = await pool.enqueue_job("job", _queue_name=worker.queue_name)
+            assert tried is not None and gone is not None and fresh is not None
+            await pool.set(f"arq:retry:{tried.job_id}", 2)  # its third try now
+            await pool.delete(f"arq:job:{gone.job_id}")
+            ids = [j.job_id.encode() for j in (tried, gone, fresh)]
+            await worker.start_jobs(ids)
+            await asyncio.wait_for(asyncio.gather(*worker.tasks.values()), 10)
+            assert ran == [fresh.job_id]
+            assert worker.jobs_failed == 2 and worker.jobs_complete == 1
+            info = await tried.result_info()
+            assert info is not None and not info.success
+            assert "max 2 retries exceeded" in str(info.result)
         finally:
             await pool.aclose()
 

@@ -675,11 +675,13 @@ def test_appends_are_one_round_trip_and_survive_a_script_flush(tmp_path: Path) -
 
 
 def test_an_outcome_bucket_expires_from_its_first_count_of_each_outcome(redis_url: str) -> None:
-    """The ops report's buckets of turn outcomes expire; a turn's end sets the
-    expiry only as its outcome first enters the bucket, not at every end."""
+    """The ops report's buckets of turn outcomes expire; the fold of turns'
+    tallies sets the expiry only as an outcome first enters the bucket, not at
+    every end (here every end folds)."""
 
     async def scenario(store: SessionStore) -> list[tuple[int, bool]]:
         redis = store.redis
+        store.tally_fold_at = 1
 
         async def expires() -> int:
             stats = await redis.info("commandstats")
@@ -689,7 +691,7 @@ def test_an_outcome_bucket_expires_from_its_first_count_of_each_outcome(redis_ur
         while time.time() % keys.STATS_BUCKET_SECONDS > keys.STATS_BUCKET_SECONDS - 5:
             await asyncio.sleep(0.5)
         bucket = keys.turn_outcomes(int(time.time()) // keys.STATS_BUCKET_SECONDS)
-        await redis.delete(bucket)  # other tests' turns ended in it too
+        await redis.delete(bucket, keys.METRICS_TALLIES)  # other tests' turns ended in it too
         seen = []
         for outcome in ("failed", "failed", "completed"):
             sandbox, sid, turn = await _claimed(store)
@@ -1395,9 +1397,9 @@ def test_a_turn_s_end_tallies_its_figures_in_one_command_and_every_few_ends_fold
                 durations.insert(0, round(figures.duration_seconds * 1000))
             pending = await store.redis.llen(keys.METRICS_TALLIES)
             if (i + 1) % fold_at:
-                # The outcomes' bucket only; the message and the tally.
-                assert calls.get("hincrby") == 1 and calls.get("rpush") == 2, calls
-                assert "lpush" not in calls and "ltrim" not in calls, calls
+                # The message and the tally; no counter, bucket or list.
+                assert calls.get("rpush") == 2, calls
+                assert not {"hincrby", "lpush", "ltrim", "expire"} & set(calls), calls
                 assert pending == (i + 1) % fold_at
             else:
                 assert pending == 0
@@ -1409,9 +1411,17 @@ def test_a_turn_s_end_tallies_its_figures_in_one_command_and_every_few_ends_fold
                 assert hashes == expected
                 kept = await store.redis.lrange(keys.TURN_DURATIONS, 0, -1)
                 assert [int(d) for d in kept] == durations
-            folded = await metrics.read_folded(store.redis)
+                bucket = keys.turn_outcomes(int(time.time()) // keys.STATS_BUCKET_SECONDS)
+                assert await store.redis.hgetall(bucket) == {
+                    b"session_completed:end_turn": str(i + 1).encode()
+                }
+                ttl = await store.redis.ttl(bucket)
+                assert metrics.OUTCOME_TTL_SECONDS - 60 < ttl <= metrics.OUTCOME_TTL_SECONDS
+            hour = metrics.outcome_buckets(time.time())[:-1]
+            folded = await metrics.read_folded(store.redis, hour)
             assert folded.hashes == expected
             assert folded.durations == durations
+            assert folded.outcomes == {"session_completed:end_turn": i + 1}
 
     try:
         run(server.url, scenario)
@@ -1507,6 +1517,67 @@ def test_a_claim_removes_what_an_earlier_turn_left_only_when_it_is_there(tmp_pat
             assert await store.finish_turn(
                 sid, third, "unstarted", None, failed_event(sid, sandbox.id, third)
             )
+
+    try:
+        run(server.url, scenario)
+    finally:
+        server.stop()
+
+
+def test_huge_figures_and_unreadable_tallies_neither_fail_a_turn_s_end_nor_count_twice(
+    tmp_path: Path,
+) -> None:
+    """The fold runs after the turn's end has written, so it must not fail:
+    sums past 1e17 (Lua holds numbers as doubles, which Redis would write as
+    1e+17 and HINCRBY refuse), tallies that are not of a tally's shape, and
+    entries naming a hash this version does not know (one of a later version's)
+    are each taken or left out, by the fold and the readers alike. Every end
+    goes through, and every turn counts once. (A Redis of its own.)"""
+    server = RedisServer(tmp_path)
+    fold_at = 4
+    huge = 2e10  # seconds to the first token: 2e16 µs, six of them past 1e17
+
+    async def scenario(store: SessionStore) -> None:
+        store.tally_fold_at = fold_at
+        bucket = int(time.time()) // keys.STATS_BUCKET_SECONDS
+        later = msgspec.json.encode([7, [[99, "new|0", 1], [1, metrics.EVENTS, 2]], bucket, "x:y"])
+        await store.redis.rpush(
+            keys.METRICS_TALLIES,
+            b"not a tally",
+            b'{"duration_ms": 1}',
+            b'[1, [[1, "events", 1.5]], 0, "a:b"]',
+            later,
+        )
+        expected: list[dict[str, int]] = [{metrics.EVENTS: 2}, {}, {}, {}]
+        outcomes = {"x:y": 1}
+        durations = [7]
+        for i in range(2 * fold_at + 2):
+            sandbox, sid, turn = await _claimed(store)
+            assert await store.start_turn(sid, turn, "w1") is not None
+            counted = expected[0]
+            counted[metrics.STARTED] = counted.get(metrics.STARTED, 0) + 1
+            ids = TurnIds(session_id=sid, sandbox_id=sandbox.id, turn_id=turn, message_id="m")
+            message = assistant_message(ids, "done")
+            end = completed(ids, message, "end_turn", ev.Usage())
+            figures = metrics.TurnFigures(events=i, duration_seconds=0.5, first_token_seconds=huge)
+            assert await store.finish_turn(
+                sid, turn, "worker", message, end, figures, worker_id="w1"
+            )
+            for key, field, by in metrics.increments("completed", "end_turn", figures):
+                fields = expected[metrics.TALLIED.index(key)]
+                fields[field] = fields.get(field, 0) + by
+            outcomes["session_completed:end_turn"] = i + 1
+            durations.insert(0, 500)
+            hour = metrics.outcome_buckets(time.time())[:-1]
+            folded = await metrics.read_folded(store.redis, hour)
+            assert (folded.hashes, folded.outcomes) == (expected, outcomes)
+            assert folded.durations == durations
+        # The unreadable four and the first end were folded together, then
+        # every fourth end: nine ends are in the hashes, the tenth pending.
+        assert await store.redis.llen(keys.METRICS_TALLIES) == 1
+        first_token = keys.metrics_histogram(metrics.FIRST_TOKEN.name)
+        sum_us = await store.redis.hget(first_token, "|sum_us")
+        assert int(sum_us or 0) == 9 * round(huge * 1_000_000)  # exact, past 1e17
 
     try:
         run(server.url, scenario)

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from signal import Signals
-from typing import Any
+from typing import Any, cast
 
-from arq.connections import log_redis_info
+from arq.connections import ArqRedis, log_redis_info
 from arq.constants import (
     in_progress_key_prefix,
     job_key_prefix,
@@ -38,21 +39,26 @@ logger = logging.getLogger("sandstream.worker")
 
 
 # Take a queued job if it is due and nobody has it: what arq's `start_jobs` does
-# with WATCH/EXISTS/ZSCORE/MULTI/EXEC (four round trips), in one. The
-# in-progress key is set only if absent (SET NX) and dropped again if the job is
-# not due after all: two commands inside for a job taken, where EXISTS, ZSCORE
-# and PSETEX were three (nobody sees the key in between).
-# KEYS: in-progress key, queue. ARGV: job id, now ms, in-progress ttl ms.
-# -> the job's score | false
+# with WATCH/EXISTS/ZSCORE/MULTI/EXEC (four round trips), in one. A due job's
+# in-progress key is set only if absent (SET NX): two commands inside for a job
+# taken, where EXISTS, ZSCORE and PSETEX were three. A job taken is also
+# read and its try counted, as arq's `run_job` would next in a transaction of
+# its own (MULTI, GET, INCR, EXPIRE, EXEC: two commands and a round trip more a
+# turn); `run_job` is handed what was read (`_TakenJob`).
+# KEYS: in-progress key, queue, job key, retry key.
+# ARGV: job id, now ms, in-progress ttl ms, retry key ttl s.
+# -> {score, the job or false when it expired, its try} | false
 _TAKE_JOB = """
-if not redis.call('SET', KEYS[1], '1', 'PX', ARGV[3], 'NX') then return false end
 local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then
-  redis.call('DEL', KEYS[1])
-  return false
-end
-return score
+if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
+if not redis.call('SET', KEYS[1], '1', 'PX', ARGV[3], 'NX') then return false end
+local job = redis.call('GET', KEYS[3])
+local try = redis.call('INCR', KEYS[4])
+redis.call('EXPIRE', KEYS[4], ARGV[4])
+return {score, job, try}
 """
+# How long arq's `run_job` keeps a job's try count (its own literal).
+RETRY_KEY_TTL_S = 88400
 
 
 # A finished job forgotten, its result kept if it has one: what arq's
@@ -66,6 +72,57 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[1])
 if ARGV[2] then redis.call('SET', KEYS[5], ARGV[2], 'PX', ARGV[3]) end
 """
+
+
+class _TakenJob:
+    """A job as TAKE_JOB read it, for arq's `run_job` of the job to start from
+    instead of reading it again: its first transaction (GET of the job, INCR and
+    EXPIRE of its try count) is answered from here, once (`FastPickupWorker.pool`
+    hands it to the task running the job)."""
+
+    def __init__(self, job_id: str, job: bytes | None, tries: int) -> None:
+        self.job_id = job_id
+        self.job = job
+        self.tries = tries
+        self.read = False  # the transaction was answered
+        self._queued: list[tuple[str, ...]] = []
+
+    def pipeline(self, transaction: bool = True) -> _TakenJob:
+        assert transaction and not self.read, "arq's run_job reads its job once"
+        return self
+
+    async def __aenter__(self) -> _TakenJob:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def get(self, name: str) -> None:
+        self._queued.append(("get", name))
+
+    def incr(self, name: str) -> None:
+        self._queued.append(("incr", name))
+
+    def expire(self, name: str, seconds: int) -> None:
+        self._queued.append(("expire", name, str(seconds)))
+
+    async def execute(self) -> list[object]:
+        retry_key = retry_key_prefix + self.job_id
+        expected = [
+            ("get", job_key_prefix + self.job_id),
+            ("incr", retry_key),
+            ("expire", retry_key, str(RETRY_KEY_TTL_S)),
+        ]
+        if self._queued != expected:
+            raise RuntimeError(
+                f"arq read job {self.job_id} otherwise than TAKE_JOB did: {self._queued}"
+            )
+        self.read = True
+        return [self.job, self.tries, True]
+
+
+# The job TAKE_JOB read, in the task that runs it.
+_taken: contextvars.ContextVar[_TakenJob | None] = contextvars.ContextVar("taken", default=None)
 
 
 class FastPickupWorker(Worker):
@@ -117,21 +174,47 @@ class FastPickupWorker(Worker):
             self.job_counter += 1
             job_id = job_id_b.decode()
             try:
-                score = await self._take_job(
-                    keys=[in_progress_key_prefix + job_id, self.queue_name],
-                    args=[job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000)],
+                taken = await self._take_job(
+                    keys=[
+                        in_progress_key_prefix + job_id,
+                        self.queue_name,
+                        job_key_prefix + job_id,
+                        retry_key_prefix + job_id,
+                    ],
+                    args=[
+                        job_id,
+                        timestamp_ms(),
+                        int(self.in_progress_timeout_s * 1000),
+                        RETRY_KEY_TTL_S,
+                    ],
                 )
             except BaseException:
                 self.job_counter -= 1
                 self.sem.release()
                 raise
-            if not score:  # started elsewhere, finished, or deferred
+            if not taken:  # started elsewhere, finished, or deferred
                 self.job_counter -= 1
                 self.sem.release()
                 continue
-            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            score, job, tries = taken
+            task = self.loop.create_task(
+                self._run_taken(_TakenJob(job_id, job, int(tries)), int(float(score)))
+            )
             task.add_done_callback(functools.partial(self._job_done, job_id))
             self.tasks[job_id] = task
+
+    async def _run_taken(self, taken: _TakenJob, score: int) -> None:
+        _taken.set(taken)  # this task's own context
+        await self.run_job(taken.job_id, score)
+
+    @property
+    def pool(self) -> ArqRedis:
+        """The store; for arq's first read of a job this worker took, what
+        TAKE_JOB read of it (`_TakenJob`)."""
+        taken = _taken.get()
+        if taken is not None and not taken.read:
+            return cast(ArqRedis, taken)
+        return cast(ArqRedis, self._pool)
 
     async def finish_job(
         self,
