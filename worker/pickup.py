@@ -43,8 +43,9 @@ logger = logging.getLogger("sandstream.worker")
 # in-progress key is set only if absent (SET NX): two commands inside for a job
 # taken, where EXISTS, ZSCORE and PSETEX were three. A job taken is also
 # read and its try counted, as arq's `run_job` would next in a transaction of
-# its own (MULTI, GET, INCR, EXPIRE, EXEC: two commands and a round trip more a
-# turn); `run_job` is handed what was read (`_TakenJob`).
+# its own (MULTI, GET, INCR, EXPIRE, EXEC: three commands and a round trip more
+# a turn, its first try being one SET NX here); `run_job` is handed what was
+# read (`_TakenJob`).
 # KEYS: in-progress key, queue, job key, retry key.
 # ARGV: job id, now ms, in-progress ttl ms, retry key ttl s.
 # -> {score, the job or false when it expired, its try} | false
@@ -53,8 +54,12 @@ local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
 if not redis.call('SET', KEYS[1], '1', 'PX', ARGV[3], 'NX') then return false end
 local job = redis.call('GET', KEYS[3])
-local try = redis.call('INCR', KEYS[4])
-redis.call('EXPIRE', KEYS[4], ARGV[4])
+-- A job's first try (the count is not there yet) sets it in one command.
+local try = 1
+if not redis.call('SET', KEYS[4], 1, 'EX', ARGV[4], 'NX') then
+  try = redis.call('INCR', KEYS[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[4])
+end
 return {score, job, try}
 """
 # How long arq's `run_job` keeps a job's try count (its own literal).
