@@ -16,7 +16,12 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 import msgspec
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import expires_extra_ms, job_key_prefix
+from arq.constants import (
+    expires_extra_ms,
+    in_progress_key_prefix,
+    job_key_prefix,
+    retry_key_prefix,
+)
 from arq.jobs import serialize_job
 from redis.asyncio.connection import AbstractConnection
 from redis.typing import EncodableT
@@ -176,6 +181,18 @@ class QueuedJob(msgspec.Struct, frozen=True):
             keys.WAKE_CHANNEL,
             self.job.session_id,
         ]
+
+
+def finished_job_keys(job_id: str) -> list[str]:
+    """What a turn's job keeps in the store until it is forgotten, but for its
+    result: its in-progress mark, its try count, its record, and the queue that
+    may still hold its entry."""
+    return [
+        in_progress_key_prefix + job_id,
+        retry_key_prefix + job_id,
+        job_key_prefix + job_id,
+        keys.QUEUE,
+    ]
 
 
 def queued_job(job: TurnJob) -> QueuedJob:

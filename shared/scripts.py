@@ -425,8 +425,9 @@ end
 """
 
 # KEYS: session, messages, seq, log, running index, recent durations, appended,
-#       tallies, the hashes a tally adds to (`shared.metrics.TALLIED`), then the
-#       buckets of outcomes a fold adds to (`shared.metrics.outcome_buckets`).
+#       tallies, the hashes a tally adds to (`shared.metrics.TALLIED`), the
+#       buckets of outcomes a fold adds to (`shared.metrics.outcome_buckets`),
+#       then with a job id the job's keys (`shared.queue.finished_job_keys`).
 # ARGV: a JSON document, `shared.turns.FinishArgs` (named members, no slots to
 #       count); the assistant message's JSON or ''; the terminal event's JSON
 #       without seq and without its opening brace; then each of `event_types`'
@@ -440,6 +441,11 @@ end
 #   reaper saw it stand still long enough (a renewal since cancels this).
 # -> seq of the terminal event | 0 when the condition does not hold (nothing written)
 # The terminal event also goes to the reply channel the claim named, if any.
+# With a job id (mode "worker": the arq job running the turn), the job is
+# forgotten in the same step, as the claim queued it: its in-progress mark, try
+# count and record deleted, its queue entry removed; arq stores its result as
+# it returns (`FastPickupWorker.finish_job`), a command where a script of its own
+# was four.
 # The turn's last events, its end and what ops and metrics count of it are one
 # step and one round trip.
 FINISH_TURN = (
@@ -462,6 +468,11 @@ if a.mode == 'orphaned' and ((not started) or tonumber(found[4] or '0') ~= a.epo
   return 0
 end
 local reply_to = found[5]
+if a.job_id ~= '' then
+  local j = 9 + a.tallied + a.buckets
+  redis.call('DEL', KEYS[j], KEYS[j + 1], KEYS[j + 2])
+  redis.call('ZREM', KEYS[j + 3], a.job_id)
+end
 redis.call('HSET', KEYS[1], 'state', 'active', 'updated_at', a.now)
 redis.call('HDEL', KEYS[1], 'turn_id', 'started', 'interrupt', 'claimed_ms', 'reply_to',
            'lease_epoch')
@@ -476,7 +487,7 @@ redis.call('SREM', KEYS[5], a.session_id)
 if redis.call('RPUSH', KEYS[8], a.tally) >= a.fold_at then
   local hashes, buckets = {}, {}
   for i = 1, a.tallied do hashes[i] = KEYS[8 + i] end
-  for i = 9 + a.tallied, #KEYS do buckets[#buckets + 1] = KEYS[i] end
+  for i = 1, a.buckets do buckets[i] = KEYS[8 + a.tallied + i] end
   fold_tallies(KEYS[8], KEYS[6], hashes, a.durations_kept, buckets, a.first_bucket,
                a.outcome_ttl)
 end

@@ -38,7 +38,7 @@ from shared import events as ev
 from shared import keys, metrics, scripts
 from shared.metrics import TurnFigures
 from shared.models import AgentConfig, FileChange, Message, new_id, now_rfc3339
-from shared.queue import QueuedJob
+from shared.queue import QueuedJob, finished_job_keys
 
 T = TypeVar("T")
 FinishMode = Literal["worker", "unstarted", "orphaned"]
@@ -257,6 +257,8 @@ class FinishArgs(msgspec.Struct, kw_only=True):
     tallied: int  # how many hashes a tally adds to (KEYS after the tallies' list)
     durations_kept: int
     first_bucket: int  # the number of the first bucket of outcomes in KEYS
+    buckets: int  # how many
+    job_id: str  # the job to forget with the turn's end ('' none)
     outcome_ttl: int
     epoch: int  # "orphaned": the lease epoch seen standing still
     worker_id: str  # "worker": the worker that must hold the turn's lease
@@ -650,11 +652,15 @@ class TurnLifecycle:
         events: list[ev.Event] | None = None,
         epoch: int = 0,
         worker_id: str = "",
+        job_id: str = "",
     ) -> int:
         """In one step: append `events` (the turn's last, not yet sent) and then the
         terminal event, store the message, free the session, and count the turn
         for ops and metrics (`figures`: what the turn measured, if it ran).
-        Mode "worker" ends the turn only while `worker_id` holds its lease."""
+        Mode "worker" ends the turn only while `worker_id` holds its lease;
+        `job_id` (mode "worker"): the arq job running the turn, forgotten in the
+        same step but for its result (FINISH_TURN)."""
+        assert not job_id or mode == "worker", "only the worker running a job ends it"
         figures = figures or TurnFigures()
         result, reason = (
             ("completed", str(terminal.stop_reason))
@@ -678,6 +684,7 @@ class TurnLifecycle:
             keys.METRICS_TALLIES,
             *metrics.TALLIED,
             *map(keys.turn_outcomes, buckets),
+            *(finished_job_keys(job_id) if job_id else ()),
         ]
         events = list(events or [])  # read twice below: types, then texts
         args = FinishArgs(
@@ -694,6 +701,8 @@ class TurnLifecycle:
             tallied=len(metrics.TALLIED),
             durations_kept=metrics.DURATIONS_KEPT,
             first_bucket=buckets[0],
+            buckets=len(buckets),
+            job_id=job_id,
             outcome_ttl=metrics.OUTCOME_TTL_SECONDS,
             epoch=epoch,
             worker_id=worker_id,

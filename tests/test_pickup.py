@@ -116,14 +116,15 @@ def test_a_finished_job_leaves_only_its_result_behind(
 
 def test_a_turn_leaves_only_its_jobs_result(stack: Stack) -> None:
     """Through the service: once a turn's job is finished, arq keeps only its
-    result, for a minute."""
+    result, for a minute (the turn's end forgets the rest, arq then stores the
+    result)."""
     store = redis.Redis.from_url(stack.env["SANDSTREAM_REDIS_URL"])
     with stack.client() as client:
         sid = new_session(client)
         reply = client.post(f"/sessions/{sid}/messages", json=text_message("hello"))
         assert reply.status_code == 200, reply.text
         turn_id = reply.json()["turn_id"]
-    wait_until(lambda: not store.exists(f"arq:job:{turn_id}"), 10, "the job to finish")
+    wait_until(lambda: store.exists(f"arq:result:{turn_id}"), 10, "the job's result")
     assert store.keys(f"arq:*{turn_id}*") == [f"arq:result:{turn_id}".encode()]
     assert 0 < store.pttl(f"arq:result:{turn_id}") <= 60_000
 
@@ -284,6 +285,51 @@ def test_what_the_take_read_decides_as_arq_would(own_redis: RedisServer) -> None
             info = await tried.result_info()
             assert info is not None and not info.success
             assert "max 2 retries exceeded" in str(info.result)
+        finally:
+            await pool.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_job_its_turn_s_end_forgot_has_only_its_result_stored(own_redis: RedisServer) -> None:
+    """A job the end of its turn forgot (`SessionStore.finish_turn`, its job's
+    keys deleted and its queue entry removed in the same step) has only its
+    result stored as it returns: one SET, no script of its own. (A Redis of its
+    own: the commands counted are this test's only.)"""
+    forgotten: set[str] = set()
+
+    async def ends_its_turn(ctx: dict[str, Any]) -> str:
+        job_id = ctx["job_id"]
+        await ctx["redis"].delete(
+            f"arq:in-progress:{job_id}", f"arq:retry:{job_id}", f"arq:job:{job_id}"
+        )
+        await ctx["redis"].zrem(f"{keys.QUEUE}:forgot-test", job_id)
+        forgotten.add(job_id)
+        return "ended"
+
+    async def scenario() -> None:
+        pool = await connect(own_redis.url)
+        worker = _worker(pool, "forgot-test", keep_result=60, jobs_forgotten=forgotten)
+        worker.functions["job"] = func(ends_its_turn, name="job")  # type: ignore[assignment]
+        worker.ctx["redis"] = pool
+        try:
+            job = await pool.enqueue_job("job", _queue_name=worker.queue_name)
+            assert job is not None
+            await worker.start_jobs([job.job_id.encode()])
+            before = await pool.info("commandstats")
+            await asyncio.wait_for(asyncio.gather(*worker.tasks.values()), 10)
+            after = await pool.info("commandstats")
+            calls = {
+                name.removeprefix("cmdstat_"): after[name]["calls"]
+                - before.get(name, {"calls": 0})["calls"]
+                for name in after
+            }
+            calls = {k: v for k, v in calls.items() if v and k != "info"}
+            assert calls == {"del": 1, "zrem": 1, "set": 1}, calls  # the job's, then arq's
+            assert await pool.keys(f"arq:*{job.job_id}*") == [f"arq:result:{job.job_id}".encode()]
+            assert (await job.result(timeout=1)) == "ended"
+            assert 0 < await pool.pttl(f"arq:result:{job.job_id}") <= 60_000
+            assert not forgotten  # each forgotten job is let go of as it finishes
         finally:
             await pool.aclose()
 

@@ -1583,3 +1583,31 @@ def test_huge_figures_and_unreadable_tallies_neither_fail_a_turn_s_end_nor_count
         run(server.url, scenario)
     finally:
         server.stop()
+
+
+def test_a_turn_s_end_forgets_its_job_in_the_same_step(redis_url: str) -> None:
+    """The worker's end of a turn deletes its job's in-progress mark, try count
+    and record and removes its queue entry, as the claim queued it in one step;
+    an end that is not stored (another worker's lease) leaves them be."""
+
+    async def scenario(store: SessionStore) -> None:
+        sandbox = await store.create_sandbox("t", {})
+        sid = (await store.create_session("t", sandbox.id, {}, DEFAULT_AGENT)).id
+        turn = new_id()
+        await store.claim_turn(sid, "t", turn, _user(sid, turn), queued_job(TurnJob(sid, turn)))
+        job_keys = [f"arq:in-progress:{turn}", f"arq:retry:{turn}", f"arq:job:{turn}"]
+        await store.redis.set(job_keys[0], 1)  # as the worker's take does
+        await store.redis.set(job_keys[1], 1)
+        assert await store.start_turn(sid, turn, "w1") is not None
+        ids = TurnIds(session_id=sid, sandbox_id=sandbox.id, turn_id=turn, message_id="m")
+        end = completed(ids, assistant_message(ids, "done"), "end_turn", ev.Usage())
+        assert not await store.finish_turn(
+            sid, turn, "worker", None, end, worker_id="w2", job_id=turn
+        )
+        assert await store.redis.exists(*job_keys) == 3
+        assert await store.redis.zscore(keys.QUEUE, turn) is not None
+        assert await store.finish_turn(sid, turn, "worker", None, end, worker_id="w1", job_id=turn)
+        assert await store.redis.exists(*job_keys) == 0
+        assert await store.redis.zscore(keys.QUEUE, turn) is None
+
+    run(redis_url, scenario)

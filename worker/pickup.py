@@ -136,10 +136,14 @@ class FastPickupWorker(Worker):
         *args: Any,
         on_control: Callable[[bytes], None],
         fast_pickup: bool = True,
+        jobs_forgotten: set[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._on_control = on_control
+        # Jobs the end of their turn forgot already (`SessionStore.finish_turn`,
+        # its `job_id`): finished, only their result is left to store.
+        self._jobs_forgotten = set() if jobs_forgotten is None else jobs_forgotten
         self._fast_pickup = fast_pickup
         self._wake = asyncio.Event()
         # Job ids from wake-up signals, taken without polling the queue.
@@ -231,8 +235,16 @@ class FastPickupWorker(Worker):
         incr_score: int | None,
         keep_in_progress: float | None,
     ) -> None:
-        """arq's `finish_job`, in one Lua call for a finished job."""
+        """arq's `finish_job`, in one Lua call for a finished job, or one SET of
+        its result for a job its turn's end forgot."""
+        forgotten = job_id in self._jobs_forgotten
+        self._jobs_forgotten.discard(job_id)
         keep_as_arq_does = result_data and (keep_result_forever or not result_timeout_s)
+        if forgotten and finish and keep_in_progress is None and not keep_as_arq_does:
+            if result_data:
+                ttl_ms = int((result_timeout_s or 0) * 1000)
+                await self.pool.set(result_key_prefix + job_id, result_data, px=ttl_ms)
+            return
         if not finish or keep_in_progress is not None or keep_as_arq_does:
             await super().finish_job(
                 job_id,

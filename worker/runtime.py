@@ -126,6 +126,9 @@ class WorkerRuntime:
             log_ttl_seconds=settings.log_ttl_seconds,
         )
         self._beat = scripts.register(redis, scripts.WORKER_HEARTBEAT)
+        # Jobs whose turn's end forgot them (`SessionStore.finish_turn`): arq
+        # stores only their result as they return (`FastPickupWorker.finish_job`).
+        self.jobs_forgotten: set[str] = set()
         self.running: dict[str, TurnRunner] = {}
         self.events = EventWriter(
             self.store,
@@ -152,10 +155,13 @@ class WorkerRuntime:
         # take them (tools run in the sandbox, not in this process's threads).
         self._disk = ThreadPoolExecutor(2, thread_name_prefix="workspace")
 
-    async def run_turn(self, job: TurnJob, accepted_at: float | None = None) -> bool:
+    async def run_turn(
+        self, job: TurnJob, accepted_at: float | None = None, job_id: str = ""
+    ) -> bool:
         """Run the job's turn; False when it is not the session's current turn
         (finished, reaped or interrupted already: a redelivered job does nothing).
-        `accepted_at`: when the API queued it (epoch seconds), for the metrics."""
+        `accepted_at`: when the API queued it (epoch seconds), for the metrics;
+        `job_id`: the arq job's, forgotten by the turn's end (`jobs_forgotten`)."""
         leased_at = time.monotonic()
         # Past the fence deadline no reaper could have ended the turn yet; after
         # it the turn may be someone else's: the start and the sandbox are asked
@@ -198,14 +204,22 @@ class WorkerRuntime:
             terminal = failed(ids, "error", code, text)
             # Asked again like the start: a second finish whose first landed
             # finds the turn no longer current and changes nothing.
-            await until_stored(
+            ended = await until_stored(
                 lambda: self.store.finish_turn(
-                    job.session_id, job.turn_id, "worker", None, terminal, worker_id=self.worker_id
+                    job.session_id,
+                    job.turn_id,
+                    "worker",
+                    None,
+                    terminal,
+                    worker_id=self.worker_id,
+                    job_id=job_id,
                 ),
                 what=f"the end of turn {job.turn_id}",
                 give_up=lambda: time.monotonic() > fence_at,
                 logger=logger,
             )
+            if ended and job_id:
+                self.jobs_forgotten.add(job_id)
             return True
         sandbox = self.pool.take(spec)
         runner = TurnRunner(
@@ -223,6 +237,7 @@ class WorkerRuntime:
             history=started.history,
             accepted_at=accepted_at,
             resumed=resumed,
+            job_id=job_id,
         )
         self.running[job.session_id] = runner
         try:
@@ -230,6 +245,8 @@ class WorkerRuntime:
         finally:
             if self.running.get(job.session_id) is runner:
                 del self.running[job.session_id]
+            if runner.job_forgotten:
+                self.jobs_forgotten.add(job_id)
             await self.pool.give_back(sandbox)
         return True
 
@@ -431,7 +448,8 @@ async def run_turn(ctx: dict[str, Any], payload: Any) -> str:
     with bound(job_id=ctx.get("job_id"), session_id=job.session_id, turn_id=job.turn_id):
         enqueued = ctx.get("enqueue_time")
         accepted_at = enqueued.timestamp() if isinstance(enqueued, datetime) else None
-        ran = await runtime.run_turn(job, accepted_at)
+        job_id = ctx.get("job_id")
+        ran = await runtime.run_turn(job, accepted_at, job_id if isinstance(job_id, str) else "")
         logger.info("turn %s", "done" if ran else "skipped: not current")
     return "done" if ran else "skipped"
 
@@ -500,5 +518,6 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
         retry_jobs=False,
         on_control=runtime.on_control,
         fast_pickup=settings.worker_fast_pickup,
+        jobs_forgotten=runtime.jobs_forgotten,
     )
     return worker, runtime

@@ -86,8 +86,13 @@ class TurnRunner:
         history: list[Message],
         accepted_at: float | None = None,
         resumed: tuple[SuspendedTurn, dict[str, Resolution]] | None = None,
+        job_id: str = "",
     ) -> None:
         self.store = store
+        # The arq job running the turn: its end forgets it in the same step
+        # (`SessionStore.finish_turn`), and says so here.
+        self.job_id = job_id
+        self.job_forgotten = False
         self.approvals = approvals
         self.writer = writer
         self.settings = settings
@@ -416,7 +421,7 @@ class TurnRunner:
         )
         figures = self._measured()
         try:
-            await until_stored(
+            stored = await until_stored(
                 lambda: self.store.finish_turn(
                     self.session_id,
                     self.turn_id,
@@ -426,11 +431,13 @@ class TurnRunner:
                     figures,
                     rest,
                     worker_id=self.worker_id,
+                    job_id=self.job_id,
                 ),
                 what=f"the end of turn {self.turn_id}",
                 give_up=lambda: self._lease_lost or time.monotonic() > deadline,
                 logger=logger,
             )
+            self.job_forgotten = bool(stored and self.job_id)
         except Exception as exc:
             if not worth_retrying(exc):
                 raise
