@@ -143,7 +143,8 @@ def _digest(token: str) -> str:
 
 
 # The budget script of each Redis client, registered once (a request does not
-# hash the script again).
+# hash the script again), loaded as the API starts (`scripts.load_registered`).
+_COUNT_IN_WINDOW = scripts.load_at_start(scripts.COUNT_IN_WINDOW)
 _counters: weakref.WeakKeyDictionary[Redis, AsyncScript] = weakref.WeakKeyDictionary()
 
 
@@ -152,7 +153,7 @@ async def count_in_window(redis: Redis, key: str) -> int:
     counter, kept two minutes): the count so far, this one included."""
     script = _counters.get(redis)
     if script is None:
-        script = _counters[redis] = redis.register_script(scripts.COUNT_IN_WINDOW)
+        script = _counters[redis] = redis.register_script(_COUNT_IN_WINDOW)
     return int(await script(keys=[key], args=[120]))
 
 

@@ -27,6 +27,13 @@ def register(redis: Redis, source: str) -> AsyncScript:
     return redis.register_script(source)
 
 
+def load_at_start(source: str) -> str:
+    """`source`, kept for `load_registered` though it is registered only as it
+    is first called."""
+    _registered.add(source)
+    return source
+
+
 async def load_registered(redis: Redis) -> None:
     """Load every script registered so far into Redis (SCRIPT LOAD), in one round
     trip, as a process starts: its first calls then find them. Unloaded, each
@@ -41,7 +48,13 @@ async def load_registered(redis: Redis) -> None:
                 pipe.script_load(source)
             await pipe.execute()
     except RedisError as exc:
-        logger.warning("could not load the scripts ahead of their first calls (%r)", exc)
+        # Not the error's whole text: Redis quotes the command, the script's source.
+        reason = str(exc).split("\n", 1)[0][:120]
+        logger.warning(
+            "could not load the scripts ahead of their first calls (%s: %s)",
+            type(exc).__name__,
+            reason,
+        )
 
 
 # A Lua function for the scripts that settle an Idempotency-Key's record with
@@ -445,7 +458,9 @@ end
 # forgotten in the same step, as the claim queued it: its in-progress mark, try
 # count and record deleted, its queue entry removed; arq stores its result as
 # it returns (`FastPickupWorker.finish_job`), a command where a script of its own
-# was four.
+# was four. Until then arq's own job API finds no such job (`Job.status()`
+# not_found, `Job.result()` ResultNotFound): nothing of sandstream's asks it,
+# a turn's outcome is its session's.
 # The turn's last events, its end and what ops and metrics count of it are one
 # step and one round trip.
 FINISH_TURN = (
@@ -468,12 +483,14 @@ if a.mode == 'orphaned' and ((not started) or tonumber(found[4] or '0') ~= a.epo
   return 0
 end
 local reply_to = found[5]
+-- The first write: one a full store refuses (OOM), so that the script writes
+-- nothing then; after a first write Redis lets a script's others through.
+redis.call('HSET', KEYS[1], 'state', 'active', 'updated_at', a.now)
 if a.job_id ~= '' then
   local j = 9 + a.tallied + a.buckets
   redis.call('DEL', KEYS[j], KEYS[j + 1], KEYS[j + 2])
   redis.call('ZREM', KEYS[j + 3], a.job_id)
 end
-redis.call('HSET', KEYS[1], 'state', 'active', 'updated_at', a.now)
 redis.call('HDEL', KEYS[1], 'turn_id', 'started', 'interrupt', 'claimed_ms', 'reply_to',
            'lease_epoch')
 redis.call('DEL', KEYS[7])  -- the turn's appended mark: no append of it is current now

@@ -294,24 +294,24 @@ def test_what_the_take_read_decides_as_arq_would(own_redis: RedisServer) -> None
 def test_a_job_its_turn_s_end_forgot_has_only_its_result_stored(own_redis: RedisServer) -> None:
     """A job the end of its turn forgot (`SessionStore.finish_turn`, its job's
     keys deleted and its queue entry removed in the same step) has only its
-    result stored as it returns: one SET, no script of its own. (A Redis of its
-    own: the commands counted are this test's only.)"""
-    forgotten: set[str] = set()
-
-    async def ends_its_turn(ctx: dict[str, Any]) -> str:
-        job_id = ctx["job_id"]
-        await ctx["redis"].delete(
-            f"arq:in-progress:{job_id}", f"arq:retry:{job_id}", f"arq:job:{job_id}"
-        )
-        await ctx["redis"].zrem(f"{keys.QUEUE}:forgot-test", job_id)
-        forgotten.add(job_id)
-        return "ended"
+    result stored as it returns: one SET, no script of its own. The worker
+    keeps such a job's id only while the job runs. (A Redis of its own: the
+    commands counted are this test's only.)"""
 
     async def scenario() -> None:
         pool = await connect(own_redis.url)
-        worker = _worker(pool, "forgot-test", keep_result=60, jobs_forgotten=forgotten)
+        worker = _worker(pool, "forgot-test", keep_result=60)
+
+        async def ends_its_turn(ctx: dict[str, Any]) -> str:
+            job_id = ctx["job_id"]
+            await pool.delete(
+                f"arq:in-progress:{job_id}", f"arq:retry:{job_id}", f"arq:job:{job_id}"
+            )
+            await pool.zrem(worker.queue_name, job_id)
+            worker.job_forgotten(job_id)
+            return "ended"
+
         worker.functions["job"] = func(ends_its_turn, name="job")  # type: ignore[assignment]
-        worker.ctx["redis"] = pool
         try:
             job = await pool.enqueue_job("job", _queue_name=worker.queue_name)
             assert job is not None
@@ -329,7 +329,9 @@ def test_a_job_its_turn_s_end_forgot_has_only_its_result_stored(own_redis: Redis
             assert await pool.keys(f"arq:*{job.job_id}*") == [f"arq:result:{job.job_id}".encode()]
             assert (await job.result(timeout=1)) == "ended"
             assert 0 < await pool.pttl(f"arq:result:{job.job_id}") <= 60_000
-            assert not forgotten  # each forgotten job is let go of as it finishes
+            assert not worker._jobs_forgotten  # let go of as the job finished
+            worker.job_forgotten("not-running")  # told late (its job is over): not kept
+            assert not worker._jobs_forgotten
         finally:
             await pool.aclose()
 

@@ -123,7 +123,10 @@ class _TakenJob:
                 f"arq read job {self.job_id} otherwise than TAKE_JOB did: {self._queued}"
             )
         self.read = True
-        return [self.job, self.tries, True]
+        # Tasks the job starts carry this object in their context: the record
+        # goes with the answer, not with them.
+        job, self.job = self.job, None
+        return [job, self.tries, True]
 
 
 # The job TAKE_JOB read, in the task that runs it.
@@ -136,14 +139,13 @@ class FastPickupWorker(Worker):
         *args: Any,
         on_control: Callable[[bytes], None],
         fast_pickup: bool = True,
-        jobs_forgotten: set[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._on_control = on_control
         # Jobs the end of their turn forgot already (`SessionStore.finish_turn`,
-        # its `job_id`): finished, only their result is left to store.
-        self._jobs_forgotten = set() if jobs_forgotten is None else jobs_forgotten
+        # its `job_id`; `job_forgotten`): only their result is left to store.
+        self._jobs_forgotten: set[str] = set()
         self._fast_pickup = fast_pickup
         self._wake = asyncio.Event()
         # Job ids from wake-up signals, taken without polling the queue.
@@ -270,11 +272,18 @@ class FastPickupWorker(Worker):
             args=args,
         )
 
+    def job_forgotten(self, job_id: str) -> None:
+        """The end of the job's turn forgot the job (its keys and queue entry):
+        kept while the job runs, for `finish_job` to store only its result."""
+        if job_id in self.tasks:
+            self._jobs_forgotten.add(job_id)
+
     def _job_done(self, job_id: str, task: asyncio.Task[None]) -> None:
         # Forget the job at once, not at the next poll of the queue: arq's drain
         # on SIGTERM waits until no job is left in `tasks`.
         if self.tasks.get(job_id) is task:
             del self.tasks[job_id]
+        self._jobs_forgotten.discard(job_id)
         if not task.cancelled() and task.exception() is not None:
             logger.error("job %s failed", job_id, exc_info=task.exception())
         self._release_sem_dec_counter_on_complete()

@@ -23,6 +23,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -126,9 +127,9 @@ class WorkerRuntime:
             log_ttl_seconds=settings.log_ttl_seconds,
         )
         self._beat = scripts.register(redis, scripts.WORKER_HEARTBEAT)
-        # Jobs whose turn's end forgot them (`SessionStore.finish_turn`): arq
-        # stores only their result as they return (`FastPickupWorker.finish_job`).
-        self.jobs_forgotten: set[str] = set()
+        # Told of each job whose turn's end forgot it (`SessionStore.finish_turn`):
+        # arq stores only its result as it returns (`FastPickupWorker.job_forgotten`).
+        self.on_job_forgotten: Callable[[str], None] = lambda job_id: None
         self.running: dict[str, TurnRunner] = {}
         self.events = EventWriter(
             self.store,
@@ -219,7 +220,7 @@ class WorkerRuntime:
                 logger=logger,
             )
             if ended and job_id:
-                self.jobs_forgotten.add(job_id)
+                self.on_job_forgotten(job_id)
             return True
         sandbox = self.pool.take(spec)
         runner = TurnRunner(
@@ -246,7 +247,7 @@ class WorkerRuntime:
             if self.running.get(job.session_id) is runner:
                 del self.running[job.session_id]
             if runner.job_forgotten:
-                self.jobs_forgotten.add(job_id)
+                self.on_job_forgotten(job_id)
             await self.pool.give_back(sandbox)
         return True
 
@@ -518,6 +519,6 @@ async def build_worker(settings: Settings) -> tuple[FastPickupWorker, WorkerRunt
         retry_jobs=False,
         on_control=runtime.on_control,
         fast_pickup=settings.worker_fast_pickup,
-        jobs_forgotten=runtime.jobs_forgotten,
     )
+    runtime.on_job_forgotten = worker.job_forgotten
     return worker, runtime
