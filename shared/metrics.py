@@ -13,12 +13,14 @@ one scrape of any API replica shows the whole fleet. The series are therefore
 the same on every API replica: aggregate them with `max`, not `sum` (the alert
 rules and dashboard in `deploy/` do).
 
-What a turn's end adds goes in as one record, a tally (`tally`), pushed onto a
-short list by the script that ends the turn: one command there, where adding to
-each counter, bucket and sum was one each (six to eight a turn, more with tool
-calls), a twentieth of the Redis commands of a streamed turn of a hundred
-chunks. Every TALLY_FOLD_AT tallies the same script folds them into the hashes
-(FOLD_TALLIES), so the list stays short. Readers add the tallies not yet folded
+What a turn's end adds (to the counters, the histograms, the recent durations
+and its outcome's bucket for the ops report) goes in as one record, a tally
+(`tally`), pushed onto a short list by the script that ends the turn: one
+command there, where adding to each counter, bucket and sum was one each and
+the duration two more (nine a turn, two more a tool call), about a sixteenth
+of the Redis commands of a streamed turn of a hundred chunks. Every
+TALLY_FOLD_AT tallies the same script folds them in (FOLD_TALLIES), so the list
+stays short. Readers add the tallies not yet folded
 to what the hashes hold, read together in one transaction (`read_folded`): a
 scrape sees a turn's figures as soon as the turn has ended, and a fold between
 two reads cannot count a tally twice or not at all. A tally is in Redis from

@@ -162,7 +162,7 @@ class WorkerRuntime:
         """Run the job's turn; False when it is not the session's current turn
         (finished, reaped or interrupted already: a redelivered job does nothing).
         `accepted_at`: when the API queued it (epoch seconds), for the metrics;
-        `job_id`: the arq job's, forgotten by the turn's end (`jobs_forgotten`)."""
+        `job_id`: the arq job's, forgotten by the turn's end (`on_job_forgotten`)."""
         leased_at = time.monotonic()
         # Past the fence deadline no reaper could have ended the turn yet; after
         # it the turn may be someone else's: the start and the sandbox are asked
