@@ -123,7 +123,7 @@ OUTCOME_TTL_SECONDS = 2 * 3600
 class Tally(msgspec.Struct, array_like=True):
     """What one turn's end adds to the fleet's figures: its duration (for the
     ops report's recent durations, -1: not measured), its increments, each
-    (index in TALLIED, hash field, increment), and its outcome (`<terminal
+    (1-based index in TALLIED, hash field, increment), and its outcome (`<terminal
     type>:<stop reason>`) with the bucket of the time it ended in. As JSON, an
     array, which the fold decodes in Lua."""
 
@@ -148,10 +148,20 @@ def tally(result: str, reason: str, figures: TurnFigures, outcome: str, bucket: 
     )
 
 
+def outcome_bucket(now: float) -> int:
+    """The bucket of turn outcomes `now` falls in."""
+    return int(now) // keys.STATS_BUCKET_SECONDS
+
+
 def outcome_buckets(now: float) -> list[int]:
     """The buckets of turn outcomes a fold at `now` adds to, oldest first."""
-    bucket = int(now) // keys.STATS_BUCKET_SECONDS
+    bucket = outcome_bucket(now)
     return list(range(bucket - OUTCOME_BUCKETS_BEFORE, bucket + 2))
+
+
+def last_hour_buckets(now: float) -> list[int]:
+    """The buckets of turn outcomes the ops report reads at `now`: the last hour's."""
+    return outcome_buckets(now)[:-1]
 
 
 _tally_decoder = msgspec.json.Decoder(Tally)

@@ -57,8 +57,7 @@ async def queue_and_figures(redis: Redis) -> tuple[QueueReport, metrics.Folded]:
         results = await pipe.execute()
     progress = results[: len(entries)]
     total, running, awaiting = results[len(entries) :]
-    # The last hour's buckets of outcomes.
-    folded = await metrics.read_folded(redis, metrics.outcome_buckets(time.time())[:-1])
+    folded = await metrics.read_folded(redis, metrics.last_hour_buckets(time.time()))
     queued_scores = [
         score
         for (_, score), busy in zip(entries, progress, strict=True)

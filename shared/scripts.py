@@ -40,8 +40,8 @@ async def load_registered(redis: Redis) -> None:
     process's first burst of calls of a script is refused (NOSCRIPT) and loads
     it once per call in the burst (34 loads and as many refusals in the
     streaming benchmark's 200 turns). A store that restarts or flushes its
-    scripts later costs each script one such refusal again. Best effort: a store
-    away now only means the first calls load them."""
+    scripts later costs such refusals again, as each script's calls find it
+    gone. Best effort: a store away now only means the first calls load them."""
     try:
         async with redis.pipeline(transaction=False) as pipe:
             for source in sorted(_registered):
@@ -88,7 +88,7 @@ CLAIM_TURN = (
     SETTLE_IF_OURS
     + """
 local session = redis.call('HMGET', KEYS[1], 'tenant', 'state', 'turn_id', 'started',
-                           'interrupt', 'lease_epoch', 'reply_to')
+                           'interrupt', 'lease_epoch', 'reply_to', 'job_id')
 if session[1] ~= ARGV[5] then return {'missing'} end
 if session[2] == 'running' then return {'running', session[3]} end
 local fields = {'state', 'running', 'turn_id', ARGV[1], 'updated_at', ARGV[3],
@@ -103,7 +103,7 @@ redis.call('HSET', KEYS[1], unpack(fields))
 -- whose turn was ended otherwise may keep some): deleted only when there, as a
 -- send costs one command less so.
 local stale = {}
-for i, name in ipairs({'started', 'interrupt', 'lease_epoch', 'reply_to'}) do
+for i, name in ipairs({'started', 'interrupt', 'lease_epoch', 'reply_to', 'job_id'}) do
   if session[3 + i] and not (replying and name == 'reply_to') then stale[#stale + 1] = name end
 end
 if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
@@ -457,8 +457,8 @@ end
 # With a job id (mode "worker": the arq job running the turn), the job is
 # forgotten in the same step, as the claim queued it: its in-progress mark, try
 # count and record deleted, its queue entry removed; arq stores its result as
-# it returns (`FastPickupWorker.finish_job`), a command where a script of its own
-# was four. Until then arq's own job API finds no such job (`Job.status()`
+# it returns (`FastPickupWorker.finish_job`): three commands where arq's forget
+# script was four. Until then arq's own job API finds no such job (`Job.status()`
 # not_found, `Job.result()` ResultNotFound): nothing of sandstream's asks it,
 # a turn's outcome is its session's.
 # The turn's last events, its end and what ops and metrics count of it are one
@@ -487,12 +487,13 @@ local reply_to = found[5]
 -- nothing then; after a first write Redis lets a script's others through.
 redis.call('HSET', KEYS[1], 'state', 'active', 'updated_at', a.now)
 if a.job_id ~= '' then
-  local j = 9 + a.tallied + a.buckets
+  local j = 9 + a.hash_count + a.bucket_count
   redis.call('DEL', KEYS[j], KEYS[j + 1], KEYS[j + 2])
   redis.call('ZREM', KEYS[j + 3], a.job_id)
 end
+-- `job_id`: a resumed turn's continuation (RESOLVE); the next turn's job is its own.
 redis.call('HDEL', KEYS[1], 'turn_id', 'started', 'interrupt', 'claimed_ms', 'reply_to',
-           'lease_epoch')
+           'lease_epoch', 'job_id')
 redis.call('DEL', KEYS[7])  -- the turn's appended mark: no append of it is current now
 if ARGV[2] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[2]) end
 local events = {}
@@ -503,8 +504,8 @@ if reply_to then redis.call('PUBLISH', reply_to, last) end
 redis.call('SREM', KEYS[5], a.session_id)
 if redis.call('RPUSH', KEYS[8], a.tally) >= a.fold_at then
   local hashes, buckets = {}, {}
-  for i = 1, a.tallied do hashes[i] = KEYS[8 + i] end
-  for i = 1, a.buckets do buckets[i] = KEYS[8 + a.tallied + i] end
+  for i = 1, a.hash_count do hashes[i] = KEYS[8 + i] end
+  for i = 1, a.bucket_count do buckets[i] = KEYS[8 + a.hash_count + i] end
   fold_tallies(KEYS[8], KEYS[6], hashes, a.durations_kept, buckets, a.first_bucket,
                a.outcome_ttl)
 end

@@ -254,10 +254,10 @@ class FinishArgs(msgspec.Struct, kw_only=True):
     session_id: str
     tally: str  # `metrics.Tally`'s JSON, pushed onto the tallies' list
     fold_at: int  # tallies kept before they are folded (`metrics.TALLY_FOLD_AT`)
-    tallied: int  # how many hashes a tally adds to (KEYS after the tallies' list)
+    hash_count: int  # how many hashes a tally adds to (KEYS after the tallies' list)
     durations_kept: int
     first_bucket: int  # the number of the first bucket of outcomes in KEYS
-    buckets: int  # how many
+    bucket_count: int  # how many
     job_id: str  # the job to forget with the turn's end ('' none)
     outcome_ttl: int
     epoch: int  # "orphaned": the lease epoch seen standing still
@@ -670,9 +670,7 @@ class TurnLifecycle:
         now = time.time()
         buckets = metrics.outcome_buckets(now)
         outcome = f"{terminal.__struct_config__.tag}:{terminal.stop_reason}"
-        tally = metrics.tally(
-            result, reason, figures, outcome, int(now) // keys.STATS_BUCKET_SECONDS
-        )
+        tally = metrics.tally(result, reason, figures, outcome, metrics.outcome_bucket(now))
         script_keys = [
             keys.session(sid),
             keys.messages(sid),
@@ -698,10 +696,10 @@ class TurnLifecycle:
             session_id=sid,
             tally=_finish_encoder.encode(tally).decode(),
             fold_at=self.tally_fold_at,
-            tallied=len(metrics.TALLIED),
+            hash_count=len(metrics.TALLIED),
             durations_kept=metrics.DURATIONS_KEPT,
             first_bucket=buckets[0],
-            buckets=len(buckets),
+            bucket_count=len(buckets),
             job_id=job_id,
             outcome_ttl=metrics.OUTCOME_TTL_SECONDS,
             epoch=epoch,

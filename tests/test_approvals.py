@@ -25,6 +25,7 @@ from helpers import (
     session_with,
     text_message,
     wait_state,
+    wait_until,
 )
 
 from shared import keys
@@ -210,6 +211,17 @@ def test_ask_waits_without_a_worker_slot_then_allow_runs_the_tool(
     assert "approved-42" in content[-1]["text"]
     assert [e["seq"] for e in events] == list(range(events[0]["seq"], events[-1]["seq"] + 1))
     assert wait_state(api, sid, "active")["messages"][-1]["content"] == content
+
+    # The continuation's job was forgotten by the turn's end like a first job
+    # (only the two jobs' results are left), and the session names it no more:
+    # the next turn's job is its own, which the reaper looks for.
+    store = redis.Redis.from_url(one_slot.env["SANDSTREAM_REDIS_URL"])
+    turn_id = events[-1]["turn_id"]
+    results = lambda: sorted(k.decode() for k in store.keys(f"arq:*{turn_id}*"))  # noqa: E731
+    wait_until(lambda: len(results()) == 2, 10, "the continuation's result")
+    assert all(key.startswith("arq:result:") for key in results()), results()
+    assert store.hget(keys.session(sid), "job_id") is None
+    store.close()
 
 
 def test_deny_gives_the_model_an_error_result_with_the_reason(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -129,6 +130,29 @@ def test_a_turn_leaves_only_its_jobs_result(stack: Stack) -> None:
     assert 0 < store.pttl(f"arq:result:{turn_id}") <= 60_000
 
 
+def test_a_turn_s_job_is_forgotten_by_its_end_alone(own_redis: RedisServer, tmp_path: Path) -> None:
+    """Through the service: the turn's end forgets its job (FINISH_TURN) and the
+    worker is told, so arq stores only the result: one ZREM a turn, the end's,
+    where arq's forget script would remove the queue entry again. (A Redis of
+    its own: the commands counted are this turn's and the processes' own.)"""
+    stack = Stack(own_redis.url, tmp_path / "stack", {})
+    try:
+        store = own_redis.client()
+        with stack.client() as client:
+            sid = new_session(client)
+            before = store.info("commandstats")
+            reply = client.post(f"/sessions/{sid}/messages", json=text_message("hello"))
+            assert reply.status_code == 200, reply.text
+            turn_id = reply.json()["turn_id"]
+        wait_until(lambda: store.exists(f"arq:result:{turn_id}"), 10, "the job's result")
+        after = store.info("commandstats")
+        zrem = after["cmdstat_zrem"]["calls"] - before.get("cmdstat_zrem", {"calls": 0})["calls"]
+        assert zrem == 1
+        assert store.keys(f"arq:*{turn_id}*") == [f"arq:result:{turn_id}".encode()]
+    finally:
+        stack.stop()
+
+
 @pytest.mark.parametrize("lost_in", ["listener", "main loop", "both"])
 def test_a_worker_stops_though_a_cancellation_is_lost(own_redis: RedisServer, lost_in: str) -> None:
     """On Python 3.11, `asyncio.wait_for` (redis-py's sends under a socket
@@ -191,7 +215,7 @@ def test_a_job_is_taken_and_read_in_one_call_and_one_not_due_is_left_unmarked(
     """Taking a due job sets its in-progress mark only if absent (SET NX, where
     EXISTS and PSETEX were two commands), reads its score, and reads the job and
     counts its try as arq's `run_job` would next in a MULTI/EXEC of its own:
-    arq runs the job from what the take read, and the turn costs three commands
+    arq runs the job from what the take read, and the turn costs four commands
     and a round trip less. A job not due yet, or taken already, is not taken,
     and keeps no mark of this worker's. (A Redis of its own: the commands
     counted are this test's only.)"""

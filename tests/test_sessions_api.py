@@ -170,7 +170,7 @@ def test_interrupt_stops_a_running_command_fast_and_session_takes_next_message(
     sender = threading.Thread(target=send)
     sender.start()
     _wait_running(client, session_id)
-    time.sleep(0.3)  # let the command start
+    wait_until(lambda: _processes_named(f"^{marker}"), 10, "the command to start")
     started = time.monotonic()
     interrupted = client.post(f"/sessions/{session_id}/interrupt")
     sender.join(10)

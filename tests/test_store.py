@@ -1417,7 +1417,7 @@ def test_a_turn_s_end_tallies_its_figures_in_one_command_and_every_few_ends_fold
                 }
                 ttl = await store.redis.ttl(bucket)
                 assert metrics.OUTCOME_TTL_SECONDS - 60 < ttl <= metrics.OUTCOME_TTL_SECONDS
-            hour = metrics.outcome_buckets(time.time())[:-1]
+            hour = metrics.last_hour_buckets(time.time())
             folded = await metrics.read_folded(store.redis, hour)
             assert folded.hashes == expected
             assert folded.durations == durations
@@ -1505,7 +1505,13 @@ def test_a_claim_removes_what_an_earlier_turn_left_only_when_it_is_there(tmp_pat
         assert await store.finish_turn(
             sid, second, "unstarted", None, failed_event(sid, sandbox.id, second)
         )
-        left = {"started": "w0", "interrupt": "x", "lease_epoch": "3", "reply_to": "old"}
+        left = {
+            "started": "w0",
+            "interrupt": "x",
+            "lease_epoch": "3",
+            "reply_to": "old",
+            "job_id": "old:continuation",
+        }
         for reply_to in ("", "mine"):
             await store.redis.hset(keys.session(sid), mapping=left)
             third = new_id()
@@ -1513,7 +1519,7 @@ def test_a_claim_removes_what_an_earlier_turn_left_only_when_it_is_there(tmp_pat
             result, calls = await _command_calls(store.redis, claim(third, job, reply_to))
             assert result.status == "ok" and calls.get("hdel") == 1, calls
             fields = await store.redis.hmget(keys.session(sid), *left)
-            assert fields == [None, None, None, reply_to.encode() or None]
+            assert fields == [None, None, None, reply_to.encode() or None, None]
             assert await store.finish_turn(
                 sid, third, "unstarted", None, failed_event(sid, sandbox.id, third)
             )
@@ -1568,7 +1574,7 @@ def test_huge_figures_and_unreadable_tallies_neither_fail_a_turn_s_end_nor_count
                 fields[field] = fields.get(field, 0) + by
             outcomes["session_completed:end_turn"] = i + 1
             durations.insert(0, 500)
-            hour = metrics.outcome_buckets(time.time())[:-1]
+            hour = metrics.last_hour_buckets(time.time())
             folded = await metrics.read_folded(store.redis, hour)
             assert (folded.hashes, folded.outcomes) == (expected, outcomes)
             assert folded.durations == durations
