@@ -374,3 +374,15 @@ class PausableProxy:
 def failed_event(sid: str, sandbox_id: str, turn_id: str) -> ev.SessionFailed:
     """A turn's terminal event, for the store's scripts that end it."""
     return failed(new_turn_ids(sid, sandbox_id, turn_id), "error", "x", "y")
+
+
+def command_calls(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    """The calls of each Redis command between two `INFO commandstats` (those
+    run inside scripts included), by name; commands not called, and INFO's own
+    calls, left out."""
+    calls = {
+        name.removeprefix("cmdstat_"): after[name]["calls"]
+        - before.get(name, {"calls": 0})["calls"]
+        for name in after
+    }
+    return {name: n for name, n in calls.items() if n and name != "info"}

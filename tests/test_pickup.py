@@ -14,7 +14,7 @@ import redis
 from arq.connections import ArqRedis
 from arq.worker import func
 from conftest import RedisServer, Stack
-from helpers import new_session, text_message, wait_until
+from helpers import command_calls, new_session, text_message, wait_until
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
@@ -145,9 +145,7 @@ def test_a_turn_s_job_is_forgotten_by_its_end_alone(own_redis: RedisServer, tmp_
             assert reply.status_code == 200, reply.text
             turn_id = reply.json()["turn_id"]
         wait_until(lambda: store.exists(f"arq:result:{turn_id}"), 10, "the job's result")
-        after = store.info("commandstats")
-        zrem = after["cmdstat_zrem"]["calls"] - before.get("cmdstat_zrem", {"calls": 0})["calls"]
-        assert zrem == 1
+        assert command_calls(before, store.info("commandstats"))["zrem"] == 1
         assert store.keys(f"arq:*{turn_id}*") == [f"arq:result:{turn_id}".encode()]
     finally:
         stack.stop()
@@ -237,14 +235,8 @@ def test_a_job_is_taken_and_read_in_one_call_and_one_not_due_is_left_unmarked(
             async def calls(action: Awaitable[object]) -> dict[str, int]:
                 before = await pool.info("commandstats")
                 await action
-                after = await pool.info("commandstats")
-                counted = {
-                    name.removeprefix("cmdstat_"): after[name]["calls"]
-                    - before.get(name, {"calls": 0})["calls"]
-                    for name in after
-                }
-                ignored = ("info", "evalsha", "script|load")
-                return {k: v for k, v in counted.items() if v and k not in ignored}
+                counted = command_calls(before, await pool.info("commandstats"))
+                return {k: v for k, v in counted.items() if k not in ("evalsha", "script|load")}
 
             taken = await calls(worker.start_jobs([due.job_id.encode()]))
             assert list(worker.tasks) == [due.job_id]
@@ -342,13 +334,7 @@ def test_a_job_its_turn_s_end_forgot_has_only_its_result_stored(own_redis: Redis
             await worker.start_jobs([job.job_id.encode()])
             before = await pool.info("commandstats")
             await asyncio.wait_for(asyncio.gather(*worker.tasks.values()), 10)
-            after = await pool.info("commandstats")
-            calls = {
-                name.removeprefix("cmdstat_"): after[name]["calls"]
-                - before.get(name, {"calls": 0})["calls"]
-                for name in after
-            }
-            calls = {k: v for k, v in calls.items() if v and k != "info"}
+            calls = command_calls(before, await pool.info("commandstats"))
             assert calls == {"del": 1, "zrem": 1, "set": 1}, calls  # the job's, then arq's
             assert await pool.keys(f"arq:*{job.job_id}*") == [f"arq:result:{job.job_id}".encode()]
             assert (await job.result(timeout=1)) == "ended"

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 import uvloop
 from conftest import RedisServer
-from helpers import failed_event
+from helpers import command_calls, failed_event
 from redis.asyncio import Redis
 from redis.exceptions import (
     BusyLoadingError,
@@ -371,17 +371,8 @@ def test_a_call_of_many_events_with_their_seqs_goes_in_without_a_script(
             store.watched_min_events = WATCHED_MIN_EVENTS
 
             async def calls(batch: list[TurnAppend]) -> tuple[list[int], int, int]:
-                before = await store.redis.info("commandstats")
-                firsts = await store.append_batch(batch)
-                after = await store.redis.info("commandstats")
-
-                def count(name: str) -> int:
-                    return int(
-                        after.get(name, {"calls": 0})["calls"]
-                        - before.get(name, {"calls": 0})["calls"]
-                    )
-
-                return firsts, count("cmdstat_evalsha"), count("cmdstat_exec")
+                firsts, counted = await _command_calls(store.redis, store.append_batch(batch))
+                return firsts, counted.get("evalsha", 0), counted.get("exec", 0)
 
             few = [_delta(sid, sandbox.id, turn, "b")] * (WATCHED_MIN_EVENTS - 1)
             assert await calls([TurnAppend(sid, turn, few, False, 1, 1)]) == ([2], 1, 0)
@@ -1338,13 +1329,7 @@ async def _command_calls(redis: Redis, action: Awaitable[T]) -> tuple[T, dict[st
     made Redis run (those inside scripts included; INFO's own left out)."""
     before = await redis.info("commandstats")
     result = await action
-    after = await redis.info("commandstats")
-    calls = {
-        name.removeprefix("cmdstat_"): after[name]["calls"]
-        - before.get(name, {"calls": 0})["calls"]
-        for name in after
-    }
-    return result, {name: n for name, n in calls.items() if n and name != "info"}
+    return result, command_calls(before, await redis.info("commandstats"))
 
 
 def _figures(i: int) -> metrics.TurnFigures:
