@@ -19,7 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
 from shared.queue import connect, deserialize_job_data, serialize_job_data
-from worker.pickup import RETRY_KEY_TTL_S, FastPickupWorker
+from worker.pickup import RETRY_KEY_TTL_S, FastPickupWorker, _TakenJob
 
 
 async def _job(ctx: dict[str, Any]) -> str:
@@ -346,3 +346,41 @@ def test_a_job_its_turn_s_end_forgot_has_only_its_result_stored(own_redis: Redis
             await pool.aclose()
 
     asyncio.run(scenario())
+
+
+def test_what_arq_reads_of_a_taken_job_is_answered_only_as_the_take_read_it(
+    redis_url: str,
+) -> None:
+    """arq's first transaction of a job is answered from the take (`_TakenJob`)
+    only when it asks for what the take did: anything else (an arq that reads
+    more, or reads another job's keys) is an error, never an answer made up; and
+    a worker that would abort jobs, whose first read includes the abort set, is
+    refused as it is made."""
+    taken = _TakenJob("job-1", b"record", 1)
+
+    async def read(commands: list[tuple[str, ...]]) -> list[object]:
+        async with taken.pipeline(transaction=True) as pipe:
+            for name, *args in commands:
+                getattr(pipe, name)(*args)
+            return await pipe.execute()
+
+    with pytest.raises(RuntimeError, match="otherwise than TAKE_JOB did"):
+        asyncio.run(read([("get", "arq:job:job-2")]))
+    taken = _TakenJob("job-1", b"record", 1)
+    read_as_arq = [
+        ("get", "arq:job:job-1"),
+        ("incr", "arq:retry:job-1"),
+        ("expire", "arq:retry:job-1", RETRY_KEY_TTL_S),
+    ]
+    assert asyncio.run(read(read_as_arq)) == [b"record", 1, True]
+    assert taken.read and taken.job is None  # answered once, the record let go
+
+    async def make() -> None:
+        pool = await connect(redis_url)
+        try:
+            with pytest.raises(ValueError, match="allow_abort_jobs"):
+                _worker(pool, "abort-test", allow_abort_jobs=True)
+        finally:
+            await pool.aclose()
+
+    asyncio.run(make())

@@ -142,6 +142,11 @@ class FastPickupWorker(Worker):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if self.allow_abort_jobs:
+            # arq would then also read the abort set in its first transaction of
+            # a job, which the take does not (`_TakenJob`), and our finish leaves
+            # that set alone.
+            raise ValueError("FastPickupWorker does not abort jobs (allow_abort_jobs)")
         self._on_control = on_control
         # Jobs the end of their turn forgot already (`SessionStore.finish_turn`,
         # its `job_id`; `job_forgotten`): only their result is left to store.
